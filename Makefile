@@ -1,0 +1,50 @@
+# ple-adatt: every user-facing command. `make help` lists them.
+SHELL := /bin/bash
+PY ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+export MLFLOW_DISABLE_TELEMETRY ?= true
+export PYTHONUNBUFFERED := 1
+
+DATA ?= data/synthetic.parquet
+DATA_CONFIG ?= configs/data/synthetic.yaml
+TRAIN_CONFIG ?= configs/train/cpu_small.yaml
+ROWS ?= 20000
+OUT ?= runs/train
+
+.PHONY: help setup test test-all lint data validate train bench bench-validate clean
+
+help:  ## list the commands
+	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  make %-16s %s\n", $$1, $$2}'
+
+$(STAMP): pyproject.toml
+	@command -v $(PY) >/dev/null || { echo "error: $(PY) not found; install Python 3.11 or run make PY=/path/to/python3.11"; exit 1; }
+	@test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	@echo "installing ple-adatt and its pinned dependencies into $(VENV) (2-3 minutes the first time)"
+	@$(BIN)/pip install -q -e '.[dev]' 2>&1 | grep -v -E '^WARNING: Location .* is ignored' || true
+	@$(BIN)/python -c "import ple_adatt, torch, kfp, mlflow, great_expectations, polars" \
+		|| { echo "error: the environment is incomplete; see the pip output above"; exit 1; }
+	@touch $(STAMP)
+
+setup: $(STAMP)  ## create .venv with the pinned dependencies (idempotent)
+
+test: setup  ## run the test suite (what CI runs)
+	$(BIN)/pytest -q
+
+test-all: setup  ## run every test, including the slow ones
+	PLE_ADATT_RUN_SLOW=1 $(BIN)/pytest -q
+
+lint: setup  ## ruff over the project
+	$(BIN)/ruff check .
+
+$(DATA): | setup
+	$(BIN)/ple-adatt generate --out $(DATA) --rows $(ROWS)
+
+data: $(DATA)  ## generate the synthetic 16-task dataset (ROWS=20000)
+
+train: setup $(DATA)  ## train both phases on the CPU config (TRAIN_CONFIG=..., OUT=runs/train)
+	$(BIN)/ple-adatt train --data $(DATA) --data-config $(DATA_CONFIG) --config $(TRAIN_CONFIG) --out $(OUT)
+
+clean:  ## remove generated data, runs and caches (keeps .venv)
+	rm -rf data/synthetic.parquet runs .pytest_cache .ruff_cache

@@ -1,0 +1,149 @@
+"""Artifact contracts between stages: manifests, content hashes and atomic output directories.
+
+Every artifact a stage writes is a directory holding its files and a ``manifest.json``:
+schema version, artifact kind, producer stage and component version, config hash, input
+hashes and creation time. A stage refuses an input whose kind or schema version it does
+not know. Outputs are written into a temporary sibling directory and renamed into place
+at the end, so a failed stage leaves nothing half-written behind.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+MANIFEST = "manifest.json"
+MANIFEST_SCHEMA_VERSION = 1
+
+
+class ArtifactError(ValueError):
+    """An input artifact is missing, of the wrong kind or of an unknown schema version."""
+
+
+def package_version() -> str:
+    from . import __version__
+
+    return __version__
+
+
+def file_sha256(path: str | Path, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def path_sha256(path: str | Path) -> str:
+    """Content hash of a file, or of a directory's files (relative names and bytes, sorted)."""
+    p = Path(path)
+    if p.is_file():
+        return file_sha256(p)
+    h = hashlib.sha256()
+    for f in sorted(q for q in p.rglob("*") if q.is_file()):
+        h.update(str(f.relative_to(p)).encode())
+        h.update(file_sha256(f).encode())
+    return h.hexdigest()
+
+
+def git_commit(start: str | Path | None = None) -> str | None:
+    """The git commit of the source tree, when there is one (None in a container image)."""
+    env = os.environ.get("PLE_ADATT_GIT_COMMIT")
+    if env:
+        return env
+    import subprocess
+
+    here = Path(start) if start else Path(__file__).resolve().parent
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=5)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None if out.returncode == 0 else None
+
+
+def make_manifest(
+    kind: str,
+    stage: str,
+    *,
+    schema_version: int,
+    config_hash: str | None = None,
+    inputs: dict[str, str] | None = None,
+    extra: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    return {
+        "manifest_version": MANIFEST_SCHEMA_VERSION,
+        "kind": kind,
+        "schema_version": schema_version,
+        "producer": {"stage": stage, "component_version": package_version(), "git_commit": git_commit()},
+        "config_hash": config_hash,
+        "inputs": inputs or {},
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
+        **(extra or {}),
+    }
+
+
+def write_json(path: str | Path, obj: Any) -> None:
+    Path(path).write_text(json.dumps(obj, indent=1, sort_keys=False, default=_json_default) + "\n")
+
+
+def _json_default(o: Any) -> Any:
+    if hasattr(o, "tolist"):
+        return o.tolist()
+    if isinstance(o, Path):
+        return str(o)
+    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+
+
+def read_manifest(directory: str | Path, kind: str, supported: tuple[int, ...]) -> dict[str, Any]:
+    """Read and check an artifact manifest; raise ArtifactError naming the path and the fix."""
+    d = Path(directory)
+    m = d / MANIFEST
+    if not d.exists():
+        raise ArtifactError(f"{d}: {kind} artifact not found")
+    if not m.exists():
+        raise ArtifactError(f"{d}: no {MANIFEST}; this is not a {kind} artifact written by ple-adatt")
+    try:
+        man = json.loads(m.read_text())
+    except json.JSONDecodeError as e:
+        raise ArtifactError(f"{m}: not valid JSON ({e})") from e
+    if man.get("kind") != kind:
+        raise ArtifactError(f"{m}: artifact kind is {man.get('kind')!r}, expected {kind!r}")
+    if man.get("schema_version") not in supported:
+        raise ArtifactError(
+            f"{m}: {kind} schema_version {man.get('schema_version')!r} is not supported by this version "
+            f"(reads {list(supported)}); rerun the producing stage with ple-adatt {package_version()}"
+        )
+    return man
+
+
+@contextlib.contextmanager
+def atomic_output_dir(out: str | Path, *, overwrite: bool = True) -> Iterator[Path]:
+    """Yield a temporary directory beside ``out``; on success it replaces ``out``.
+
+    On any exception the temporary directory is removed and ``out`` is left as it was.
+    """
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if out.exists() and not overwrite:
+        raise ArtifactError(f"{out}: output directory already exists")
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if out.exists():
+        old = out.with_name(f".{out.name}.old-{os.getpid()}")
+        out.rename(old)
+        tmp.rename(out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        tmp.rename(out)

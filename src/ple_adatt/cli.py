@@ -1,0 +1,77 @@
+"""The ``ple-adatt`` console script: one subcommand per stage plus a few tools.
+
+Each subcommand lives in its own module (``ple_adatt.stages.<name>`` or a tool module)
+exposing ``add_arguments(parser)`` and ``run(args) -> int``; modules are imported only
+when their subcommand runs, so ``ple-adatt --help`` stays fast. Expected failures (bad
+config, bad data, bad artifact) end with one line on stderr and exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+#: subcommand -> (module, one-line help). Explicit on purpose: no discovery magic.
+COMMANDS: dict[str, tuple[str, str]] = {
+    "generate": ("ple_adatt.data.generate_cli", "write the synthetic 16-task Parquet dataset"),
+    "validate": ("ple_adatt.stages.validate", "check per-task target availability (Great Expectations)"),
+    "train": ("ple_adatt.stages.train", "train both phases in one process (no pipeline)"),
+    "train-phase1": ("ple_adatt.stages.train_phase1", "Phase 1: train everything with task transfer"),
+    "train-phase2": ("ple_adatt.stages.train_phase2", "Phase 2: freeze shared experts, fine-tune cluster heads"),
+    "report": ("ple_adatt.stages.report", "write the affinity / negative-transfer report"),
+    "register": ("ple_adatt.stages.register", "register the Phase 2 checkpoint in the MLflow registry"),
+}
+
+
+def _expected_errors() -> tuple[type[BaseException], ...]:
+    from .artifacts import ArtifactError
+    from .config import ConfigError
+    from .data.dataset import DataError
+
+    errs: list[type[BaseException]] = [ConfigError, DataError, ArtifactError, FileNotFoundError]
+    try:
+        from .stages.common import StageError
+
+        errs.append(StageError)
+    except ImportError:  # pragma: no cover - stages package always ships
+        pass
+    return tuple(errs)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
+    parser = argparse.ArgumentParser(prog="ple-adatt", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"ple-adatt {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (_module, help_text) in COMMANDS.items():
+        sub.add_parser(name, help=help_text, add_help=False)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    if not argv or argv[0] not in COMMANDS:
+        args = parser.parse_args(argv)  # prints help / version / unknown-command error
+        parser.print_help()
+        return 0 if args.command is None and not argv else 2
+    name = argv[0]
+    module_name, help_text = COMMANDS[name]
+    module = importlib.import_module(module_name)
+    sub = argparse.ArgumentParser(prog=f"ple-adatt {name}", description=help_text)
+    module.add_arguments(sub)
+    args = sub.parse_args(argv[1:])
+    try:
+        return int(module.run(args) or 0)
+    except _expected_errors() as e:
+        print(f"ple-adatt {name}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"ple-adatt {name}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

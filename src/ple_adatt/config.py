@@ -1,0 +1,575 @@
+"""Typed configuration: YAML files under configs/ loaded once into frozen dataclasses.
+
+Two files describe a run:
+
+* a **data config** (``configs/data/*.yaml``): feature columns, one entry per task target,
+  the cluster column and the split rule -- the dataset contract;
+* a **train config** (``configs/train/*.yaml``): model shape, per-task losses, the task
+  transfer strategy (adaTT and its task groups) and the optimisation schedule.
+
+Every default lives in the dataclasses below; YAML files only say what differs. Errors are
+:class:`ConfigError` and name the file, the dotted key, what was wrong and what is allowed.
+Only the standard library and PyYAML are imported here, so the training core stays
+importable on a bare GPU box.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+__all__ = [
+    "ConfigError",
+    "TaskSpec",
+    "SplitConfig",
+    "DataConfig",
+    "TaskLossConfig",
+    "ModelConfig",
+    "AdaTTConfig",
+    "TaskGroup",
+    "TransferConfig",
+    "TrainingConfig",
+    "TrainConfig",
+    "load_data_config",
+    "load_train_config",
+    "apply_overrides",
+    "config_hash",
+    "to_dict",
+]
+
+
+class ConfigError(ValueError):
+    """A configuration file or override is invalid; the message names the key and the fix."""
+
+
+TaskType = Literal["binary", "multiclass", "regression", "retrieval"]
+LossName = Literal["bce", "focal", "ce", "mse", "huber", "infonce"]
+
+#: the loss a task gets when the train config does not name one
+DEFAULT_LOSS: dict[str, str] = {
+    "binary": "bce",
+    "multiclass": "ce",
+    "regression": "mse",
+    "retrieval": "infonce",
+}
+#: which losses make sense for which task type
+ALLOWED_LOSSES: dict[str, tuple[str, ...]] = {
+    "binary": ("bce", "focal"),
+    "multiclass": ("ce",),
+    "regression": ("mse", "huber"),
+    "retrieval": ("infonce",),
+}
+
+
+# --------------------------------------------------------------------------- data config
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    """One task target column of the dataset contract."""
+
+    name: str
+    column: str
+    type: TaskType
+    num_classes: int | None = None  # multiclass: labels in [0, num_classes)
+    vocab_size: int | None = None  # retrieval: item ids in [0, vocab_size)
+    bounds: tuple[float, float] | None = None  # regression: allowed [low, high]
+    min_availability: float = 0.0  # share of rows that must carry a target
+    on_low_availability: Literal["fail", "disable"] = "fail"
+
+    @property
+    def output_dim(self) -> int:
+        """Width of the tower output this task needs (logits, value or query embedding)."""
+        if self.type == "multiclass":
+            assert self.num_classes is not None  # guaranteed by _check_task
+            return self.num_classes
+        return 1
+
+
+@dataclass(frozen=True)
+class SplitConfig:
+    """How rows are assigned to train / val / test.
+
+    ``method: column`` reads the split name from ``column``; ``method: hash`` hashes the
+    ``key`` column deterministically and cuts by ``fractions``.
+    """
+
+    method: Literal["hash", "column"] = "hash"
+    key: str | None = None
+    column: str | None = None
+    fractions: dict[str, float] = field(
+        default_factory=lambda: {"train": 0.8, "val": 0.1, "test": 0.1}
+    )
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """The dataset contract: which columns are features, which are task targets."""
+
+    name: str
+    numeric_features: tuple[str, ...] = ()
+    categorical_features: tuple[str, ...] = ()
+    tasks: tuple[TaskSpec, ...] = ()
+    cluster_column: str | None = None
+    num_clusters: int = 0
+    split: SplitConfig = field(default_factory=SplitConfig)
+
+    @property
+    def task_names(self) -> list[str]:
+        return [t.name for t in self.tasks]
+
+    def task(self, name: str) -> TaskSpec:
+        for t in self.tasks:
+            if t.name == name:
+                return t
+        raise KeyError(f"unknown task {name!r}; tasks are {self.task_names}")
+
+
+# -------------------------------------------------------------------------- train config
+
+
+@dataclass(frozen=True)
+class TaskLossConfig:
+    """Loss and fixed weight of one task (seed section 9.3)."""
+
+    loss: LossName | None = None  # None: the default for the task's type
+    weight: float = 1.0
+    alpha: float = 0.25  # focal
+    gamma: float = 2.0  # focal
+    delta: float = 1.0  # huber
+    temperature: float = 0.1  # infonce
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Shape of the PLE-Cluster model (seed sections 1.3, 8, 11)."""
+
+    embedding_dim: int = 8
+    num_shared_experts: int = 4
+    shared_expert_names: tuple[str, ...] = ()  # default: expert_0 .. expert_{n-1}
+    shared_hidden: int = 64
+    expert_dim: int = 32  # output width of every expert (shared and task)
+    task_experts_per_task: int = 1
+    task_hidden: int = 32
+    tower_hidden: int = 32
+    tower_dropout: float = 0.0
+    retrieval_dim: int = 16  # query / item embedding width of retrieval tasks
+    logit_transfer_edges: tuple[tuple[str, str], ...] = (("ctr", "cvr"), ("cvr", "ltv"))
+    transfer_strength: float = 0.5
+    cgc_entropy_weight: float = 0.01
+
+
+@dataclass(frozen=True)
+class TaskGroup:
+    members: tuple[str, ...]
+    intra_strength: float = 0.5
+
+
+@dataclass(frozen=True)
+class AdaTTConfig:
+    """adaTT parameters (seed section 14.1; defaults are the seed's)."""
+
+    transfer_lambda: float = 0.1
+    temperature: float = 1.0
+    warmup_epochs: int = 0
+    freeze_epoch: int = 1
+    negative_transfer_threshold: float = -0.1
+    ema_decay: float = 0.9
+    prior_blend_start: float = 0.5
+    prior_blend_end: float = 0.1
+    max_transfer_ratio: float = 0.5
+    inter_group_strength: float = 0.3
+
+
+@dataclass(frozen=True)
+class TransferConfig:
+    """Which task-transfer strategy runs and how per-task gradients are taken."""
+
+    strategy: str = "adatt"
+    grad_interval: int = 10  # steps between per-task gradient extractions
+    grad_method: Literal["batched", "loop"] = "batched"
+    adatt: AdaTTConfig = field(default_factory=AdaTTConfig)
+    task_groups: dict[str, TaskGroup] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class TrainingConfig:
+    """Optimisation and schedule (seed sections 10, 12, 14.3, 14.4)."""
+
+    batch_size: int = 16384
+    learning_rate: float = 0.0005
+    weight_decay: float = 0.01
+    shared_expert_epochs: int = 15
+    cluster_finetune_epochs: int = 8
+    freeze_shared_in_phase2: bool = True
+    phase2_trainable: tuple[Literal["cluster_heads", "towers", "task_experts"], ...] = (
+        "cluster_heads",
+    )
+    early_stopping_patience: int = 7
+    gradient_clip_norm: float = 5.0
+    gradient_accumulation_steps: int = 1
+    use_amp: bool = True
+    amp_dtype: Literal["bfloat16", "float16"] = "bfloat16"
+    cosine_t0: int = 10
+    cosine_t_mult: int = 2
+    warmup_steps: int = 5  # epochs of linear LR warmup (seed unit: epochs)
+    phase2_warmup_steps: int = 2
+    expert_lr: dict[str, dict[str, float]] = field(default_factory=dict)
+    loss_weighting: Literal["fixed", "uncertainty"] = "fixed"
+    log_every: int = 50  # steps between reads of the loss on the host
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything a training run needs besides the data contract."""
+
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    max_rows: int | None = None  # cap on training rows (smoke runs)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    tasks: dict[str, TaskLossConfig] = field(default_factory=dict)
+    transfer: TransferConfig = field(default_factory=TransferConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+
+    def loss_for(self, task: TaskSpec) -> TaskLossConfig:
+        cfg = self.tasks.get(task.name, TaskLossConfig())
+        if cfg.loss is None:
+            cfg = dataclasses.replace(cfg, loss=DEFAULT_LOSS[task.type])
+        return cfg
+
+
+# ---------------------------------------------------------------- generic dict -> dataclass
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return " | ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    if tp is type(None):
+        return "null"
+    if origin is not None:
+        return getattr(origin, "__name__", str(origin))
+    return getattr(tp, "__name__", str(tp))
+
+
+def _convert(tp: Any, value: Any, key: str, src: str) -> Any:
+    """Convert a YAML value to ``tp``, raising ConfigError naming ``key`` on mismatch."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    where = f"{src}: key `{key}`"
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _convert(a, value, key, src)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(f"{where}: expected {_type_name(tp)}, got {value!r}")
+    if origin is Literal:
+        if value not in args:
+            allowed = ", ".join(repr(a) for a in args)
+            raise ConfigError(f"{where}: {value!r} is not allowed; allowed values: {allowed}")
+        return value
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, key, src)
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}: expected true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where}: expected a string, got {value!r}")
+        return value
+    if tp is Any:
+        return value
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_convert(args[0], v, f"{key}[{i}]", src) for i, v in enumerate(value))
+        if len(value) != len(args):
+            raise ConfigError(f"{where}: expected a list of {len(args)} items, got {value!r}")
+        return tuple(_convert(a, v, f"{key}[{i}]", src) for i, (a, v) in enumerate(zip(args, value)))
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+        kt, vt = args
+        return {
+            _convert(kt, k, f"{key}", src): _convert(vt, v, f"{key}.{k}", src)
+            for k, v in value.items()
+        }
+    raise ConfigError(f"{where}: unsupported type {tp!r}")  # pragma: no cover - programming error
+
+
+def _build(cls: type, data: Any, prefix: str, src: str) -> Any:
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{src}: key `{prefix or '<root>'}` must be a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(set(data) - set(names))
+    if unknown:
+        where = f"`{prefix}.{unknown[0]}`" if prefix else f"`{unknown[0]}`"
+        raise ConfigError(
+            f"{src}: unknown key {where}; allowed keys{' under `' + prefix + '`' if prefix else ''}: "
+            + ", ".join(names)
+        )
+    kwargs = {}
+    for name in names:
+        if name in data:
+            kwargs[name] = _convert(hints[name], data[name], f"{prefix}.{name}" if prefix else name, src)
+    try:
+        return cls(**kwargs)
+    except TypeError as e:  # a required key is missing
+        missing = [
+            f.name
+            for f in dataclasses.fields(cls)
+            if f.name not in kwargs
+            and f.default is dataclasses.MISSING
+            and f.default_factory is dataclasses.MISSING
+        ]
+        key = f"{prefix}.{missing[0]}" if prefix and missing else (missing[0] if missing else prefix)
+        raise ConfigError(f"{src}: required key `{key}` is missing") from e
+
+
+def to_dict(cfg: Any) -> Any:
+    """A JSON-able plain dict of a config dataclass (tuples become lists)."""
+    if dataclasses.is_dataclass(cfg):
+        return {f.name: to_dict(getattr(cfg, f.name)) for f in dataclasses.fields(cfg)}
+    if isinstance(cfg, dict):
+        return {k: to_dict(v) for k, v in cfg.items()}
+    if isinstance(cfg, (list, tuple)):
+        return [to_dict(v) for v in cfg]
+    return cfg
+
+
+def config_hash(cfg: Any) -> str:
+    """sha256 of the canonical JSON of a config (the lineage key of a run)."""
+    blob = json.dumps(to_dict(cfg), sort_keys=True, separators=(",", ":")).encode()
+    return hashlib.sha256(blob).hexdigest()
+
+
+# ---------------------------------------------------------------------------- loading
+
+
+def _read_yaml(path: str | Path) -> dict[str, Any]:
+    import yaml
+
+    p = Path(path)
+    if not p.exists():
+        raise ConfigError(f"{p}: config file not found")
+    try:
+        data = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{p}: not valid YAML: {e}".splitlines()[0]) from e
+    if not isinstance(data, dict):
+        raise ConfigError(f"{p}: the top level must be a mapping of keys, got {type(data).__name__}")
+    return data
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str] | None, src: str = "--set") -> dict[str, Any]:
+    """Apply ``a.b.c=value`` overrides (value parsed as YAML) to a raw config dict."""
+    import copy
+
+    import yaml
+
+    out = copy.deepcopy(data)
+    for item in overrides or []:
+        if "=" not in item:
+            raise ConfigError(f"{src}: override {item!r} must look like key.path=value")
+        dotted, raw = item.split("=", 1)
+        keys = dotted.strip().split(".")
+        node = out
+        for k in keys[:-1]:
+            nxt = node.setdefault(k, {})
+            if not isinstance(nxt, dict):
+                raise ConfigError(f"{src}: cannot set `{dotted}`: `{k}` is not a mapping")
+            node = nxt
+        node[keys[-1]] = yaml.safe_load(raw)
+    return out
+
+
+def _check_task(t: TaskSpec, src: str, i: int) -> None:
+    key = f"tasks[{i}]"
+    if t.type == "multiclass" and (t.num_classes is None or t.num_classes < 2):
+        raise ConfigError(f"{src}: key `{key}.num_classes` must be an integer >= 2 for multiclass task {t.name!r}")
+    if t.type == "retrieval" and (t.vocab_size is None or t.vocab_size < 2):
+        raise ConfigError(f"{src}: key `{key}.vocab_size` must be an integer >= 2 for retrieval task {t.name!r}")
+    if t.type != "multiclass" and t.num_classes is not None:
+        raise ConfigError(f"{src}: key `{key}.num_classes` only applies to multiclass tasks ({t.name!r} is {t.type})")
+    if t.type != "retrieval" and t.vocab_size is not None:
+        raise ConfigError(f"{src}: key `{key}.vocab_size` only applies to retrieval tasks ({t.name!r} is {t.type})")
+    if t.bounds is not None:
+        if t.type != "regression":
+            raise ConfigError(f"{src}: key `{key}.bounds` only applies to regression tasks ({t.name!r} is {t.type})")
+        if not t.bounds[0] < t.bounds[1]:
+            raise ConfigError(f"{src}: key `{key}.bounds` must be [low, high] with low < high, got {list(t.bounds)}")
+    if not 0.0 <= t.min_availability <= 1.0:
+        raise ConfigError(f"{src}: key `{key}.min_availability` must be in [0, 1], got {t.min_availability}")
+
+
+def validate_data_config(cfg: DataConfig, src: str) -> DataConfig:
+    if not cfg.tasks:
+        raise ConfigError(f"{src}: key `tasks` must list at least one task")
+    seen: dict[str, str] = {}
+    for i, t in enumerate(cfg.tasks):
+        _check_task(t, src, i)
+        if t.name in seen:
+            raise ConfigError(f"{src}: task name {t.name!r} is declared twice under `tasks`")
+        seen[t.name] = t.column
+    columns: dict[str, str] = {}
+
+    def claim(col: str, role: str) -> None:
+        if col in columns:
+            raise ConfigError(
+                f"{src}: column `{col}` is declared as {columns[col]} and as {role}; a column has one role"
+            )
+        columns[col] = role
+
+    for c in cfg.numeric_features:
+        claim(c, "a numeric feature")
+    for c in cfg.categorical_features:
+        claim(c, "a categorical feature")
+    for t in cfg.tasks:
+        claim(t.column, f"the target of task {t.name!r}")
+    if cfg.cluster_column:
+        claim(cfg.cluster_column, "the cluster column")
+        if cfg.num_clusters < 1:
+            raise ConfigError(f"{src}: key `num_clusters` must be >= 1 when `cluster_column` is set")
+    if not cfg.numeric_features and not cfg.categorical_features:
+        raise ConfigError(f"{src}: declare at least one feature under `numeric_features` or `categorical_features`")
+    s = cfg.split
+    if s.method == "hash" and not s.key:
+        raise ConfigError(f"{src}: key `split.key` is required when `split.method` is hash")
+    if s.method == "column" and not s.column:
+        raise ConfigError(f"{src}: key `split.column` is required when `split.method` is column")
+    if set(s.fractions) - {"train", "val", "test"} or "train" not in s.fractions or "val" not in s.fractions:
+        raise ConfigError(
+            f"{src}: key `split.fractions` must name train and val (and optionally test), got {sorted(s.fractions)}"
+        )
+    total = sum(s.fractions.values())
+    if abs(total - 1.0) > 1e-6 or any(v < 0 for v in s.fractions.values()):
+        raise ConfigError(f"{src}: key `split.fractions` must be non-negative and sum to 1, got {total:g}")
+    return cfg
+
+
+def load_data_config(path: str | Path, overrides: list[str] | None = None) -> DataConfig:
+    """Load and validate a data config (the dataset contract)."""
+    src = str(path)
+    data = apply_overrides(_read_yaml(path), overrides)
+    cfg = _build(DataConfig, data, "", src)
+    return validate_data_config(cfg, src)
+
+
+def validate_train_config(cfg: TrainConfig, src: str, data: DataConfig | None = None) -> TrainConfig:
+    a = cfg.transfer.adatt
+    if cfg.transfer.strategy == "adatt" and a.freeze_epoch <= a.warmup_epochs:
+        raise ConfigError(
+            f"{src}: key `transfer.adatt.freeze_epoch` ({a.freeze_epoch}) must be greater than "
+            f"`transfer.adatt.warmup_epochs` ({a.warmup_epochs}); otherwise adaTT's dynamic phase never runs"
+        )
+    if cfg.transfer.grad_interval < 1:
+        raise ConfigError(f"{src}: key `transfer.grad_interval` must be >= 1, got {cfg.transfer.grad_interval}")
+    for k, v in (("ema_decay", a.ema_decay), ("prior_blend_start", a.prior_blend_start),
+                 ("prior_blend_end", a.prior_blend_end), ("transfer_lambda", a.transfer_lambda),
+                 ("inter_group_strength", a.inter_group_strength)):
+        if not 0.0 <= v <= 1.0:
+            raise ConfigError(f"{src}: key `transfer.adatt.{k}` must be in [0, 1], got {v}")
+    if not -1.0 <= a.negative_transfer_threshold <= 0.0:
+        raise ConfigError(f"{src}: key `transfer.adatt.negative_transfer_threshold` must be in [-1, 0]")
+    if a.temperature <= 0:
+        raise ConfigError(f"{src}: key `transfer.adatt.temperature` must be > 0, got {a.temperature}")
+    members_seen: dict[str, str] = {}
+    for g, grp in cfg.transfer.task_groups.items():
+        if not 0.0 <= grp.intra_strength <= 1.0:
+            raise ConfigError(f"{src}: key `transfer.task_groups.{g}.intra_strength` must be in [0, 1]")
+        for m in grp.members:
+            if m in members_seen:
+                raise ConfigError(
+                    f"{src}: task {m!r} is a member of task groups `{members_seen[m]}` and `{g}`; a task belongs to one group"
+                )
+            members_seen[m] = g
+    t = cfg.training
+    for k in ("batch_size", "gradient_accumulation_steps", "log_every", "cosine_t0", "cosine_t_mult"):
+        if getattr(t, k) < 1:
+            raise ConfigError(f"{src}: key `training.{k}` must be >= 1, got {getattr(t, k)}")
+    for k in ("shared_expert_epochs", "cluster_finetune_epochs", "warmup_steps", "phase2_warmup_steps"):
+        if getattr(t, k) < 0:
+            raise ConfigError(f"{src}: key `training.{k}` must be >= 0, got {getattr(t, k)}")
+    if t.learning_rate <= 0:
+        raise ConfigError(f"{src}: key `training.learning_rate` must be > 0")
+    m = cfg.model
+    if m.shared_expert_names and len(m.shared_expert_names) != m.num_shared_experts:
+        raise ConfigError(
+            f"{src}: key `model.shared_expert_names` lists {len(m.shared_expert_names)} names but "
+            f"`model.num_shared_experts` is {m.num_shared_experts}"
+        )
+    names = m.shared_expert_names or tuple(f"expert_{i}" for i in range(m.num_shared_experts))
+    for e in t.expert_lr:
+        if e not in names:
+            raise ConfigError(f"{src}: key `training.expert_lr.{e}` names no shared expert; experts are {list(names)}")
+    for key, val in (("num_shared_experts", m.num_shared_experts), ("shared_hidden", m.shared_hidden),
+                     ("expert_dim", m.expert_dim), ("task_hidden", m.task_hidden),
+                     ("tower_hidden", m.tower_hidden), ("embedding_dim", m.embedding_dim),
+                     ("retrieval_dim", m.retrieval_dim)):
+        if val < 1:
+            raise ConfigError(f"{src}: key `model.{key}` must be >= 1, got {val}")
+    if m.task_experts_per_task < 0:
+        raise ConfigError(f"{src}: key `model.task_experts_per_task` must be >= 0")
+    if data is not None:
+        check_against_data(cfg, data, src)
+    return cfg
+
+
+def check_against_data(cfg: TrainConfig, data: DataConfig, src: str) -> None:
+    """Cross-check a train config against the data contract it will train on."""
+    names = set(data.task_names)
+    for name, lc in cfg.tasks.items():
+        if name not in names:
+            raise ConfigError(
+                f"{src}: key `tasks.{name}` names a task the data config does not declare; tasks are {sorted(names)}"
+            )
+        spec = data.task(name)
+        if lc.loss is not None and lc.loss not in ALLOWED_LOSSES[spec.type]:
+            raise ConfigError(
+                f"{src}: key `tasks.{name}.loss` is {lc.loss!r}, which does not fit a {spec.type} task; "
+                f"allowed: {', '.join(ALLOWED_LOSSES[spec.type])}"
+            )
+    for a, b in cfg.model.logit_transfer_edges:
+        for t in (a, b):
+            if t not in names:
+                continue  # edges between tasks absent from this dataset are skipped
+        if a == b:
+            raise ConfigError(f"{src}: key `model.logit_transfer_edges` has a self edge {a} -> {b}")
+
+
+def load_train_config(
+    path: str | Path, overrides: list[str] | None = None, data: DataConfig | None = None
+) -> TrainConfig:
+    """Load and validate a train config; with ``data`` also cross-check task names and losses."""
+    src = str(path)
+    raw = apply_overrides(_read_yaml(path), overrides)
+    cfg = _build(TrainConfig, raw, "", src)
+    return validate_train_config(cfg, src, data)

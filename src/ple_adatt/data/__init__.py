@@ -1,0 +1,1 @@
+"""Datasets: the Parquet contract, preprocessing, tensors and the synthetic generator."""

@@ -1,0 +1,1 @@
+"""Pipeline stages: paths in, paths out, a CLI each. No Kubeflow types in this package."""
