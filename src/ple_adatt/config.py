@@ -458,6 +458,11 @@ def validate_data_config(cfg: DataConfig, src: str) -> DataConfig:
         claim(cfg.cluster_column, "the cluster column")
         if cfg.num_clusters < 1:
             raise ConfigError(f"{src}: key `num_clusters` must be >= 1 when `cluster_column` is set")
+    elif cfg.num_clusters:
+        raise ConfigError(
+            f"{src}: key `num_clusters` is {cfg.num_clusters} but `cluster_column` is not set; "
+            "set `cluster_column` or remove `num_clusters`"
+        )
     if not cfg.numeric_features and not cfg.categorical_features:
         raise ConfigError(f"{src}: declare at least one feature under `numeric_features` or `categorical_features`")
     s = cfg.split
@@ -465,6 +470,23 @@ def validate_data_config(cfg: DataConfig, src: str) -> DataConfig:
         raise ConfigError(f"{src}: key `split.key` is required when `split.method` is hash")
     if s.method == "column" and not s.column:
         raise ConfigError(f"{src}: key `split.column` is required when `split.method` is column")
+    if s.method == "hash" and s.column:
+        raise ConfigError(
+            f"{src}: key `split.column` is set but `split.method` is hash (which uses `split.key`); "
+            "remove one of them"
+        )
+    if s.method == "column" and s.key:
+        raise ConfigError(
+            f"{src}: key `split.key` is set but `split.method` is column (which uses `split.column`); "
+            "remove one of them"
+        )
+    split_col = s.key if s.method == "hash" else s.column
+    targets = {t.column: t.name for t in cfg.tasks}
+    if split_col in targets:
+        raise ConfigError(
+            f"{src}: key `split.{'key' if s.method == 'hash' else 'column'}` is `{split_col}`, the target "
+            f"of task {targets[split_col]!r}; splitting on a label leaks it, use an id column"
+        )
     if set(s.fractions) - {"train", "val", "test"} or "train" not in s.fractions or "val" not in s.fractions:
         raise ConfigError(
             f"{src}: key `split.fractions` must name train and val (and optionally test), got {sorted(s.fractions)}"
@@ -472,6 +494,8 @@ def validate_data_config(cfg: DataConfig, src: str) -> DataConfig:
     total = sum(s.fractions.values())
     if abs(total - 1.0) > 1e-6 or any(v < 0 for v in s.fractions.values()):
         raise ConfigError(f"{src}: key `split.fractions` must be non-negative and sum to 1, got {total:g}")
+    if s.fractions["train"] <= 0:
+        raise ConfigError(f"{src}: key `split.fractions.train` must be > 0, otherwise nothing trains")
     return cfg
 
 
@@ -557,10 +581,7 @@ def check_against_data(cfg: TrainConfig, data: DataConfig, src: str) -> None:
                 f"{src}: key `tasks.{name}.loss` is {lc.loss!r}, which does not fit a {spec.type} task; "
                 f"allowed: {', '.join(ALLOWED_LOSSES[spec.type])}"
             )
-    for a, b in cfg.model.logit_transfer_edges:
-        for t in (a, b):
-            if t not in names:
-                continue  # edges between tasks absent from this dataset are skipped
+    for a, b in cfg.model.logit_transfer_edges:  # edges naming absent tasks are skipped
         if a == b:
             raise ConfigError(f"{src}: key `model.logit_transfer_edges` has a self edge {a} -> {b}")
 
@@ -573,3 +594,13 @@ def load_train_config(
     raw = apply_overrides(_read_yaml(path), overrides)
     cfg = _build(TrainConfig, raw, "", src)
     return validate_train_config(cfg, src, data)
+
+
+def data_config_from_dict(d: dict[str, Any], src: str = "manifest") -> DataConfig:
+    """Rebuild a DataConfig from :func:`to_dict` output (e.g. a checkpoint manifest)."""
+    return validate_data_config(_build(DataConfig, d, "", src), src)
+
+
+def train_config_from_dict(d: dict[str, Any], src: str = "manifest") -> TrainConfig:
+    """Rebuild a TrainConfig from :func:`to_dict` output (e.g. a checkpoint manifest)."""
+    return validate_train_config(_build(TrainConfig, d, "", src), src)

@@ -1,0 +1,374 @@
+"""The PLE-Cluster model with tasks laid out along a batched task dimension.
+
+Reads top to bottom: the head specification, then embeddings, shared experts, task
+experts, CGC gates, task towers, global and per-cluster heads and the logit-transfer DAG.
+Progressive Layered Extraction: Tang et al., "Progressive Layered Extraction (PLE)",
+RecSys 2020; cluster heads and logit transfer follow the adaTT reference (seed sections
+1.3, 8, 11).
+
+Layout: every per-task module is one parameter tensor with a leading task dimension
+``T``, so all task experts, gates, towers and heads run as a handful of batched matmuls
+instead of a Python loop over small modules. Shared experts keep one parameter set per
+expert (so each can get its own learning rate) and are stacked in the forward pass.
+
+Per-task gradients on the shared-expert parameters (what adaTT measures) come from
+:meth:`PLEClusterModel.shared_task_gradients`. Its ``batched`` method takes one backward
+from the losses to the CGC outputs and then applies the closed-form backward of the
+shared-expert MLPs for all tasks at once; ``loop`` is the seed's per-task
+``torch.autograd.grad`` reference. Both give the same gradients (tested).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .config import ModelConfig, TaskSpec
+
+__all__ = ["HeadSpec", "ModelOutput", "PLEClusterModel", "build_model"]
+
+
+@dataclass(frozen=True)
+class HeadSpec:
+    """What the model needs to know of one task: its type and output width."""
+
+    name: str
+    type: str  # binary | multiclass | regression | retrieval
+    output_dim: int  # logits (binary 1, multiclass K), value (1) or query dim (retrieval)
+    vocab_size: int = 0  # retrieval only
+
+    @classmethod
+    def from_task(cls, t: TaskSpec, retrieval_dim: int) -> HeadSpec:
+        if t.type == "retrieval":
+            return cls(t.name, t.type, retrieval_dim, int(t.vocab_size or 0))
+        return cls(t.name, t.type, t.output_dim)
+
+
+@dataclass
+class ModelOutput:
+    out: Tensor  # (T, B, O) raw task outputs, padded to the widest task
+    gates: Tensor  # (T, B, K) CGC gate weights over [shared experts; own task experts]
+    cgc_out: Tensor  # (T, B, d) gated expert mixture per task (input of the towers)
+    shared_cache: tuple[Tensor, Tensor, Tensor]  # (x, pre-activation, hidden) of shared experts
+
+
+# --------------------------------------------------------------------------- building blocks
+
+
+def _init_batched(w: Tensor, fan_in: int) -> None:
+    bound = 1.0 / fan_in**0.5
+    nn.init.uniform_(w, -bound, bound)
+
+
+class BatchedLinear(nn.Module):
+    """``G`` independent linear maps applied to ``G`` inputs: (G, B, i) -> (G, B, o)."""
+
+    def __init__(self, groups: int, d_in: int, d_out: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(groups, d_in, d_out))
+        self.bias = nn.Parameter(torch.empty(groups, 1, d_out))
+        _init_batched(self.weight, d_in)
+        _init_batched(self.bias, d_in)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.dim() == 2:  # one input shared by every group: (B, i)
+            return torch.matmul(x.unsqueeze(0), self.weight) + self.bias  # (G, B, o)
+        return torch.baddbmm(self.bias, x, self.weight)  # (G, B, o)
+
+
+class ExpertMLP(nn.Module):
+    """One shared expert: Linear -> ReLU -> Linear. Kept separate for per-expert LR."""
+
+    def __init__(self, d_in: int, hidden: int, d_out: int):
+        super().__init__()
+        self.w1 = nn.Parameter(torch.empty(d_in, hidden))
+        self.b1 = nn.Parameter(torch.empty(hidden))
+        self.w2 = nn.Parameter(torch.empty(hidden, d_out))
+        self.b2 = nn.Parameter(torch.empty(d_out))
+        for w, fan in ((self.w1, d_in), (self.b1, d_in), (self.w2, hidden), (self.b2, hidden)):
+            _init_batched(w, fan)
+
+
+class SharedExperts(nn.Module):
+    """``E`` shared experts, stacked into batched matmuls in the forward pass."""
+
+    def __init__(self, names: list[str], d_in: int, hidden: int, d_out: int):
+        super().__init__()
+        self.names = list(names)
+        self.experts = nn.ModuleDict({n: ExpertMLP(d_in, hidden, d_out) for n in names})
+
+    def stacked(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        ex = list(self.experts.values())
+        return (
+            torch.stack([e.w1 for e in ex]),  # (E, i, h)
+            torch.stack([e.b1 for e in ex]).unsqueeze(1),  # (E, 1, h)
+            torch.stack([e.w2 for e in ex]),  # (E, h, d)
+            torch.stack([e.b2 for e in ex]).unsqueeze(1),  # (E, 1, d)
+        )
+
+    def forward(self, x: Tensor) -> tuple[Tensor, tuple[Tensor, Tensor, Tensor]]:
+        w1, b1, w2, b2 = self.stacked()
+        pre = torch.matmul(x.unsqueeze(0), w1) + b1  # (E, B, h)
+        hid = F.relu(pre)  # (E, B, h)
+        s = torch.baddbmm(b2, hid, w2)  # (E, B, d)
+        return s, (x, pre, hid)
+
+    def per_task_grads(self, cache: tuple[Tensor, Tensor, Tensor], d_s: Tensor) -> Tensor:
+        """Closed-form gradients of every task on every shared parameter, all tasks at once.
+
+        ``d_s`` (T, E, B, d) is dL_t/dS per task. Returns (T, P) flattened in the order of
+        ``self.parameters()`` (per expert: w1, b1, w2, b2).
+        """
+        x, pre, hid = cache
+        _, _, w2, _ = self.stacked()
+        d_s = d_s.to(hid.dtype)
+        g_w2 = torch.einsum("ebh,tebd->tehd", hid, d_s)  # (T, E, h, d)
+        g_b2 = d_s.sum(2)  # (T, E, d)
+        d_hid = torch.einsum("tebd,ehd->tebh", d_s, w2.to(d_s.dtype)) * (pre > 0).to(d_s.dtype)  # (T,E,B,h)
+        g_w1 = torch.einsum("bi,tebh->teih", x.to(d_hid.dtype), d_hid)  # (T, E, i, h)
+        g_b1 = d_hid.sum(2)  # (T, E, h)
+        t = d_s.shape[0]
+        parts = []
+        for e in range(len(self.names)):
+            parts += [g_w1[:, e].reshape(t, -1), g_b1[:, e], g_w2[:, e].reshape(t, -1), g_b2[:, e]]
+        return torch.cat([p.float() for p in parts], dim=1)
+
+
+# ------------------------------------------------------------------------------------ model
+
+
+class PLEClusterModel(nn.Module):
+    """PLE with CGC gates, task experts, towers, per-cluster heads and logit transfer."""
+
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        heads: list[HeadSpec],
+        num_numeric: int,
+        cardinalities: list[int],
+        num_clusters: int,
+    ):
+        super().__init__()
+        self.cfg = cfg
+        self.heads = list(heads)
+        self.task_names = [h.name for h in heads]
+        T = len(heads)
+        self.num_tasks = T
+        self.num_clusters = num_clusters
+        self.out_dim = max(h.output_dim for h in heads)  # O
+        d = cfg.expert_dim
+        # embeddings: one table for all categorical columns, offset per column
+        self.num_numeric = num_numeric
+        self.embedding = nn.Embedding(max(sum(cardinalities), 1), cfg.embedding_dim)
+        offsets = torch.tensor([0] + list(cardinalities[:-1]), dtype=torch.long).cumsum(0)
+        self.register_buffer("cat_offsets", offsets if cardinalities else torch.zeros(0, dtype=torch.long))
+        d_in = num_numeric + len(cardinalities) * cfg.embedding_dim
+        self.d_in = d_in
+        # shared experts (E_s, B, d)
+        names = list(cfg.shared_expert_names) or [f"expert_{i}" for i in range(cfg.num_shared_experts)]
+        self.shared_experts = SharedExperts(names, d_in, cfg.shared_hidden, d)
+        # task experts: T * E_t experts in one batched MLP (T*E_t, B, d)
+        self.e_t = cfg.task_experts_per_task
+        if self.e_t:
+            self.task_expert_in = BatchedLinear(T * self.e_t, d_in, cfg.task_hidden)
+            self.task_expert_out = BatchedLinear(T * self.e_t, cfg.task_hidden, d)
+        # CGC gates: each task gates over the shared experts and its own (T, B, E_s + E_t)
+        self.task_expert_attention = BatchedLinear(T, d_in, len(names) + self.e_t)
+        self.register_buffer("_cgc_frozen", torch.tensor(False))
+        # towers (T, B, h) and heads (T, B, O); cluster heads (C, T, h, O) for Phase 2
+        self.tower = BatchedLinear(T, d, cfg.tower_hidden)
+        self.tower_dropout = nn.Dropout(cfg.tower_dropout)
+        self.head = BatchedLinear(T, cfg.tower_hidden, self.out_dim)
+        self.cluster_head_weight = nn.Parameter(torch.zeros(num_clusters, T, cfg.tower_hidden, self.out_dim))
+        self.cluster_head_bias = nn.Parameter(torch.zeros(num_clusters, T, 1, self.out_dim))
+        self.register_buffer("_cluster_heads_ready", torch.tensor(False))
+        # retrieval tasks: item embedding tables
+        self.item_embeddings = nn.ModuleDict(
+            {h.name: nn.Embedding(h.vocab_size, h.output_dim) for h in heads if h.type == "retrieval"}
+        )
+        for emb in self.item_embeddings.values():
+            nn.init.normal_(emb.weight, std=0.1)
+        # regression targets are learned standardised; these buffers map back
+        self.register_buffer("target_loc", torch.zeros(T))
+        self.register_buffer("target_scale", torch.ones(T))
+        # logit transfer DAG (src -> dst), topologically ordered, between present tasks
+        self.transfer_edges = self._order_edges(cfg.logit_transfer_edges)
+        self.logit_transfer = nn.ModuleList()
+        for s, t in self.transfer_edges:
+            o_s, o_t = heads[s].output_dim, heads[t].output_dim
+            lin = nn.Linear(o_s, o_t)
+            nn.init.constant_(lin.weight, 1.0 / o_s)
+            nn.init.zeros_(lin.bias)
+            self.logit_transfer.append(lin)
+
+    def _order_edges(self, edges: tuple[tuple[str, str], ...]) -> list[tuple[int, int]]:
+        idx = {n: i for i, n in enumerate(self.task_names)}
+        kept = [(idx[a], idx[b]) for a, b in edges if a in idx and b in idx]
+        order, done, visiting = [], set(), set()
+
+        def visit(n: int) -> None:
+            if n in done:
+                return
+            if n in visiting:
+                raise ValueError(
+                    f"model.logit_transfer_edges has a cycle through task {self.task_names[n]!r}; "
+                    "logit transfer must be a DAG"
+                )
+            visiting.add(n)
+            for a, b in kept:
+                if b == n:
+                    visit(a)
+            visiting.discard(n)
+            done.add(n)
+            order.append(n)
+
+        for n in range(len(self.task_names)):
+            visit(n)
+        rank = {n: i for i, n in enumerate(order)}
+        return sorted(kept, key=lambda e: (rank[e[1]], rank[e[0]]))
+
+    # ------------------------------------------------------------------------- forward
+
+    def encode(self, x_num: Tensor, x_cat: Tensor) -> Tensor:
+        parts = [x_num]
+        if x_cat.shape[1]:
+            parts.append(self.embedding(x_cat + self.cat_offsets).flatten(1))  # (B, n_cat * e)
+        return torch.cat(parts, dim=1)  # (B, d_in)
+
+    def forward(self, x_num: Tensor, x_cat: Tensor, cluster: Tensor | None = None,
+                use_cluster_heads: bool = False) -> ModelOutput:
+        x = self.encode(x_num, x_cat)  # (B, d_in)
+        shared, cache = self.shared_experts(x)  # (E_s, B, d)
+        e_s = shared.shape[0]
+        gates = torch.softmax(self.task_expert_attention(x), dim=-1)  # (T, B, E_s + E_t)
+        cgc = torch.einsum("tbk,kbd->tbd", gates[..., :e_s], shared)  # (T, B, d)
+        if self.e_t:
+            te = self.task_expert_out(F.relu(self.task_expert_in(x)))  # (T*E_t, B, d)
+            te = te.view(self.num_tasks, self.e_t, *te.shape[1:])  # (T, E_t, B, d)
+            cgc = cgc + torch.einsum("tbj,tjbd->tbd", gates[..., e_s:], te)
+        hid = self.tower_dropout(F.relu(self.tower(cgc)))  # (T, B, h)
+        out = self.head(hid)  # (T, B, O)
+        if use_cluster_heads and self.num_clusters and cluster is not None:
+            per = torch.einsum("tbh,ctho->ctbo", hid, self.cluster_head_weight) + self.cluster_head_bias
+            per = torch.cat([per, out.unsqueeze(0)], dim=0)  # (C+1, T, B, O); index C = global
+            idx = cluster.view(1, 1, -1, 1).expand(1, self.num_tasks, -1, self.out_dim)
+            out = per.gather(0, idx).squeeze(0)  # (T, B, O)
+        if self.transfer_edges:
+            out = self._apply_logit_transfer(out)
+        return ModelOutput(out, gates, cgc, cache)
+
+    def _apply_logit_transfer(self, out: Tensor) -> Tensor:
+        """Add ``transfer_strength * proj(src)`` to each destination's output along the DAG.
+
+        The source output is detached: the destination reads it as an input, its loss does
+        not train the source tower. That keeps each task's loss a function of its own CGC
+        output only, which the batched per-task gradient relies on.
+        """
+        outs = list(out.unbind(0))
+        for (s, t), lin in zip(self.transfer_edges, self.logit_transfer):
+            o_s, o_t = self.heads[s].output_dim, self.heads[t].output_dim
+            add = self.cfg.transfer_strength * lin(outs[s][:, :o_s].detach().to(lin.weight.dtype))
+            outs[t] = outs[t] + F.pad(add.to(outs[t].dtype), (0, self.out_dim - o_t))
+        return torch.stack(outs, dim=0)
+
+    # ---------------------------------------------------------------- per-task gradients
+
+    def shared_parameters(self) -> list[nn.Parameter]:
+        return list(self.shared_experts.parameters())
+
+    @torch.compiler.disable
+    def shared_task_gradients(self, task_losses: Tensor, present: Tensor, output: ModelOutput,
+                              method: str = "batched") -> Tensor:
+        """Per-task gradients on the shared-expert parameters, (T, P); absent tasks are zero.
+
+        ``task_losses`` (T,) are the weighted per-task losses of this batch; the autograd
+        graph is retained for the training backward that follows.
+        """
+        if method == "loop":
+            return self._task_gradients_loop(task_losses, present)
+        if method != "batched":
+            raise ValueError(f"unknown gradient method {method!r}; valid: batched, loop")
+        total = (task_losses * present.to(task_losses.dtype)).sum()
+        (d_cgc,) = torch.autograd.grad(total, output.cgc_out, retain_graph=True)  # (T, B, d)
+        e_s = len(self.shared_experts.names)
+        g = output.gates[..., :e_s].permute(0, 2, 1).unsqueeze(-1)  # (T, E_s, B, 1)
+        d_s = g * d_cgc.unsqueeze(1)  # (T, E_s, B, d)
+        return self.shared_experts.per_task_grads(output.shared_cache, d_s)
+
+    def _task_gradients_loop(self, task_losses: Tensor, present: Tensor) -> Tensor:
+        """The seed's reference: one ``autograd.grad`` per task with ``retain_graph``."""
+        params = self.shared_parameters()
+        rows = []
+        for i in range(self.num_tasks):
+            if not bool(present[i]):
+                rows.append(torch.zeros(sum(p.numel() for p in params), device=task_losses.device))
+                continue
+            grads = torch.autograd.grad(task_losses[i], params, retain_graph=True, allow_unused=True)
+            rows.append(torch.cat([(g if g is not None else torch.zeros_like(p)).flatten().float()
+                                   for g, p in zip(grads, params)]))
+        return torch.stack(rows)
+
+    # ----------------------------------------------------------------- phase switches
+
+    def set_cgc_frozen(self, frozen: bool = True) -> None:
+        for p in self.task_expert_attention.parameters():
+            p.requires_grad_(not frozen)
+        self._cgc_frozen.fill_(frozen)
+
+    def freeze_shared_experts(self, frozen: bool = True) -> None:
+        """Freeze (or unfreeze) the shared representation: embeddings and shared experts."""
+        for p in [*self.shared_experts.parameters(), *self.embedding.parameters()]:
+            p.requires_grad_(not frozen)
+
+    def init_cluster_heads(self) -> None:
+        """Start every cluster head from the trained global head (once, at Phase 2 start)."""
+        if bool(self._cluster_heads_ready):
+            return
+        with torch.no_grad():
+            self.cluster_head_weight.copy_(self.head.weight.unsqueeze(0).expand_as(self.cluster_head_weight))
+            self.cluster_head_bias.copy_(self.head.bias.unsqueeze(0).expand_as(self.cluster_head_bias))
+        self._cluster_heads_ready.fill_(True)
+
+    def parameter_groups(self) -> dict[str, list[nn.Parameter]]:
+        """Parameters by role (used for Phase 2 trainability and per-expert LR)."""
+        groups = {
+            "shared": [*self.embedding.parameters(), *self.shared_experts.parameters()],
+            "cgc": list(self.task_expert_attention.parameters()),
+            "task_experts": (list(self.task_expert_in.parameters()) + list(self.task_expert_out.parameters()))
+            if self.e_t else [],
+            "towers": [*self.tower.parameters(), *self.head.parameters(), *self.logit_transfer.parameters(),
+                       *self.item_embeddings.parameters()],
+            "cluster_heads": [self.cluster_head_weight, self.cluster_head_bias],
+        }
+        return groups
+
+    # ----------------------------------------------------------------------- inference
+
+    @torch.no_grad()
+    def predict(self, x_num: Tensor, x_cat: Tensor, cluster: Tensor | None = None,
+                use_cluster_heads: bool | None = None) -> dict[str, Tensor]:
+        """Task predictions in user units: probabilities, class probabilities, values, queries."""
+        if use_cluster_heads is None:
+            use_cluster_heads = bool(self._cluster_heads_ready)
+        out = self(x_num, x_cat, cluster, use_cluster_heads=use_cluster_heads).out.float()
+        preds: dict[str, Tensor] = {}
+        for i, h in enumerate(self.heads):
+            o = out[i, :, : h.output_dim]
+            if h.type == "binary":
+                preds[h.name] = torch.sigmoid(o[:, 0])
+            elif h.type == "multiclass":
+                preds[h.name] = torch.softmax(o, dim=-1)
+            elif h.type == "regression":
+                preds[h.name] = o[:, 0] * self.target_scale[i] + self.target_loc[i]
+            else:
+                preds[h.name] = o
+        return preds
+
+
+def build_model(cfg: ModelConfig, tasks: list[TaskSpec], num_numeric: int, cardinalities: list[int],
+                num_clusters: int) -> PLEClusterModel:
+    heads = [HeadSpec.from_task(t, cfg.retrieval_dim) for t in tasks]
+    return PLEClusterModel(cfg, heads, num_numeric, cardinalities, num_clusters)

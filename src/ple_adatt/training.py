@@ -1,0 +1,417 @@
+"""The two-phase trainer (seed sections 8, 10, 11, 12).
+
+Phase 1 trains everything with the task-transfer strategy (adaTT by default). Phase 2
+freezes the shared experts and the CGC gates, sets the strategy aside (restored in
+``finally``), resets optimizer, scheduler, grad scaler and early stopping, and fine-tunes
+the per-cluster heads with its own warmup. One visible loop per phase lives in
+:meth:`Trainer._fit`; the helpers above it are short.
+
+Only torch and numpy are needed here (no polars, MLflow or Kubeflow), so the trainer runs
+on a bare GPU box. Tracking hooks in through ``on_epoch`` callbacks.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .config import TaskSpec, TrainConfig
+from .data.dataset import TensorData
+from .losses import LossOutput, MultiTaskLoss, gate_entropy
+from .metrics import PRIMARY_METRIC, task_metrics
+from .model import PLEClusterModel, build_model
+from .transfer import build_strategy
+
+__all__ = ["MultiTaskSystem", "build_system", "Trainer", "resolve_device", "EpochRecord"]
+
+Log = Callable[[str], None]
+
+
+# ------------------------------------------------------------------------------ the system
+
+
+class MultiTaskSystem(nn.Module):
+    """The model, its loss and its task-transfer strategy: one state_dict for checkpoints."""
+
+    def __init__(self, model: PLEClusterModel, criterion: MultiTaskLoss, transfer: nn.Module | None):
+        super().__init__()
+        self.model = model
+        self.criterion = criterion
+        self.transfer = transfer
+
+    @property
+    def task_names(self) -> list[str]:
+        return self.model.task_names
+
+    def losses(self, out: Tensor, y: Tensor) -> LossOutput:
+        return self.criterion(out, y, self.model.target_loc, self.model.target_scale, self.model.item_embeddings)
+
+
+def build_system(cfg: TrainConfig, tasks: list[TaskSpec], num_numeric: int, cardinalities: list[int],
+                 num_clusters: int) -> MultiTaskSystem:
+    model = build_model(cfg.model, tasks, num_numeric, cardinalities, num_clusters)
+    criterion = MultiTaskLoss(model.heads, [cfg.loss_for(t) for t in tasks], cfg.training.loss_weighting)
+    transfer = build_strategy([t.name for t in tasks], cfg.transfer)
+    return MultiTaskSystem(model, criterion, transfer)
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` picks CUDA when present; an explicit ``cuda`` without a GPU is an error."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(name)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {name!r} requested but CUDA is not available; use device: auto or cpu")
+    return dev
+
+
+def set_regression_targets(model: PLEClusterModel, y: Tensor) -> None:
+    """Standardise regression targets with train-split statistics (stored as model buffers)."""
+    with torch.no_grad():
+        for i, h in enumerate(model.heads):
+            if h.type != "regression":
+                continue
+            col = y[:, i]
+            col = col[~torch.isnan(col)].double()
+            if col.numel() > 1:
+                model.target_loc[i] = float(col.mean())
+                model.target_scale[i] = max(float(col.std()), 1e-6)
+
+
+# ------------------------------------------------------------------------- optimisation
+
+
+def make_optimizer(system: MultiTaskSystem, cfg: TrainConfig) -> torch.optim.Optimizer:
+    """AdamW over the trainable parameters, with optional per-shared-expert LR (seed 10.2)."""
+    t = cfg.training
+    expert_params: set[int] = set()
+    groups: list[dict[str, Any]] = []
+    for name, expert in system.model.shared_experts.experts.items():
+        spec = t.expert_lr.get(name)
+        if spec is None:
+            continue
+        params = [p for p in expert.parameters() if p.requires_grad]
+        expert_params.update(id(p) for p in expert.parameters())
+        if params:
+            groups.append({"params": params, "lr": spec.get("lr", t.learning_rate),
+                           "weight_decay": spec.get("weight_decay", t.weight_decay), "name": name})
+    rest = [p for p in system.parameters() if p.requires_grad and id(p) not in expert_params]
+    groups.insert(0, {"params": rest, "lr": t.learning_rate, "weight_decay": t.weight_decay, "name": "default"})
+    return torch.optim.AdamW(groups, lr=t.learning_rate, weight_decay=t.weight_decay)
+
+
+def make_scheduler(opt: torch.optim.Optimizer, cfg: TrainConfig, warmup_epochs: int) -> Any:
+    """LinearLR warmup (start factor 0.1) then CosineAnnealingWarmRestarts, per epoch (seed 10.3)."""
+    t = cfg.training
+    cosine = torch.optim.lr_scheduler.CosineAnnealingWarmRestarts(opt, T_0=t.cosine_t0, T_mult=t.cosine_t_mult)
+    if warmup_epochs <= 0:
+        return cosine
+    warm = torch.optim.lr_scheduler.LinearLR(opt, start_factor=0.1, total_iters=warmup_epochs)
+    return torch.optim.lr_scheduler.SequentialLR(opt, [warm, cosine], milestones=[warmup_epochs])
+
+
+# ------------------------------------------------------------------------------ evaluation
+
+
+@torch.no_grad()
+def evaluate(system: MultiTaskSystem, data: TensorData, *, use_cluster_heads: bool, batch_size: int,
+             by_cluster: bool = False) -> dict[str, Any]:
+    """Validation losses and metrics per task (and per cluster when asked)."""
+    model = system.model
+    was_training = system.training
+    system.eval()
+    preds: dict[str, list[Tensor]] = {n: [] for n in model.task_names}
+    loss_sum = torch.zeros(model.num_tasks, dtype=torch.float64, device=data.y.device)
+    count_sum = torch.zeros_like(loss_sum)
+    for i in range(0, len(data), batch_size):
+        b = data.subset(torch.arange(i, min(i + batch_size, len(data)), device=data.y.device))
+        out = model(b.x_num, b.x_cat, b.cluster, use_cluster_heads=use_cluster_heads).out
+        lo = system.losses(out, b.y)
+        loss_sum += lo.raw.double() * lo.counts.double()
+        count_sum += lo.counts.double()
+        for k, p in model.predict(b.x_num, b.x_cat, b.cluster, use_cluster_heads=use_cluster_heads).items():
+            preds[k].append(p.float().cpu())
+    system.train(was_training)
+    y = data.y.cpu()
+    cluster = data.cluster.cpu()
+    task_loss = (loss_sum / count_sum.clamp_min(1)).cpu()
+    metrics: dict[str, Any] = {}
+    for i, h in enumerate(model.heads):
+        p = torch.cat(preds[h.name]) if preds[h.name] else torch.zeros(0)
+        items = model.item_embeddings[h.name].weight.detach().cpu() if h.type == "retrieval" else None
+        m = task_metrics(h.type, p, y[:, i], items=items)
+        m["loss"] = float(task_loss[i]) if count_sum[i] > 0 else float("nan")
+        if by_cluster and model.num_clusters:
+            key, _ = PRIMARY_METRIC[h.type]
+            per = {}
+            for c in range(model.num_clusters + 1):
+                sel = cluster == c
+                if int(sel.sum()) == 0:
+                    continue
+                mc = task_metrics(h.type, p[sel], y[sel, i], items=items)
+                per["unknown" if c == model.num_clusters else str(c)] = {"n": mc.get("n", 0), key: mc.get(key)}
+            m["by_cluster"] = per
+        metrics[h.name] = m
+    weights = system.criterion.weights.cpu()
+    present = count_sum.cpu() > 0
+    val_loss = float((weights * torch.nan_to_num(task_loss.float()) * present).sum())
+    return {"val_loss": val_loss, "tasks": metrics}
+
+
+# -------------------------------------------------------------------------------- records
+
+
+@dataclass
+class EpochRecord:
+    phase: str
+    epoch: int
+    step: int
+    lr: float
+    transfer_phase: str
+    task_losses: dict[str, float]  # transfer-enhanced (seed's task_losses/<task>)
+    raw_losses: dict[str, float]
+    transfer_share: float  # share of the summed loss that came from transfer
+    val: dict[str, Any]
+    affinity: list[list[float]]
+    transfer_matrix: list[list[float]] | None
+    cgc_frozen: bool
+    transfer_frozen: bool
+    skipped_batches: int
+    seconds: float
+    events: list[str] = field(default_factory=list)
+
+    def as_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+# -------------------------------------------------------------------------------- trainer
+
+
+class Trainer:
+    """Runs Phase 1 and Phase 2 on tensors that live on ``device``."""
+
+    def __init__(self, system: MultiTaskSystem, train: TensorData, val: TensorData, cfg: TrainConfig,
+                 device: torch.device, *, log: Log = print,
+                 on_epoch: Callable[[EpochRecord], None] | None = None):
+        self.system = system.to(device)
+        self.cfg = cfg
+        self.device = device
+        self.train_data = train.to(device)
+        self.val_data = val.to(device)
+        self.log = log
+        self.on_epoch = on_epoch
+        self.history: list[EpochRecord] = []
+        self.events: list[dict[str, Any]] = []
+        self.global_step = 0
+        if device.type == "cuda":  # seed 12.3: TF32 instead of torch.compile
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
+
+    # ----------------------------------------------------------------- small helpers
+
+    def _event(self, name: str, phase: str, epoch: int, **extra: Any) -> None:
+        self.events.append({"event": name, "phase": phase, "epoch": epoch, "step": self.global_step, **extra})
+        self.log(f"  event: {name} (phase {phase}, epoch {epoch}){' ' + str(extra) if extra else ''}")
+
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        t = self.cfg.training
+        if self.device.type != "cuda" or not t.use_amp:
+            return contextlib.nullcontext()
+        dtype = torch.bfloat16 if t.amp_dtype == "bfloat16" else torch.float16
+        return torch.autocast("cuda", dtype=dtype)
+
+    def _make_scaler(self) -> torch.amp.GradScaler:
+        t = self.cfg.training
+        enabled = self.device.type == "cuda" and t.use_amp and t.amp_dtype == "float16"
+        return torch.amp.GradScaler("cuda", enabled=enabled)
+
+    def _batches(self, n: int, batch_size: int) -> list[Tensor]:
+        perm = torch.randperm(n, device=self.device)  # shuffled on the device
+        return list(perm.split(batch_size))
+
+    def _transfer_phase(self, epoch: int) -> str:
+        tr = self.system.transfer
+        return tr.phase(epoch) if tr is not None else "off"
+
+    def _sync_cgc_freeze(self, phase: str, epoch: int) -> None:
+        """Seed 11.2: CGC freezes at adaTT's freeze epoch."""
+        freeze_epoch = getattr(self.system.transfer, "freeze_epoch", None)
+        model = self.system.model
+        if freeze_epoch is not None and epoch >= freeze_epoch and not bool(model._cgc_frozen):
+            model.set_cgc_frozen(True)
+            self._event("cgc_frozen_epoch", phase, epoch)
+
+    # ------------------------------------------------------------------------- the loop
+
+    def _fit(self, phase: str, max_epochs: int, warmup_epochs: int, use_cluster_heads: bool) -> None:
+        cfg, t = self.cfg, self.cfg.training
+        system, model = self.system, self.system.model
+        opt = make_optimizer(system, cfg)
+        sched = make_scheduler(opt, cfg, warmup_epochs)
+        scaler = self._make_scaler()
+        best, patience = math.inf, 0
+        T = model.num_tasks
+        names = model.task_names
+        accum = t.gradient_accumulation_steps
+        for epoch in range(max_epochs):
+            t0 = time.perf_counter()
+            system.train()
+            sum_raw = torch.zeros(T, device=self.device)
+            sum_enh = torch.zeros(T, device=self.device)
+            n_present = torch.zeros(T, device=self.device)
+            skipped = 0
+            weights_used: Tensor | None = None
+            opt.zero_grad(set_to_none=True)
+            batches = self._batches(len(self.train_data), t.batch_size)
+            for i, idx in enumerate(batches):
+                b = self.train_data.subset(idx)
+                try:
+                    # forward
+                    with self._autocast():
+                        out = model(b.x_num, b.x_cat, b.cluster, use_cluster_heads=use_cluster_heads)
+                        lo = system.losses(out.out, b.y)
+                    # per-task gradients on the shared experts, every grad_interval steps
+                    grads = None
+                    if system.transfer is not None and self.global_step % cfg.transfer.grad_interval == 0:
+                        grads = model.shared_task_gradients(lo.weighted, lo.present, out, cfg.transfer.grad_method)
+                    # task transfer on the weighted losses, then CGC entropy regularisation
+                    if system.transfer is not None:
+                        enhanced, w = system.transfer.transfer_losses(lo.weighted, lo.present, grads, epoch)
+                        weights_used = w if w is not None else weights_used
+                    else:
+                        enhanced = lo.weighted
+                    total = enhanced.sum() - model.cfg.cgc_entropy_weight * gate_entropy(out.gates)
+                    if not torch.isfinite(total):  # a non-finite loss skips the batch
+                        skipped += 1
+                        opt.zero_grad(set_to_none=True)
+                        self._event("nonfinite_loss_skipped", phase, epoch, batch=i)
+                        self.global_step += 1
+                        continue
+                    # backward
+                    scaler.scale(total / accum).backward()
+                except torch.cuda.OutOfMemoryError:  # CUDA OOM skips the batch
+                    skipped += 1
+                    opt.zero_grad(set_to_none=True)
+                    torch.cuda.empty_cache()
+                    self._event("cuda_oom_skipped", phase, epoch, batch=i)
+                    self.global_step += 1
+                    continue
+                # clip -> step
+                if (i + 1) % accum == 0 or i + 1 == len(batches):
+                    scaler.unscale_(opt)
+                    torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]],
+                                                   t.gradient_clip_norm)
+                    scaler.step(opt)
+                    scaler.update()
+                    opt.zero_grad(set_to_none=True)
+                # log (device-side sums; the host reads them every log_every steps)
+                with torch.no_grad():
+                    sum_raw += lo.raw.detach() * lo.present
+                    sum_enh += enhanced.detach()
+                    n_present += lo.present
+                self.global_step += 1
+                if self.global_step % t.log_every == 0:
+                    self.log(f"    {phase} epoch {epoch} step {self.global_step} loss {float(total):.4f}")
+            # eval -> schedule -> checkpointable state
+            sched.step()
+            val = evaluate(system, self.val_data, use_cluster_heads=use_cluster_heads,
+                           batch_size=max(t.batch_size, 4096))
+            events: list[str] = []
+            if system.transfer is not None:
+                for ev in system.transfer.on_epoch_end(epoch):
+                    self._event(ev, phase, epoch)
+                    events.append(ev)
+                self._sync_cgc_freeze(phase, epoch)
+            denom = n_present.clamp_min(1)
+            raw_mean = (sum_raw / denom).cpu()
+            enh_mean = (sum_enh / denom).cpu()
+            total_enh = float(enh_mean.sum())
+            weighted_mean = float((sum_raw / denom * system.criterion.weights).sum())
+            affinity_src = system.transfer if system.transfer is not None else None
+            rec = EpochRecord(
+                phase=phase, epoch=epoch, step=self.global_step, lr=opt.param_groups[0]["lr"],
+                transfer_phase=self._transfer_phase(epoch),
+                task_losses={n: float(enh_mean[j]) for j, n in enumerate(names)},
+                raw_losses={n: float(raw_mean[j]) for j, n in enumerate(names)},
+                transfer_share=max(total_enh - weighted_mean, 0.0) / total_enh if total_enh > 0 else 0.0,
+                val=val,
+                affinity=(affinity_src.affinity_computer.affinity_matrix.cpu().tolist() if affinity_src else []),
+                transfer_matrix=(weights_used.detach().cpu().tolist() if weights_used is not None else None),
+                cgc_frozen=bool(model._cgc_frozen),
+                transfer_frozen=bool(getattr(system.transfer, "_frozen", False)),
+                skipped_batches=skipped, seconds=time.perf_counter() - t0, events=events,
+            )
+            self.history.append(rec)
+            self._print_epoch(rec, max_epochs)
+            if self.on_epoch is not None:
+                self.on_epoch(rec)
+            # early stopping on the weighted validation loss
+            if val["val_loss"] < best - 1e-6:
+                best, patience = val["val_loss"], 0
+            else:
+                patience += 1
+                if patience >= t.early_stopping_patience:
+                    self._event("early_stop", phase, epoch, best_val_loss=best)
+                    break
+
+    def _print_epoch(self, rec: EpochRecord, max_epochs: int) -> None:
+        parts = []
+        for name, m in rec.val["tasks"].items():
+            kind = self.system.model.heads[self.system.task_names.index(name)].type
+            key, _ = PRIMARY_METRIC[kind]
+            v = m.get(key)
+            parts.append(f"{name} {key} {v:.3f}" if isinstance(v, float) and not math.isnan(v) else f"{name} -")
+        losses = " ".join(f"{n}={v:.3f}" for n, v in rec.task_losses.items())
+        self.log(
+            f"[{rec.phase}] epoch {rec.epoch + 1}/{max_epochs} transfer={rec.transfer_phase} "
+            f"cgc_frozen={'yes' if rec.cgc_frozen else 'no'} lr={rec.lr:.2e} "
+            f"transfer_share={rec.transfer_share:.1%} val_loss={rec.val['val_loss']:.4f} "
+            f"({rec.seconds:.1f}s{', skipped ' + str(rec.skipped_batches) if rec.skipped_batches else ''})\n"
+            f"    task_losses: {losses}\n    val: {' | '.join(parts)}"
+        )
+
+    # ------------------------------------------------------------------------- phases
+
+    def run_phase1(self) -> None:
+        t = self.cfg.training
+        self.log(f"=== Phase 1: shared experts with {self.cfg.transfer.strategy} "
+                 f"({len(self.train_data)} train rows, {len(self.val_data)} val rows, device {self.device}) ===")
+        self._fit("phase1", t.shared_expert_epochs, t.warmup_steps, use_cluster_heads=False)
+
+    def run_phase2(self) -> None:
+        """Seed 8.2-8.4 and 11.3: freeze shared + CGC, set transfer aside, fine-tune cluster heads."""
+        t = self.cfg.training
+        system, model = self.system, self.system.model
+        self.log("=== Phase 2: cluster head fine-tuning ===")
+        backup = system.transfer
+        previous = {id(p): p.requires_grad for p in system.parameters()}
+        self._event("phase2_start", "phase2", 0)
+        try:
+            system.transfer = None  # shared experts are frozen: affinity would be meaningless
+            if not bool(model._cgc_frozen):
+                model.set_cgc_frozen(True)
+                self._event("cgc_frozen_epoch", "phase2", 0)
+            model.init_cluster_heads()
+            groups = model.parameter_groups()
+            trainable = set(t.phase2_trainable) | (set() if t.freeze_shared_in_phase2 else {"shared"})
+            for gname, params in groups.items():
+                for p in params:
+                    p.requires_grad_(gname in trainable)
+            self._fit("phase2", t.cluster_finetune_epochs, t.phase2_warmup_steps, use_cluster_heads=True)
+        finally:
+            system.transfer = backup
+            for p in system.parameters():
+                p.requires_grad_(previous[id(p)])
+            if bool(model._cgc_frozen):
+                model.set_cgc_frozen(True)
+
+    def final_metrics(self, use_cluster_heads: bool) -> dict[str, Any]:
+        return evaluate(self.system, self.val_data, use_cluster_heads=use_cluster_heads,
+                        batch_size=max(self.cfg.training.batch_size, 4096), by_cluster=True)
