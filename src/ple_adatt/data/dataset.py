@@ -34,11 +34,11 @@ def parquet_files(path: str | Path) -> list[Path]:
     """The Parquet files of a dataset path (a file or a directory), with clear errors."""
     p = Path(path)
     if not p.exists():
-        raise DataError(f"{p}: dataset path not found")
+        raise DataError(f"{p}: dataset path not found; expected a Parquet file or a directory of *.parquet files")
     if p.is_dir():
         files = sorted(f for f in p.rglob("*.parquet") if f.is_file())
         if not files:
-            raise DataError(f"{p}: directory holds no *.parquet files")
+            raise DataError(f"{p}: directory holds no *.parquet files; expected a Parquet dataset")
     else:
         files = [p]
     for f in files:
@@ -47,6 +47,37 @@ def parquet_files(path: str | Path) -> list[Path]:
             if head != b"PAR1":
                 raise DataError(f"{f}: not a Parquet file (expected the PAR1 magic bytes)")
     return files
+
+
+def dataset_rows(files: list[Path]) -> int:
+    """Row count of a dataset from the Parquet footers (reads no data pages).
+
+    Raises DataError naming the file when a footer is unreadable (a truncated or corrupt
+    file) and when the files disagree on their columns, and when there are no rows at all.
+    """
+    import pyarrow.parquet as pq
+
+    rows = 0
+    first: tuple[Path, list[str]] | None = None
+    for f in files:
+        try:
+            md = pq.ParquetFile(f).metadata
+            names = md.schema.to_arrow_schema().names
+        except Exception as e:  # pyarrow raises ArrowInvalid / OSError for broken files
+            raise DataError(f"{f}: cannot read the Parquet footer ({e}); the file is truncated or corrupt") from e
+        if first is None:
+            first = (f, names)
+        elif set(names) != set(first[1]):
+            diff = sorted(set(names) ^ set(first[1]))
+            raise DataError(
+                f"{f}: its columns differ from {first[0]} (column `{diff[0]}`); "
+                "every file of a dataset directory must have the same columns"
+            )
+        rows += md.num_rows
+    if rows == 0:
+        where = files[0] if len(files) == 1 else f"{files[0].parent} ({len(files)} files)"
+        raise DataError(f"{where}: the dataset is empty (0 rows); expected at least one row")
+    return rows
 
 
 def scan_dataset(path: str | Path) -> pl.LazyFrame:
@@ -60,35 +91,59 @@ def scan_dataset(path: str | Path) -> pl.LazyFrame:
         raise DataError(f"{path}: cannot read as Parquet: {e}") from e
 
 
+def read_schema(lf: pl.LazyFrame, path: str | Path) -> dict[str, Any]:
+    """The column -> polars dtype schema of a scanned dataset, as a DataError on failure."""
+    try:
+        return dict(lf.collect_schema())
+    except Exception as e:  # polars raises ComputeError / SchemaError for broken inputs
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise DataError(f"{path}: cannot read the Parquet schema ({first})") from e
+
+
 def check_columns(schema: dict[str, Any], cfg: DataConfig, path: str | Path, config_src: str = "the data config") -> None:
-    """Every declared column exists with a usable dtype; raises DataError naming the column."""
+    """Every declared column exists with a usable dtype; raises DataError naming the column.
+
+    Numeric features: any integer, float or boolean dtype. Categorical features: strings,
+    categoricals, integers or booleans (values are mapped to strings). Targets of binary,
+    multiclass and retrieval tasks: integers, booleans or floats (which the validate stage
+    checks are integral); regression targets: numeric. The cluster column: integer or
+    float ids; a split column: strings. A column that holds only nulls has dtype Null and
+    passes here; the validate stage reports it.
+    """
     import polars as pl
 
-    def need(col: str, role: str, ok: tuple[type, ...] | None, expected: str) -> None:
+    def need(col: str, role: str, ok: tuple[Any, ...] | None, expected: str) -> None:
         if col not in schema:
             raise DataError(f"the column `{col}` ({role}) is missing in {path}; declared in {config_src}")
         if ok is not None:
             dt = schema[col]
-            if not any(isinstance(dt, t) or dt == t for t in ok):
-                raise DataError(f"{path}: column `{col}` ({role}) has dtype {dt}, expected {expected}")
+            if not any(dt == t or (isinstance(t, type) and isinstance(dt, t)) for t in ok):
+                raise DataError(
+                    f"{path}: column `{col}` ({role}) has dtype {dt}, expected {expected}; declared in {config_src}"
+                )
 
-    numeric = (pl.Float32, pl.Float64, pl.Int8, pl.Int16, pl.Int32, pl.Int64, pl.UInt8, pl.UInt16,
-               pl.UInt32, pl.UInt64, pl.Boolean, pl.Null)
-    integer = (pl.Int8, pl.Int16, pl.Int32, pl.Int64, pl.UInt8, pl.UInt16, pl.UInt32, pl.UInt64,
-               pl.Float32, pl.Float64, pl.Boolean, pl.Null)
+    ints = (pl.Int8, pl.Int16, pl.Int32, pl.Int64, pl.UInt8, pl.UInt16, pl.UInt32, pl.UInt64)
+    floats = (pl.Float32, pl.Float64)
+    numeric = (*ints, *floats, pl.Boolean, pl.Null)
+    labels = (*ints, *floats, pl.Boolean, pl.Null)
+    categorical = (pl.Utf8, pl.Categorical, pl.Enum, *ints, pl.Boolean, pl.Null)
+    strings = (pl.Utf8, pl.Categorical, pl.Enum)
     for c in cfg.numeric_features:
-        need(c, "numeric feature", numeric, "a numeric dtype")
+        need(c, "numeric feature", numeric, "a numeric dtype (integer, float or boolean)")
     for c in cfg.categorical_features:
-        need(c, "categorical feature", None, "any dtype")
+        need(c, "categorical feature", categorical, "a string, categorical, integer or boolean dtype")
     for t in cfg.tasks:
-        need(t.column, f"target of task {t.name!r}", numeric if t.type == "regression" else integer,
-             "a numeric dtype" if t.type == "regression" else "an integer (or integral float) dtype")
+        if t.type == "regression":
+            need(t.column, f"target of task {t.name!r}", numeric, "a numeric dtype")
+        else:
+            need(t.column, f"target of task {t.name!r}", labels,
+                 f"integer labels (an integer, boolean or integral float dtype) for a {t.type} task")
     if cfg.cluster_column:
-        need(cfg.cluster_column, "cluster column", integer, "an integer dtype")
+        need(cfg.cluster_column, "cluster column", (*ints, *floats, pl.Null), "integer cluster ids")
     if cfg.split.method == "hash":
         need(cfg.split.key, "split key", None, "any dtype")
     else:
-        need(cfg.split.column, "split column", None, "strings train/val/test")
+        need(cfg.split.column, "split column", strings, "strings train/val/test")
 
 
 def _splitmix64(x: pl.Expr) -> pl.Expr:
