@@ -135,6 +135,7 @@ def atomic_output_dir(out: str | Path, *, overwrite: bool = True) -> Iterator[Pa
     if out.exists() and not overwrite:
         raise ArtifactError(f"{out}: output directory already exists")
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    tmp.chmod(0o755)  # mkdtemp makes it private; artifacts are meant to be shared
     try:
         yield tmp
     except BaseException:

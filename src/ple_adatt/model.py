@@ -182,6 +182,11 @@ class PLEClusterModel(nn.Module):
         self.tower = BatchedLinear(T, d, cfg.tower_hidden)
         self.tower_dropout = nn.Dropout(cfg.tower_dropout)
         self.head = BatchedLinear(T, cfg.tower_hidden, self.out_dim)
+        # zero-initialised heads: a task's input gradient starts at zero and grows only along
+        # the directions that predict it, so related tasks' gradients on the shared experts
+        # align instead of being scrambled by random readouts (cleaner affinity early on)
+        nn.init.zeros_(self.head.weight)
+        nn.init.zeros_(self.head.bias)
         self.cluster_head_weight = nn.Parameter(torch.zeros(num_clusters, T, cfg.tower_hidden, self.out_dim))
         self.cluster_head_bias = nn.Parameter(torch.zeros(num_clusters, T, 1, self.out_dim))
         self.register_buffer("_cluster_heads_ready", torch.tensor(False))

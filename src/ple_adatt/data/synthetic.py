@@ -42,6 +42,8 @@ GROUPS = {
 }
 TASKS = [t for members in GROUPS.values() for t in members]
 CONFLICT_PAIR = ("ctr", "churn")
+GROUP_SHOCK = 1.5  # weight of the unobserved group shock in every task score
+CONFLICT_SHOCK = 2.0  # std of the shock shared by the conflicting pair
 REGRESSION_TASKS = {"ltv", "balance_util", "consumption_cycle"}
 
 
@@ -63,7 +65,14 @@ def generate(rows: int, seed: int = 0, brand_vocab: int = 50_000) -> dict[str, n
             d = common + 0.45 * rng.standard_normal(LATENT_DIM)
             d /= np.linalg.norm(d)
             score[t] = z[g] @ d
-    eps = rng.standard_normal(n) * 1.2  # the shared shock of the conflicting pair
+    # unobserved per-row group shocks: tasks of one group share them, so their residuals (and
+    # hence their gradients on the shared experts) stay correlated after the observable part is fit
+    eta = {g: rng.standard_normal(n) for g in GROUPS}
+    observed = dict(score)  # the parts the features explain
+    for g, members in GROUPS.items():
+        for t in members:
+            score[t] = score[t] + GROUP_SHOCK * eta[g]
+    eps = rng.standard_normal(n) * CONFLICT_SHOCK  # the shared shock of the conflicting pair
     # clusters from the value factor (nearest of NUM_CLUSTERS random centres), ~5% unknown
     centres = rng.standard_normal((NUM_CLUSTERS, LATENT_DIM)) * 1.5
     d2 = ((z["value"][:, None, :] - centres[None]) ** 2).sum(-1)
@@ -106,7 +115,7 @@ def generate(rows: int, seed: int = 0, brand_vocab: int = 50_000) -> dict[str, n
     y["cvr"][y["ctr"] == 0] = np.nan  # conversion is observed only after a click
     y["engagement"] = binary(score["engagement"])
     # lifecycle group; churn = the negated engagement score + its own factor + the same shock
-    y["churn"] = (-score["ctr"] + 0.5 * score["churn"] + eps > 0).astype(np.float64)
+    y["churn"] = (-observed["ctr"] + 0.5 * score["churn"] + eps > 0).astype(np.float64)
     y["retention"] = binary(score["retention"] + 0.5)
     y["life_stage"] = classes(5, score["life_stage"], "lifecycle")
     ltv_scale = np.where(known, 1.0 + 0.6 * (cl_idx % 3), 1.0)  # clusters change the mapping

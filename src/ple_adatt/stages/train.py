@@ -1,0 +1,34 @@
+"""``ple-adatt train``: both phases in one process, without the pipeline.
+
+Writes ``OUT/phase1`` and ``OUT/phase2`` checkpoints (the same artifacts the pipeline's
+train-phase1 and train-phase2 steps write).
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from .common import add_set_argument
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--data", required=True, help="dataset: a Parquet file or directory")
+    parser.add_argument("--data-config", required=True, help="data contract YAML (configs/data/*.yaml)")
+    parser.add_argument("--config", required=True, help="train config YAML (configs/train/*.yaml)")
+    parser.add_argument("--validation", help="output directory of `ple-adatt validate` (optional)")
+    parser.add_argument("--out", required=True, help="run directory; checkpoints go to OUT/phase1 and OUT/phase2")
+    add_set_argument(parser)
+
+
+def run(args: argparse.Namespace) -> int:
+    from .train_common import run_phase1, run_phase2, summarize
+
+    out = Path(args.out)
+    run_phase1(data=args.data, data_config=args.data_config, config=args.config, out=out / "phase1",
+               validation=args.validation, overrides=args.overrides, stage="train")
+    manifest = run_phase2(checkpoint=out / "phase1", data=args.data, out=out / "phase2",
+                          overrides=args.overrides, stage="train")
+    print(summarize(manifest))
+    print(f"checkpoints: {out / 'phase1'} and {out / 'phase2'}")
+    return 0

@@ -1,0 +1,25 @@
+"""``ple-adatt train-phase1``: train everything with the task-transfer strategy (adaTT)."""
+
+from __future__ import annotations
+
+import argparse
+
+from .common import add_set_argument
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--data", required=True, help="dataset: a Parquet file or directory")
+    parser.add_argument("--data-config", required=True, help="data contract YAML (configs/data/*.yaml)")
+    parser.add_argument("--config", required=True, help="train config YAML (configs/train/*.yaml)")
+    parser.add_argument("--validation", help="output directory of `ple-adatt validate`: only its enabled tasks train")
+    parser.add_argument("--out", required=True, help="checkpoint directory to write")
+    add_set_argument(parser)
+
+
+def run(args: argparse.Namespace) -> int:
+    from .train_common import run_phase1, summarize
+
+    manifest = run_phase1(data=args.data, data_config=args.data_config, config=args.config, out=args.out,
+                          validation=args.validation, overrides=args.overrides)
+    print(summarize(manifest))
+    return 0

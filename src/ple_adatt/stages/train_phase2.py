@@ -1,0 +1,27 @@
+"""``ple-adatt train-phase2``: freeze the shared experts and fine-tune the cluster heads."""
+
+from __future__ import annotations
+
+import argparse
+
+from .common import add_set_argument
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--checkpoint", required=True, help="Phase 1 checkpoint directory")
+    parser.add_argument("--data", required=True, help="dataset: a Parquet file or directory")
+    parser.add_argument("--out", required=True, help="checkpoint directory to write")
+    parser.add_argument("--config", help="train config YAML; must match the checkpoint's model, tasks and "
+                        "transfer sections (default: the checkpoint's own config)")
+    parser.add_argument("--data-config", help="data contract YAML; must declare the checkpoint's tasks "
+                        "identically (default: the checkpoint's own)")
+    add_set_argument(parser)
+
+
+def run(args: argparse.Namespace) -> int:
+    from .train_common import run_phase2, summarize
+
+    manifest = run_phase2(checkpoint=args.checkpoint, data=args.data, out=args.out, config=args.config,
+                          data_config=args.data_config, overrides=args.overrides)
+    print(summarize(manifest))
+    return 0
