@@ -18,7 +18,14 @@ from typing import Any
 import torch
 
 from .artifacts import ArtifactError, make_manifest, path_sha256, read_manifest, write_json
-from .config import DataConfig, TrainConfig, config_hash, data_config_from_dict, to_dict, train_config_from_dict
+from .config import (
+    DataConfig,
+    TrainConfig,
+    config_hash,
+    data_config_from_dict,
+    to_dict,
+    train_config_from_dict,
+)
 from .data.dataset import Preprocessor
 from .training import MultiTaskSystem, build_system
 

@@ -35,6 +35,8 @@ __all__ = [
     "TaskGroup",
     "TransferConfig",
     "TrainingConfig",
+    "TrackingConfig",
+    "RegistryConfig",
     "TrainConfig",
     "load_data_config",
     "load_train_config",
@@ -227,6 +229,29 @@ class TrainingConfig:
 
 
 @dataclass(frozen=True)
+class TrackingConfig:
+    """MLflow tracking (issue: every pipeline run visible in MLflow)."""
+
+    experiment: str = "ple-adatt"
+    tracking_uri: str | None = None  # None: $MLFLOW_TRACKING_URI, else the local sqlite store
+    require_server: bool = False  # production: fail rather than fall back to a local store
+    retries: int = 3  # bounded retry when the tracking server does not answer
+    retry_wait_s: float = 2.0
+
+
+@dataclass(frozen=True)
+class RegistryConfig:
+    """MLflow model registry: the registered model and the champion gate."""
+
+    model_name: str = "ple-adatt"
+    candidate_alias: str = "candidate"
+    champion_alias: str = "champion"
+    # champion moves only if no task's primary metric is worse than the champion's by more
+    # than this tolerance (relative), or there is no champion yet
+    tolerance: float = 0.01
+
+
+@dataclass(frozen=True)
 class TrainConfig:
     """Everything a training run needs besides the data contract."""
 
@@ -237,6 +262,8 @@ class TrainConfig:
     tasks: dict[str, TaskLossConfig] = field(default_factory=dict)
     transfer: TransferConfig = field(default_factory=TransferConfig)
     training: TrainingConfig = field(default_factory=TrainingConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    registry: RegistryConfig = field(default_factory=RegistryConfig)
 
     def loss_for(self, task: TaskSpec) -> TaskLossConfig:
         cfg = self.tasks.get(task.name, TaskLossConfig())

@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from .common import add_set_argument
+from .common import add_set_argument, add_tracking_arguments, stage_tracking
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -19,16 +19,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--validation", help="output directory of `ple-adatt validate` (optional)")
     parser.add_argument("--out", required=True, help="run directory; checkpoints go to OUT/phase1 and OUT/phase2")
     add_set_argument(parser)
+    add_tracking_arguments(parser)
 
 
 def run(args: argparse.Namespace) -> int:
     from .train_common import run_phase1, run_phase2, summarize
 
     out = Path(args.out)
-    run_phase1(data=args.data, data_config=args.data_config, config=args.config, out=out / "phase1",
-               validation=args.validation, overrides=args.overrides, stage="train")
-    manifest = run_phase2(checkpoint=out / "phase1", data=args.data, out=out / "phase2",
-                          overrides=args.overrides, stage="train")
+    with stage_tracking("train-phase1", args) as tracker:
+        run_phase1(data=args.data, data_config=args.data_config, config=args.config, out=out / "phase1",
+                   validation=args.validation, overrides=args.overrides, stage="train",
+                   on_epoch=tracker.log_epoch)
+        tracker.log_artifact(out / "phase1", "checkpoint")
+    with stage_tracking("train-phase2", args) as tracker:
+        manifest = run_phase2(checkpoint=out / "phase1", data=args.data, out=out / "phase2",
+                              overrides=args.overrides, stage="train", on_epoch=tracker.log_epoch)
+        tracker.log_artifact(out / "phase2", "checkpoint")
     print(summarize(manifest))
     print(f"checkpoints: {out / 'phase1'} and {out / 'phase2'}")
     return 0

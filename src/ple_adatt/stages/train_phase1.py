@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from .common import add_set_argument
+from .common import add_set_argument, add_tracking_arguments, stage_tracking
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -14,12 +14,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--validation", help="output directory of `ple-adatt validate`: only its enabled tasks train")
     parser.add_argument("--out", required=True, help="checkpoint directory to write")
     add_set_argument(parser)
+    add_tracking_arguments(parser)
 
 
 def run(args: argparse.Namespace) -> int:
     from .train_common import run_phase1, summarize
 
-    manifest = run_phase1(data=args.data, data_config=args.data_config, config=args.config, out=args.out,
-                          validation=args.validation, overrides=args.overrides)
+    with stage_tracking("train-phase1", args) as tracker:
+        manifest = run_phase1(data=args.data, data_config=args.data_config, config=args.config, out=args.out,
+                              validation=args.validation, overrides=args.overrides, on_epoch=tracker.log_epoch)
+        tracker.log_artifact(args.out, "checkpoint")
     print(summarize(manifest))
     return 0

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from .common import add_set_argument
+from .common import add_set_argument, add_tracking_arguments, stage_tracking
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -16,12 +16,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data-config", help="data contract YAML; must declare the checkpoint's tasks "
                         "identically (default: the checkpoint's own)")
     add_set_argument(parser)
+    add_tracking_arguments(parser)
 
 
 def run(args: argparse.Namespace) -> int:
     from .train_common import run_phase2, summarize
 
-    manifest = run_phase2(checkpoint=args.checkpoint, data=args.data, out=args.out, config=args.config,
-                          data_config=args.data_config, overrides=args.overrides)
+    with stage_tracking("train-phase2", args) as tracker:
+        manifest = run_phase2(checkpoint=args.checkpoint, data=args.data, out=args.out, config=args.config,
+                              data_config=args.data_config, overrides=args.overrides, on_epoch=tracker.log_epoch)
+        tracker.log_artifact(args.out, "checkpoint")
     print(summarize(manifest))
     return 0
