@@ -13,7 +13,7 @@ TRAIN_CONFIG ?= configs/train/cpu_small.yaml
 ROWS ?= 20000
 OUT ?= runs/train
 
-.PHONY: help setup test test-all lint data validate train bench bench-validate clean
+.PHONY: help setup test test-all lint data validate train bench bench-validate adult clean
 
 help:  ## list the commands
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  make %-16s %s\n", $$1, $$2}'
@@ -48,3 +48,16 @@ train: setup $(DATA)  ## train both phases on the CPU config (TRAIN_CONFIG=..., 
 
 clean:  ## remove generated data, runs and caches (keeps .venv)
 	rm -rf data/synthetic.parquet runs .pytest_cache .ruff_cache
+
+VALIDATE_OUT ?= runs/validate
+ADULT_SRC ?= $(or $(PLE_ADATT_ADULT_PATH),../shared/data/adult/adult.data)
+
+validate: setup $(DATA)  ## check per-task target availability of DATA against DATA_CONFIG (VALIDATE_OUT=runs/validate)
+	$(BIN)/ple-adatt validate --data $(DATA) --config $(DATA_CONFIG) --out $(VALIDATE_OUT)
+
+bench-validate: setup  ## time the validate stage on 10M rows x 16 targets x 40 features (cached in data/bench/)
+	$(BIN)/python bench/bench_validate.py --rows 10000000
+
+adult: setup  ## convert UCI Adult (ADULT_SRC=...) to data/adult.parquet and validate it into runs/validate-adult
+	$(BIN)/ple-adatt convert-adult --src $(ADULT_SRC) --out data/adult.parquet
+	$(BIN)/ple-adatt validate --data data/adult.parquet --config configs/data/adult.yaml --out runs/validate-adult

@@ -15,6 +15,7 @@ import sys
 #: subcommand -> (module, one-line help). Explicit on purpose: no discovery magic.
 COMMANDS: dict[str, tuple[str, str]] = {
     "generate": ("ple_adatt.data.generate_cli", "write the synthetic 16-task Parquet dataset"),
+    "convert-adult": ("ple_adatt.data.adult_cli", "convert the UCI Adult file into a 5-task Parquet dataset"),
     "validate": ("ple_adatt.stages.validate", "check per-task target availability (Great Expectations)"),
     "train": ("ple_adatt.stages.train", "train both phases in one process (no pipeline)"),
     "train-phase1": ("ple_adatt.stages.train_phase1", "Phase 1: train everything with task transfer"),

@@ -1,0 +1,127 @@
+"""Benchmark of the validate stage: 10M rows x 16 task targets x 40 features.
+
+    make bench-validate                                   # or:
+    .venv/bin/python bench/bench_validate.py --rows 10000000
+
+The dataset is the synthetic 16-task dataset (36 numeric + 4 categorical features, 16
+targets, cluster, user_id), generated in chunks of ``--chunk-rows`` rows into one Parquet
+file and cached under ``data/bench/`` (pass ``--regen`` to rebuild it). The stage runs as a
+subprocess (``ple-adatt validate``, imports included, exactly what a user runs); the
+benchmark prints its wall time and the peak resident memory of that subprocess and exits
+non-zero when a budget (``--max-seconds``, ``--max-rss-gib``) is exceeded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def generate(out: Path, rows: int, chunk_rows: int) -> None:
+    """Write ``rows`` synthetic rows into one Parquet file, ``chunk_rows`` at a time."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from ple_adatt.data.synthetic import REGRESSION_TASKS
+    from ple_adatt.data.synthetic import generate as synth
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp")
+    writer = None
+    done = 0
+    t0 = time.perf_counter()
+    try:
+        while done < rows:
+            n = min(chunk_rows, rows - done)
+            cols = synth(n, seed=done // chunk_rows)  # a different draw per chunk
+            cols["user_id"] = cols["user_id"] + done  # ids stay unique across chunks
+            arrays = {}
+            for k, v in cols.items():
+                if k.startswith("y_") or k == "cluster":
+                    mask = np.isnan(v)
+                    if k == "cluster" or k[2:] not in REGRESSION_TASKS:
+                        arrays[k] = pa.array(np.nan_to_num(v).astype(np.int64), mask=mask)
+                    else:
+                        arrays[k] = pa.array(v.astype(np.float32), mask=mask)
+                elif v.dtype == object:
+                    arrays[k] = pa.array(v, type=pa.string())
+                else:
+                    arrays[k] = pa.array(v, mask=np.isnan(v) if v.dtype.kind == "f" else None)
+            table = pa.table(arrays)
+            if writer is None:
+                writer = pq.ParquetWriter(tmp, table.schema)
+            writer.write_table(table, row_group_size=256 * 1024)
+            done += n
+            print(f"  generated {done:,}/{rows:,} rows ({time.perf_counter() - t0:.0f}s)", flush=True)
+    finally:
+        if writer is not None:
+            writer.close()
+    tmp.replace(out)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--rows", type=int, default=10_000_000)
+    p.add_argument("--chunk-rows", type=int, default=1_000_000)
+    p.add_argument("--data", type=Path, default=None,
+                   help="cached dataset (default data/bench/synthetic_<rows>.parquet)")
+    p.add_argument("--config", type=Path, default=ROOT / "configs/data/synthetic.yaml")
+    p.add_argument("--regen", action="store_true", help="regenerate the cached dataset")
+    p.add_argument("--max-seconds", type=float, default=20.0)
+    p.add_argument("--max-rss-gib", type=float, default=4.0)
+    p.add_argument("--json", type=Path, default=None, help="also write the figures here")
+    args = p.parse_args(argv)
+
+    data = args.data or ROOT / "data" / "bench" / f"synthetic_{args.rows}.parquet"
+    if args.regen or not data.exists():
+        print(f"generating {args.rows:,} rows into {data} (cached for later runs)", flush=True)
+        generate(data, args.rows, args.chunk_rows)
+    size_mib = data.stat().st_size / 2**20
+    exe = Path(sys.executable).with_name("ple-adatt")
+    with tempfile.TemporaryDirectory(prefix="bench-validate-") as tmp:
+        out = Path(tmp) / "validate"
+        cmd = [str(exe), "validate", "--data", str(data), "--config", str(args.config), "--out", str(out)]
+        print("running:", " ".join(cmd), flush=True)
+        t0 = time.perf_counter()
+        proc = subprocess.run(cmd, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        seconds = time.perf_counter() - t0
+        rss_gib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2**20  # KiB on Linux
+        if proc.returncode != 0:
+            print(f"error: the validate stage exited with {proc.returncode}", file=sys.stderr)
+            return proc.returncode
+        report = json.loads((out / "availability.json").read_text())
+    figures = {
+        "rows": report["rows"],
+        "tasks": len(report["tasks"]),
+        "features": len(report["features"]),
+        "parquet_mib": round(size_mib, 1),
+        "seconds": round(seconds, 2),
+        "peak_rss_gib": round(rss_gib, 3),
+        "cpus": os.cpu_count(),
+    }
+    print("bench-validate: " + ", ".join(f"{k}={v}" for k, v in figures.items()))
+    if args.json:
+        args.json.write_text(json.dumps(figures, indent=1) + "\n")
+    over = []
+    if seconds > args.max_seconds:
+        over.append(f"time {seconds:.1f}s > {args.max_seconds:g}s")
+    if rss_gib > args.max_rss_gib:
+        over.append(f"peak RSS {rss_gib:.2f} GiB > {args.max_rss_gib:g} GiB")
+    if over:
+        print("bench-validate: over budget: " + "; ".join(over), file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
