@@ -1,0 +1,33 @@
+"""Small in-memory fixtures for the training core: task specs, configs and tensors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ple_adatt.config import ModelConfig, TaskLossConfig, TaskSpec
+
+SPECS = [
+    TaskSpec("ctr", "y_ctr", "binary"),
+    TaskSpec("cvr", "y_cvr", "binary"),
+    TaskSpec("kind", "y_kind", "multiclass", num_classes=3),
+    TaskSpec("ltv", "y_ltv", "regression"),
+    TaskSpec("brand", "y_brand", "retrieval", vocab_size=20),
+]
+
+
+@pytest.fixture
+def specs() -> list[TaskSpec]:
+    return list(SPECS)
+
+
+@pytest.fixture
+def model_cfg() -> ModelConfig:
+    return ModelConfig(embedding_dim=3, num_shared_experts=3, shared_hidden=16, expert_dim=8, task_experts_per_task=1,
+                       task_hidden=8, tower_hidden=8, retrieval_dim=4, logit_transfer_edges=(("ctr", "cvr"), ("cvr", "ltv")))
+
+
+@pytest.fixture
+def loss_cfgs() -> list[TaskLossConfig]:
+    return [TaskLossConfig(loss="focal", weight=1.0, alpha=0.25, gamma=2.0), TaskLossConfig(loss="bce", weight=1.5),
+            TaskLossConfig(loss="ce"), TaskLossConfig(loss="huber", delta=1.0), TaskLossConfig(loss="infonce")]
