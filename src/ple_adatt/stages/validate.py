@@ -29,8 +29,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, help="output directory (replaced atomically on success)")
     parser.add_argument(
         "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-        help="override a data-config key, e.g. --set tasks.0.min_availability=0.5 is not supported; "
-             "use top-level / nested mapping keys such as --set split.seed=1 (repeatable)",
+        help="override a data-config key, e.g. --set split.seed=1 or --set num_clusters=4 (repeatable; "
+             "mapping keys only: entries of the `tasks` list are edited in the YAML)",
     )
     parser.add_argument(
         "--expectations", action="append", default=[], metavar="FILE",

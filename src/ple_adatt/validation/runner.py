@@ -10,6 +10,7 @@ from __future__ import annotations
 import concurrent.futures
 import json
 import math
+import os
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -234,6 +235,9 @@ def write_report(report: ValidationReport, out: str | Path) -> Path:
     """Write availability.json, validation.html, expectation_suite.json and manifest.json
     into ``out`` atomically (a failure leaves ``out`` as it was)."""
     with atomic_output_dir(out) as tmp:
+        umask = os.umask(0)
+        os.umask(umask)
+        tmp.chmod(0o777 & ~umask)  # mkdtemp makes it 0700; the artifact is for other users too
         write_json(tmp / AVAILABILITY_JSON, report.data)
         (tmp / VALIDATION_HTML).write_text(report.html, encoding="utf-8")
         write_json(tmp / SUITE_JSON, report.suite)
