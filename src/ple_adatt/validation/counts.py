@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ..config import DataConfig, TaskSpec
-from ..data.dataset import SPLIT_COLUMN, split_expr
+from ..data.dataset import split_expr
 
 if TYPE_CHECKING:
     import polars as pl
@@ -60,15 +60,16 @@ def domain_violation(task: TaskSpec, dtype: Any) -> pl.Expr:
     c = pl.col(task.column)
     if dtype == pl.Boolean or dtype == pl.Null:
         return c.is_null() & c.is_not_null()  # always in domain (null where null)
-    x = c.cast(pl.Float64)
+    is_float = dtype.is_float()
+    x = c.cast(pl.Float64) if is_float else c  # integers compare as they are (no cast pass)
     if task.type == "regression":
-        ok = x.is_finite()
-        if task.bounds is not None:
-            ok = ok & (x >= task.bounds[0]) & (x <= task.bounds[1])
-        return ~ok
+        if task.bounds is None:
+            return ~x.is_finite() if is_float else c.is_null() & c.is_not_null()
+        ok = (x >= task.bounds[0]) & (x <= task.bounds[1])
+        return ~(ok & x.is_finite()) if is_float else ~ok
     high = 2 if task.type == "binary" else (task.num_classes if task.type == "multiclass" else task.vocab_size)
     ok = (x >= 0) & (x < high)
-    if dtype.is_float():
+    if is_float:
         ok = ok & x.is_finite() & (x == x.floor())
     return ~ok
 
@@ -155,8 +156,8 @@ def count_dataset(
         c = pl.col(t.column)
         aggs += [
             domain_violation(t, schema[t.column]).sum().alias(f"bad::{t.name}"),
-            c.cast(pl.Float64).min().alias(f"min::{t.name}"),
-            c.cast(pl.Float64).max().alias(f"max::{t.name}"),
+            c.min().cast(pl.Float64).alias(f"min::{t.name}"),
+            c.max().cast(pl.Float64).alias(f"max::{t.name}"),
         ]
     for f in cfg.numeric_features:
         aggs.append(pl.col(f).null_count().alias(f"null::{f}"))
@@ -247,17 +248,11 @@ def count_dataset(
                 lf.filter(domain_violation(t, schema[t.column]).fill_null(False))
                 .select(pl.col(t.column)).head(1000).collect()[t.column].to_list()
             )
-            seen: list[Any] = []
+            seen: dict[str, Any] = {}  # first distinct values, NaN included once
             for v in vals:
-                if v not in seen and not (isinstance(v, float) and np.isnan(v) and any(
-                        isinstance(s, float) and np.isnan(s) for s in seen)):
-                    seen.append(v)
+                seen.setdefault(repr(v), v)
                 if len(seen) == MAX_EXAMPLES:
                     break
-            tc.examples = seen
+            tc.examples = list(seen.values())
     return DatasetCounts(total, split_rows, cluster_rows, train_cluster_rows, tasks, features)
 
-
-def with_split(lf: pl.LazyFrame, cfg: DataConfig, schema: dict[str, Any]) -> pl.LazyFrame:
-    """The dataset with the split name column the trainer uses (``__split__``)."""
-    return lf.with_columns(split_expr(cfg.split, schema).alias(SPLIT_COLUMN))
