@@ -166,6 +166,8 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> Loa
     except RuntimeError as e:
         raise ArtifactError(f"{state_path}: state_dict does not fit the model its manifest describes: "
                             f"{str(e).splitlines()[0]}") from e
+    if bool(system.model._cgc_frozen):  # requires_grad is not part of a state_dict
+        system.model.set_cgc_frozen(True)
     system.to(device)
     return LoadedCheckpoint(system, man, data_cfg, train_cfg, pre, d)
 

@@ -185,8 +185,12 @@ class PLEClusterModel(nn.Module):
         # zero-initialised heads: a task's input gradient starts at zero and grows only along
         # the directions that predict it, so related tasks' gradients on the shared experts
         # align instead of being scrambled by random readouts (cleaner affinity early on)
-        nn.init.zeros_(self.head.weight)
-        nn.init.zeros_(self.head.bias)
+        # (retrieval heads keep a random start: a zero query has no direction to normalise)
+        with torch.no_grad():
+            for i, h in enumerate(heads):
+                if h.type != "retrieval":
+                    self.head.weight[i].zero_()
+                    self.head.bias[i].zero_()
         self.cluster_head_weight = nn.Parameter(torch.zeros(num_clusters, T, cfg.tower_hidden, self.out_dim))
         self.cluster_head_bias = nn.Parameter(torch.zeros(num_clusters, T, 1, self.out_dim))
         self.register_buffer("_cluster_heads_ready", torch.tensor(False))

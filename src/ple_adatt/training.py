@@ -262,6 +262,7 @@ class Trainer:
         accum = t.gradient_accumulation_steps
         for epoch in range(max_epochs):
             t0 = time.perf_counter()
+            transfer_phase = self._transfer_phase(epoch)  # the phase this epoch runs in
             system.train()
             sum_raw = torch.zeros(T, device=self.device)
             sum_enh = torch.zeros(T, device=self.device)
@@ -337,7 +338,7 @@ class Trainer:
             affinity_src = system.transfer if system.transfer is not None else None
             rec = EpochRecord(
                 phase=phase, epoch=epoch, step=self.global_step, lr=opt.param_groups[0]["lr"],
-                transfer_phase=self._transfer_phase(epoch),
+                transfer_phase=transfer_phase,
                 task_losses={n: float(enh_mean[j]) for j, n in enumerate(names)},
                 raw_losses={n: float(raw_mean[j]) for j, n in enumerate(names)},
                 transfer_share=max(total_enh - weighted_mean, 0.0) / total_enh if total_enh > 0 else 0.0,

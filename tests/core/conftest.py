@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-import torch
 
 from ple_adatt.config import ModelConfig, TaskLossConfig, TaskSpec
 

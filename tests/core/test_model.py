@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from corehelpers import make_batch
 
 from ple_adatt.losses import MultiTaskLoss
 from ple_adatt.model import build_model
-
-from corehelpers import make_batch
 
 
 def build(specs, model_cfg, clusters=3):

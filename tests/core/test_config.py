@@ -1,0 +1,106 @@
+"""Every shipped config loads; config errors name the file, the key and what is allowed."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from ple_adatt.config import (
+    ConfigError,
+    config_hash,
+    load_data_config,
+    load_train_config,
+    to_dict,
+    train_config_from_dict,
+)
+
+ROOT = Path(__file__).resolve().parents[2]
+DATA_CONFIGS = sorted((ROOT / "configs" / "data").glob("*.yaml"))
+TRAIN_CONFIGS = sorted((ROOT / "configs" / "train").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", DATA_CONFIGS, ids=lambda p: p.name)
+def test_every_shipped_data_config_loads(path):
+    cfg = load_data_config(path)
+    assert cfg.tasks and (cfg.numeric_features or cfg.categorical_features)
+
+
+@pytest.mark.parametrize("path", TRAIN_CONFIGS, ids=lambda p: p.name)
+def test_every_shipped_train_config_loads_and_fits_a_data_config(path):
+    cfg = load_train_config(path)
+    fitting = [d for d in DATA_CONFIGS if set(cfg.tasks) <= set(load_data_config(d).task_names)]
+    assert fitting, f"{path.name} names tasks no shipped data config declares"
+    for d in fitting:
+        load_train_config(path, data=load_data_config(d))
+    # round trip through the manifest form keeps the hash
+    assert config_hash(train_config_from_dict(to_dict(cfg))) == config_hash(cfg)
+
+
+def test_production_config_carries_the_seed_defaults():
+    cfg = load_train_config(ROOT / "configs/train/production.yaml")
+    a, t = cfg.transfer.adatt, cfg.training
+    assert (a.transfer_lambda, a.temperature, a.negative_transfer_threshold, a.ema_decay) == (0.1, 1.0, -0.1, 0.9)
+    assert (a.prior_blend_start, a.prior_blend_end, a.max_transfer_ratio, a.inter_group_strength) == (0.5, 0.1, 0.5, 0.3)
+    assert (a.warmup_epochs, a.freeze_epoch) == (10, 28)
+    assert (t.batch_size, t.learning_rate, t.weight_decay, t.gradient_clip_norm) == (16384, 0.0005, 0.01, 5.0)
+    assert (t.cosine_t0, t.cosine_t_mult, t.warmup_steps, t.phase2_warmup_steps) == (10, 2, 5, 2)
+    assert cfg.transfer.grad_interval == 10 and cfg.model.transfer_strength == 0.5
+    assert {g: s.intra_strength for g, s in cfg.transfer.task_groups.items()} == {
+        "engagement": 0.8, "lifecycle": 0.7, "value": 0.6, "consumption": 0.7}
+    assert cfg.tasks["nba"].weight == 2.0 and cfg.tasks["churn"].alpha == 0.6
+
+
+def write(tmp_path, text: str) -> Path:
+    p = tmp_path / "c.yaml"
+    p.write_text(text)
+    return p
+
+
+def test_unknown_key_lists_allowed_keys(tmp_path):
+    p = write(tmp_path, "training:\n  batchsize: 3\n")
+    with pytest.raises(ConfigError, match=r"c.yaml: unknown key `training.batchsize`; allowed keys under `training`: batch_size"):
+        load_train_config(p)
+
+
+def test_wrong_type_and_bad_choice_name_the_key(tmp_path):
+    with pytest.raises(ConfigError, match=r"key `training.batch_size`: expected an integer, got 'big'"):
+        load_train_config(write(tmp_path, "training: {batch_size: big}\n"))
+    with pytest.raises(ConfigError, match=r"key `training.amp_dtype`: 'fp8' is not allowed; allowed values: 'bfloat16', 'float16'"):
+        load_train_config(write(tmp_path, "training: {amp_dtype: fp8}\n"))
+
+
+def test_freeze_before_warmup_is_rejected_with_the_fix(tmp_path):
+    p = write(tmp_path, "transfer: {adatt: {warmup_epochs: 3, freeze_epoch: 3}}\n")
+    with pytest.raises(ConfigError, match=r"`transfer.adatt.freeze_epoch` \(3\) must be greater than `transfer.adatt.warmup_epochs` \(3\)"):
+        load_train_config(p)
+
+
+def test_loss_must_fit_the_task_type(tmp_path):
+    data = load_data_config(ROOT / "configs/data/synthetic.yaml")
+    p = write(tmp_path, "tasks: {nba: {loss: focal}}\n")
+    with pytest.raises(ConfigError, match=r"`tasks.nba.loss` is 'focal', which does not fit a multiclass task; allowed: ce"):
+        load_train_config(p, data=data)
+    p = write(tmp_path, "tasks: {nope: {weight: 1}}\n")
+    with pytest.raises(ConfigError, match=r"`tasks.nope` names a task the data config does not declare"):
+        load_train_config(p, data=data)
+
+
+def test_task_in_two_groups_is_rejected(tmp_path):
+    p = write(tmp_path, "transfer: {task_groups: {a: {members: [ctr]}, b: {members: [ctr]}}}\n")
+    with pytest.raises(ConfigError, match=r"task 'ctr' is a member of task groups `a` and `b`"):
+        load_train_config(p)
+
+
+def test_overrides_apply_and_are_validated(tmp_path):
+    cfg = load_train_config(ROOT / "configs/train/cpu_small.yaml", ["training.shared_expert_epochs=1", "seed=7"])
+    assert cfg.training.shared_expert_epochs == 1 and cfg.seed == 7
+    with pytest.raises(ConfigError, match="must look like key.path=value"):
+        load_train_config(ROOT / "configs/train/cpu_small.yaml", ["seed"])
+
+
+def test_missing_and_unparsable_files(tmp_path):
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_train_config(tmp_path / "nope.yaml")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_train_config(write(tmp_path, "a: [1,\n"))
