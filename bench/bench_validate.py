@@ -7,8 +7,10 @@ The dataset is the synthetic 16-task dataset (36 numeric + 4 categorical feature
 targets, cluster, user_id), generated in chunks of ``--chunk-rows`` rows into one Parquet
 file and cached under ``data/bench/`` (pass ``--regen`` to rebuild it). The stage runs as a
 subprocess (``ple-adatt validate``, imports included, exactly what a user runs); the
-benchmark prints its wall time and the peak resident memory of that subprocess and exits
-non-zero when a budget (``--max-seconds``, ``--max-rss-gib``) is exceeded.
+benchmark prints its wall time, its CPU time, the peak resident memory of that subprocess
+and the load average before the run (wall time is only meaningful on an otherwise idle
+machine), and exits non-zero when a budget (``--max-seconds``, ``--max-rss-gib``) is
+exceeded.
 """
 
 from __future__ import annotations
@@ -92,10 +94,13 @@ def main(argv: list[str] | None = None) -> int:
         out = Path(tmp) / "validate"
         cmd = [str(exe), "validate", "--data", str(data), "--config", str(args.config), "--out", str(out)]
         print("running:", " ".join(cmd), flush=True)
+        load_before = os.getloadavg()[0]
         t0 = time.perf_counter()
         proc = subprocess.run(cmd, env={**os.environ, "PYTHONUNBUFFERED": "1"})
         seconds = time.perf_counter() - t0
-        rss_gib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2**20  # KiB on Linux
+        usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+        rss_gib = usage.ru_maxrss / 2**20  # KiB on Linux
+        cpu_seconds = usage.ru_utime + usage.ru_stime  # independent of other load on the machine
         if proc.returncode != 0:
             print(f"error: the validate stage exited with {proc.returncode}", file=sys.stderr)
             return proc.returncode
@@ -107,7 +112,9 @@ def main(argv: list[str] | None = None) -> int:
         "parquet_mib": round(size_mib, 1),
         "seconds": round(seconds, 2),
         "peak_rss_gib": round(rss_gib, 3),
+        "cpu_seconds": round(cpu_seconds, 2),
         "cpus": os.cpu_count(),
+        "load_before": round(load_before, 2),  # 1-minute load average when the run started
     }
     print("bench-validate: " + ", ".join(f"{k}={v}" for k, v in figures.items()))
     if args.json:

@@ -32,6 +32,7 @@ META_KEY = "ple_adatt_check"
 MAX_INSET_CLASSES = 1000  # above this, multiclass domains use Between instead of InSet
 FLOAT_MAX = 1.7976931348623157e308
 MAX_PARTIAL = 20
+BATCH_COLUMNS = 6  # columns per GX call (see run_suite)
 
 
 def import_gx() -> Any:
@@ -334,9 +335,10 @@ def run_suite(
 ) -> SuiteRun:
     """Validate every chunk with ``suite`` in an ephemeral GX context; merge the results.
 
-    Expectations on one column run on that column alone (GX's pandas engine copies the
-    frame it validates for every map metric, so narrow frames are much faster); table
-    level expectations and those with a ``row_condition`` see the whole chunk.
+    Column expectations run on narrow frames holding only their columns, a few columns
+    per GX call (GX's pandas engine copies the frame it validates for every map metric,
+    so narrow frames are much faster); table-level expectations and those with a
+    ``row_condition`` see the whole chunk.
     """
     gx = import_gx()
     from great_expectations.data_context.types.base import ProgressBarsConfig
@@ -349,25 +351,41 @@ def run_suite(
         .add_batch_definition_whole_dataframe("chunk")
     )
     outcomes: list[ExpectationOutcome] = []
-    groups: dict[tuple[str, ...] | None, list[tuple[Any, ExpectationOutcome]]] = {}
+    by_cols: dict[tuple[str, ...] | None, list[tuple[Any, ExpectationOutcome]]] = {}
     for i, e in enumerate(suite.expectations):
         cfg = e.configuration
         kwargs = {k: _plain(v) for k, v in cfg.kwargs.items() if k != "batch_id"}
         severity = str(getattr(e.severity, "value", e.severity))
         o = ExpectationOutcome(i, cfg.type, kwargs, dict(cfg.meta or {}), severity)
         outcomes.append(o)
-        groups.setdefault(_domain_columns(cfg), []).append((_standalone(e), o))
-    subsuites = {
-        cols: gx.ExpectationSuite(name=f"{suite.name}[{','.join(cols or ('*',))}]", expectations=[e for e, _ in members])
-        for cols, members in groups.items()
-    }
+        by_cols.setdefault(_domain_columns(cfg), []).append((_standalone(e), o))
+    # pack column groups into frames of about BATCH_COLUMNS columns: narrow enough that
+    # GX's per-metric frame copies stay cheap, few enough calls to keep its overhead low
+    groups: list[tuple[tuple[str, ...] | None, list[tuple[Any, ExpectationOutcome]]]] = []
+    batch_cols: list[str] = []
+    batch: list[tuple[Any, ExpectationOutcome]] = []
+    for cols, members in by_cols.items():
+        if cols is None:
+            groups.append((None, members))
+            continue
+        if batch and len(set(batch_cols) | set(cols)) > BATCH_COLUMNS:
+            groups.append((tuple(batch_cols), batch))
+            batch_cols, batch = [], []
+        batch_cols += [c for c in cols if c not in batch_cols]
+        batch += members
+    if batch:
+        groups.append((tuple(batch_cols), batch))
+    subsuites = [
+        gx.ExpectationSuite(name=f"{suite.name}[{','.join(cols or ('*',))}]", expectations=[e for e, _ in members])
+        for cols, members in groups
+    ]
     rows = n_chunks = 0
     for table in chunks:
         df = _to_pandas(table)
-        for cols, members in groups.items():
+        for (cols, members), subsuite in zip(groups, subsuites, strict=True):
             frame = df[list(cols)] if cols is not None and all(c in df.columns for c in cols) else df
             res = batch_def.get_batch(batch_parameters={"dataframe": frame}).validate(
-                subsuites[cols], result_format="SUMMARY")
+                subsuite, result_format="SUMMARY")
             # GX returns results in its own order: match them by configuration
             pending: dict[str, list[ExpectationOutcome]] = {}
             for e, o in members:
