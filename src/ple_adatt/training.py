@@ -248,6 +248,24 @@ class Trainer:
             model.set_cgc_frozen(True)
             self._event("cgc_frozen_epoch", phase, epoch)
 
+    def forward_losses(self, b: TensorData, epoch: int, use_cluster_heads: bool
+                       ) -> tuple[LossOutput, Tensor, Tensor, Tensor | None]:
+        """Forward, weighted task losses, per-task gradients every ``grad_interval`` steps,
+        task transfer, CGC entropy regularisation. Returns (losses, enhanced, total, weights)."""
+        system, model, cfg = self.system, self.system.model, self.cfg
+        with self._autocast():
+            out = model(b.x_num, b.x_cat, b.cluster, use_cluster_heads=use_cluster_heads)
+            lo = system.losses(out.out, b.y)
+        if system.transfer is None:
+            enhanced, weights = lo.weighted, None
+        else:
+            grads = None
+            if self.global_step % cfg.transfer.grad_interval == 0:
+                grads = model.shared_task_gradients(lo.weighted, lo.present, out, cfg.transfer.grad_method)
+            enhanced, weights = system.transfer.transfer_losses(lo.weighted, lo.present, grads, epoch)
+        total = enhanced.sum() - model.cfg.cgc_entropy_weight * gate_entropy(out.gates)
+        return lo, enhanced, total, weights
+
     # ------------------------------------------------------------------------- the loop
 
     def _fit(self, phase: str, max_epochs: int, warmup_epochs: int, use_cluster_heads: bool) -> None:
@@ -274,21 +292,9 @@ class Trainer:
             for i, idx in enumerate(batches):
                 b = self.train_data.subset(idx)
                 try:
-                    # forward
-                    with self._autocast():
-                        out = model(b.x_num, b.x_cat, b.cluster, use_cluster_heads=use_cluster_heads)
-                        lo = system.losses(out.out, b.y)
-                    # per-task gradients on the shared experts, every grad_interval steps
-                    grads = None
-                    if system.transfer is not None and self.global_step % cfg.transfer.grad_interval == 0:
-                        grads = model.shared_task_gradients(lo.weighted, lo.present, out, cfg.transfer.grad_method)
-                    # task transfer on the weighted losses, then CGC entropy regularisation
-                    if system.transfer is not None:
-                        enhanced, w = system.transfer.transfer_losses(lo.weighted, lo.present, grads, epoch)
-                        weights_used = w if w is not None else weights_used
-                    else:
-                        enhanced = lo.weighted
-                    total = enhanced.sum() - model.cfg.cgc_entropy_weight * gate_entropy(out.gates)
+                    # forward (+ per-task gradients and task transfer)
+                    lo, enhanced, total, w = self.forward_losses(b, epoch, use_cluster_heads)
+                    weights_used = w if w is not None else weights_used
                     if not torch.isfinite(total):  # a non-finite loss skips the batch
                         skipped += 1
                         opt.zero_grad(set_to_none=True)

@@ -1,0 +1,238 @@
+"""Phase 1 training throughput: this project's task-batched model against a naive reference.
+
+    .venv/bin/python bench/train_throughput.py                  # CPU, small shape
+    python bench/train_throughput.py --shape seed --device cuda  # GPU, the seed's shape
+
+Prints samples/s, step time and peak memory of
+  (a) a naive reference kept here: one module per task, a Python loop over tasks, and the
+      seed's per-task ``torch.autograd.grad(..., retain_graph=True)`` loop for adaTT
+      (grad_interval 10);
+  (b) this project's model with adaTT off;
+  (c) adaTT on, grad_interval 10 (batched per-task gradients);
+  (d) adaTT on, grad_interval 1 (exact per-task gradients every step);
+and the ratios between them. Needs torch and numpy only (no polars / MLflow / KFP), so it
+runs on a bare GPU box. The training data lives on the device, shuffled and sliced there;
+the timed loop never reads a value back to the host.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+from ple_adatt.config import (  # noqa: E402
+    AdaTTConfig,
+    ModelConfig,
+    TaskGroup,
+    TaskSpec,
+    TrainConfig,
+    TrainingConfig,
+    TransferConfig,
+)
+from ple_adatt.data.dataset import TensorData  # noqa: E402
+from ple_adatt.training import Trainer, build_system, make_optimizer  # noqa: E402
+
+SHAPES = {
+    # the seed's shape: 16 tasks, 4 shared experts, batch 16384 (~8M parameters with the naive layout)
+    "seed": dict(tasks=16, batch=16384, numeric=36, cats=4, card=50, emb=16, experts=4, shared_hidden=1024,
+                 expert_dim=128, task_experts=2, task_hidden=256, tower_hidden=256),
+    # a CPU-sized shape for the 2-core CI machine
+    "small": dict(tasks=16, batch=1024, numeric=36, cats=4, card=50, emb=4, experts=4, shared_hidden=64,
+                  expert_dim=32, task_experts=1, task_hidden=32, tower_hidden=32),
+}
+
+
+# ------------------------------------------------------------------------ naive reference
+
+
+class NaiveMLP(nn.Sequential):
+    def __init__(self, d_in: int, hidden: int, d_out: int):
+        super().__init__(nn.Linear(d_in, hidden), nn.ReLU(), nn.Linear(hidden, d_out))
+
+
+class NaivePLE(nn.Module):
+    """The straightforward design: one small module per task, a Python loop over tasks."""
+
+    def __init__(self, s: dict, d_in: int):
+        super().__init__()
+        T, E = s["tasks"], s["experts"]
+        self.embedding = nn.Embedding(s["cats"] * s["card"], s["emb"])
+        self.offsets = torch.arange(s["cats"]) * s["card"]
+        self.shared = nn.ModuleList(NaiveMLP(d_in, s["shared_hidden"], s["expert_dim"]) for _ in range(E))
+        self.task_experts = nn.ModuleList(
+            nn.ModuleList(NaiveMLP(d_in, s["task_hidden"], s["expert_dim"]) for _ in range(s["task_experts"]))
+            for _ in range(T))
+        self.gates = nn.ModuleList(nn.Linear(d_in, E + s["task_experts"]) for _ in range(T))
+        self.towers = nn.ModuleList(NaiveMLP(s["expert_dim"], s["tower_hidden"], 1) for _ in range(T))
+
+    def forward(self, x_num: torch.Tensor, x_cat: torch.Tensor) -> list[torch.Tensor]:
+        x = torch.cat([x_num, self.embedding(x_cat + self.offsets.to(x_cat.device)).flatten(1)], 1)
+        shared = [e(x) for e in self.shared]
+        outs = []
+        for t in range(len(self.towers)):
+            experts = torch.stack(shared + [e(x) for e in self.task_experts[t]], 1)  # (B, K, d)
+            g = torch.softmax(self.gates[t](x), -1).unsqueeze(-1)
+            outs.append(self.towers[t]((g * experts).sum(1)).squeeze(-1))
+        return outs
+
+
+def naive_task_gradients(model: NaivePLE, losses: list[torch.Tensor]) -> torch.Tensor:
+    params = list(model.shared.parameters())
+    rows = []
+    for loss in losses:  # the seed's loop: one autograd.grad per task, graph retained
+        grads = torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True)
+        rows.append(torch.cat([(g if g is not None else torch.zeros_like(p)).flatten() for g, p in zip(grads, params)]))
+    return torch.stack(rows)
+
+
+# ----------------------------------------------------------------------------- the runs
+
+
+def make_data(s: dict, n: int, device: torch.device) -> TensorData:
+    g = torch.Generator().manual_seed(0)
+    x_num = torch.randn(n, s["numeric"], generator=g)
+    x_cat = torch.randint(0, s["card"], (n, s["cats"]), generator=g)
+    w = torch.randn(s["numeric"], s["tasks"], generator=g)
+    y = ((x_num @ w + torch.randn(n, s["tasks"], generator=g)) > 0).float()
+    y[torch.rand(n, s["tasks"], generator=g) < 0.1] = float("nan")
+    cluster = torch.randint(0, 9, (n,), generator=g)
+    return TensorData(x_num, x_cat, y, cluster).to(device)
+
+
+def project_config(s: dict, interval: int, amp: bool) -> TrainConfig:
+    names = [f"t{i}" for i in range(s["tasks"])]
+    groups = {f"g{k}": TaskGroup(tuple(names[k::4]), 0.7) for k in range(4)}
+    return TrainConfig(
+        device="auto",
+        model=ModelConfig(embedding_dim=s["emb"], num_shared_experts=s["experts"], shared_hidden=s["shared_hidden"],
+                          expert_dim=s["expert_dim"], task_experts_per_task=s["task_experts"],
+                          task_hidden=s["task_hidden"], tower_hidden=s["tower_hidden"], logit_transfer_edges=()),
+        transfer=TransferConfig(strategy="adatt", grad_interval=interval,
+                                adatt=AdaTTConfig(warmup_epochs=0, freeze_epoch=100), task_groups=groups),
+        training=TrainingConfig(batch_size=s["batch"], use_amp=amp),
+    )
+
+
+def time_steps(step, steps: int, warmup: int, device: torch.device) -> tuple[float, float]:
+    for _ in range(warmup):
+        step()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        step()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    dt = (time.perf_counter() - t0) / steps
+    peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
+    return dt, peak
+
+
+def run_project(s: dict, data: TensorData, device: torch.device, adatt: bool, interval: int, amp: bool,
+                steps: int, warmup: int) -> tuple[float, float, int]:
+    cfg = project_config(s, interval, amp)
+    specs = [TaskSpec(f"t{i}", f"y{i}", "binary") for i in range(s["tasks"])]
+    torch.manual_seed(0)
+    system = build_system(cfg, specs, s["numeric"], [s["card"]] * s["cats"], 8)
+    if not adatt:
+        system.transfer = None
+    trainer = Trainer(system, data, data.subset(torch.arange(8, device=device)), cfg, device, log=lambda m: None)
+    opt = make_optimizer(system, cfg)
+    perm = torch.randperm(len(data), device=device)
+    n_batches = len(data) // s["batch"]
+
+    def step() -> None:
+        i = trainer.global_step % n_batches
+        b = data.subset(perm[i * s["batch"]:(i + 1) * s["batch"]])
+        _, _, total, _ = trainer.forward_losses(b, epoch=1, use_cluster_heads=False)
+        total.backward()
+        torch.nn.utils.clip_grad_norm_(system.parameters(), 5.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        trainer.global_step += 1
+
+    dt, peak = time_steps(step, steps, warmup, device)
+    return dt, peak, sum(p.numel() for p in system.parameters())
+
+
+def run_naive(s: dict, data: TensorData, device: torch.device, interval: int, amp: bool,
+              steps: int, warmup: int) -> tuple[float, float, int]:
+    torch.manual_seed(0)
+    d_in = s["numeric"] + s["cats"] * s["emb"]
+    model = NaivePLE(s, d_in).to(device)
+    opt = torch.optim.AdamW(model.parameters(), lr=5e-4, weight_decay=0.01)
+    from ple_adatt.transfer.adatt import TaskAffinityComputer
+
+    affinity = TaskAffinityComputer([f"t{i}" for i in range(s["tasks"])]).to(device)
+    perm = torch.randperm(len(data), device=device)
+    n_batches = len(data) // s["batch"]
+    counter = [0]
+    ctx = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if amp and device.type == "cuda" else None
+
+    def step() -> None:
+        i = counter[0] % n_batches
+        b = data.subset(perm[i * s["batch"]:(i + 1) * s["batch"]])
+        with ctx() if ctx else torch.enable_grad():
+            outs = model(b.x_num, b.x_cat)
+        losses = []
+        for t, o in enumerate(outs):  # per-task masked loss, one at a time
+            y = b.y[:, t]
+            m = ~torch.isnan(y)
+            losses.append(F.binary_cross_entropy_with_logits(o.float()[m], y[m]))
+        if counter[0] % interval == 0:
+            affinity.update(naive_task_gradients(model, losses))
+        sum(losses).backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        counter[0] += 1
+
+    dt, peak = time_steps(step, steps, warmup, device)
+    return dt, peak, sum(p.numel() for p in model.parameters())
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--shape", choices=sorted(SHAPES), default="small")
+    ap.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    ap.add_argument("--steps", type=int, default=None, help="timed steps per run (default 20 CPU / 50 GPU)")
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--no-amp", action="store_true", help="disable bf16 autocast on CUDA")
+    args = ap.parse_args()
+    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
+                          ("cpu" if args.device == "auto" else args.device))
+    s = dict(SHAPES[args.shape])
+    steps = args.steps or (50 if device.type == "cuda" else 20)
+    amp = not args.no_amp
+    data = make_data(s, s["batch"] * 8, device)
+    print(f"shape {args.shape}: {s['tasks']} tasks, batch {s['batch']}, device {device}"
+          f"{' (' + torch.cuda.get_device_name() + ')' if device.type == 'cuda' else ''}, "
+          f"torch {torch.__version__}, threads {torch.get_num_threads()}, amp {'bf16' if amp and device.type == 'cuda' else 'off'}")
+    rows = []
+    for label, fn in [
+        ("(a) naive reference, adaTT loop, interval 10", lambda: run_naive(s, data, device, 10, amp, steps, args.warmup)),
+        ("(b) project model, adaTT off", lambda: run_project(s, data, device, False, 10, amp, steps, args.warmup)),
+        ("(c) project model, adaTT interval 10", lambda: run_project(s, data, device, True, 10, amp, steps, args.warmup)),
+        ("(d) project model, adaTT interval 1", lambda: run_project(s, data, device, True, 1, amp, steps, args.warmup)),
+    ]:
+        dt, peak, params = fn()
+        rows.append((label, dt, peak, params))
+        mem = f"{peak:6.2f} GiB" if device.type == "cuda" else "   n/a   "
+        print(f"{label:<48} {dt * 1e3:9.2f} ms/step {s['batch'] / dt / 1e6:8.4f} M samples/s "
+              f"peak {mem}  params {params / 1e6:.2f}M", flush=True)
+    a, b, c, d = (r[1] for r in rows)
+    print(f"ratios: (c) vs (a) {a / c:.2f}x faster; (b) vs (a) {a / b:.2f}x; (d) step / (b) step {d / b:.2f}x; "
+          f"(c) step / (b) step {c / b:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
