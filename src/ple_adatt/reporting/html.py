@@ -33,6 +33,8 @@ nav a{margin-right:12px;color:#1565c0;text-decoration:none}
 .scroll{overflow-x:auto}
 """
 
+TABLE_ROWS = 30  # longer pair tables are cut here (report.json has every row)
+
 EVENT_LABELS = {
     "adatt_freeze_epoch": "adaTT freeze",
     "cgc_frozen_epoch": "CGC freeze",
@@ -68,6 +70,13 @@ def _signed(x: Any, good: bool | None, nd: int = 4) -> str:
 
 def _badge(text: str, cls: str) -> str:
     return f'<span class="badge {cls}">{escape(text)}</span>'
+
+
+def _offdiag_scale(matrix: list[list[Any]]) -> float:
+    """Colour scale of an affinity-like matrix: its largest off-diagonal magnitude (at least 0.05),
+    so weak structure stays visible; the diagonal saturates."""
+    vals = [abs(v) for i, row in enumerate(matrix) for j, v in enumerate(row) if i != j and v is not None]
+    return min(1.0, max([0.05] + vals))
 
 
 def _reorder(matrix: list[list[Any]], idx: list[int]) -> list[list[Any]]:
@@ -146,18 +155,23 @@ def _affinity(w: Any, r: dict[str, Any], order: list[str], idx: list[int], boxes
       "tasks ordered by configured group (boxes). Dashed cells are blocked pairs "
       f"(affinity &lt; {thr:g}). Right: the group prior adaTT blends in (row-normalised).</p>")
     ema = _reorder(aff["ema"], idx)
+    vmax = _offdiag_scale(ema)
     w('<div class="row scroll">')
-    w(svg.heatmap(ema, order, title="EMA affinity (what adaTT uses)", vmax=1.0, groups=boxes, marked=marked,
-                  muted_diagonal=False))
+    w(svg.heatmap(ema, order, title=f"EMA affinity (what adaTT uses; colour scale ±{vmax:.2f})", vmax=vmax,
+                  groups=boxes, marked=marked))
     w(svg.heatmap(_reorder(r["prior"]["matrix"], idx), order, title="Group prior", scale="sequential",
                   groups=boxes, show_labels=False, cell=22))
     w("</div>")
     diag = aff["diagonal"]
-    w(f'<div class="note">The diagonal of the EMA buffer is {_f(min(diag))}&ndash;{_f(max(diag))}, not 1: it is the '
-      "EMA mass of the updates in which a task had a gradient (a zero observation, e.g. the first step of a model "
-      "whose heads start at zero, adds 0). Structure is therefore read from the <b>cosine form</b> "
-      "A<sub>ij</sub>/&radic;(A<sub>ii</sub>A<sub>jj</sub>) (unit diagonal), the mean gradient cosine; blocking "
-      "uses the raw buffer, as adaTT does.</div>")
+    if min(diag) < 0.9995:
+        w(f'<div class="note">The diagonal of the EMA buffer is {_f(min(diag))}&ndash;{_f(max(diag))}, not 1: it is '
+          "the EMA mass of the updates in which a task had a gradient (a zero observation, e.g. the first step of "
+          "a model whose heads start at zero, adds 0), and the off-diagonal values are damped alike. Structure is "
+          "therefore read from the <b>cosine form</b> A<sub>ij</sub>/&radic;(A<sub>ii</sub>A<sub>jj</sub>) (unit "
+          "diagonal), the mean gradient cosine; blocking uses the raw buffer, as adaTT does.</div>")
+    else:
+        w('<p class="small muted">The EMA has converged (diagonal 1), so the buffer equals its cosine form, '
+          "which the grouping analysis and GCD use.</p>")
     w("<h3>Do the configured groups match the data?</h3>")
     w(f"<p>Agreement score <b>{_f(agree['score'], 3)}</b>: the probability that a within-group pair is more affine "
       f"than a cross-group pair ({agree['pairs_within']} within, {agree['pairs_cross']} cross pairs; mean "
@@ -273,11 +287,12 @@ def _negative(w: Any, r: dict[str, Any]) -> None:
         w('<table><tr><th>pair</th><th class="n">affinity</th><th class="n">cosine</th><th>below since</th>'
           '<th class="n">epochs below</th><th class="n">steps (at most)</th><th class="n">lowest</th>'
           "<th>first below</th></tr>")
-        for p in nt["blocked"]:
+        for p in nt["blocked"][:TABLE_ROWS]:
             w(f"<tr><td>{escape(p['a'])} &harr; {escape(p['b'])}</td><td class=\"n\">{_f(p['affinity'])}</td>"
               f"<td class=\"n\">{_f(p['cosine'])}</td><td>{_ep(p.get('since'))}</td>"
               f"<td class=\"n\">{_f(p.get('epochs_below'))}</td><td class=\"n\">{_f(p.get('steps_below_at_most'))}</td>"
               f"<td class=\"n\">{_f(p['min_affinity'])}</td><td>{_ep(p.get('first_below'))}</td></tr>")
+        _more(w, len(nt["blocked"]), TABLE_ROWS, 8)
         w("</table>")
     else:
         w(f"<p>{_badge('none', 'ok')} no pair is {verb.split(' (')[0]} at the end of training.</p>")
@@ -285,11 +300,17 @@ def _negative(w: Any, r: dict[str, Any]) -> None:
         w("<h3>Below the threshold earlier, recovered by the end</h3>")
         w('<table><tr><th>pair</th><th class="n">final affinity</th><th class="n">lowest</th>'
           '<th class="n">epochs below</th><th>first below</th></tr>')
-        for p in nt["recovered"]:
+        for p in nt["recovered"][:TABLE_ROWS // 2]:
             w(f"<tr><td>{escape(p['a'])} &harr; {escape(p['b'])}</td><td class=\"n\">{_f(p['affinity'])}</td>"
               f"<td class=\"n\">{_f(p['min_affinity'])}</td><td class=\"n\">{p['epochs_ever_below']}</td>"
               f"<td>{_ep(p.get('first_below'))}</td></tr>")
+        _more(w, len(nt["recovered"]), TABLE_ROWS // 2, 5)
         w("</table>")
+
+
+def _more(w: Any, total: int, shown: int, cols: int) -> None:
+    if total > shown:
+        w(f'<tr><td colspan="{cols}" class="muted">... {total - shown} more in report.json</td></tr>')
 
 
 def _trajectories(w: Any, r: dict[str, Any]) -> None:
@@ -367,9 +388,10 @@ def _gcd_heatmap(matrix: list[list[Any]], idx: list[int], order: list[str], boxe
     """Cells show GCD; the colour is centred at the conflict boundary GCD = 1 (red above)."""
     gcd = _reorder(matrix, idx)
     cos = [[None if v is None else 1.0 - v for v in row] for row in gcd]
-    return svg.heatmap(gcd, order, title="GCD = 1 − cos; red cells: GCD > 1 (conflict)", vmax=1.0,
+    vm = _offdiag_scale(cos)
+    return svg.heatmap(gcd, order, title="GCD = 1 − cos; red cells: GCD > 1 (conflict)", vmax=vm,
                        groups=boxes, cell=24, colour_by=cos,
-                       legend_ends=("GCD 2 (opposed)", "GCD 0 (aligned)"))
+                       legend_ends=(f"GCD {1 + vm:.2f} (conflict)", f"GCD {1 - vm:.2f} (aligned)"))
 
 
 def _metrics(w: Any, r: dict[str, Any]) -> None:

@@ -62,7 +62,6 @@ def heatmap(
     vmin: float = 0.0,
     groups: Sequence[tuple[str, int, int]] = (),
     marked: set[tuple[int, int]] | None = None,
-    muted_diagonal: bool = False,
     fmt: str = "{:.2f}",
     cell: int = 26,
     show_labels: bool = True,
@@ -102,7 +101,7 @@ def heatmap(
         for j in range(n):
             v = matrix[i][j]
             x0, y0 = left + j * cell, top + i * cell
-            fill = "#d9dde3" if muted_diagonal and i == j else colour(shade[i][j], vm)
+            fill = colour(shade[i][j], vm)
             tip = f"{labels[i]} / {labels[j]}: {'n/a' if v is None else fmt.format(v)}"
             out.append(f'<rect x="{x0}" y="{y0}" width="{cell}" height="{cell}" fill="{fill}" stroke="#ffffff">'
                        f"<title>{escape(tip)}</title></rect>")
@@ -148,11 +147,13 @@ def line_chart(
     hline: tuple[float, str] | None = None,
     x_max: float | None = None,
     y_label: str = "",
-    width: int = 760,
+    width: int = 900,
     height: int = 300,
 ) -> str:
-    """Lines over an epoch axis, with shaded phase bands, event markers and a threshold line."""
-    left, right, top, bottom = 52, 190, 28, 46
+    """Lines over an epoch axis, with shaded phase bands, event markers and a threshold line.
+
+    Events at the same x share one marker whose label joins theirs with " + "."""
+    left, right, top, bottom = 52, 280, 28, 46
     pw, ph = width - left - right, height - top - bottom
     ys = [v for s in series for v in s["values"] if v is not None]
     if hline:
@@ -194,6 +195,10 @@ def line_chart(
                    f'stroke="#c62828" stroke-dasharray="5 3"/>')
         out.append(f'<text x="{left + pw - 4}" y="{py(hline[0]) - 4:.1f}" class="l" text-anchor="end" '
                    f'fill="#c62828">{escape(hline[1])}</text>')
+    merged: dict[float, list[str]] = {}
+    for ev in events:
+        merged.setdefault(ev["x"], []).append(ev["label"])
+    events = [{"x": x_, "label": " + ".join(dict.fromkeys(labs))} for x_, labs in merged.items()]
     for k, ev in enumerate(events):
         xx = px(ev["x"])
         out.append(f'<line x1="{xx:.1f}" x2="{xx:.1f}" y1="{top}" y2="{top + ph}" stroke="#37474f" '
