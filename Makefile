@@ -13,7 +13,7 @@ TRAIN_CONFIG ?= configs/train/cpu_small.yaml
 ROWS ?= 20000
 OUT ?= runs/train
 
-.PHONY: help setup test test-all lint data validate train bench bench-validate adult clean
+.PHONY: help setup test test-all lint data validate train bench bench-validate adult clean report
 
 help:  ## list the commands
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  make %-16s %s\n", $$1, $$2}'
@@ -61,3 +61,7 @@ bench-validate: setup  ## time the validate stage on 10M rows x 16 targets x 40 
 adult: setup  ## convert UCI Adult (ADULT_SRC=...) to data/adult.parquet and validate it into runs/validate-adult
 	$(BIN)/ple-adatt convert-adult --src $(ADULT_SRC) --out data/adult.parquet
 	$(BIN)/ple-adatt validate --data data/adult.parquet --config configs/data/adult.yaml --out runs/validate-adult
+
+report: setup  ## affinity / negative-transfer report of runs/train (OUT=...) and VALIDATE_OUT into REPORT_OUT=runs/report
+	$(BIN)/ple-adatt report --phase1 $(OUT)/phase1 --phase2 $(OUT)/phase2 --validation $(VALIDATE_OUT) \
+		--out $(or $(REPORT_OUT),runs/report)

@@ -284,6 +284,7 @@ class Trainer:
             system.train()
             sum_raw = torch.zeros(T, device=self.device)
             sum_enh = torch.zeros(T, device=self.device)
+            sum_w = torch.zeros(T, device=self.device)
             n_present = torch.zeros(T, device=self.device)
             skipped = 0
             weights_used: Tensor | None = None
@@ -322,6 +323,7 @@ class Trainer:
                 with torch.no_grad():
                     sum_raw += lo.raw.detach() * lo.present
                     sum_enh += enhanced.detach()
+                    sum_w += lo.weighted.detach()
                     n_present += lo.present
                 self.global_step += 1
                 if self.global_step % t.log_every == 0:
@@ -340,7 +342,7 @@ class Trainer:
             raw_mean = (sum_raw / denom).cpu()
             enh_mean = (sum_enh / denom).cpu()
             total_enh = float(enh_mean.sum())
-            weighted_mean = float((sum_raw / denom * system.criterion.weights).sum())
+            weighted_mean = float((sum_w / denom).sum())  # before transfer (fixed or uncertainty)
             affinity_src = system.transfer if system.transfer is not None else None
             rec = EpochRecord(
                 phase=phase, epoch=epoch, step=self.global_step, lr=opt.param_groups[0]["lr"],
