@@ -13,7 +13,8 @@ TRAIN_CONFIG ?= configs/train/cpu_small.yaml
 ROWS ?= 20000
 OUT ?= runs/train
 
-.PHONY: help setup test test-all lint data validate train bench bench-validate adult clean report
+.PHONY: help setup test test-all lint data validate train bench bench-validate adult clean report \
+	components compile submit run stage images
 
 help:  ## list the commands
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  make %-16s %s\n", $$1, $$2}'
@@ -61,6 +62,43 @@ bench-validate: setup  ## time the validate stage on 10M rows x 16 targets x 40 
 adult: setup  ## convert UCI Adult (ADULT_SRC=...) to data/adult.parquet and validate it into runs/validate-adult
 	$(BIN)/ple-adatt convert-adult --src $(ADULT_SRC) --out data/adult.parquet
 	$(BIN)/ple-adatt validate --data data/adult.parquet --config configs/data/adult.yaml --out runs/validate-adult
+
+# ---- the pipeline: components, compile, submit, local run, stage rerun, images ----------
+VERSION := $(shell sed -n 's/^__version__ = "\(.*\)"/\1/p' src/ple_adatt/__init__.py)
+REGISTRY ?= ghcr.io/ple-adatt
+PIPELINE ?= build/ple-adatt-pipeline.yaml
+COMPILE_FLAGS ?=
+KFP_EXPERIMENT ?= ple-adatt
+SET ?=
+PARAMS ?=
+STAGE ?=
+RUN ?=
+
+components: setup  ## regenerate the committed component YAMLs (components/*/component.yaml)
+	$(BIN)/python -m components.build
+
+compile: setup  ## write the pipeline IR for Kubeflow (REGISTRY=..., PIPELINE=build/ple-adatt-pipeline.yaml, COMPILE_FLAGS=--no-gpu ...)
+	$(BIN)/python -m pipelines.compile --out $(PIPELINE) --registry $(REGISTRY) $(COMPILE_FLAGS)
+
+submit: compile  ## upload a pipeline version and start a run (KFP_HOST KFP_NAMESPACE KFP_TOKEN DATA_URI KFP_EXPERIMENT RUN_NAME PARAMS SET)
+	$(BIN)/python -m pipelines.submit --package $(PIPELINE) --experiment $(KFP_EXPERIMENT) \
+		$(if $(KFP_HOST),--host $(KFP_HOST)) $(if $(KFP_NAMESPACE),--namespace $(KFP_NAMESPACE)) \
+		$(if $(DATA_URI),--data-uri $(DATA_URI)) $(if $(RUN_NAME),--run-name $(RUN_NAME)) \
+		$(foreach p,$(PARAMS),--param $(p)) $(foreach s,$(SET),--set $(s))
+
+run: compile $(DATA)  ## run the compiled pipeline locally (kfp.local, CPU config), register into ./mlflow.db, print a summary
+	$(BIN)/python -m pipelines.local --package $(PIPELINE) --data $(DATA) --data-config $(DATA_CONFIG) \
+		--train-config $(TRAIN_CONFIG) $(foreach s,$(SET),--set $(s))
+
+stage: setup  ## rerun one stage of a local run into a new directory (STAGE=train-phase2 RUN=runs/local/<run> SET='key=value ...')
+	@test -n "$(STAGE)" || { echo "error: STAGE is required: make stage STAGE=validate|train-phase1|train-phase2|report|register [RUN=runs/local/<run>] [SET='key=value ...']"; exit 2; }
+	$(BIN)/python -m pipelines.stage $(STAGE) $(if $(RUN),--run $(RUN)) $(foreach s,$(SET),--set $(s))
+
+images:  ## build the CPU and CUDA images <REGISTRY>/ple-adatt-{cpu,cuda}:<version> (needs Docker; PUSH=1 pushes)
+	@command -v docker >/dev/null || { echo "error: docker not found; make images needs a Docker engine (BuildKit)"; exit 2; }
+	DOCKER_BUILDKIT=1 docker build -f docker/Dockerfile.cpu --build-arg VERSION=$(VERSION) -t $(REGISTRY)/ple-adatt-cpu:$(VERSION) .
+	DOCKER_BUILDKIT=1 docker build -f docker/Dockerfile.cuda --build-arg VERSION=$(VERSION) -t $(REGISTRY)/ple-adatt-cuda:$(VERSION) .
+	$(if $(PUSH),docker push $(REGISTRY)/ple-adatt-cpu:$(VERSION) && docker push $(REGISTRY)/ple-adatt-cuda:$(VERSION))
 
 report: setup  ## affinity / negative-transfer report of runs/train (OUT=...) and VALIDATE_OUT into REPORT_OUT=runs/report
 	$(BIN)/ple-adatt report --phase1 $(OUT)/phase1 --phase2 $(OUT)/phase2 --validation $(VALIDATE_OUT) \

@@ -1,0 +1,68 @@
+"""KFP component `train-phase1`: train every enabled task with adaTT; write the Phase 1 checkpoint.
+
+A thin adapter around ``ple-adatt train-phase1`` (``ple_adatt.stages.train_phase1``): the
+stage is imported inside the function, so this module needs only kfp to compile. The
+pipeline runs it in the CUDA image on a GPU node.
+"""
+
+from kfp import dsl
+from kfp.dsl import Artifact, Dataset, Input, Metrics, Model, Output
+
+from components.images import DEFAULT_CUDA_IMAGE
+
+
+@dsl.component(base_image=DEFAULT_CUDA_IMAGE, install_kfp_package=False)
+def train_phase1(
+    data: Input[Dataset],
+    validation: Input[Artifact],
+    checkpoint: Output[Model],
+    metrics: Output[Metrics],
+    overrides: list[str],
+    data_config: str = "configs/data/synthetic.yaml",
+    train_config: str = "configs/train/production.yaml",
+    mlflow_tracking_uri: str = "",
+    pipeline_run_id: str = "",
+):
+    """Phase 1 on ``data``: only the tasks ``validation`` enabled are trained.
+
+    Args:
+        data: the dataset the validate step checked.
+        validation: the validate step's output directory.
+        checkpoint: output directory: checkpoint.pt (state_dict with the adaTT buffers),
+            manifest.json (tasks, config, per-task metrics, affinity history), preprocessing.json.
+        metrics: the per-task validation metrics of the checkpoint ("<task>.<metric>").
+        overrides: train-config overrides, ``key=value`` each (``--set``), e.g.
+            ``training.shared_expert_epochs=2``; may be empty.
+        data_config: data contract YAML, a path inside the image.
+        train_config: train config YAML, a path inside the image.
+        mlflow_tracking_uri: MLflow tracking URI; empty keeps the container's $MLFLOW_TRACKING_URI.
+        pipeline_run_id: the pipeline run (MLflow parent run) this stage belongs to.
+    """
+    import json
+    import math
+    import os
+
+    if mlflow_tracking_uri:
+        os.environ["MLFLOW_TRACKING_URI"] = mlflow_tracking_uri
+    if pipeline_run_id:
+        os.environ["PLE_ADATT_PIPELINE_RUN_ID"] = pipeline_run_id
+
+    from ple_adatt import __version__
+    from ple_adatt.cli import main
+
+    argv = ["train-phase1", "--data", data.path, "--data-config", data_config, "--config", train_config,
+            "--validation", validation.path, "--out", checkpoint.path]
+    for item in overrides:
+        argv += ["--set", item]
+    rc = main(argv)
+    if rc != 0:
+        raise SystemExit(rc)  # the stage printed the one-line reason
+
+    with open(os.path.join(checkpoint.path, "manifest.json")) as f:
+        manifest = json.load(f)
+    for task, values in manifest["metrics"]["tasks"].items():
+        for key, value in values.items():
+            if key != "n" and isinstance(value, (int, float)) and math.isfinite(value):
+                metrics.log_metric(f"{task}.{key}", float(value))
+    checkpoint.metadata.update({"phase": manifest["phase"], "tasks": manifest["tasks"],
+                                "component_version": __version__})

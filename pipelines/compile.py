@@ -1,0 +1,67 @@
+"""``python -m pipelines.compile``: write the pipeline IR YAML that Kubeflow Pipelines runs.
+
+    python -m pipelines.compile --out build/ple-adatt-pipeline.yaml --registry ghcr.io/my-org
+
+What ``make compile`` does. The components run in ``<registry>/ple-adatt-{cpu,cuda}:<version>``
+(``make images`` builds them); the training steps' GPU, CPU, memory and /dev/shm requests
+are flags here, the runtime inputs (dataset, configs, overrides) are run parameters.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from .pipeline import PipelineOptions, StepResources, TrainingResources, compile_pipeline
+
+DEFAULT_OUT = "build/ple-adatt-pipeline.yaml"
+
+
+def options_from_args(args: argparse.Namespace) -> PipelineOptions:
+    return PipelineOptions(
+        registry=args.registry,
+        training=TrainingResources(gpu=not args.no_gpu, accelerator_type=args.accelerator_type,
+                                   accelerators=args.gpus, cpu=args.cpu, memory=args.memory,
+                                   shm_size=args.shm_size),
+        cpu_step=StepResources(cpu=args.step_cpu, memory=args.step_memory),
+        retries=args.retries,
+        cache_training=args.cache_training,
+    )
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    d, t = PipelineOptions(), TrainingResources()
+    parser.add_argument("--out", default=DEFAULT_OUT, help=f"IR YAML to write (default {DEFAULT_OUT})")
+    parser.add_argument("--registry", help="image registry (default $PLE_ADATT_REGISTRY, else ghcr.io/ple-adatt)")
+    parser.add_argument("--no-gpu", action="store_true", help="train on CPU nodes: CPU image, no accelerator request")
+    parser.add_argument("--accelerator-type", default=t.accelerator_type, help=f"default {t.accelerator_type}")
+    parser.add_argument("--gpus", type=int, default=t.accelerators, help="GPUs per training step (default 1)")
+    parser.add_argument("--cpu", default=t.cpu, help=f"CPU request and limit of a training step (default {t.cpu})")
+    parser.add_argument("--memory", default=t.memory, help=f"memory of a training step (default {t.memory})")
+    parser.add_argument("--shm-size", default=t.shm_size, help=f"memory-backed /dev/shm size (default {t.shm_size})")
+    parser.add_argument("--step-cpu", default=d.cpu_step.cpu, help="CPU of validate/report/register (default 2)")
+    parser.add_argument("--step-memory", default=d.cpu_step.memory, help="memory of validate/report/register (default 8Gi)")
+    parser.add_argument("--retries", type=int, default=d.retries, help="retries of a failed step, not register (default 2)")
+    parser.add_argument("--cache-training", action="store_true", help="let KFP reuse training outputs for equal inputs")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m pipelines.compile", description=__doc__.splitlines()[0])
+    add_arguments(parser)
+    args = parser.parse_args(argv)
+    try:
+        opts = options_from_args(args)
+        path = compile_pipeline(args.out, opts)
+    except ValueError as e:
+        print(f"make compile: error: {e}", file=sys.stderr)
+        return 2
+    from components.images import VERSION, image
+
+    flavour = "cpu" if args.no_gpu else "cuda"
+    print(f"wrote {path} (ple-adatt {VERSION}; images {image('cpu', args.registry)}, "
+          f"{image(flavour, args.registry)} for training)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,174 @@
+"""``python -m pipelines.local``: run the compiled pipeline on this machine with kfp.local.
+
+    python -m pipelines.local --package build/ple-adatt-pipeline.yaml --data data/synthetic.parquet \\
+        --train-config configs/train/cpu_small.yaml [--set training.shared_expert_epochs=2]
+
+This is what ``make run`` does after ``make compile``: the very IR YAML that goes to Kubeflow
+runs through kfp.local's SubprocessRunner in this virtualenv (the components' code is the
+image's code: the ple-adatt package installed here). GPU requests, tolerations and /dev/shm
+are Kubernetes settings and do nothing locally. Each step's output goes to
+``runs/local/ple-adatt-<timestamp>/pipeline.log``; the terminal gets the step progress and a
+summary. MLflow defaults to the project's sqlite store (``$MLFLOW_TRACKING_URI`` wins).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import re
+import sys
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+from .runs import RUN_FILE, summarize_run, write_run_file
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_ROOT = Path("runs/local")
+LOG_FILE = "pipeline.log"
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+class LocalRunError(RuntimeError):
+    """The local run could not start or a step failed; the message says where to look."""
+
+
+def default_tracking_uri() -> str:
+    """$MLFLOW_TRACKING_URI, else the embedded store ``sqlite:///<project>/mlflow.db``."""
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{PROJECT_ROOT / 'mlflow.db'}"
+
+
+def _load_pipeline(package: str | Path | None) -> Any:
+    """The pipeline as kfp.local runs it: the compiled IR, without retry policies.
+
+    Retries are for transient cluster failures (a preempted node); kfp.local honours them with
+    the same backoff, which would only delay the report of a deterministic local failure.
+    """
+    import tempfile
+
+    import yaml
+    from kfp import components as kfp_components
+
+    if package is None:
+        from .pipeline import compile_pipeline
+
+        with tempfile.TemporaryDirectory() as tmp:
+            text = Path(compile_pipeline(f"{tmp}/pipeline.yaml")).read_text()
+    else:
+        p = Path(package)
+        if not p.exists():
+            raise LocalRunError(f"{p}: no compiled pipeline; run `make compile` (or drop --package)")
+        text = p.read_text()
+    spec = next(iter(yaml.safe_load_all(text)))  # the pipeline spec; the Kubernetes platform spec is moot here
+    for task in spec.get("root", {}).get("dag", {}).get("tasks", {}).values():
+        task.pop("retryPolicy", None)
+    return kfp_components.load_component_from_text(yaml.safe_dump(spec, sort_keys=False))
+
+
+def _abs(path: str | Path, what: str, fix: str) -> str:
+    p = Path(path)
+    if not p.exists():
+        raise LocalRunError(f"{what} {p} not found; {fix}")
+    return str(p.resolve())
+
+
+def run_locally(
+    *,
+    data: str | Path,
+    package: str | Path | None = None,
+    data_config: str | Path = "configs/data/synthetic.yaml",
+    train_config: str | Path = "configs/train/cpu_small.yaml",
+    overrides: list[str] | None = None,
+    root: str | Path = DEFAULT_ROOT,
+    mlflow_tracking_uri: str | None = None,
+    gx_rows: str = "100000",
+    echo: bool = False,
+) -> Path:
+    """Run the whole pipeline through kfp.local; return the run directory (raises LocalRunError)."""
+    from kfp import local
+
+    params = {
+        "data_uri": _abs(data, "dataset", "run `make data` (or pass --data)"),
+        "data_config": _abs(data_config, "data config", "pass --data-config configs/data/<name>.yaml"),
+        "train_config": _abs(train_config, "train config", "pass --train-config configs/train/<name>.yaml"),
+        "overrides": list(overrides or []),
+        "mlflow_tracking_uri": mlflow_tracking_uri or default_tracking_uri(),
+        "gx_rows": gx_rows,
+    }
+    pipeline = _load_pipeline(package)
+    root = Path(root).resolve()
+    root.mkdir(parents=True, exist_ok=True)
+    before = {p.name for p in root.iterdir()}
+    log_path = root / f".{os.getpid()}.{LOG_FILE}"
+    local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(root), raise_on_error=True)
+    t0 = time.perf_counter()
+    status, error = "succeeded", None
+    with open(log_path, "w") as log, warnings.catch_warnings():
+        # the images' code is installed in this venv: running it here is the point
+        warnings.filterwarnings("ignore", message=".*non-Python base image.*", category=RuntimeWarning)
+        # resources, accelerators: Kubernetes settings, moot on this machine
+        warnings.filterwarnings("ignore", message=".*have no effect in the current local runner.*")
+        with contextlib.nullcontext() if echo else contextlib.redirect_stdout(log):
+            try:
+                pipeline(**params)
+            except RuntimeError as e:  # kfp.local: "Pipeline 'x' finished with status FAILURE. Inner task failed: 'y'."
+                status, error = "failed", _ANSI.sub("", str(e).strip().splitlines()[0])
+    new = sorted(p for p in root.iterdir() if p.is_dir() and p.name not in before and not p.name.startswith("."))
+    if not new:
+        log_path.unlink(missing_ok=True)
+        raise LocalRunError(f"kfp.local made no run directory under {root}" + (f": {error}" if error else ""))
+    run_dir = new[-1]
+    log_path.rename(run_dir / LOG_FILE)
+    from ple_adatt import __version__
+
+    write_run_file(run_dir, {
+        "kind": "pipeline-run", "status": status, "error": error, "version": __version__,
+        "package": str(Path(package).resolve()) if package else None, "params": params,
+        "mlflow_tracking_uri": params["mlflow_tracking_uri"], "seconds": round(time.perf_counter() - t0, 1),
+    })
+    if error:
+        tail = (run_dir / LOG_FILE).read_text().splitlines()[-25:] if not echo else []
+        raise LocalRunError("\n".join([*tail, f"{error}", f"full log: {run_dir / LOG_FILE}; "
+                                       f"fix and rerun the failed stage with `make stage STAGE=<stage> RUN={run_dir}`"]))
+    return run_dir
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m pipelines.local", description=__doc__.splitlines()[0])
+    parser.add_argument("--package", help="compiled pipeline YAML (make compile); default: build it in-process")
+    parser.add_argument("--data", required=True, help="dataset Parquet file or directory")
+    parser.add_argument("--data-config", default="configs/data/synthetic.yaml")
+    parser.add_argument("--train-config", default="configs/train/cpu_small.yaml")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="train-config override, e.g. --set training.shared_expert_epochs=2 (repeatable)")
+    parser.add_argument("--root", default=str(DEFAULT_ROOT), help="where run directories go (default runs/local)")
+    parser.add_argument("--mlflow-tracking-uri", help="default $MLFLOW_TRACKING_URI, else sqlite:///<project>/mlflow.db")
+    parser.add_argument("--gx-rows", default="100000", help="rows the GX suite sees ('all' or a count)")
+    parser.add_argument("--verbose", action="store_true", help="print every step's output here, not only to the log")
+    args = parser.parse_args(argv)
+    try:
+        run_dir = run_locally(data=args.data, package=args.package, data_config=args.data_config,
+                              train_config=args.train_config, overrides=args.overrides, root=args.root,
+                              mlflow_tracking_uri=args.mlflow_tracking_uri, gx_rows=args.gx_rows, echo=args.verbose)
+    except LocalRunError as e:
+        print(f"local run failed: {e}", file=sys.stderr)
+        return 1
+    print()
+    print(summarize_run(run_dir))
+    print(f"rerun one stage against this run: make stage STAGE=train-phase2 RUN={_rel(run_dir)} SET='training.cluster_finetune_epochs=3'")
+    return 0
+
+
+def _rel(p: Path) -> str:
+    try:
+        return str(p.relative_to(Path.cwd()))
+    except ValueError:
+        return str(p)
+
+
+__all__ = ["RUN_FILE", "LocalRunError", "default_tracking_uri", "main", "run_locally"]
+
+if __name__ == "__main__":
+    sys.exit(main())

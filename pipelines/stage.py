@@ -1,0 +1,169 @@
+"""``python -m pipelines.stage``: rerun one stage against the artifacts of an earlier local run.
+
+    python -m pipelines.stage train-phase2 --run runs/local/ple-adatt-<timestamp> \\
+        --set training.cluster_finetune_epochs=3
+
+What ``make stage STAGE=... RUN=... SET=...`` does. The stage's component function runs
+here (the same code as in the pipeline, the KFP artifacts built from paths), its inputs are
+the upstream outputs of RUN, and its outputs go to a new directory (default
+``runs/stages/<stage>-<timestamp>``) laid out like a run: ``<task>/<output>`` plus a
+``run.json`` naming RUN as its source. RUN itself is only read. The new directory is a run
+directory too, so the next stage can be rerun against it (``--run <new dir>``): the
+artifacts it lacks come from its source.
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import json
+import sys
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from .runs import UPSTREAM, RunError, find_artifact, latest_run, read_run_file, write_run_file
+
+DEFAULT_OUT_ROOT = Path("runs/stages")
+
+
+def _component(stage: str) -> Any:
+    from components.build import load
+
+    return load(stage)
+
+
+def _artifact(schema_type: str, uri: Path) -> Any:
+    """A KFP artifact object of the component's declared type (``system.Model@0.0.1``, ...)."""
+    from kfp import dsl
+
+    title = schema_type.split("@")[0]
+    classes = {cls.schema_title: cls for cls in (dsl.Artifact, dsl.Dataset, dsl.Model, dsl.Metrics, dsl.HTML,
+                                                 dsl.Markdown, dsl.ClassificationMetrics, dsl.SlicedClassificationMetrics)}
+    if title not in classes:
+        raise RunError(f"artifact type {schema_type} is not supported by the stage runner")
+    cls = classes[title]
+    return cls(name=uri.name, uri=str(uri))
+
+
+def _inside(path: Path, parent: Path) -> bool:
+    try:
+        path.resolve().relative_to(parent.resolve())
+        return True
+    except ValueError:
+        return False
+
+
+def rerun_stage(
+    stage: str,
+    run: str | Path,
+    *,
+    out: str | Path | None = None,
+    overrides: list[str] | None = None,
+    data: str | Path | None = None,
+    data_config: str | Path | None = None,
+    train_config: str | Path | None = None,
+    mlflow_tracking_uri: str | None = None,
+) -> Path:
+    """Run ``stage`` on the upstream artifacts of ``run``; return the new directory (RunError on bad input)."""
+    if stage not in UPSTREAM:
+        raise RunError(f"unknown stage {stage!r}; valid: {', '.join(UPSTREAM)}")
+    src = Path(run).resolve()
+    info = read_run_file(src)
+    params = dict(info.get("params", {}))
+    if data is not None:
+        params["data_uri"] = str(Path(data).resolve())
+    if data_config is not None:
+        params["data_config"] = str(Path(data_config).resolve())
+    if train_config is not None:
+        params["train_config"] = str(Path(train_config).resolve())
+    if mlflow_tracking_uri is not None:
+        params["mlflow_tracking_uri"] = mlflow_tracking_uri
+    params["overrides"] = list(params.get("overrides", [])) + list(overrides or [])
+
+    stamp = datetime.now(UTC).strftime("%Y%m%d-%H%M%S-%f")
+    dest = Path(out) if out is not None else DEFAULT_OUT_ROOT / f"{stage}-{stamp}"
+    dest = dest.resolve()
+    if dest.exists():
+        raise RunError(f"{dest} already exists; a rerun writes to a new directory (drop --out or pick another)")
+    if _inside(dest, src) or _inside(src, dest):
+        raise RunError(f"{dest} overlaps the source run {src}; a rerun never writes into its source")
+
+    component = _component(stage)
+    spec = component.component_spec
+    kwargs: dict[str, Any] = {}
+    inputs: dict[str, str] = {}
+    for name, (task, output) in UPSTREAM[stage].items():
+        if task == "dataset":
+            path = Path(params.get("data_uri", ""))
+            if not path.exists():
+                raise RunError(f"the dataset {path} of run {src} is gone; pass --data PATH (make stage ... DATA=PATH)")
+        else:
+            path = find_artifact(src, task, output)
+        inputs[name] = str(path)
+        kwargs[name] = _artifact(spec.inputs[name].type, path)
+    outputs: dict[str, str] = {}
+    for name, out_spec in spec.outputs.items():
+        path = dest / stage / name
+        outputs[name] = str(path)
+        kwargs[name] = _artifact(out_spec.type, path)
+    accepted = set(inspect.signature(component.python_func).parameters)
+    for key in ("data_config", "train_config", "gx_rows", "overrides", "mlflow_tracking_uri"):
+        if key in accepted and key in params:
+            kwargs[key] = params[key]
+    if "pipeline_run_id" in accepted:
+        kwargs["pipeline_run_id"] = f"stage-{stage}-{stamp}"
+
+    (dest / stage).mkdir(parents=True)
+    record = {"kind": "stage-rerun", "stage": stage, "source_run": str(src), "params": params, "inputs": inputs,
+              "outputs": outputs, "mlflow_tracking_uri": params.get("mlflow_tracking_uri"), "status": "running"}
+    write_run_file(dest, record)
+    t0 = time.perf_counter()
+    try:
+        component.python_func(**kwargs)
+    except SystemExit as e:  # the stage printed its one-line reason
+        record.update(status="failed", error=f"ple-adatt {stage} exited with {e.code}",
+                      seconds=round(time.perf_counter() - t0, 1))
+        write_run_file(dest, record)
+        raise RunError(f"stage {stage} failed (exit {e.code}); its inputs and run.json are in {dest}") from None
+    metadata = {name: kwargs[name].metadata for name in spec.outputs}
+    for name, out_spec in spec.outputs.items():  # KFP keeps Metrics as metadata only; a file is handier here
+        if out_spec.type.startswith("system.Metrics") and not Path(outputs[name]).exists():
+            Path(outputs[name]).write_text(json.dumps(metadata[name], indent=1, sort_keys=True) + "\n")
+    record.update(status="succeeded", seconds=round(time.perf_counter() - t0, 1), metadata=metadata)
+    write_run_file(dest, record)
+    return dest
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m pipelines.stage", description=__doc__.splitlines()[0])
+    parser.add_argument("stage", choices=list(UPSTREAM), help="the stage to rerun")
+    parser.add_argument("--run", help="run directory to take the upstream artifacts from "
+                        "(default: the newest under runs/local)")
+    parser.add_argument("--out", help="new directory for the outputs (default runs/stages/<stage>-<timestamp>)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="train-config override added to the run's own, e.g. --set training.cluster_finetune_epochs=3")
+    parser.add_argument("--data", help="dataset to use instead of the run's")
+    parser.add_argument("--data-config", help="data config instead of the run's")
+    parser.add_argument("--train-config", help="train config instead of the run's (train-phase1)")
+    parser.add_argument("--mlflow-tracking-uri", help="default: the run's")
+    args = parser.parse_args(argv)
+    try:
+        run = Path(args.run) if args.run else latest_run("runs/local")
+        dest = rerun_stage(args.stage, run, out=args.out, overrides=args.overrides, data=args.data,
+                           data_config=args.data_config, train_config=args.train_config,
+                           mlflow_tracking_uri=args.mlflow_tracking_uri)
+    except RunError as e:
+        print(f"make stage: error: {e}", file=sys.stderr)
+        return 2
+    info = read_run_file(dest)
+    print(f"\n{args.stage} rerun against {run} ({info['seconds']:.0f}s); outputs in {dest}:")
+    for name, path in info["outputs"].items():
+        print(f"  {name:<16} {path}")
+    print(f"rerun the next stage against it: make stage STAGE=<stage> RUN={dest}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

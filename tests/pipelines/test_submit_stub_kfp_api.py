@@ -1,0 +1,180 @@
+"""`make submit` against a STUB of the KFP v2beta1 REST API on 127.0.0.1 (no cluster runs here).
+
+The stub is the only fake in the project's tests: it answers the handful of endpoints
+kfp.Client uses with the shapes the real API server returns, and records each request so
+the tests can check what submit sent: the upload of a new pipeline version carrying the
+compiled IR, and a create-run request that references that version and the run parameters.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from urllib.parse import parse_qs, urlparse
+
+import pytest
+
+import ple_adatt
+from pipelines.compile import main as compile_main
+from pipelines.submit import main as submit_main
+
+TOKEN = "good-token"
+ROOT = Path(__file__).resolve().parents[2]
+
+
+class StubKfpApi(BaseHTTPRequestHandler):
+    """Answers /apis/v2beta1/... like the KFP API server; 401 without the bearer TOKEN."""
+
+    def log_message(self, *args):  # keep pytest output clean
+        pass
+
+    def _reply(self, status: int, body: dict) -> None:
+        data = json.dumps(body).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def _handle(self, method: str) -> None:
+        url = urlparse(self.path)
+        length = int(self.headers.get("Content-Length") or 0)
+        body = self.rfile.read(length) if length else b""
+        state = self.server.state  # type: ignore[attr-defined]
+        state["requests"].append({"method": method, "path": url.path, "query": parse_qs(url.query),
+                                  "auth": self.headers.get("Authorization"), "body": body,
+                                  "content_type": self.headers.get("Content-Type", "")})
+        if self.headers.get("Authorization") != f"Bearer {TOKEN}":
+            return self._reply(401, {"error": "Unauthorized", "code": 16, "message": "invalid token"})
+        p = url.path
+        if method == "GET" and p == "/apis/v2beta1/healthz":
+            return self._reply(200, {"multi_user": True})
+        if method == "GET" and p == "/apis/v2beta1/pipelines":
+            found = [{"pipeline_id": "pl-1", "display_name": "ple-adatt"}] if state["pipeline_exists"] else []
+            return self._reply(200, {"pipelines": found, "total_size": len(found)})
+        if method == "POST" and p == "/apis/v2beta1/pipelines/upload_version":
+            return self._reply(200, {"pipeline_id": "pl-1", "pipeline_version_id": "ver-2",
+                                     "display_name": parse_qs(url.query)["name"][0]})
+        if method == "POST" and p == "/apis/v2beta1/pipelines/upload":
+            state["pipeline_exists"] = True
+            return self._reply(200, {"pipeline_id": "pl-1", "display_name": parse_qs(url.query)["name"][0]})
+        if method == "GET" and p == "/apis/v2beta1/pipelines/pl-1/versions":
+            return self._reply(200, {"pipeline_versions": [{"pipeline_id": "pl-1", "pipeline_version_id": "ver-1"}]})
+        if method == "GET" and p == "/apis/v2beta1/experiments":
+            return self._reply(200, {"experiments": [{"experiment_id": "exp-7", "display_name": "recsys"}]})
+        if method == "POST" and p == "/apis/v2beta1/runs":
+            run = json.loads(body)
+            return self._reply(200, {**run, "run_id": "run-99", "state": "PENDING"})
+        return self._reply(404, {"error": f"stub has no {method} {p}"})
+
+    def do_GET(self):
+        self._handle("GET")
+
+    def do_POST(self):
+        self._handle("POST")
+
+
+@pytest.fixture
+def stub():
+    server = ThreadingHTTPServer(("127.0.0.1", 0), StubKfpApi)
+    server.state = {"requests": [], "pipeline_exists": True}  # type: ignore[attr-defined]
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield server
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+@pytest.fixture(scope="module")
+def package(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("ir") / "pipeline.yaml"
+    assert compile_main(["--out", str(path)]) == 0
+    return path
+
+
+def _host(server) -> str:
+    return f"http://127.0.0.1:{server.server_address[1]}"
+
+
+def _calls(server, method: str, path: str) -> list[dict]:
+    return [r for r in server.state["requests"] if r["method"] == method and r["path"] == path]
+
+
+def test_stub_submit_uploads_a_new_version_and_starts_a_run(stub, package, capsys):
+    rc = submit_main(["--package", str(package), "--host", _host(stub), "--namespace", "team-recsys",
+                      "--token", TOKEN, "--experiment", "recsys", "--run-name", "nightly",
+                      "--data-uri", "s3://bucket/recsys.parquet", "--param", "gx_rows=all",
+                      "--set", "training.shared_expert_epochs=3"])
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    (upload,) = _calls(stub, "POST", "/apis/v2beta1/pipelines/upload_version")
+    assert upload["query"]["pipelineid"] == ["pl-1"]
+    assert upload["query"]["name"][0].startswith(f"{ple_adatt.__version__}-")
+    assert upload["content_type"].startswith("multipart/form-data")
+    assert b"pipelineInfo" in upload["body"] and b"ple-adatt-cuda:" + ple_adatt.__version__.encode() in upload["body"]
+    assert not _calls(stub, "POST", "/apis/v2beta1/pipelines/upload")  # existing pipeline: a new version only
+    (run,) = _calls(stub, "POST", "/apis/v2beta1/runs")
+    sent = json.loads(run["body"])
+    assert sent["display_name"] == "nightly"
+    assert sent["experiment_id"] == "exp-7"
+    assert sent["pipeline_version_reference"] == {"pipeline_id": "pl-1", "pipeline_version_id": "ver-2"}
+    assert sent["runtime_config"]["parameters"] == {"data_uri": "s3://bucket/recsys.parquet", "gx_rows": "all",
+                                                    "overrides": ["training.shared_expert_epochs=3"]}
+    (exp,) = _calls(stub, "GET", "/apis/v2beta1/experiments")
+    assert exp["query"]["namespace"] == ["team-recsys"]
+    assert all(r["auth"] == f"Bearer {TOKEN}" for r in stub.state["requests"])
+    assert f"{_host(stub)}/#/runs/details/run-99" in out
+
+
+def test_stub_first_submit_creates_the_pipeline(stub, package, capsys):
+    stub.state["pipeline_exists"] = False
+    rc = submit_main(["--package", str(package), "--host", _host(stub), "--namespace", "team-recsys",
+                      "--token", TOKEN, "--experiment", "recsys", "--data-uri", "s3://b/d.parquet"])
+    assert rc == 0, capsys.readouterr()
+    (create,) = _calls(stub, "POST", "/apis/v2beta1/pipelines/upload")
+    assert create["query"]["name"] == ["ple-adatt"]
+    (run,) = _calls(stub, "POST", "/apis/v2beta1/runs")
+    assert json.loads(run["body"])["pipeline_version_reference"] == {"pipeline_id": "pl-1",
+                                                                     "pipeline_version_id": "ver-1"}
+
+
+def test_stub_refuses_a_bad_token_with_one_line(stub, package, capsys):
+    rc = submit_main(["--package", str(package), "--host", _host(stub), "--namespace", "team-recsys",
+                      "--token", "expired", "--data-uri", "s3://b/d.parquet"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2
+    assert err.count("\n") == 0 and "401" in err and "--token" in err and "expired" not in err
+    assert not _calls(stub, "POST", "/apis/v2beta1/runs")
+
+
+def test_unreachable_host_is_one_clear_line_not_a_traceback(package, tmp_path):
+    import socket
+
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.run([sys.executable, "-m", "pipelines.submit", "--package", str(package),
+                           "--host", f"http://127.0.0.1:{port}", "--namespace", "ns", "--token", TOKEN,
+                           "--data-uri", "s3://b/d.parquet"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].startswith(f"make submit: error: cannot reach the KFP API at http://127.0.0.1:{port}")
+    assert "Connection refused" in lines[0] and "--host" in lines[0]
+    assert "Traceback" not in proc.stderr + proc.stdout
+
+
+def test_submit_needs_a_host_and_a_dataset(package, capsys, monkeypatch):
+    monkeypatch.delenv("KFP_HOST", raising=False)
+    assert submit_main(["--package", str(package), "--data-uri", "s3://b/d"]) == 2
+    assert "no KFP host" in capsys.readouterr().err
+    assert submit_main(["--package", str(package), "--host", "http://127.0.0.1:1"]) == 2
+    assert "--data-uri" in capsys.readouterr().err
+    assert submit_main(["--package", str(package / "missing.yaml"), "--host", "http://x", "--data-uri", "s3://b"]) == 2
+    assert "make compile" in capsys.readouterr().err
