@@ -347,8 +347,7 @@ def _trajectories(w: Any, r: dict[str, Any]) -> None:
 def _conflict(w: Any, r: dict[str, Any], order: list[str], idx: list[int], boxes: list[Any]) -> None:
     g = r["gcd"]
     w('<h2 id="conflict">Conflict measures: GCD and TCI</h2>')
-    w(f'<div class="note"><b>GCD</b> (this project\'s definition following the MoCoGrad notes): '
-      f"{escape(g['definition'])}</div>")
+    w(f'<div class="note"><b>GCD</b>: {escape(g["definition"])}</div>')
     w('<div class="row scroll">')
     w(_gcd_heatmap(g["matrix"], idx, order, boxes))
     conflicts = [p for p in g["pairs"] if p["conflict"]]
@@ -370,8 +369,7 @@ def _conflict(w: Any, r: dict[str, Any], order: list[str], idx: list[int], boxes
           "validation losses trained alone, or a directory of single-task checkpoints; see docs/report.md) to "
           "see TCI.</p>")
         return
-    w(f'<div class="note"><b>TCI</b> (this project\'s definition following the MoCoGrad notes): '
-      f"{escape(tci['definition'])}</div>")
+    w(f'<div class="note"><b>TCI</b>: {escape(tci["definition"])}</div>')
     w('<table><tr><th>task</th><th>phase</th><th class="n">val loss alone</th><th class="n">val loss jointly</th>'
       '<th class="n">TCI</th><th></th></tr>')
     for t in tci["tasks"]:
