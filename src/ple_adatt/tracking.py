@@ -1,0 +1,574 @@
+"""MLflow tracking: one MLflow run per pipeline run, one nested run per stage.
+
+Every stage wraps its work in :func:`ple_adatt.stages.common.stage_tracking`, which calls
+:func:`stage_run` here. The layout in MLflow:
+
+* experiment ``tracking.experiment`` (default ``ple-adatt``);
+* a **parent run** per pipeline run, found (or created) by its tag ``pipeline_run_id``;
+  its status follows the last stage that ran (FAILED as soon as a stage fails);
+* a **nested run** per stage (tags: ``stage``, ``pipeline_run_id``, ``kfp_run_id``,
+  ``component_version`` = ``ple_adatt.__version__``, ``git_commit``) holding the flattened
+  configs as params, per-epoch metrics (``task_losses/<task>``, ``raw_losses/<task>``,
+  ``val/<task>/<metric>``, ``val_loss``, ``lr``, ``transfer_share``, ``adatt_phase``),
+  events as metrics (``adatt_freeze_epoch``, ``cgc_frozen_epoch``, ``phase2_start``; the
+  value is the epoch), the affinity and transfer matrices per epoch as JSON artifacts
+  (``matrices/<phase>_epoch_<NNN>.json``) and the stage's outputs as artifacts.
+
+Where runs go: ``$MLFLOW_TRACKING_URI``, else ``tracking.tracking_uri`` of the train config,
+else the embedded default, a sqlite store in the working directory (``sqlite:///mlflow.db``,
+artifacts under ``./mlartifacts``; ``make mlflow-ui`` opens it). Any sqlite store keeps the
+artifacts of the experiments it creates in ``mlartifacts/`` beside its database file. A tracking server that does
+not answer is retried ``tracking.retries`` times, ``tracking.retry_wait_s`` apart, then the
+stage fails with :class:`TrackingError`. There is never a silent fallback to a local store;
+``tracking.require_server: true`` (production) also refuses to start without a server URI.
+
+``mlflow`` is imported inside the functions: importing this module stays cheap.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import os
+import re
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from .config import TrackingConfig, TrainConfig
+from .stages.common import NullTracker, StageError
+
+__all__ = [
+    "TrackingError",
+    "TrackingTarget",
+    "StageTracker",
+    "DEFAULT_TRACKING_URI",
+    "DEFAULT_ARTIFACT_DIR",
+    "resolve_target",
+    "connect",
+    "stage_run",
+    "flatten_params",
+    "metric_name",
+    "parent_run",
+    "epoch_metrics",
+]
+
+DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
+DEFAULT_ARTIFACT_DIR = "mlartifacts"
+#: adaTT phase as a metric (MLflow metrics are numbers); the name is also a tag per epoch file
+ADATT_PHASE_CODE = {"off": -1, "warmup": 0, "dynamic": 1, "frozen": 2}
+#: the events the seed lists, logged as metrics whose value is the epoch they happened in
+EVENT_METRICS = ("adatt_freeze_epoch", "cgc_frozen_epoch", "phase2_start")
+PARAM_VALUE_MAX = 6000  # MLflow's limit on a param value
+TAG_VALUE_MAX = 5000  # model version tags are the tightest limit
+
+
+class TrackingError(StageError):
+    """The tracking server cannot be reached or refuses a request; the message says what to do."""
+
+
+# --------------------------------------------------------------------------- resolution
+
+
+@dataclass(frozen=True)
+class TrackingTarget:
+    """Where runs and models go, and how hard to try."""
+
+    uri: str
+    experiment: str
+    source: str  # "MLFLOW_TRACKING_URI" | "config" | "default"
+    retries: int
+    retry_wait_s: float
+    artifact_location: str | None  # new experiments of a sqlite store: mlartifacts/ beside the db
+
+    @property
+    def is_server(self) -> bool:
+        return self.uri.startswith(("http://", "https://"))
+
+
+def resolve_target(cfg: TrackingConfig | None = None) -> TrackingTarget:
+    """``$MLFLOW_TRACKING_URI`` > ``tracking.tracking_uri`` > the local sqlite store."""
+    cfg = cfg or TrackingConfig()
+    env_uri = os.environ.get("MLFLOW_TRACKING_URI", "").strip()
+    if env_uri:
+        uri, source = env_uri, "MLFLOW_TRACKING_URI"
+    elif cfg.tracking_uri:
+        uri, source = cfg.tracking_uri, "config"
+    else:
+        uri, source = DEFAULT_TRACKING_URI, "default"
+    experiment = os.environ.get("MLFLOW_EXPERIMENT_NAME", "").strip() or cfg.experiment
+    target = TrackingTarget(
+        uri=uri, experiment=experiment, source=source, retries=max(int(cfg.retries), 0),
+        retry_wait_s=max(float(cfg.retry_wait_s), 0.0),
+        artifact_location=_local_artifact_location(uri),
+    )
+    if cfg.require_server and not target.is_server:
+        raise TrackingError(
+            f"tracking.require_server is true but the tracking URI is {uri!r} ({source}), not a tracking "
+            "server; set MLFLOW_TRACKING_URI=http://<host>:<port> (or tracking.tracking_uri in the train "
+            "config), or set tracking.require_server=false to use a local store"
+        )
+    return target
+
+
+def _local_artifact_location(uri: str) -> str | None:
+    """A sqlite store keeps its artifacts beside the database file, in ``mlartifacts/``
+    (``sqlite:///mlflow.db`` -> ``./mlartifacts``), not in MLflow's ``./mlruns`` of the cwd."""
+    if not uri.startswith("sqlite:///"):
+        return None
+    db = uri[len("sqlite:///"):].split("?", 1)[0]
+    if not db or db == ":memory:":
+        return None
+    return (Path(db).resolve().parent / DEFAULT_ARTIFACT_DIR).as_uri()
+
+
+def _bound_mlflow_http_retries(target: TrackingTarget) -> None:
+    """MLflow's own HTTP retry backs off for minutes by default; keep it within our budget."""
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", str(max(target.retries, 0)))
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_JITTER", "0.5")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
+
+
+def _probe(target: TrackingTarget) -> None:
+    """Wait (bounded) until a tracking server answers ``/health``; raise TrackingError if not."""
+    import urllib.error
+    import urllib.request
+
+    url = target.uri.rstrip("/") + "/health"
+    last = ""
+    for attempt in range(target.retries + 1):
+        try:
+            with urllib.request.urlopen(url, timeout=5) as resp:  # noqa: S310 - http(s) only
+                if resp.status == 200:
+                    return
+                last = f"HTTP {resp.status}"
+        except urllib.error.HTTPError as e:
+            last = f"HTTP {e.code} {e.reason}"
+        except (urllib.error.URLError, OSError) as e:
+            last = str(getattr(e, "reason", e))
+        if attempt < target.retries:
+            time.sleep(target.retry_wait_s)
+    raise TrackingError(
+        f"MLflow tracking server {target.uri} (from {target.source}) did not answer after "
+        f"{target.retries + 1} attempts {target.retry_wait_s:g}s apart ({last}); start it or fix "
+        "MLFLOW_TRACKING_URI, or rerun with --no-tracking to skip tracking for a local stage"
+    )
+
+
+def _wrap(target: TrackingTarget, what: str, fn: Any, *args: Any, **kwargs: Any) -> Any:
+    """Call an MLflow client function; turn its failures into one clear TrackingError."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return fn(*args, **kwargs)
+    except MlflowException as e:
+        msg = str(e.message if hasattr(e, "message") else e).splitlines()[0][:300]
+        raise TrackingError(f"MLflow at {target.uri}: {what} failed: {msg}") from e
+    except OSError as e:  # requests' ConnectionError is an OSError
+        raise TrackingError(
+            f"MLflow at {target.uri}: {what} failed: {str(e).splitlines()[0][:300]}; is the tracking "
+            "server up? (MLFLOW_TRACKING_URI)"
+        ) from e
+
+
+def connect(target: TrackingTarget) -> tuple[Any, str]:
+    """An MlflowClient on ``target`` (server probed with bounded retry) and the experiment id."""
+    from mlflow.tracking import MlflowClient
+
+    _bound_mlflow_http_retries(target)
+    if target.is_server:
+        _probe(target)
+    client = MlflowClient(tracking_uri=target.uri, registry_uri=target.uri)
+    exp = _wrap(target, f"reading experiment {target.experiment!r}", client.get_experiment_by_name,
+                target.experiment)
+    if exp is None:
+        try:
+            return client, _wrap(target, f"creating experiment {target.experiment!r}", client.create_experiment,
+                                 target.experiment, artifact_location=target.artifact_location)
+        except TrackingError:  # created concurrently by another stage
+            exp = client.get_experiment_by_name(target.experiment)
+            if exp is None:
+                raise
+    if exp.lifecycle_stage != "active":
+        raise TrackingError(
+            f"MLflow at {target.uri}: experiment {target.experiment!r} is deleted; restore it in the UI "
+            "or set tracking.experiment (or $MLFLOW_EXPERIMENT_NAME) to another name"
+        )
+    return client, exp.experiment_id
+
+
+# ------------------------------------------------------------------------------ params
+
+
+def _scalar(v: Any) -> str:
+    s = v if isinstance(v, str) else json.dumps(v, default=str)
+    return s if len(s) <= PARAM_VALUE_MAX else s[: PARAM_VALUE_MAX - 3] + "..."
+
+
+def flatten_params(obj: Any, prefix: str = "") -> dict[str, str]:
+    """``{"a": {"b": 1}}`` -> ``{"a.b": "1"}``; lists of named dicts are keyed by name.
+
+    Lists of scalars become one JSON value (``model.logit_transfer_edges``); values longer
+    than MLflow's limit are cut with ``...``.
+    """
+    from .config import to_dict
+
+    obj = to_dict(obj)
+    out: dict[str, str] = {}
+
+    def walk(node: Any, key: str) -> None:
+        if isinstance(node, dict) and node:
+            for k, v in node.items():
+                walk(v, f"{key}.{k}" if key else str(k))
+        elif isinstance(node, list) and node and all(isinstance(x, dict) and "name" in x for x in node):
+            for x in node:
+                walk({k: v for k, v in x.items() if k != "name"}, f"{key}.{x['name']}")
+        else:
+            out[metric_name(key)] = _scalar(node)
+
+    walk(obj, prefix)
+    return out
+
+
+_BAD_CHARS = re.compile(r"[^/\w.\- :]")
+
+
+def metric_name(name: str) -> str:
+    """A name MLflow accepts (``recall@10`` -> ``recall_at_10``)."""
+    return _BAD_CHARS.sub("_", str(name).replace("@", "_at_"))
+
+
+def _finite(v: Any) -> float | None:
+    if isinstance(v, bool):
+        return float(v)
+    if isinstance(v, (int, float)) and math.isfinite(float(v)):
+        return float(v)
+    return None
+
+
+def epoch_metrics(record: Any) -> dict[str, float]:
+    """The per-epoch metrics of a ``training.EpochRecord`` (or its ``as_dict()``)."""
+    r = record if isinstance(record, dict) else record.as_dict()
+    m: dict[str, float | None] = {
+        "lr": _finite(r.get("lr")),
+        "transfer_share": _finite(r.get("transfer_share")),
+        "adatt_phase": float(ADATT_PHASE_CODE.get(r.get("transfer_phase", "off"), -1)),
+        "cgc_frozen": _finite(bool(r.get("cgc_frozen"))),
+        "transfer_frozen": _finite(bool(r.get("transfer_frozen"))),
+        "skipped_batches": _finite(r.get("skipped_batches", 0)),
+        "epoch_seconds": _finite(r.get("seconds")),
+        "global_step": _finite(r.get("step")),
+    }
+    for t, v in (r.get("task_losses") or {}).items():
+        m[f"task_losses/{t}"] = _finite(v)
+    for t, v in (r.get("raw_losses") or {}).items():
+        m[f"raw_losses/{t}"] = _finite(v)
+    val = r.get("val") or {}
+    m["val_loss"] = _finite(val.get("val_loss"))
+    for t, tm in (val.get("tasks") or {}).items():
+        for k, v in (tm or {}).items():
+            if k != "by_cluster":
+                m[f"val/{t}/{k}"] = _finite(v)
+    return {metric_name(k): v for k, v in m.items() if v is not None}
+
+
+def _final_metrics(metrics: dict[str, Any]) -> dict[str, float]:
+    out: dict[str, float | None] = {"final/val_loss": _finite(metrics.get("val_loss"))}
+    for t, tm in (metrics.get("tasks") or {}).items():
+        for k, v in (tm or {}).items():
+            if k != "by_cluster":
+                out[f"final/{t}/{k}"] = _finite(v)
+    return {metric_name(k): v for k, v in out.items() if v is not None}
+
+
+def negative_transfer_pairs(neg: dict[str, list[str]] | None) -> list[tuple[str, str]]:
+    """``{a: [b], b: [a]}`` -> ``[(a, b)]`` (unordered pairs, sorted)."""
+    return sorted({tuple(sorted((a, b))) for a, bs in (neg or {}).items() for b in bs})  # type: ignore[misc]
+
+
+# ----------------------------------------------------------------------------- tracker
+
+
+class StageTracker(NullTracker):
+    """Logs one stage into its nested MLflow run (the interface of ``NullTracker``)."""
+
+    def __init__(self, client: Any, target: TrackingTarget, run_id: str, parent_run_id: str, stage: str):
+        self.client = client
+        self.target = target
+        self.run_id = run_id
+        self.parent_run_id = parent_run_id
+        self.stage = stage
+        self._params: dict[str, str] = {}
+        self._events: set[tuple[str, str, int]] = set()
+        self._cgc_frozen: bool | None = None
+        self._phases_seen: set[str] = set()
+
+    # -- the NullTracker interface
+    def log_params(self, params: dict[str, Any]) -> None:
+        """Log params once; a key already logged with another value is kept as it was."""
+        from mlflow.entities import Param
+
+        flat = {k: _scalar(v) for k, v in params.items()}
+        new = {k: v for k, v in flat.items() if k not in self._params}
+        if not new:
+            return
+        items = list(new.items())
+        for i in range(0, len(items), 100):
+            batch = [Param(k, v) for k, v in items[i:i + 100]]
+            self._call("logging params", self.client.log_batch, self.run_id, params=batch)
+        self._params.update(new)
+
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        from mlflow.entities import Metric
+
+        ts = int(time.time() * 1000)
+        items = [(metric_name(k), _finite(v)) for k, v in metrics.items()]
+        batch = [Metric(k, v, ts, step or 0) for k, v in items if v is not None]
+        for i in range(0, len(batch), 1000):
+            self._call("logging metrics", self.client.log_batch, self.run_id, metrics=batch[i:i + 1000])
+
+    def log_epoch(self, record: Any) -> None:
+        r = record if isinstance(record, dict) else record.as_dict()
+        phase, epoch = str(r.get("phase", "")), int(r.get("epoch", 0))
+        if phase == "phase2" and phase not in self._phases_seen:
+            self._event_once("phase2_start", phase, 0)
+        self._phases_seen.add(phase)
+        self.log_metrics(epoch_metrics(r), step=epoch)
+        for ev in r.get("events") or []:
+            self._event_once(str(ev), phase, epoch)
+        frozen = bool(r.get("cgc_frozen"))
+        if frozen and self._cgc_frozen is False:  # flipped during this epoch
+            self._event_once("cgc_frozen_epoch", phase, epoch)
+        self._cgc_frozen = frozen
+        tasks = list((r.get("task_losses") or {}).keys())
+        if r.get("affinity") or r.get("transfer_matrix") is not None:
+            self.log_dict(
+                {"phase": phase, "epoch": epoch, "step": r.get("step"), "transfer_phase": r.get("transfer_phase"),
+                 "tasks": tasks, "affinity": r.get("affinity"), "transfer_matrix": r.get("transfer_matrix")},
+                f"matrices/{phase}_epoch_{epoch:03d}.json",
+            )
+
+    def log_event(self, name: str, value: float, step: int | None = None) -> None:
+        self.log_metrics({name: value}, step=step if step is not None else int(value))
+
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
+        p = Path(path)
+        if not p.exists():
+            raise TrackingError(f"cannot log {p} to MLflow: it does not exist")
+        if p.is_dir():
+            self._call(f"uploading {p}", self.client.log_artifacts, self.run_id, str(p), artifact_path)
+            self._from_manifest(p)
+        else:
+            self._call(f"uploading {p}", self.client.log_artifact, self.run_id, str(p), artifact_path)
+
+    def log_dict(self, obj: Any, name: str) -> None:
+        self._call(f"writing {name}", self.client.log_dict, self.run_id, obj, name)
+
+    def set_tags(self, tags: dict[str, str]) -> None:
+        from mlflow.entities import RunTag
+
+        batch = [RunTag(k, str(v)[:TAG_VALUE_MAX]) for k, v in tags.items() if v is not None]
+        if batch:
+            self._call("setting tags", self.client.log_batch, self.run_id, tags=batch)
+
+    # -- helpers
+    def _call(self, what: str, fn: Any, *args: Any, **kwargs: Any) -> Any:
+        return _wrap(self.target, what, fn, *args, **kwargs)
+
+    def _event_once(self, name: str, phase: str, epoch: int) -> None:
+        key = (name, phase, epoch)
+        if key in self._events:
+            return
+        self._events.add(key)
+        self.log_metrics({name: float(epoch)}, step=epoch)
+
+    def _from_manifest(self, d: Path) -> None:
+        """A logged artifact directory with a manifest: lineage tags, final metrics, events."""
+        man_path = d / "manifest.json"
+        if not man_path.exists():
+            return
+        try:
+            man = json.loads(man_path.read_text())
+        except json.JSONDecodeError:
+            return
+        kind = man.get("kind")
+        inputs = man.get("inputs") or {}
+        tags = {f"input.{k}": str(v).removeprefix("sha256:") for k, v in inputs.items()}
+        if kind == "checkpoint":
+            phase = str(man.get("phase", ""))
+            for ev in man.get("events") or []:
+                if ev.get("phase") == phase and ev.get("event") in EVENT_METRICS:
+                    self._event_once(ev["event"], phase, int(ev.get("epoch", 0)))
+            self.log_metrics(_final_metrics(man.get("metrics") or {}))
+            pairs = negative_transfer_pairs(man.get("negative_transfer"))
+            tags.update({
+                "checkpoint.phase": phase,
+                "checkpoint.sha256": (man.get("files") or {}).get("checkpoint.pt", ""),
+                "config_hash": man.get("config_hash") or "",
+                "data_config_hash": man.get("data_config_hash") or "",
+                "tasks": ",".join(man.get("tasks") or []),
+                "negative_transfer_pairs": ",".join(f"{a}<->{b}" for a, b in pairs) or "none",
+            })
+            cfgs = {}
+            if man.get("train_config"):
+                cfgs.update(flatten_params(man["train_config"]))
+            if man.get("data_config"):
+                cfgs.update(flatten_params(man["data_config"], "data"))
+            self.log_params(cfgs)
+        self.set_tags({k: v for k, v in tags.items() if v})
+
+
+# ------------------------------------------------------------------------- parent run
+
+
+def _local_pipeline_run_id() -> str:
+    return f"local-{datetime.now(UTC).strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
+
+
+def parent_run(client: Any, target: TrackingTarget, experiment_id: str, pipeline_run_id: str,
+               kfp_run_id: str | None) -> str:
+    """The run id of the pipeline run's parent run (created on first use)."""
+    filt = f"tags.pipeline_run_id = '{pipeline_run_id}' and tags.ple_adatt_role = 'pipeline'"
+
+    def find() -> list[Any]:
+        return _wrap(target, "searching the pipeline run", client.search_runs, [experiment_id], filt,
+                     max_results=10, order_by=["attributes.start_time ASC"])
+
+    runs = find()
+    if runs:
+        return runs[0].info.run_id
+    tags = {"pipeline_run_id": pipeline_run_id, "ple_adatt_role": "pipeline",
+            "component_version": _package_version()}
+    if kfp_run_id:
+        tags["kfp_run_id"] = kfp_run_id
+    run = _wrap(target, "creating the pipeline run", client.create_run, experiment_id,
+                run_name=f"pipeline {pipeline_run_id}", tags=tags)
+    runs = find()  # two stages racing: the earliest parent wins, the other one is removed
+    winner = runs[0].info.run_id if runs else run.info.run_id
+    if winner != run.info.run_id:
+        with contextlib.suppress(Exception):
+            client.delete_run(run.info.run_id)
+    return winner
+
+
+def _package_version() -> str:
+    from . import __version__
+
+    return __version__
+
+
+def _config_from_args(stage: str, args: argparse.Namespace | None) -> tuple[TrainConfig | None, Any]:
+    """Best effort: the train and data configs this stage runs with, from its CLI args.
+
+    Errors are left to the stage itself (it fails with the clear message); here they mean
+    "no params yet" and the default tracking settings.
+    """
+    from .config import (
+        ConfigError,
+        apply_overrides,
+        load_data_config,
+        load_train_config,
+        train_config_from_dict,
+    )
+
+    if args is None:
+        return None, None
+    overrides = list(getattr(args, "overrides", None) or [])
+    train_cfg = data_cfg = None
+    try:
+        if stage == "validate":
+            data_cfg = load_data_config(args.config, overrides) if getattr(args, "config", None) else None
+            return None, data_cfg
+        if getattr(args, "config", None):
+            train_cfg = load_train_config(args.config, overrides)
+        elif getattr(args, "checkpoint", None):
+            man = json.loads((Path(args.checkpoint) / "manifest.json").read_text())
+            raw = apply_overrides(man["train_config"], overrides)
+            train_cfg = train_config_from_dict(raw, f"{args.checkpoint}/manifest.json")
+        if getattr(args, "data_config", None):
+            data_cfg = load_data_config(args.data_config)
+    except (ConfigError, OSError, KeyError, ValueError):
+        pass
+    return train_cfg, data_cfg
+
+
+# --------------------------------------------------------------------------- stage run
+
+
+@contextlib.contextmanager
+def stage_run(stage: str, args: argparse.Namespace | None = None, **context: Any) -> Iterator[Any]:
+    """Yield the tracker of one stage: a nested run under the pipeline run's parent run.
+
+    ``args`` is the stage's argparse namespace (``pipeline_run_id``, ``no_tracking``, its
+    ``config`` / ``checkpoint`` / ``overrides``). ``context`` may give ``train_config`` (a
+    TrainConfig; its ``tracking`` section is used), ``data_config``, ``params`` and ``tags``.
+    Without a pipeline run id a ``local-...`` id is made and stored on ``args``, so stages
+    run by one command (``ple-adatt train``) share a parent run.
+    """
+    if args is not None and getattr(args, "no_tracking", False):
+        yield NullTracker()
+        return
+    train_cfg, data_cfg = _config_from_args(stage, args)
+    train_cfg = context.get("train_config") or train_cfg
+    data_cfg = context.get("data_config") or data_cfg
+    target = resolve_target(train_cfg.tracking if train_cfg is not None else None)
+    client, exp_id = connect(target)
+
+    pipeline_run_id = getattr(args, "pipeline_run_id", None) if args is not None else None
+    kfp_run_id = context.get("kfp_run_id") or os.environ.get("KFP_RUN_ID") or (
+        pipeline_run_id if pipeline_run_id else None)
+    if not pipeline_run_id:
+        pipeline_run_id = _local_pipeline_run_id()
+        if args is not None:
+            args.pipeline_run_id = pipeline_run_id
+    parent_id = parent_run(client, target, exp_id, pipeline_run_id, kfp_run_id)
+
+    from .artifacts import git_commit
+
+    tags = {
+        "mlflow.parentRunId": parent_id,
+        "ple_adatt_role": "stage",
+        "stage": stage,
+        "pipeline_run_id": pipeline_run_id,
+        "component_version": _package_version(),
+        "git_commit": git_commit() or "unknown",
+        **({"kfp_run_id": kfp_run_id} if kfp_run_id else {}),
+        **{k: str(v) for k, v in (context.get("tags") or {}).items()},
+    }
+    run = _wrap(target, f"creating the {stage} run", client.create_run, exp_id, run_name=stage, tags=tags)
+    run_id = run.info.run_id
+    _wrap(target, "marking the pipeline run running", client.update_run, parent_id, status="RUNNING")
+    # the parent shows which component versions ran
+    _wrap(target, "tagging the pipeline run", client.set_tag, parent_id, f"component_version.{stage}",
+          _package_version())
+    tracker = StageTracker(client, target, run_id, parent_id, stage)
+    params: dict[str, Any] = {}
+    if train_cfg is not None:
+        params.update(flatten_params(train_cfg))
+    if data_cfg is not None:
+        params.update(flatten_params(data_cfg, "data"))
+    if args is not None:  # the CLI args as ``args.<name>``: they never collide with config keys
+        params.update({f"args.{k}": v for k, v in vars(args).items() if v is not None and v != []})
+    params.update(context.get("params") or {})
+    tracker.log_params({metric_name(k): v for k, v in params.items()})
+    print(f"MLflow: stage {stage} -> run {run_id} (pipeline run {pipeline_run_id}) at {target.uri}",
+          file=sys.stderr)
+    try:
+        yield tracker
+    except BaseException as e:
+        with contextlib.suppress(Exception):
+            client.set_tag(run_id, "error", f"{type(e).__name__}: {e}"[:TAG_VALUE_MAX])
+            client.set_terminated(run_id, "KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
+            client.set_tag(parent_id, "failed_stage", stage)
+            client.set_terminated(parent_id, "FAILED")
+        raise
+    _wrap(target, f"finishing the {stage} run", client.set_terminated, run_id, "FINISHED")
+    _wrap(target, "updating the pipeline run", client.set_terminated, parent_id, "FINISHED")
