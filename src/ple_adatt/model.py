@@ -182,14 +182,15 @@ class PLEClusterModel(nn.Module):
         self.tower = BatchedLinear(T, d, cfg.tower_hidden)
         self.tower_dropout = nn.Dropout(cfg.tower_dropout)
         self.head = BatchedLinear(T, cfg.tower_hidden, self.out_dim)
-        # zero-initialised heads: a task's input gradient starts at zero and grows only along
-        # the directions that predict it, so related tasks' gradients on the shared experts
-        # align instead of being scrambled by random readouts (cleaner affinity early on)
-        # (retrieval heads keep a random start: a zero query has no direction to normalise)
+        # near-zero heads: a task's input gradient starts tiny and grows along the directions
+        # that predict it, so related tasks' gradients on the shared experts align instead of
+        # being scrambled by random readouts. (Not exactly zero: the very first affinity
+        # observation would then be all zeros and drag the EMA diagonal below 1.) Retrieval
+        # heads keep the default start: a near-zero query has no direction to normalise.
         with torch.no_grad():
             for i, h in enumerate(heads):
                 if h.type != "retrieval":
-                    self.head.weight[i].zero_()
+                    self.head.weight[i].normal_(0.0, 1e-3)
                     self.head.bias[i].zero_()
         self.cluster_head_weight = nn.Parameter(torch.zeros(num_clusters, T, cfg.tower_hidden, self.out_dim))
         self.cluster_head_bias = nn.Parameter(torch.zeros(num_clusters, T, 1, self.out_dim))

@@ -177,6 +177,7 @@ class EpochRecord:
     transfer_phase: str
     task_losses: dict[str, float]  # transfer-enhanced (seed's task_losses/<task>)
     raw_losses: dict[str, float]
+    weighted_losses: dict[str, float]  # after fixed / uncertainty weighting, before transfer
     transfer_share: float  # share of the summed loss that came from transfer
     val: dict[str, Any]
     affinity: list[list[float]]
@@ -341,14 +342,16 @@ class Trainer:
             denom = n_present.clamp_min(1)
             raw_mean = (sum_raw / denom).cpu()
             enh_mean = (sum_enh / denom).cpu()
+            w_mean = (sum_w / denom).cpu()
             total_enh = float(enh_mean.sum())
-            weighted_mean = float((sum_w / denom).sum())  # before transfer (fixed or uncertainty)
+            weighted_mean = float(w_mean.sum())  # before transfer (fixed or uncertainty)
             affinity_src = system.transfer if system.transfer is not None else None
             rec = EpochRecord(
                 phase=phase, epoch=epoch, step=self.global_step, lr=opt.param_groups[0]["lr"],
                 transfer_phase=transfer_phase,
                 task_losses={n: float(enh_mean[j]) for j, n in enumerate(names)},
                 raw_losses={n: float(raw_mean[j]) for j, n in enumerate(names)},
+                weighted_losses={n: float(w_mean[j]) for j, n in enumerate(names)},
                 transfer_share=max(total_enh - weighted_mean, 0.0) / total_enh if total_enh > 0 else 0.0,
                 val=val,
                 affinity=(affinity_src.affinity_computer.affinity_matrix.cpu().tolist() if affinity_src else []),

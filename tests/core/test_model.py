@@ -29,7 +29,7 @@ def test_forward_lays_tasks_along_one_batched_dimension(specs, model_cfg):
 
 def test_cluster_heads_start_from_global_head_and_unknown_cluster_uses_global(specs, model_cfg):
     model = build(specs, model_cfg)
-    torch.nn.init.normal_(model.head.weight)  # heads start at zero; make them distinguishable
+    torch.nn.init.normal_(model.head.weight)  # heads start near zero; make them distinguishable
     b = make_batch(40)
     glob = model(b.x_num, b.x_cat, b.cluster, use_cluster_heads=False).out
     model.init_cluster_heads()

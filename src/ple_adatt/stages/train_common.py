@@ -42,7 +42,7 @@ def enabled_tasks_from_validation(validation_dir: str | Path, data_cfg: DataConf
     enabled = avail.get("enabled_tasks")
     if not isinstance(enabled, list):
         raise StageError(f"{avail_path}: key `enabled_tasks` is missing or not a list")
-    seen_hash = man.get("inputs", {}).get("data")
+    seen_hash = str(man.get("inputs", {}).get("data") or "").removeprefix("sha256:") or None
     if data_hash and seen_hash and seen_hash != data_hash:
         raise StageError(
             f"{d}: the validation result was computed for a different dataset (hash {seen_hash[:12]}, "
