@@ -101,8 +101,8 @@ def resolve_target(cfg: TrackingConfig | None = None) -> TrackingTarget:
         uri, source = env_uri, "MLFLOW_TRACKING_URI"
     elif cfg.tracking_uri:
         uri, source = cfg.tracking_uri, "config"
-    else:
-        uri, source = DEFAULT_TRACKING_URI, "default"
+    else:  # absolute: MLflow caches stores by URI, a relative one would stick to the first cwd
+        uri, source = f"sqlite:///{Path(DEFAULT_TRACKING_URI.removeprefix('sqlite:///')).resolve()}", "default"
     experiment = os.environ.get("MLFLOW_EXPERIMENT_NAME", "").strip() or cfg.experiment
     target = TrackingTarget(
         uri=uri, experiment=experiment, source=source, retries=max(int(cfg.retries), 0),
