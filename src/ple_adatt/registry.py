@@ -1,0 +1,649 @@
+"""The MLflow model registry: register a Phase 2 checkpoint, gate the champion, load by alias.
+
+A registered model version is an MLflow pyfunc model (``loader_module`` flavor: this module)
+whose data directory ``data/bundle`` holds
+
+* ``checkpoint/``: the Phase 2 checkpoint exactly as the train stage wrote it
+  (``checkpoint.pt`` with the adaTT buffers, ``manifest.json``, ``preprocessing.json``);
+* ``validation/``: the validate stage's result (``availability.json``, ``validation.html``);
+* ``report/``: the report stage's files (``report.html``, ``report.md``, ``report.json``),
+  when a report was given.
+
+The version carries lineage tags (dataset hash, config hashes, package version, git commit,
+pipeline run id, component versions, negative-transfer pairs, per-task validation metrics)
+and aliases: every new version gets ``registry.candidate_alias``; ``registry.champion_alias``
+moves to it only when :func:`champion_gate` holds. Registering the same checkpoint again
+(a retried step) returns the existing version; a version left half-done by a failed step
+is completed, not duplicated.
+
+:func:`load_registered_model` turns ``models:/<name>@<alias>`` back into the trained model
+through the project's own checkpoint loader. ``mlflow`` is imported inside the functions.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import shutil
+import tempfile
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .artifacts import ArtifactError, path_sha256, read_manifest
+from .config import RegistryConfig, TrainConfig
+from .tracking import TAG_VALUE_MAX, TrackingError, TrackingTarget, negative_transfer_pairs
+
+__all__ = [
+    "RegistryError",
+    "GateDecision",
+    "RegisteredModel",
+    "check_inputs",
+    "champion_gate",
+    "register_checkpoint",
+    "load_registered_model",
+    "frame_to_tensors",
+    "BUNDLE",
+]
+
+BUNDLE = "bundle"  # the model's data directory: data/bundle/{checkpoint,validation,report}
+REPORT_FILES = ("report.html", "report.md", "report.json", "manifest.json")
+VALIDATION_SCHEMAS = (1,)
+STATUS_TAG = "registration_status"  # "complete" once aliases and the gate decision are set
+
+
+class RegistryError(TrackingError):
+    """Registration cannot proceed; the message names the input or the registry and the fix."""
+
+
+def _sha(s: str | None) -> str:
+    return (s or "").removeprefix("sha256:")
+
+
+# ------------------------------------------------------------------------- inputs
+
+
+@dataclass
+class RegistrationInputs:
+    """Everything registration reads, checked before anything is written to the registry."""
+
+    checkpoint: Path
+    manifest: dict[str, Any]
+    checkpoint_sha256: str
+    validation: Path
+    validation_manifest: dict[str, Any]
+    availability: dict[str, Any]
+    report: Path | None
+    report_files: list[str]
+    report_manifest: dict[str, Any] | None = None
+
+
+def check_inputs(checkpoint: str | Path, validation: str | Path, report: str | Path | None) -> RegistrationInputs:
+    """Refuse what must not be registered: an incomplete or Phase 1 checkpoint, a validation
+    result of other data, a report directory without report files."""
+    from .checkpoint import load_checkpoint
+
+    ck = load_checkpoint(checkpoint)  # refuses a missing manifest or missing adaTT buffers
+    man = ck.manifest
+    if man.get("phase") != "phase2":
+        raise ArtifactError(
+            f"{checkpoint}: is a {man.get('phase')} checkpoint; register the Phase 2 checkpoint "
+            "(the output of `ple-adatt train-phase2`, or OUT/phase2 of `ple-adatt train`)"
+        )
+    vdir = Path(validation)
+    vman = read_manifest(vdir, "validation", VALIDATION_SCHEMAS)
+    avail_path = vdir / "availability.json"
+    if not avail_path.exists():
+        raise ArtifactError(f"{vdir}: availability.json is missing; rerun `ple-adatt validate`")
+    availability = json.loads(avail_path.read_text())
+    ck_data, v_data = _sha(man.get("inputs", {}).get("data")), _sha(vman.get("inputs", {}).get("data"))
+    if ck_data and v_data and ck_data != v_data:
+        raise ArtifactError(
+            f"{vdir}: the validation result is for another dataset (sha256 {v_data[:12]}) than the one "
+            f"the checkpoint was trained on ({ck_data[:12]}); pass the validation of the training data"
+        )
+    rdir, rfiles, rman = None, [], None
+    if report is not None:
+        rdir = Path(report)
+        if not rdir.is_dir():
+            raise ArtifactError(f"{rdir}: report directory not found; run `ple-adatt report` or drop --report")
+        rfiles = [f for f in REPORT_FILES if (rdir / f).is_file()]
+        if not any(f != "manifest.json" for f in rfiles):
+            raise ArtifactError(f"{rdir}: holds none of report.html, report.md, report.json; "
+                                "pass the output directory of `ple-adatt report`")
+        if (rdir / "manifest.json").is_file():
+            with contextlib.suppress(json.JSONDecodeError):
+                rman = json.loads((rdir / "manifest.json").read_text())
+    return RegistrationInputs(
+        checkpoint=Path(checkpoint), manifest=man, checkpoint_sha256=man["files"]["checkpoint.pt"],
+        validation=vdir, validation_manifest=vman, availability=availability, report=rdir,
+        report_files=rfiles, report_manifest=rman,
+    )
+
+
+# ---------------------------------------------------------------------- the champion gate
+
+
+@dataclass(frozen=True)
+class GateDecision:
+    promote: bool
+    reason: str
+    champion_version: str | None = None
+    worse: dict[str, float] = field(default_factory=dict)  # task -> relative worsening
+
+
+def primary_metrics(manifest: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """``{task: {"metric": name, "value": v, "higher_is_better": bool}}`` of a checkpoint."""
+    from .metrics import PRIMARY_METRIC
+
+    kinds = {s["name"]: s["type"] for s in manifest.get("task_specs", [])}
+    out: dict[str, dict[str, Any]] = {}
+    for task, m in (manifest.get("metrics", {}).get("tasks") or {}).items():
+        key, higher = PRIMARY_METRIC[kinds[task]]
+        v = m.get(key)
+        out[task] = {"metric": key, "value": float(v) if isinstance(v, (int, float)) else None,
+                     "higher_is_better": higher}
+    return out
+
+
+def champion_gate(candidate: dict[str, dict[str, Any]], champion: dict[str, dict[str, Any]] | None,
+                  tolerance: float, champion_version: str | None = None) -> GateDecision:
+    """Promote unless some task's primary metric is worse than the champion's by more than
+    ``tolerance`` (relative to the champion's value), or a champion task is missing.
+
+    Without a champion the candidate is promoted. A task whose champion value is missing or
+    not finite is not compared.
+    """
+    if champion is None:
+        return GateDecision(True, "no champion yet")
+    fails: list[str] = []
+    worse: dict[str, float] = {}
+    for task, ch in sorted(champion.items()):
+        cv = ch.get("value")
+        if cv is None or not math.isfinite(cv):
+            continue
+        cand = candidate.get(task)
+        if cand is None:
+            fails.append(f"{task}: not in the candidate")
+            continue
+        v = cand.get("value")
+        if v is None or not math.isfinite(v):
+            fails.append(f"{task}: {ch['metric']} is missing in the candidate")
+            continue
+        diff = (cv - v) if ch["higher_is_better"] else (v - cv)  # > 0: the candidate is worse
+        rel = diff / abs(cv) if abs(cv) > 1e-12 else diff
+        worse[task] = rel
+        if rel > tolerance:
+            fails.append(f"{task} {ch['metric']} {v:.4g} vs {cv:.4g} ({rel:.1%} worse)")
+    who = f"champion v{champion_version}" if champion_version else "the champion"
+    if fails:
+        return GateDecision(False, f"worse than {who} beyond tolerance {tolerance:.1%}: " + "; ".join(fails),
+                            champion_version, worse)
+    top = max(worse.items(), key=lambda kv: kv[1], default=None)
+    detail = f" (largest change: {top[0]} {top[1]:+.1%} worse)" if top and top[1] > 0 else ""
+    return GateDecision(True, f"no task worse than {who} by more than {tolerance:.1%}{detail}",
+                        champion_version, worse)
+
+
+# ---------------------------------------------------------------------- MLflow helpers
+
+
+@contextlib.contextmanager
+def _fluent_uri(uri: str) -> Iterator[None]:
+    """Point MLflow's fluent API at ``uri`` for the block, then restore exactly what was there.
+
+    ``mlflow.set_tracking_uri`` / ``set_registry_uri`` also write $MLFLOW_TRACKING_URI and
+    $MLFLOW_REGISTRY_URI; both the module state and the environment are put back.
+    """
+    import mlflow
+    from mlflow.tracking._model_registry import utils as registry_utils
+    from mlflow.tracking._tracking_service import utils as tracking_utils
+
+    saved_env = {k: os.environ.get(k) for k in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")}
+    saved = (getattr(tracking_utils, "_tracking_uri", None), getattr(registry_utils, "_registry_uri", None))
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    try:
+        yield
+    finally:
+        tracking_utils._tracking_uri, registry_utils._registry_uri = saved
+        for k, v in saved_env.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def _call(target: TrackingTarget, what: str, fn: Any, *args: Any, **kwargs: Any) -> Any:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return fn(*args, **kwargs)
+    except MlflowException as e:
+        raise RegistryError(f"MLflow registry at {target.uri}: {what} failed: "
+                            f"{str(e.message).splitlines()[0][:300]}") from e
+    except OSError as e:
+        raise RegistryError(f"MLflow registry at {target.uri}: {what} failed: {str(e).splitlines()[0][:300]}; "
+                            "is the tracking server up? (MLFLOW_TRACKING_URI)") from e
+
+
+def _versions(client: Any, target: TrackingTarget, name: str) -> list[Any]:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        client.get_registered_model(name)
+    except MlflowException as e:
+        if getattr(e, "error_code", "") == "RESOURCE_DOES_NOT_EXIST":
+            return []
+        raise RegistryError(f"MLflow registry at {target.uri}: reading model {name!r} failed: {e.message}") from e
+    except OSError as e:
+        raise RegistryError(f"MLflow registry at {target.uri}: reading model {name!r} failed: {e}") from e
+    return list(_call(target, "listing versions", client.search_model_versions, f"name='{name}'"))
+
+
+def _alias_version(client: Any, name: str, alias: str) -> Any | None:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return client.get_model_version_by_alias(name, alias)
+    except MlflowException as e:
+        if getattr(e, "error_code", "") in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE", "NOT_FOUND"):
+            return None
+        raise
+
+
+def _signature(inputs: RegistrationInputs) -> Any:
+    """Inputs: the raw feature columns (types as the validate stage saw them), the cluster
+    column; outputs: one column per task (arrays for multiclass and retrieval)."""
+    from mlflow.models import ModelSignature
+    from mlflow.types.schema import Array, ColSpec, Schema
+
+    dtype_map = {"Float32": "float", "Float64": "double", "Int64": "long", "Int32": "integer",
+                 "Int16": "integer", "Int8": "integer", "UInt8": "integer", "UInt16": "integer",
+                 "UInt32": "long", "String": "string", "Utf8": "string", "Boolean": "boolean",
+                 "Categorical": "string", "Enum": "string"}
+    data_cfg = inputs.manifest["data_config"]
+    seen = inputs.availability.get("features") or {}
+
+    def col_type(col: str, default: str) -> str:
+        info = seen.get(col) or {}
+        t = dtype_map.get(str(info.get("dtype", "")), default)
+        # pandas holds an integer column with nulls as float64
+        return "double" if t in ("integer", "long") and info.get("nulls") else t
+
+    cols = [ColSpec(col_type(c, "double"), c) for c in data_cfg.get("numeric_features", [])]
+    cols += [ColSpec(col_type(c, "string"), c) for c in data_cfg.get("categorical_features", [])]
+    if data_cfg.get("cluster_column"):
+        unknown = ((inputs.availability.get("clusters") or {}).get("rows") or {}).get("unknown", 0)
+        cols.append(ColSpec("double" if unknown else "long", data_cfg["cluster_column"], required=False))
+    outs = []
+    for spec in inputs.manifest["task_specs"]:
+        if spec["type"] in ("binary", "regression"):
+            outs.append(ColSpec("double", spec["name"]))
+        else:
+            outs.append(ColSpec(Array("double"), spec["name"]))
+    return ModelSignature(inputs=Schema(cols), outputs=Schema(outs))
+
+
+def _lineage_tags(inputs: RegistrationInputs, pipeline_run_id: str | None) -> dict[str, str]:
+    from . import __version__
+    from .artifacts import git_commit
+
+    man = inputs.manifest
+    producer = man.get("producer") or {}
+    components = {
+        producer.get("stage", "train-phase2"): producer.get("component_version"),
+        (inputs.validation_manifest.get("producer") or {}).get("stage", "validate"):
+            (inputs.validation_manifest.get("producer") or {}).get("component_version"),
+        "register": __version__,
+    }
+    if inputs.report_manifest:
+        rp = inputs.report_manifest.get("producer") or {}
+        components[rp.get("stage", "report")] = rp.get("component_version")
+    pairs = negative_transfer_pairs(man.get("negative_transfer"))
+    metrics = {t: {m["metric"]: m["value"]} for t, m in primary_metrics(man).items()}
+    tags = {
+        "checkpoint_sha256": inputs.checkpoint_sha256,
+        "phase1_checkpoint_sha256": _sha(man.get("inputs", {}).get("checkpoint")),
+        "data_sha256": _sha(man.get("inputs", {}).get("data")),
+        "config_hash": man.get("config_hash") or "",
+        "data_config_hash": man.get("data_config_hash") or "",
+        "package_version": __version__,
+        "git_commit": producer.get("git_commit") or git_commit() or "unknown",
+        "register_git_commit": git_commit() or "unknown",
+        "pipeline_run_id": pipeline_run_id or "",
+        "component_versions": json.dumps({k: v for k, v in components.items() if v}, sort_keys=True),
+        "negative_transfer_pairs": ",".join(f"{a}<->{b}" for a, b in pairs) or "none",
+        "tasks": ",".join(man.get("tasks") or []),
+        "strategy": str(man.get("strategy", "")),
+        "validation_enabled_tasks": ",".join(inputs.availability.get("enabled_tasks") or []),
+        "val_metrics": json.dumps(metrics, sort_keys=True),
+        "has_report": "true" if inputs.report else "false",
+    }
+    return {k: v[:TAG_VALUE_MAX] for k, v in tags.items() if v != ""}
+
+
+def _bundle(inputs: RegistrationInputs, tmp: Path) -> Path:
+    b = tmp / BUNDLE
+    shutil.copytree(inputs.checkpoint, b / "checkpoint")
+    shutil.copytree(inputs.validation, b / "validation")
+    if inputs.report is not None:
+        (b / "report").mkdir()
+        for f in inputs.report_files:
+            shutil.copy2(inputs.report / f, b / "report" / f)
+    return b
+
+
+def _pip_requirements() -> list[str]:
+    from importlib import metadata
+
+    reqs = []
+    for pkg in ("ple-adatt", "torch", "numpy", "polars", "pandas", "mlflow"):
+        with contextlib.suppress(metadata.PackageNotFoundError):
+            reqs.append(f"{pkg}=={metadata.version(pkg)}")
+    return reqs
+
+
+# --------------------------------------------------------------------------- register
+
+
+def register_checkpoint(
+    inputs: RegistrationInputs,
+    *,
+    registry: RegistryConfig,
+    tracker: Any,
+    pipeline_run_id: str | None = None,
+    extra_aliases: list[str] | tuple[str, ...] = (),
+) -> dict[str, Any]:
+    """Register ``inputs`` as a version of ``registry.model_name``; returns the registration record.
+
+    ``tracker`` is the register stage's :class:`ple_adatt.tracking.StageTracker` (its client,
+    target and run id are used). Idempotent on the checkpoint's content hash.
+    """
+    client, target = tracker.client, tracker.target
+    name = registry.model_name
+    existing = [v for v in _versions(client, target, name)
+                if v.tags.get("checkpoint_sha256") == inputs.checkpoint_sha256]
+    created = False
+    if existing:
+        mv = sorted(existing, key=lambda v: int(v.version))[0]
+        print(f"MLflow: checkpoint {inputs.checkpoint_sha256[:12]} is already {name} v{mv.version}; "
+              "reusing it (a retried step)")
+    else:
+        mv = _create_version(inputs, registry, tracker, pipeline_run_id)
+        created = True
+    try:
+        record = _finish(client, target, name, mv, inputs, registry, extra_aliases)
+    except BaseException:
+        if created:  # a failed run leaves nothing registered
+            with contextlib.suppress(Exception):
+                client.delete_model_version(name, mv.version)
+        raise
+    record.update(created=created, run_id=tracker.run_id, tracking_uri=target.uri)
+    return record
+
+
+def _create_version(inputs: RegistrationInputs, registry: RegistryConfig, tracker: Any,
+                    pipeline_run_id: str | None) -> Any:
+    import mlflow
+
+    target = tracker.target
+    tags = _lineage_tags(inputs, pipeline_run_id)
+    with tempfile.TemporaryDirectory(prefix="ple-adatt-register-") as tmp, _fluent_uri(target.uri):
+        bundle = _bundle(inputs, Path(tmp))
+        with mlflow.start_run(run_id=tracker.run_id), warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*input example.*")
+            info = _call(target, "logging the model", mlflow.pyfunc.log_model,
+                         name="model", loader_module="ple_adatt.registry", data_path=str(bundle),
+                         signature=_signature(inputs), pip_requirements=_pip_requirements(),
+                         metadata={"checkpoint_sha256": inputs.checkpoint_sha256,
+                                   "tasks": inputs.manifest.get("tasks")})
+        mv = _call(target, f"registering {registry.model_name}", mlflow.register_model,
+                   info.model_uri, registry.model_name, tags=tags)
+    return mv
+
+
+def _finish(client: Any, target: TrackingTarget, name: str, mv: Any, inputs: RegistrationInputs,
+            registry: RegistryConfig, extra_aliases: list[str] | tuple[str, ...]) -> dict[str, Any]:
+    """Aliases and the champion decision (kept as they are when already decided)."""
+    version = str(mv.version)
+    mv = _call(target, "reading the version", client.get_model_version, name, version)
+    tags = dict(mv.tags)
+    for alias in [registry.candidate_alias, *extra_aliases]:
+        _call(target, f"setting alias {alias!r}", client.set_registered_model_alias, name, alias, version)
+    if tags.get(STATUS_TAG) == "complete" and "champion_decision" in tags:
+        decision = tags["champion_decision"]
+        reason = tags.get("champion_decision_reason", "")
+        before = tags.get("champion_before") or None
+    else:
+        champ = _call(target, "reading the champion", _alias_version, client, name, registry.champion_alias)
+        if champ is not None and str(champ.version) == version:
+            gate = GateDecision(True, "already the champion", version)
+        elif champ is None:
+            gate = champion_gate(primary_metrics(inputs.manifest), None, registry.tolerance)
+        else:
+            ch_metrics = _champion_metrics(champ)
+            if ch_metrics is None:
+                gate = GateDecision(False, f"champion v{champ.version} carries no val_metrics tag to compare "
+                                    "with; move the champion alias by hand", str(champ.version))
+            else:
+                gate = champion_gate(primary_metrics(inputs.manifest), ch_metrics, registry.tolerance,
+                                     str(champ.version))
+        if gate.promote:
+            _call(target, f"setting alias {registry.champion_alias!r}", client.set_registered_model_alias,
+                  name, registry.champion_alias, version)
+        decision = "promoted" if gate.promote else "rejected"
+        reason = gate.reason
+        before = str(champ.version) if champ is not None else None
+        for k, v in {"champion_decision": decision, "champion_decision_reason": reason[:TAG_VALUE_MAX],
+                     "champion_before": before or "none", "champion_tolerance": str(registry.tolerance),
+                     STATUS_TAG: "complete"}.items():
+            _call(target, f"tagging v{version}", client.set_model_version_tag, name, version, k, v)
+    mv = _call(target, "reading the version", client.get_model_version, name, version)
+    return {
+        "model_name": name,
+        "version": version,
+        "model_uri": f"models:/{name}/{version}",
+        "aliases": sorted(mv.aliases),
+        "decision": decision,
+        "reason": reason,
+        "champion_before": None if before in (None, "none") else before,
+        "champion_alias": registry.champion_alias,
+        "candidate_alias": registry.candidate_alias,
+        "source": mv.source,
+        "lineage": {k: v for k, v in mv.tags.items() if not k.startswith("champion_") and k != STATUS_TAG},
+    }
+
+
+def _champion_metrics(champ: Any) -> dict[str, dict[str, Any]] | None:
+    from .metrics import PRIMARY_METRIC
+
+    raw = champ.tags.get("val_metrics")
+    if not raw:
+        return None
+    higher = {name: hb for name, hb in PRIMARY_METRIC.values()}
+    out = {}
+    for task, m in json.loads(raw).items():
+        (metric, value), = m.items()
+        out[task] = {"metric": metric, "value": value, "higher_is_better": higher.get(metric, True)}
+    return out
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def frame_to_tensors(df: Any, data_cfg: Any, pre: Any) -> tuple[Any, Any, Any]:
+    """Raw feature rows (pandas or polars) -> ``(x_num, x_cat, cluster)`` as the trainer saw them.
+
+    The same transforms as :func:`ple_adatt.data.dataset.load_split`: numeric features
+    normalised with the train statistics (nulls -> 0), categories mapped through the train
+    vocabulary (unknown -> 0), clusters outside [0, C) -> C (the global head).
+    """
+    import numpy as np
+    import polars as pl
+    import torch
+
+    from .data.dataset import OOV_INDEX
+
+    frame = df if isinstance(df, pl.DataFrame) else pl.from_pandas(df)
+    n = frame.height
+    exprs: list[pl.Expr] = []
+    for c in data_cfg.numeric_features:
+        exprs.append(((pl.col(c).cast(pl.Float64) - pre.numeric_mean[c]) / pre.numeric_std[c])
+                     .fill_null(0.0).fill_nan(0.0).cast(pl.Float32).alias(f"n::{c}"))
+    for c in data_cfg.categorical_features:
+        vocab = pre.vocabularies[c]
+        mapping = pl.DataFrame({"v": vocab, "i": np.arange(1, len(vocab) + 1, dtype=np.int64)})
+        exprs.append(pl.col(c).cast(pl.Utf8).replace_strict(mapping["v"], mapping["i"], default=OOV_INDEX,
+                                                             return_dtype=pl.Int64).alias(f"c::{c}"))
+    cc = data_cfg.cluster_column
+    if cc and cc in frame.columns:
+        cl = pl.col(cc).cast(pl.Int64)
+        exprs.append(pl.when(cl.is_null() | (cl < 0) | (cl >= data_cfg.num_clusters))
+                     .then(data_cfg.num_clusters).otherwise(cl).alias("cluster"))
+    missing = [c for c in (*data_cfg.numeric_features, *data_cfg.categorical_features) if c not in frame.columns]
+    if missing:
+        raise ArtifactError(f"input rows lack feature columns {missing}; the model needs {len(exprs)} features "
+                            "as declared in its data config")
+    out = frame.select(exprs)
+
+    def block(prefix: str, names: tuple[str, ...], dtype: Any) -> Any:
+        if not names:
+            return torch.from_numpy(np.zeros((n, 0), dtype=dtype))
+        arr = out.select([f"{prefix}::{c}" for c in names]).to_numpy().astype(dtype, copy=False)
+        return torch.from_numpy(np.ascontiguousarray(arr))
+
+    cluster = (torch.from_numpy(out["cluster"].to_numpy().astype(np.int64)) if "cluster" in out.columns
+               else torch.full((n,), data_cfg.num_clusters if cc else 0, dtype=torch.int64))
+    return block("n", data_cfg.numeric_features, np.float32), block("c", data_cfg.categorical_features,
+                                                                   np.int64), cluster
+
+
+@dataclass
+class RegisteredModel:
+    """A registered model version loaded through the project's checkpoint loader."""
+
+    checkpoint: Any  # ple_adatt.checkpoint.LoadedCheckpoint
+    path: Path  # the downloaded bundle: checkpoint/, validation/, report/
+    name: str | None = None
+    version: str | None = None
+    tags: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def model(self) -> Any:
+        return self.checkpoint.system.model
+
+    @property
+    def task_names(self) -> list[str]:
+        return list(self.checkpoint.manifest["tasks"])
+
+    def predict(self, x_num: Any, x_cat: Any, cluster: Any | None = None) -> dict[str, Any]:
+        """Per-task predictions, as ``PLEClusterModel.predict`` of the trained model."""
+        import torch
+
+        self.model.eval()
+        with torch.no_grad():
+            return self.model.predict(x_num, x_cat, cluster)
+
+    def predict_frame(self, df: Any, params: dict[str, Any] | None = None) -> Any:
+        """Raw feature rows (pandas) -> a pandas DataFrame, one column per task."""
+        import pandas as pd
+
+        x_num, x_cat, cluster = frame_to_tensors(df, self.checkpoint.data_cfg, self.checkpoint.preprocessor)
+        preds = self.predict(x_num, x_cat, cluster)
+        cols = {}
+        for name, p in preds.items():
+            arr = p.double().cpu().numpy()
+            cols[name] = arr if arr.ndim == 1 else list(arr)
+        return pd.DataFrame(cols, index=getattr(df, "index", None))
+
+
+class _PyfuncModel:
+    """What ``mlflow.pyfunc.load_model`` wraps: ``predict(pandas.DataFrame) -> DataFrame``."""
+
+    def __init__(self, model: RegisteredModel):
+        self.registered = model
+
+    def predict(self, model_input: Any, params: dict[str, Any] | None = None) -> Any:
+        return self.registered.predict_frame(model_input, params)
+
+
+def _load_bundle(bundle: str | Path, device: str = "cpu") -> RegisteredModel:
+    from .checkpoint import load_checkpoint
+
+    b = Path(bundle)
+    if not (b / "checkpoint").is_dir() and (b / BUNDLE).is_dir():
+        b = b / BUNDLE
+    return RegisteredModel(load_checkpoint(b / "checkpoint", device=device), b)
+
+
+def _load_pyfunc(data_path: str) -> _PyfuncModel:
+    """Entry point of the ``loader_module`` pyfunc flavor (``mlflow.pyfunc.load_model``)."""
+    return _PyfuncModel(_load_bundle(data_path))
+
+
+def load_registered_model(model_uri: str, *, tracking_uri: str | None = None, device: str = "cpu",
+                          dst_path: str | Path | None = None) -> RegisteredModel:
+    """Load ``models:/<name>@<alias>`` (or ``models:/<name>/<version>``) with the project's loader.
+
+    The tracking URI is ``tracking_uri``, else ``$MLFLOW_TRACKING_URI``, else the local
+    sqlite store. The files are downloaded to ``dst_path`` (default: a new temporary dir).
+    """
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    from .tracking import connect, resolve_target
+
+    target = resolve_target(TrainConfig().tracking)
+    if tracking_uri is not None:
+        target = TrackingTarget(tracking_uri, target.experiment, "argument", target.retries,
+                                target.retry_wait_s, None)
+    if target.is_server:
+        connect(target)  # bounded retry, clear error
+    dst = Path(dst_path) if dst_path is not None else Path(tempfile.mkdtemp(prefix="ple-adatt-model-"))
+    with _fluent_uri(target.uri):  # models:/ URIs resolve through the fluent registry URI
+        local = Path(_call(target, f"downloading {model_uri}", mlflow.artifacts.download_artifacts,
+                           artifact_uri=model_uri, dst_path=str(dst)))
+    conf = _read_mlmodel(local)
+    data = conf.get("flavors", {}).get("python_function", {}).get("data")
+    if not data:
+        raise ArtifactError(f"{model_uri}: not a ple-adatt model (its MLmodel has no python_function data)")
+    model = _load_bundle(local / data, device=device)
+    name, version, tags = _version_of(MlflowClient(tracking_uri=target.uri, registry_uri=target.uri), model_uri)
+    model.name, model.version, model.tags = name, version, tags
+    return model
+
+
+def _read_mlmodel(local: Path) -> dict[str, Any]:
+    import yaml
+
+    p = local / "MLmodel"
+    if not p.exists():
+        raise ArtifactError(f"{local}: no MLmodel file; this is not an MLflow model")
+    return yaml.safe_load(p.read_text())
+
+
+def _version_of(client: Any, model_uri: str) -> tuple[str | None, str | None, dict[str, str]]:
+    rest = model_uri.removeprefix("models:/")
+    with contextlib.suppress(Exception):
+        if "@" in rest:
+            name, alias = rest.split("@", 1)
+            mv = client.get_model_version_by_alias(name, alias)
+        else:
+            name, version = rest.rsplit("/", 1)
+            mv = client.get_model_version(name, version)
+        return mv.name, str(mv.version), dict(mv.tags)
+    return None, None, {}
+
+
+def registration_inputs_sha(inputs: RegistrationInputs) -> dict[str, str]:
+    """The input hashes of the registration manifest."""
+    out = {"checkpoint": inputs.checkpoint_sha256,
+           "validation": path_sha256(inputs.validation / "availability.json")}
+    if inputs.report is not None:
+        out["report"] = path_sha256(inputs.report)
+    return out

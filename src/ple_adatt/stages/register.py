@@ -1,0 +1,129 @@
+"""``ple-adatt register``: register the Phase 2 checkpoint in the MLflow model registry.
+
+    ple-adatt register --checkpoint runs/train/phase2 --validation runs/validate \\
+        --report runs/report --out runs/register
+
+Logs the checkpoint (with its adaTT buffers), the validation result and the report as a
+new version of the registered model ``registry.model_name``, tags it with its lineage, gives
+it the ``candidate`` alias and moves ``champion`` to it when the champion gate holds.
+Writes ``OUT/registration.json`` (model name, version, aliases, decision and reason,
+lineage) and ``OUT/manifest.json`` atomically: OUT exists only after a successful run.
+Registering the same checkpoint again returns the existing version.
+
+The registry settings come from the checkpoint's own train config unless ``--config`` is
+given; ``--set registry.tolerance=0.02`` overrides a key. The tracking server is
+``$MLFLOW_TRACKING_URI`` (else ``tracking.tracking_uri``, else the local ``mlflow.db``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+from typing import Any
+
+from .common import StageError, add_set_argument
+
+KIND = "registration"
+SCHEMA_VERSION = 1
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--checkpoint", required=True, help="Phase 2 checkpoint directory")
+    parser.add_argument("--validation", required=True, help="output directory of `ple-adatt validate`")
+    parser.add_argument("--report", help="output directory of `ple-adatt report` (optional)")
+    parser.add_argument("--out", required=True, help="directory for registration.json (replaced atomically)")
+    parser.add_argument("--config", help="train config YAML for the registry/tracking settings "
+                        "(default: the checkpoint's own train config)")
+    parser.add_argument("--alias", dest="aliases", action="append", default=[], metavar="NAME",
+                        help="an extra alias for the new version, e.g. --alias staging (repeatable)")
+    add_set_argument(parser)
+    parser.add_argument(
+        "--pipeline-run-id", default=os.environ.get("PLE_ADATT_PIPELINE_RUN_ID"),
+        help="id of the pipeline run (its MLflow parent run); default $PLE_ADATT_PIPELINE_RUN_ID",
+    )
+
+
+def _train_config(checkpoint: Path, config: str | Path | None, overrides: list[str] | None) -> Any:
+    """The config whose ``registry`` and ``tracking`` sections apply."""
+    import json
+
+    from ..config import apply_overrides, load_train_config, train_config_from_dict
+
+    if config is not None:
+        return load_train_config(config, overrides)
+    man_path = checkpoint / "manifest.json"
+    try:
+        raw = json.loads(man_path.read_text())["train_config"]
+    except (OSError, ValueError, KeyError):  # the checkpoint check names the problem later
+        raw = {}
+    return train_config_from_dict(apply_overrides(raw, overrides, "--set"), f"{man_path} + --set")
+
+
+def register_model(
+    *,
+    checkpoint: str | Path,
+    validation: str | Path,
+    out: str | Path,
+    report: str | Path | None = None,
+    config: str | Path | None = None,
+    overrides: list[str] | None = None,
+    pipeline_run_id: str | None = None,
+    aliases: list[str] | None = None,
+) -> dict[str, Any]:
+    """Register ``checkpoint`` (Phase 2) and write ``out``; returns the registration record.
+
+    Raises ArtifactError for a checkpoint without its manifest or adaTT buffers, a Phase 1
+    checkpoint or mismatched inputs, and TrackingError when the registry cannot be reached;
+    in both cases nothing is registered and ``out`` is not written.
+    """
+    from ..artifacts import atomic_output_dir, make_manifest, write_json
+    from ..config import config_hash
+    from ..registry import check_inputs, register_checkpoint, registration_inputs_sha
+    from ..tracking import stage_run
+
+    checkpoint, validation = Path(checkpoint), Path(validation)
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise StageError(f"--out {out}: exists and is not a directory; pass a directory path")
+    train_cfg = _train_config(checkpoint, config, overrides)
+    inputs = check_inputs(checkpoint, validation, report)  # refuse before touching the registry
+    for alias in aliases or []:
+        if alias in (train_cfg.registry.champion_alias,):
+            raise StageError(f"--alias {alias}: the champion alias moves only through the champion gate; "
+                             "use another alias name")
+    args = argparse.Namespace(checkpoint=str(checkpoint), validation=str(validation),
+                              report=None if report is None else str(report), out=str(out),
+                              config=None if config is None else str(config), overrides=list(overrides or []),
+                              pipeline_run_id=pipeline_run_id, no_tracking=False)
+    with stage_run("register", args, train_config=train_cfg) as tracker:
+        tracker.log_artifact(validation, "validation")
+        if inputs.report is not None:
+            for f in inputs.report_files:
+                tracker.log_artifact(inputs.report / f, "report")
+        record = register_checkpoint(inputs, registry=train_cfg.registry, tracker=tracker,
+                                     pipeline_run_id=args.pipeline_run_id, extra_aliases=aliases or [])
+        tracker.set_tags({"registered_model": record["model_name"], "registered_version": record["version"],
+                          "champion_decision": record["decision"]})
+        record["pipeline_run_id"] = args.pipeline_run_id
+        with atomic_output_dir(out) as tmp:
+            write_json(tmp / "registration.json", record)
+            write_json(tmp / "manifest.json", make_manifest(
+                KIND, "register", schema_version=SCHEMA_VERSION, config_hash=config_hash(train_cfg),
+                inputs=registration_inputs_sha(inputs),
+                extra={"files": ["registration.json"], "model_uri": record["model_uri"]},
+            ))
+        tracker.log_artifact(out / "registration.json", "registration")
+    return record
+
+
+def run(args: argparse.Namespace) -> int:
+    rec = register_model(checkpoint=args.checkpoint, validation=args.validation, out=args.out, report=args.report,
+                         config=args.config, overrides=args.overrides, pipeline_run_id=args.pipeline_run_id,
+                         aliases=args.aliases)
+    state = "registered" if rec["created"] else "already registered as"
+    print(f"{state} {rec['model_name']} v{rec['version']} (aliases: {', '.join(rec['aliases']) or 'none'})")
+    print(f"champion gate: {rec['decision']}: {rec['reason']}")
+    print(f"load it with: ple_adatt.registry.load_registered_model('models:/{rec['model_name']}@"
+          f"{rec['candidate_alias']}')  -> {args.out}/registration.json")
+    return 0
