@@ -1,0 +1,247 @@
+"""Registration: load-by-alias equality, lineage tags, the champion gate, idempotency, refusals."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import pytest
+import torch
+from conftest import BIN, PIPELINE_RUN_ID, Trained, derive_checkpoint, free_port
+from mlflow.tracking import MlflowClient
+
+import ple_adatt
+from ple_adatt.artifacts import ArtifactError
+from ple_adatt.checkpoint import load_checkpoint, required_state_keys
+from ple_adatt.data.dataset import SPLIT_COLUMN, load_split, scan_dataset, split_expr
+from ple_adatt.registry import champion_gate, load_registered_model
+from ple_adatt.stages.register import register_model
+
+MODEL = "rec-test"
+
+
+def _register(trained: Trained, out: Path, *, checkpoint: Path | None = None, model: str = MODEL,
+              validation: Path | None = None, extra: list[str] | None = None, **kw: object) -> dict:
+    return register_model(
+        checkpoint=checkpoint or trained.phase2, validation=validation or trained.validation, out=out,
+        overrides=[f"registry.model_name={model}", f"tracking.tracking_uri={trained.tracking_uri}",
+                   *(extra or [])], **kw)
+
+
+def _test_rows(trained: Trained) -> tuple:
+    ck = load_checkpoint(trained.phase2)
+    ck.system.model.eval()
+    rows = load_split(trained.data, ck.data_cfg, ck.preprocessor, "test", ck.manifest["tasks"])
+    with torch.no_grad():
+        expected = ck.system.model.predict(rows.x_num, rows.x_cat, rows.cluster)
+    return ck, rows, expected
+
+
+@pytest.fixture(scope="module")
+def registered(trained: Trained, tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, Path]:
+    out = tmp_path_factory.mktemp("register") / "out"
+    return _register(trained, out, pipeline_run_id=PIPELINE_RUN_ID, aliases=["staging"]), out
+
+
+def test_first_version_is_candidate_and_champion(registered: tuple[dict, Path]) -> None:
+    rec, out = registered
+    assert rec["version"] == "1" and rec["created"] is True
+    assert rec["aliases"] == ["candidate", "champion", "staging"]
+    assert rec["decision"] == "promoted" and rec["reason"] == "no champion yet"
+    on_disk = json.loads((out / "registration.json").read_text())
+    assert on_disk["version"] == "1" and on_disk["decision"] == "promoted"
+    man = json.loads((out / "manifest.json").read_text())
+    assert man["kind"] == "registration" and man["inputs"]["checkpoint"] == rec["lineage"]["checkpoint_sha256"]
+
+
+def test_load_by_alias_predicts_like_the_trained_model(trained: Trained, registered: tuple[dict, Path],
+                                                       tmp_path: Path) -> None:
+    import mlflow
+
+    ck, rows, expected = _test_rows(trained)
+    model = load_registered_model(f"models:/{MODEL}@champion", tracking_uri=trained.tracking_uri,
+                                  dst_path=tmp_path / "dl")
+    assert (model.name, model.version) == (MODEL, "1")
+    got = model.predict(rows.x_num, rows.x_cat, rows.cluster)
+    assert set(got) == set(expected)
+    for task in expected:
+        assert torch.equal(got[task], expected[task]), task
+    # the version's files: the checkpoint with its adaTT buffers, the validation result
+    state = torch.load(model.path / "checkpoint" / "checkpoint.pt", weights_only=True)
+    assert all(k in state for k in required_state_keys("adatt"))
+    assert torch.equal(state["transfer.affinity_computer.affinity_matrix"],
+                       ck.system.state_dict()["transfer.affinity_computer.affinity_matrix"])
+    assert (model.path / "validation" / "availability.json").is_file()
+    # the generic MLflow way: pyfunc on raw rows, same numbers
+    lf = scan_dataset(trained.data)
+    raw = (lf.with_columns(split_expr(ck.data_cfg.split, dict(lf.collect_schema())))
+           .filter(pl.col(SPLIT_COLUMN) == "test").drop(SPLIT_COLUMN).collect().to_pandas())
+    from ple_adatt.registry import _fluent_uri
+
+    with _fluent_uri(trained.tracking_uri):
+        frame = mlflow.pyfunc.load_model(f"models:/{MODEL}@champion").predict(raw)
+    assert "MLFLOW_TRACKING_URI" not in os.environ  # put back as it was
+    assert len(frame) == len(rows)
+    np.testing.assert_array_equal(frame["ctr"].to_numpy(), expected["ctr"].double().numpy())
+    np.testing.assert_array_equal(np.stack(frame["nba"].to_numpy()), expected["nba"].double().numpy())
+
+
+def test_lineage_tags(trained: Trained, registered: tuple[dict, Path]) -> None:
+    client = MlflowClient(trained.tracking_uri)
+    tags = client.get_model_version(MODEL, "1").tags
+    man = json.loads((trained.phase2 / "manifest.json").read_text())
+    assert tags["data_sha256"] == man["inputs"]["data"]
+    assert tags["checkpoint_sha256"] == man["files"]["checkpoint.pt"]
+    assert tags["config_hash"] == man["config_hash"]
+    assert tags["data_config_hash"] == man["data_config_hash"]
+    assert tags["package_version"] == ple_adatt.__version__
+    assert tags["git_commit"] == man["producer"]["git_commit"]
+    assert tags["pipeline_run_id"] == PIPELINE_RUN_ID
+    assert json.loads(tags["component_versions"]) == {"train": man["producer"]["component_version"],
+                                                      "validate": ple_adatt.__version__,
+                                                      "register": ple_adatt.__version__}
+    pairs = sorted({tuple(sorted((a, b))) for a, bs in man["negative_transfer"].items() for b in bs})
+    assert tags["negative_transfer_pairs"] == (",".join(f"{a}<->{b}" for a, b in pairs) or "none")
+    assert tags["champion_decision"] == "promoted"
+    assert tags["champion_decision_reason"] == "no champion yet"
+    # the register stage is a nested run of the same pipeline run as the training
+    runs = client.search_runs([client.get_experiment_by_name("ple-adatt").experiment_id],
+                              f"tags.pipeline_run_id = '{PIPELINE_RUN_ID}'")
+    stages = {r.data.tags.get("stage") for r in runs if r.data.tags.get("ple_adatt_role") == "stage"}
+    assert {"train-phase1", "train-phase2", "register"} <= stages
+    assert len([r for r in runs if r.data.tags.get("ple_adatt_role") == "pipeline"]) == 1
+
+
+def test_registering_the_same_checkpoint_again_returns_the_version(trained: Trained, registered: tuple[dict, Path],
+                                                                 tmp_path: Path) -> None:
+    again = _register(trained, tmp_path / "out", pipeline_run_id=PIPELINE_RUN_ID)
+    assert again["version"] == "1" and again["created"] is False
+    assert again["decision"] == "promoted"
+    assert [v.version for v in MlflowClient(trained.tracking_uri).search_model_versions(f"name='{MODEL}'")] == ["1"]
+
+
+def test_champion_gate_both_ways(trained: Trained, registered: tuple[dict, Path], tmp_path: Path) -> None:
+    client = MlflowClient(trained.tracking_uri)
+    worse = derive_checkpoint(trained.phase2, tmp_path / "worse", metric_shift=-0.2, seed=1)
+    rec = _register(trained, tmp_path / "out-worse", checkpoint=worse)
+    assert rec["version"] == "2" and rec["aliases"] == ["candidate"]
+    assert rec["decision"] == "rejected" and "champion v1" in rec["reason"] and "ctr auc" in rec["reason"]
+    assert client.get_model_version_by_alias(MODEL, "champion").version == "1"
+    assert client.get_model_version(MODEL, "2").tags["champion_decision"] == "rejected"
+
+    better = derive_checkpoint(trained.phase2, tmp_path / "better", metric_shift=0.05, seed=2)
+    rec = _register(trained, tmp_path / "out-better", checkpoint=better)
+    assert rec["version"] == "3" and rec["decision"] == "promoted"
+    assert rec["reason"].startswith("no task worse than champion v1 by more than 1.0%")
+    assert client.get_model_version_by_alias(MODEL, "champion").version == "3"
+    assert client.get_model_version_by_alias(MODEL, "candidate").version == "3"
+    assert rec["champion_before"] == "1"
+
+
+def _no_manifest(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst)
+    (dst / "manifest.json").unlink()
+    return dst
+
+
+def _no_adatt_buffers(src: Path, dst: Path) -> Path:
+    from ple_adatt.artifacts import path_sha256
+
+    shutil.copytree(src, dst)
+    state = torch.load(dst / "checkpoint.pt", weights_only=True)
+    del state["transfer.affinity_computer.affinity_matrix"]
+    torch.save(state, dst / "checkpoint.pt")
+    man = json.loads((dst / "manifest.json").read_text())
+    man["files"]["checkpoint.pt"] = path_sha256(dst / "checkpoint.pt")
+    (dst / "manifest.json").write_text(json.dumps(man))
+    return dst
+
+
+@pytest.mark.parametrize(("case", "match"), [
+    ("no_manifest", "no manifest.json"),
+    ("no_adatt_buffers", r"lacks required buffers \['transfer.affinity_computer.affinity_matrix'\]"),
+    ("phase1", "is a phase1 checkpoint; register the Phase 2 checkpoint"),
+    ("other_data", "validation result is for another dataset"),
+    ("empty_report", "holds none of report.html"),
+])
+def test_refused_inputs_register_nothing(trained: Trained, mlflow_server: object, tmp_path: Path,
+                                         case: str, match: str) -> None:
+    ckpt, validation, report = trained.phase2, trained.validation, None
+    if case == "no_manifest":
+        ckpt = _no_manifest(trained.phase2, tmp_path / "ck")
+    elif case == "no_adatt_buffers":
+        ckpt = _no_adatt_buffers(trained.phase2, tmp_path / "ck")
+    elif case == "phase1":
+        ckpt = trained.phase1
+    elif case == "other_data":
+        validation = Path(shutil.copytree(trained.validation, tmp_path / "val"))
+        man = json.loads((validation / "manifest.json").read_text())
+        man["inputs"]["data"] = "sha256:" + "0" * 64
+        (validation / "manifest.json").write_text(json.dumps(man))
+    else:
+        report = tmp_path / "report"
+        report.mkdir()
+    with pytest.raises(ArtifactError, match=match):
+        _register(trained, tmp_path / "out", checkpoint=ckpt, validation=validation, report=report,
+                  model="rec-refused")
+    assert not (tmp_path / "out").exists()
+    assert MlflowClient(trained.tracking_uri).search_registered_models("name = 'rec-refused'") == []
+
+
+def test_report_files_are_attached(trained: Trained, tmp_path: Path) -> None:
+    report = tmp_path / "report"
+    report.mkdir()
+    (report / "report.html").write_text("<html><body>affinity</body></html>")
+    (report / "report.json").write_text(json.dumps({"negative_transfer": []}))
+    rec = _register(trained, tmp_path / "out", report=report, model="rec-report")
+    model = load_registered_model("models:/rec-report@candidate", tracking_uri=trained.tracking_uri,
+                                  dst_path=tmp_path / "dl")
+    assert (model.path / "report" / "report.html").read_text().startswith("<html>")
+    assert model.tags["has_report"] == "true" and rec["version"] == "1"
+    client = MlflowClient(trained.tracking_uri)
+    assert {a.path for a in client.list_artifacts(rec["run_id"], "report")} == {"report/report.html",
+                                                                               "report/report.json"}
+
+
+def test_register_cli_with_the_server_down_fails_clearly(trained: Trained, tmp_path: Path) -> None:
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"http://127.0.0.1:{free_port()}"}
+    proc = subprocess.run(
+        [str(BIN / "ple-adatt"), "register", "--checkpoint", str(trained.phase2), "--validation",
+         str(trained.validation), "--out", str(tmp_path / "out"), "--set", "tracking.retries=1",
+         "--set", "tracking.retry_wait_s=0.1"], capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    assert "did not answer after 2 attempts" in proc.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_register_and_load_on_the_local_sqlite_store(trained: Trained, local_store: Path) -> None:
+    rec = register_model(checkpoint=trained.phase2, validation=trained.validation, out=local_store / "out")
+    assert rec["tracking_uri"] == f"sqlite:///{local_store / 'mlflow.db'}" and rec["model_name"] == "ple-adatt"
+    assert (local_store / "mlflow.db").is_file() and (local_store / "mlartifacts").is_dir()
+    _, rows, expected = _test_rows(trained)
+    got = load_registered_model("models:/ple-adatt@candidate").predict(rows.x_num, rows.x_cat, rows.cluster)
+    for task in expected:
+        assert torch.equal(got[task], expected[task]), task
+
+
+def _m(value: float, higher: bool = True, metric: str = "auc") -> dict:
+    return {"metric": metric, "value": value, "higher_is_better": higher}
+
+
+def test_champion_gate_rules() -> None:
+    champ = {"ctr": _m(0.80), "ltv": _m(2.0, higher=False, metric="rmse")}
+    assert champion_gate({"ctr": _m(0.80)}, None, 0.01).reason == "no champion yet"
+    ok = champion_gate({"ctr": _m(0.795), "ltv": _m(2.01, False, "rmse")}, champ, 0.01, "4")
+    assert ok.promote and "champion v4" in ok.reason
+    bad = champion_gate({"ctr": _m(0.70), "ltv": _m(2.0, False, "rmse")}, champ, 0.01, "4")
+    assert not bad.promote and "ctr auc 0.7 vs 0.8 (12.5% worse)" in bad.reason
+    bad_rmse = champion_gate({"ctr": _m(0.81), "ltv": _m(2.1, False, "rmse")}, champ, 0.01)
+    assert not bad_rmse.promote and "ltv rmse" in bad_rmse.reason
+    missing = champion_gate({"ctr": _m(0.9)}, champ, 0.5)
+    assert not missing.promote and "ltv: not in the candidate" in missing.reason
+    assert champion_gate({"ctr": _m(0.70), "ltv": _m(2.0, False)}, champ, 0.2).promote
