@@ -14,7 +14,7 @@ ROWS ?= 20000
 OUT ?= runs/train
 
 .PHONY: help setup test test-all lint data validate train bench bench-validate adult clean report \
-	components compile submit run stage images
+	components compile submit run stage images mlflow-ui
 
 help:  ## list the commands
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  make %-16s %s\n", $$1, $$2}'
@@ -103,3 +103,7 @@ images:  ## build the CPU and CUDA images <REGISTRY>/ple-adatt-{cpu,cuda}:<versi
 report: setup  ## affinity / negative-transfer report of runs/train (OUT=...) and VALIDATE_OUT into REPORT_OUT=runs/report
 	$(BIN)/ple-adatt report --phase1 $(OUT)/phase1 --phase2 $(OUT)/phase2 --validation $(VALIDATE_OUT) \
 		--out $(or $(REPORT_OUT),runs/report)
+
+MLFLOW_PORT ?= 5000
+mlflow-ui: setup  ## open the MLflow UI on the local store ./mlflow.db (artifacts ./mlartifacts) at http://127.0.0.1:$(MLFLOW_PORT)
+	$(BIN)/mlflow ui --backend-store-uri sqlite:///mlflow.db --default-artifact-root ./mlartifacts --host 127.0.0.1 --port $(MLFLOW_PORT)
