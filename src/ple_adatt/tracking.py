@@ -33,7 +33,6 @@ import json
 import math
 import os
 import re
-import sys
 import time
 import uuid
 from collections.abc import Iterator
@@ -559,8 +558,7 @@ def stage_run(stage: str, args: argparse.Namespace | None = None, **context: Any
         params.update({f"args.{k}": v for k, v in vars(args).items() if v is not None and v != []})
     params.update(context.get("params") or {})
     tracker.log_params({metric_name(k): v for k, v in params.items()})
-    print(f"MLflow: stage {stage} -> run {run_id} (pipeline run {pipeline_run_id}) at {target.uri}",
-          file=sys.stderr)
+    print(f"MLflow: stage {stage} -> run {run_id} (pipeline run {pipeline_run_id}) at {target.uri}")
     try:
         yield tracker
     except BaseException as e:
