@@ -29,15 +29,9 @@ def _expected_errors() -> tuple[type[BaseException], ...]:
     from .artifacts import ArtifactError
     from .config import ConfigError
     from .data.dataset import DataError
+    from .errors import StageError
 
-    errs: list[type[BaseException]] = [ConfigError, DataError, ArtifactError, FileNotFoundError]
-    try:
-        from .stages.common import StageError
-
-        errs.append(StageError)
-    except ImportError:  # pragma: no cover - stages package always ships
-        pass
-    return tuple(errs)
+    return (ConfigError, DataError, ArtifactError, StageError, FileNotFoundError)
 
 
 def build_parser() -> argparse.ArgumentParser:

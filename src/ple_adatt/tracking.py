@@ -42,7 +42,7 @@ from pathlib import Path
 from typing import Any
 
 from .config import TrackingConfig, TrainConfig
-from .stages.common import NullTracker, StageError
+from .errors import StageError
 
 __all__ = [
     "TrackingError",
@@ -67,6 +67,31 @@ ADATT_PHASE_CODE = {"off": -1, "warmup": 0, "dynamic": 1, "frozen": 2}
 EVENT_METRICS = ("adatt_freeze_epoch", "cgc_frozen_epoch", "phase2_start")
 PARAM_VALUE_MAX = 6000  # MLflow's limit on a param value
 TAG_VALUE_MAX = 5000  # model version tags are the tightest limit
+
+
+class NullTracker:
+    """The tracker interface; records nothing (used with ``--no-tracking``)."""
+
+    def log_params(self, params: dict[str, Any]) -> None:  # flattened config
+        pass
+
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        pass
+
+    def log_epoch(self, record: Any) -> None:  # a training.EpochRecord
+        pass
+
+    def log_event(self, name: str, value: float, step: int | None = None) -> None:
+        pass
+
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
+        pass
+
+    def log_dict(self, obj: Any, name: str) -> None:
+        pass
+
+    def set_tags(self, tags: dict[str, str]) -> None:
+        pass
 
 
 class TrackingError(StageError):

@@ -16,7 +16,7 @@ import argparse
 import time
 from pathlib import Path
 
-from .common import StageError
+from .common import StageError, add_tracking_arguments, stage_tracking
 
 
 class ValidationFailed(StageError):
@@ -45,6 +45,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="rows per pandas chunk handed to GX (default 250000)")
     parser.add_argument("--failure-report", default=None, metavar="DIR",
                         help="on a failed validation, write the full report here (kind validation_failed)")
+    add_tracking_arguments(parser)
 
 
 def _gx_rows(value: str) -> int | None:
@@ -60,34 +61,55 @@ def _gx_rows(value: str) -> int | None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..config import load_data_config
-    from ..validation.runner import validate_dataset, write_report
-    from ..validation.suite import load_expectations
+    with stage_tracking("validate", args) as tracker:
+        from ..config import load_data_config
+        from ..validation.runner import validate_dataset, write_report
+        from ..validation.suite import load_expectations
 
-    t0 = time.perf_counter()
-    sample_rows = _gx_rows(args.gx_rows)
-    if args.gx_chunk_rows < 1:
-        raise StageError(f"--gx-chunk-rows must be >= 1, got {args.gx_chunk_rows}")
-    out = Path(args.out)
-    if out.exists() and not out.is_dir():
-        raise StageError(f"--out {out}: exists and is not a directory; pass a directory path")
-    cfg = load_data_config(args.config, args.overrides)
-    extra = [e for path in args.expectations for e in load_expectations(path)]
-    report = validate_dataset(
-        args.data, cfg, config_path=args.config, overrides=args.overrides, sample_rows=sample_rows,
-        chunk_rows=args.gx_chunk_rows, extra_expectations=extra,
-    )
-    for msg in report.data["warnings"]:
-        print(f"warning: {msg}")
-    if not report.passed:
-        if args.failure_report:
-            write_report(report, args.failure_report)
-            print(f"the full report of the failed validation is in {args.failure_report}")
-        raise ValidationFailed(report.failure_line())
-    write_report(report, out)
-    d = report.data
-    print(f"validation passed: {len(d['enabled_tasks'])} of {len(d['tasks'])} tasks enabled"
-          + (f" (disabled: {', '.join(d['disabled_tasks'])})" if d["disabled_tasks"] else "")
-          + f"; {d['check_summary']['passed']}/{d['check_summary']['total']} checks passed")
-    print(f"wrote {out}/availability.json and {out}/validation.html in {time.perf_counter() - t0:.1f}s")
-    return 0
+        t0 = time.perf_counter()
+        sample_rows = _gx_rows(args.gx_rows)
+        if args.gx_chunk_rows < 1:
+            raise StageError(f"--gx-chunk-rows must be >= 1, got {args.gx_chunk_rows}")
+        out = Path(args.out)
+        if out.exists() and not out.is_dir():
+            raise StageError(f"--out {out}: exists and is not a directory; pass a directory path")
+        cfg = load_data_config(args.config, args.overrides)
+        extra = [e for path in args.expectations for e in load_expectations(path)]
+        report = validate_dataset(
+            args.data, cfg, config_path=args.config, overrides=args.overrides, sample_rows=sample_rows,
+            chunk_rows=args.gx_chunk_rows, extra_expectations=extra,
+        )
+        for msg in report.data["warnings"]:
+            print(f"warning: {msg}")
+        if not report.passed:
+            if args.failure_report:
+                write_report(report, args.failure_report)
+                tracker.log_artifact(args.failure_report, "validation_failed")
+                print(f"the full report of the failed validation is in {args.failure_report}")
+            raise ValidationFailed(report.failure_line())
+        write_report(report, out)
+        d = report.data
+        tracker.log_metrics(_availability_metrics(d))
+        tracker.log_artifact(out, "validation")
+        print(f"validation passed: {len(d['enabled_tasks'])} of {len(d['tasks'])} tasks enabled"
+              + (f" (disabled: {', '.join(d['disabled_tasks'])})" if d["disabled_tasks"] else "")
+              + f"; {d['check_summary']['passed']}/{d['check_summary']['total']} checks passed")
+        print(f"wrote {out}/availability.json and {out}/validation.html in {time.perf_counter() - t0:.1f}s")
+        return 0
+
+
+def _availability_metrics(d: dict) -> dict[str, float]:
+    """The validation numbers as MLflow metrics: per task rate and count, the check summary."""
+    out: dict[str, float] = {
+        "rows": float(d.get("rows", 0)),
+        "tasks_enabled": float(len(d.get("enabled_tasks", []))),
+        "tasks_disabled": float(len(d.get("disabled_tasks", []))),
+        "checks_passed": float(d.get("check_summary", {}).get("passed", 0)),
+        "checks_total": float(d.get("check_summary", {}).get("total", 0)),
+    }
+    for task, t in (d.get("tasks") or {}).items():
+        if isinstance(t.get("rate"), (int, float)):
+            out[f"availability/{task}"] = float(t["rate"])
+        if isinstance(t.get("available"), (int, float)):
+            out[f"available_rows/{task}"] = float(t["available"])
+    return out

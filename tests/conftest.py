@@ -1,0 +1,32 @@
+"""Test-session settings shared by every test directory.
+
+* MLflow telemetry is off.
+* Stage CLIs run untracked (``PLE_ADATT_NO_TRACKING=1``) except in ``tests/mlflow`` and
+  ``tests/pipelines``, which test tracking and registration against stores they choose.
+* Whatever does track without choosing a store goes to a per-session temporary sqlite store,
+  never to ``./mlflow.db`` in the checkout.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ["MLFLOW_DISABLE_TELEMETRY"] = "true"
+TRACKING_DIRS = ("mlflow", "pipelines")
+
+
+@pytest.fixture(scope="session")
+def session_tracking_uri(tmp_path_factory) -> str:
+    return f"sqlite:///{tmp_path_factory.mktemp('mlflow-default') / 'mlflow.db'}"
+
+
+@pytest.fixture(autouse=True)
+def _tracking_defaults(request, monkeypatch, session_tracking_uri):
+    test_dir = Path(str(request.fspath)).parent.name
+    if test_dir not in TRACKING_DIRS:
+        monkeypatch.setenv("PLE_ADATT_NO_TRACKING", "1")
+        if "MLFLOW_TRACKING_URI" not in os.environ:
+            monkeypatch.setenv("MLFLOW_TRACKING_URI", session_tracking_uri)
