@@ -30,12 +30,10 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def generate(out: Path, rows: int, chunk_rows: int) -> None:
     """Write ``rows`` synthetic rows into one Parquet file, ``chunk_rows`` at a time."""
-    import numpy as np
-    import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from ple_adatt.data.synthetic import REGRESSION_TASKS
     from ple_adatt.data.synthetic import generate as synth
+    from ple_adatt.data.synthetic import to_arrow
 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".tmp")
@@ -47,19 +45,7 @@ def generate(out: Path, rows: int, chunk_rows: int) -> None:
             n = min(chunk_rows, rows - done)
             cols = synth(n, seed=done // chunk_rows)  # a different draw per chunk
             cols["user_id"] = cols["user_id"] + done  # ids stay unique across chunks
-            arrays = {}
-            for k, v in cols.items():
-                if k.startswith("y_") or k == "cluster":
-                    mask = np.isnan(v)
-                    if k == "cluster" or k[2:] not in REGRESSION_TASKS:
-                        arrays[k] = pa.array(np.nan_to_num(v).astype(np.int64), mask=mask)
-                    else:
-                        arrays[k] = pa.array(v.astype(np.float32), mask=mask)
-                elif v.dtype == object:
-                    arrays[k] = pa.array(v, type=pa.string())
-                else:
-                    arrays[k] = pa.array(v, mask=np.isnan(v) if v.dtype.kind == "f" else None)
-            table = pa.table(arrays)
+            table = to_arrow(cols)
             if writer is None:
                 writer = pq.ParquetWriter(tmp, table.schema)
             writer.write_table(table, row_group_size=256 * 1024)

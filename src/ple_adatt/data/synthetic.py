@@ -26,8 +26,12 @@ Everything is numpy; one seed gives one dataset.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+if TYPE_CHECKING:
+    import pyarrow as pa
 
 NUM_NUMERIC = 36
 CATEGORICAL = {"region": 12, "device": 6, "segment": 30, "channel_pref": 7}
@@ -152,14 +156,10 @@ def generate(rows: int, seed: int = 0, brand_vocab: int = 50_000) -> dict[str, n
     return cols
 
 
-def write_parquet(out: str | Path, rows: int, seed: int = 0, brand_vocab: int = 50_000) -> Path:
-    """Generate and write one Parquet file atomically (temp file, then rename)."""
+def to_arrow(cols: dict[str, np.ndarray]) -> pa.Table:
+    """Columns from :func:`generate` as an Arrow table: integer targets and cluster with nulls."""
     import pyarrow as pa
-    import pyarrow.parquet as pq
 
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    cols = generate(rows, seed=seed, brand_vocab=brand_vocab)
     arrays = {}
     for k, v in cols.items():
         if k.startswith("y_") or k == "cluster":
@@ -169,10 +169,19 @@ def write_parquet(out: str | Path, rows: int, seed: int = 0, brand_vocab: int = 
             else:
                 arrays[k] = pa.array(v.astype(np.float32), mask=mask)
         elif v.dtype == object:
-            arrays[k] = pa.array(v.tolist(), type=pa.string())
+            arrays[k] = pa.array(v, type=pa.string())
         else:
             arrays[k] = pa.array(v, mask=np.isnan(v) if v.dtype.kind == "f" else None)
-    table = pa.table(arrays)
+    return pa.table(arrays)
+
+
+def write_parquet(out: str | Path, rows: int, seed: int = 0, brand_vocab: int = 50_000) -> Path:
+    """Generate and write one Parquet file atomically (temp file, then rename)."""
+    import pyarrow.parquet as pq
+
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    table = to_arrow(generate(rows, seed=seed, brand_vocab=brand_vocab))
     tmp = out.with_name(out.name + ".tmp")
     pq.write_table(table, tmp, row_group_size=256 * 1024)
     tmp.replace(out)
