@@ -30,3 +30,20 @@ def _tracking_defaults(request, monkeypatch, session_tracking_uri):
         monkeypatch.setenv("PLE_ADATT_NO_TRACKING", "1")
         if "MLFLOW_TRACKING_URI" not in os.environ:
             monkeypatch.setenv("MLFLOW_TRACKING_URI", session_tracking_uri)
+
+
+def pytest_collection_modifyitems(config, items):
+    """``slow`` tests run only with PLE_ADATT_RUN_SLOW=1 (make test-all); ``gpu`` tests need CUDA."""
+    run_slow = os.environ.get("PLE_ADATT_RUN_SLOW", "").lower() in ("1", "true", "yes")
+    skip_slow = pytest.mark.skip(reason="slow on the 2-core CI machine; run with make test-all")
+    cuda = False
+    if any("gpu" in item.keywords for item in items):
+        import torch
+
+        cuda = torch.cuda.is_available()
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA device; none is available here")
+    for item in items:
+        if "slow" in item.keywords and not run_slow:
+            item.add_marker(skip_slow)
+        if "gpu" in item.keywords and not cuda:
+            item.add_marker(skip_gpu)
