@@ -45,7 +45,7 @@ SHAPES = {
     "seed": dict(tasks=16, batch=16384, numeric=36, cats=4, card=50, emb=16, experts=4, shared_hidden=1024,
                  expert_dim=128, task_experts=2, task_hidden=256, tower_hidden=256),
     # a CPU-sized shape for the 2-core CI machine
-    "small": dict(tasks=16, batch=1024, numeric=36, cats=4, card=50, emb=4, experts=4, shared_hidden=64,
+    "small": dict(tasks=16, batch=256, numeric=36, cats=4, card=50, emb=4, experts=4, shared_hidden=64,
                   expert_dim=32, task_experts=1, task_hidden=32, tower_hidden=32),
 }
 
@@ -207,10 +207,13 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=None, help="timed steps per run (default 20 CPU / 50 GPU)")
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--no-amp", action="store_true", help="disable bf16 autocast on CUDA")
+    ap.add_argument("--batch", type=int, default=None, help="override the shape's batch size")
     args = ap.parse_args()
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                           ("cpu" if args.device == "auto" else args.device))
     s = dict(SHAPES[args.shape])
+    if args.batch:
+        s["batch"] = args.batch
     steps = args.steps or (50 if device.type == "cuda" else 20)
     amp = not args.no_amp
     data = make_data(s, s["batch"] * 8, device)
