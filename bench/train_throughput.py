@@ -153,7 +153,7 @@ def run_project(s: dict, data: TensorData, device: torch.device, adatt: bool, in
     def step() -> None:
         i = trainer.global_step % n_batches
         b = data.subset(perm[i * s["batch"]:(i + 1) * s["batch"]])
-        _, _, total, _ = trainer.forward_losses(b, epoch=1, use_cluster_heads=False)
+        total = trainer.forward_losses(b, epoch=1, use_cluster_heads=False).total
         total.backward()
         torch.nn.utils.clip_grad_norm_(system.parameters(), 5.0)
         opt.step()

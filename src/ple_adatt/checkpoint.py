@@ -4,7 +4,8 @@
 ``torch.load(..., weights_only=True)``): model weights, the CGC frozen flag, regression
 target statistics, the loss weighting, and the task-transfer buffers (for adaTT:
 ``affinity_matrix``, ``update_count``, ``current_epoch``, ``is_frozen``, ``group_prior``,
-``transfer_weights``). The manifest holds what is needed to rebuild and judge the model:
+``transfer_weights``; MoCoGrad: ``momentum``; GradNorm: ``loss_weights``; uncertainty
+weighting: ``criterion.log_vars``). The manifest holds what is needed to rebuild and judge the model:
 tasks, both configs, phase, epochs, per-task validation metrics and the affinity history.
 """
 
@@ -47,6 +48,12 @@ _TRANSFER_KEYS = {
         "transfer.group_prior",
         "transfer.transfer_weights",
     ],
+    "pcgrad": ["transfer.affinity_computer.affinity_matrix"],
+    "mocograd": ["transfer.affinity_computer.affinity_matrix", "transfer.momentum", "transfer.momentum_count"],
+    "gradnorm": ["transfer.affinity_computer.affinity_matrix", "transfer.loss_weights", "transfer.initial_losses"],
+    "mgda": ["transfer.affinity_computer.affinity_matrix", "transfer.last_weights"],
+    "uncertainty": ["transfer.affinity_computer.affinity_matrix", "criterion.log_vars"],
+    "equal": ["transfer.affinity_computer.affinity_matrix"],
 }
 _MODEL_KEYS = ["model._cgc_frozen", "model.target_loc", "model.target_scale"]
 

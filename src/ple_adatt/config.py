@@ -32,6 +32,11 @@ __all__ = [
     "TaskLossConfig",
     "ModelConfig",
     "AdaTTConfig",
+    "PCGradConfig",
+    "MoCoGradConfig",
+    "GradNormConfig",
+    "MGDAConfig",
+    "STRATEGY_NAMES",
     "TaskGroup",
     "TransferConfig",
     "TrainingConfig",
@@ -190,14 +195,54 @@ class AdaTTConfig:
     inter_group_strength: float = 0.3
 
 
+#: the task-transfer strategies, in the order reports list them. The keys of
+#: ``ple_adatt.transfer.STRATEGIES`` (a test keeps the two equal; this module stays torch-free).
+STRATEGY_NAMES: tuple[str, ...] = ("adatt", "pcgrad", "mocograd", "gradnorm", "mgda", "uncertainty", "equal")
+
+
+@dataclass(frozen=True)
+class PCGradConfig:
+    """PCGrad (Yu et al. 2020): only the seed of the random projection order."""
+
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class MoCoGradConfig:
+    """MoCoGrad: momentum decay ``beta`` of each task's gradient EMA and calibration ``strength``."""
+
+    beta: float = 0.9
+    strength: float = 0.5
+
+
+@dataclass(frozen=True)
+class GradNormConfig:
+    """GradNorm (Chen et al. 2018): restoring-force asymmetry ``alpha`` and the weights' step size."""
+
+    alpha: float = 1.5
+    lr: float = 0.025
+
+
+@dataclass(frozen=True)
+class MGDAConfig:
+    """MGDA (Sener & Koltun 2018): min-norm weights from the gradients on the shared expert
+    parameters (``params``) or on the shared experts' outputs (``representation``, MGDA-UB)."""
+
+    on: Literal["params", "representation"] = "params"
+
+
 @dataclass(frozen=True)
 class TransferConfig:
     """Which task-transfer strategy runs and how per-task gradients are taken."""
 
-    strategy: str = "adatt"
-    grad_interval: int = 10  # steps between per-task gradient extractions
+    strategy: str = "adatt"  # one of STRATEGY_NAMES
+    grad_interval: int = 10  # steps between per-task gradient extractions (gradient methods: every step)
     grad_method: Literal["batched", "loop"] = "batched"
     adatt: AdaTTConfig = field(default_factory=AdaTTConfig)
+    pcgrad: PCGradConfig = field(default_factory=PCGradConfig)
+    mocograd: MoCoGradConfig = field(default_factory=MoCoGradConfig)
+    gradnorm: GradNormConfig = field(default_factory=GradNormConfig)
+    mgda: MGDAConfig = field(default_factory=MGDAConfig)
     task_groups: dict[str, TaskGroup] = field(default_factory=dict)
 
 
@@ -264,6 +309,13 @@ class TrainConfig:
     training: TrainingConfig = field(default_factory=TrainingConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     registry: RegistryConfig = field(default_factory=RegistryConfig)
+
+    @property
+    def effective_loss_weighting(self) -> str:
+        """The loss weighting that runs: strategy ``uncertainty`` implies uncertainty weighting."""
+        if self.transfer.strategy == "uncertainty":
+            return "uncertainty"
+        return self.training.loss_weighting
 
     def loss_for(self, task: TaskSpec) -> TaskLossConfig:
         cfg = self.tasks.get(task.name, TaskLossConfig())
@@ -534,7 +586,30 @@ def load_data_config(path: str | Path, overrides: list[str] | None = None) -> Da
     return validate_data_config(cfg, src)
 
 
+def _check_transfer(cfg: TransferConfig, weighting: str, src: str) -> None:
+    if cfg.strategy not in STRATEGY_NAMES:
+        raise ConfigError(
+            f"{src}: key `transfer.strategy` is {cfg.strategy!r}; allowed values: {', '.join(STRATEGY_NAMES)}"
+        )
+    m, g = cfg.mocograd, cfg.gradnorm
+    if not 0.0 <= m.beta < 1.0:
+        raise ConfigError(f"{src}: key `transfer.mocograd.beta` must be in [0, 1), got {m.beta}")
+    if m.strength < 0:
+        raise ConfigError(f"{src}: key `transfer.mocograd.strength` must be >= 0, got {m.strength}")
+    if g.alpha < 0:
+        raise ConfigError(f"{src}: key `transfer.gradnorm.alpha` must be >= 0, got {g.alpha}")
+    if g.lr <= 0:
+        raise ConfigError(f"{src}: key `transfer.gradnorm.lr` must be > 0, got {g.lr}")
+    if cfg.strategy == "gradnorm" and weighting == "uncertainty":
+        raise ConfigError(
+            f"{src}: `transfer.strategy: gradnorm` learns the loss weights itself and cannot be combined with "
+            "`training.loss_weighting: uncertainty`; set `training.loss_weighting: fixed` or use "
+            "`transfer.strategy: uncertainty`"
+        )
+
+
 def validate_train_config(cfg: TrainConfig, src: str, data: DataConfig | None = None) -> TrainConfig:
+    _check_transfer(cfg.transfer, cfg.training.loss_weighting, src)
     a = cfg.transfer.adatt
     if cfg.transfer.strategy == "adatt" and a.freeze_epoch <= a.warmup_epochs:
         raise ConfigError(

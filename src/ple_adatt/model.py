@@ -301,12 +301,31 @@ class PLEClusterModel(nn.Module):
             return self._task_gradients_loop(task_losses, present)
         if method != "batched":
             raise ValueError(f"unknown gradient method {method!r}; valid: batched, loop")
+        d_s = self._shared_output_grads(task_losses, present, output)
+        with torch.no_grad():  # a measurement: no graph through the experts' weights
+            return self.shared_experts.per_task_grads(output.shared_cache, d_s)
+
+    @torch.compiler.disable
+    def shared_task_and_representation_gradients(self, task_losses: Tensor, present: Tensor,
+                                                 output: ModelOutput) -> tuple[Tensor, Tensor]:
+        """Per-task gradients on the shared-expert parameters (T, P) and on the shared
+        experts' outputs ``dL_t/dS`` flattened to (T, E_s * B * d) (for MGDA-UB), from one
+        backward to the CGC outputs."""
+        d_s = self._shared_output_grads(task_losses, present, output)
+        with torch.no_grad():
+            return self.shared_experts.per_task_grads(output.shared_cache, d_s), d_s.flatten(1).float()
+
+    def _shared_output_grads(self, task_losses: Tensor, present: Tensor, output: ModelOutput) -> Tensor:
+        """dL_t/dS for every task: one backward to the CGC outputs, then the gate weights.
+
+        Task t reads the shared experts only through its own CGC output, so
+        ``dL_t/dS_e = gate_{t,e} * dL/dcgc_t``: (T, E_s, B, d).
+        """
         total = (task_losses * present.to(task_losses.dtype)).sum()
         (d_cgc,) = torch.autograd.grad(total, output.cgc_out, retain_graph=True)  # (T, B, d)
         e_s = len(self.shared_experts.names)
         g = output.gates[..., :e_s].permute(0, 2, 1).unsqueeze(-1)  # (T, E_s, B, 1)
-        d_s = g * d_cgc.unsqueeze(1)  # (T, E_s, B, d)
-        return self.shared_experts.per_task_grads(output.shared_cache, d_s)
+        return g * d_cgc.unsqueeze(1)  # (T, E_s, B, d)
 
     def _task_gradients_loop(self, task_losses: Tensor, present: Tensor) -> Tensor:
         """The seed's reference: one ``autograd.grad`` per task with ``retain_graph``."""

@@ -17,7 +17,7 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -29,7 +29,7 @@ from .metrics import PRIMARY_METRIC, task_metrics
 from .model import PLEClusterModel, build_model
 from .transfer import build_strategy
 
-__all__ = ["MultiTaskSystem", "build_system", "Trainer", "resolve_device", "EpochRecord"]
+__all__ = ["MultiTaskSystem", "build_system", "Trainer", "resolve_device", "EpochRecord", "StepLosses"]
 
 Log = Callable[[str], None]
 
@@ -57,7 +57,7 @@ class MultiTaskSystem(nn.Module):
 def build_system(cfg: TrainConfig, tasks: list[TaskSpec], num_numeric: int, cardinalities: list[int],
                  num_clusters: int) -> MultiTaskSystem:
     model = build_model(cfg.model, tasks, num_numeric, cardinalities, num_clusters)
-    criterion = MultiTaskLoss(model.heads, [cfg.loss_for(t) for t in tasks], cfg.training.loss_weighting)
+    criterion = MultiTaskLoss(model.heads, [cfg.loss_for(t) for t in tasks], cfg.effective_loss_weighting)
     transfer = build_strategy([t.name for t in tasks], cfg.transfer)
     return MultiTaskSystem(model, criterion, transfer)
 
@@ -192,6 +192,16 @@ class EpochRecord:
         return dict(self.__dict__)
 
 
+class StepLosses(NamedTuple):
+    """What :meth:`Trainer.forward_losses` returns for one batch."""
+
+    losses: LossOutput
+    enhanced: Tensor  # (T,) losses after the strategy (transfer / learned weights)
+    total: Tensor  # scalar that is back-propagated
+    weights: Tensor | None  # adaTT transfer weights (T, T)
+    surgery: tuple[Tensor, Tensor | None] | None  # (task grads (T, P), representation grads) for shared_gradient
+
+
 # -------------------------------------------------------------------------------- trainer
 
 
@@ -249,23 +259,42 @@ class Trainer:
             model.set_cgc_frozen(True)
             self._event("cgc_frozen_epoch", phase, epoch)
 
-    def forward_losses(self, b: TensorData, epoch: int, use_cluster_heads: bool
-                       ) -> tuple[LossOutput, Tensor, Tensor, Tensor | None]:
-        """Forward, weighted task losses, per-task gradients every ``grad_interval`` steps,
-        task transfer, CGC entropy regularisation. Returns (losses, enhanced, total, weights)."""
+    def forward_losses(self, b: TensorData, epoch: int, use_cluster_heads: bool) -> StepLosses:
+        """Forward, weighted task losses, per-task gradients (every ``grad_interval`` steps, or
+        every step for gradient methods), task transfer, CGC entropy regularisation."""
         system, model, cfg = self.system, self.system.model, self.cfg
+        tr = system.transfer
         with self._autocast():
             out = model(b.x_num, b.x_cat, b.cluster, use_cluster_heads=use_cluster_heads)
             lo = system.losses(out.out, b.y)
-        if system.transfer is None:
+        grads = rep = None
+        if tr is None:
             enhanced, weights = lo.weighted, None
         else:
-            grads = None
-            if self.global_step % cfg.transfer.grad_interval == 0:
-                grads = model.shared_task_gradients(lo.weighted, lo.present, out, cfg.transfer.grad_method)
-            enhanced, weights = system.transfer.transfer_losses(lo.weighted, lo.present, grads, epoch)
+            if getattr(tr, "needs_gradients_every_step", False) or self.global_step % cfg.transfer.grad_interval == 0:
+                if getattr(tr, "gradient_source", "params") == "representation":
+                    grads, rep = model.shared_task_and_representation_gradients(lo.weighted, lo.present, out)
+                else:
+                    grads = model.shared_task_gradients(lo.weighted, lo.present, out, cfg.transfer.grad_method)
+            enhanced, weights = tr.transfer_losses(lo.weighted, lo.present, grads, epoch)
         total = enhanced.sum() - model.cfg.cgc_entropy_weight * gate_entropy(out.gates)
-        return lo, enhanced, total, weights
+        surgery = tr is not None and grads is not None and hasattr(tr, "shared_gradient")
+        return StepLosses(lo, enhanced, total, weights, (grads, rep) if surgery else None)
+
+    def _shared_grads(self) -> list[Tensor | None]:
+        return [None if p.grad is None else p.grad.clone() for p in self.system.model.shared_parameters()]
+
+    def _replace_shared_gradient(self, step: StepLosses, before: list[Tensor | None], scale: float,
+                                 accum: int) -> None:
+        """Gradient surgery: the shared experts' gradient of this micro-batch becomes the
+        strategy's combined gradient (the other parameters keep the summed loss's gradient)."""
+        grads, rep = step.surgery
+        combined = self.system.transfer.shared_gradient(grads, step.losses.present, rep)  # (P,)
+        params = self.system.model.shared_parameters()
+        parts = combined.split([p.numel() for p in params])
+        for p, prev, g in zip(params, before, parts):
+            new = g.view_as(p).to(p.dtype) * (scale / accum)
+            p.grad = new if prev is None else prev + new
 
     # ------------------------------------------------------------------------- the loop
 
@@ -295,16 +324,21 @@ class Trainer:
                 b = self.train_data.subset(idx)
                 try:
                     # forward (+ per-task gradients and task transfer)
-                    lo, enhanced, total, w = self.forward_losses(b, epoch, use_cluster_heads)
-                    weights_used = w if w is not None else weights_used
+                    step = self.forward_losses(b, epoch, use_cluster_heads)
+                    lo, enhanced, total = step.losses, step.enhanced, step.total
+                    weights_used = step.weights if step.weights is not None else weights_used
                     if not torch.isfinite(total):  # a non-finite loss skips the batch
                         skipped += 1
                         opt.zero_grad(set_to_none=True)
                         self._event("nonfinite_loss_skipped", phase, epoch, batch=i)
                         self.global_step += 1
                         continue
-                    # backward
+                    # backward (gradient methods: then the shared experts' gradient is replaced)
+                    before = self._shared_grads() if step.surgery is not None else []
                     scaler.scale(total / accum).backward()
+                    if step.surgery is not None:
+                        scale = scaler.get_scale() if scaler.is_enabled() else 1.0
+                        self._replace_shared_gradient(step, before, scale, accum)
                 except torch.cuda.OutOfMemoryError:  # CUDA OOM skips the batch
                     skipped += 1
                     opt.zero_grad(set_to_none=True)
@@ -352,7 +386,8 @@ class Trainer:
                 task_losses={n: float(enh_mean[j]) for j, n in enumerate(names)},
                 raw_losses={n: float(raw_mean[j]) for j, n in enumerate(names)},
                 weighted_losses={n: float(w_mean[j]) for j, n in enumerate(names)},
-                transfer_share=max(total_enh - weighted_mean, 0.0) / total_enh if total_enh > 0 else 0.0,
+                transfer_share=(max(total_enh - weighted_mean, 0.0) / total_enh
+                                if total_enh > 0 and getattr(system.transfer, "transfers_loss", True) else 0.0),
                 val=val,
                 affinity=(affinity_src.affinity_computer.affinity_matrix.cpu().tolist() if affinity_src else []),
                 transfer_matrix=(weights_used.detach().cpu().tolist() if weights_used is not None else None),

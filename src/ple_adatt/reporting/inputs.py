@@ -122,7 +122,7 @@ def load_inputs(*, phase1: str | Path, phase2: str | Path, validation: str | Pat
 
     ck1 = load_checkpoint(p1_dir)  # verifies the content hash and every required buffer
     ck2 = load_checkpoint(p2_dir)
-    weighting = ck1.train_cfg.training.loss_weighting
+    weighting = ck1.train_cfg.effective_loss_weighting
     weights = [float(w) for w in ck1.system.criterion.weights.tolist()] if weighting == "fixed" else None
     base = load_baselines(baselines, m1["tasks"]) if baselines is not None else None
     return ReportInputs(p1_dir, p2_dir, v_dir, m1, m2, vman, avail, ck1.system.transfer, ck2.system.transfer,

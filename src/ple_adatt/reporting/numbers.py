@@ -292,7 +292,8 @@ def build_report_data(inp: ReportInputs) -> dict[str, Any]:
             "prior_blend_start": acfg["prior_blend_start"],
             "prior_blend_end": acfg["prior_blend_end"],
             "grad_interval": tcfg["transfer"].get("grad_interval"),
-            "loss_weighting": tcfg["training"].get("loss_weighting"),
+            "loss_weighting": ("uncertainty" if tcfg["transfer"].get("strategy") == "uncertainty"
+                               else tcfg["training"].get("loss_weighting")),
             "loss_weights": inp.loss_weights,
             "task_groups": task_groups,
         },

@@ -8,6 +8,15 @@ and back-propagated:
         -> (losses (T,), transfer weights (T, T) | None)
     on_epoch_end(epoch) -> list of event names
     phase(epoch) -> str
+
+Gradient methods add two optional members (see :mod:`.base`):
+
+    needs_gradients_every_step: bool        # per-task gradients every step, not every grad_interval
+    shared_gradient(task_grads (T, P), present (T,), representation (T, R) | None) -> (P,)
+                                            # replaces the shared experts' gradient after backward
+    gradient_source: "params" | "representation"   # MGDA-UB also wants dL_t/dS
+
+One module per method: adatt (adaTT), pcgrad, mocograd, gradnorm, mgda, uncertainty, equal.
 """
 
 from __future__ import annotations
@@ -15,33 +24,17 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from torch import Tensor, nn
-
 from ..config import TransferConfig
 from .adatt import AdaptiveTaskTransfer, TaskAffinityComputer
+from .equal import EqualWeighting
+from .gradnorm import GradNorm
+from .mgda import MGDA
+from .mocograd import MoCoGrad
+from .pcgrad import PCGrad
+from .uncertainty import UncertaintyWeighting
 
-__all__ = ["STRATEGIES", "build_strategy", "EqualWeighting", "AdaptiveTaskTransfer", "TaskAffinityComputer"]
-
-
-class EqualWeighting(nn.Module):
-    """The plain weighted sum of task losses; affinity is still measured for the report."""
-
-    def __init__(self, task_names: list[str], ema_decay: float = 0.9):
-        super().__init__()
-        self.task_names = list(task_names)
-        self.affinity_computer = TaskAffinityComputer(self.task_names, ema_decay)
-
-    def transfer_losses(self, losses: Tensor, present: Tensor, task_gradients: Tensor | None,
-                        epoch: int) -> tuple[Tensor, None]:
-        if task_gradients is not None:
-            self.affinity_computer.update(task_gradients)
-        return losses, None
-
-    def on_epoch_end(self, epoch: int) -> list[str]:
-        return []
-
-    def phase(self, epoch: int) -> str:
-        return "equal"
+__all__ = ["STRATEGIES", "build_strategy", "EqualWeighting", "AdaptiveTaskTransfer", "TaskAffinityComputer",
+           "PCGrad", "MoCoGrad", "GradNorm", "MGDA", "UncertaintyWeighting"]
 
 
 def _adatt(task_names: list[str], cfg: TransferConfig) -> AdaptiveTaskTransfer:
@@ -63,12 +56,38 @@ def _adatt(task_names: list[str], cfg: TransferConfig) -> AdaptiveTaskTransfer:
     )
 
 
+def _pcgrad(task_names: list[str], cfg: TransferConfig) -> PCGrad:
+    return PCGrad(task_names, seed=cfg.pcgrad.seed, ema_decay=cfg.adatt.ema_decay)
+
+
+def _mocograd(task_names: list[str], cfg: TransferConfig) -> MoCoGrad:
+    m = cfg.mocograd
+    return MoCoGrad(task_names, beta=m.beta, strength=m.strength, ema_decay=cfg.adatt.ema_decay)
+
+
+def _gradnorm(task_names: list[str], cfg: TransferConfig) -> GradNorm:
+    return GradNorm(task_names, alpha=cfg.gradnorm.alpha, lr=cfg.gradnorm.lr, ema_decay=cfg.adatt.ema_decay)
+
+
+def _mgda(task_names: list[str], cfg: TransferConfig) -> MGDA:
+    return MGDA(task_names, on=cfg.mgda.on, ema_decay=cfg.adatt.ema_decay)
+
+
+def _uncertainty(task_names: list[str], cfg: TransferConfig) -> UncertaintyWeighting:
+    return UncertaintyWeighting(task_names, cfg.adatt.ema_decay)
+
+
 def _equal(task_names: list[str], cfg: TransferConfig) -> EqualWeighting:
     return EqualWeighting(task_names, cfg.adatt.ema_decay)
 
 
 STRATEGIES: dict[str, Callable[[list[str], TransferConfig], Any]] = {
     "adatt": _adatt,
+    "pcgrad": _pcgrad,
+    "mocograd": _mocograd,
+    "gradnorm": _gradnorm,
+    "mgda": _mgda,
+    "uncertainty": _uncertainty,
     "equal": _equal,
 }
 
