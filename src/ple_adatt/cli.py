@@ -22,6 +22,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train-phase2": ("ple_adatt.stages.train_phase2", "Phase 2: freeze shared experts, fine-tune cluster heads"),
     "report": ("ple_adatt.stages.report", "write the affinity / negative-transfer report"),
     "register": ("ple_adatt.stages.register", "register the Phase 2 checkpoint in the MLflow registry"),
+    "compare": ("ple_adatt.stages.compare", "train several strategies and single-task baselines; compare them"),
 }
 
 

@@ -439,6 +439,7 @@ class StageTracker(NullTracker):
                 "config_hash": man.get("config_hash") or "",
                 "data_config_hash": man.get("data_config_hash") or "",
                 "tasks": ",".join(man.get("tasks") or []),
+                "strategy": str(man.get("strategy") or ""),
                 "negative_transfer_pairs": ",".join(f"{a}<->{b}" for a, b in pairs) or "none",
             })
             cfgs = {}
@@ -565,6 +566,7 @@ def stage_run(stage: str, args: argparse.Namespace | None = None, **context: Any
         "component_version": _package_version(),
         "git_commit": git_commit() or "unknown",
         **({"kfp_run_id": kfp_run_id} if kfp_run_id else {}),
+        **({"strategy": train_cfg.transfer.strategy} if train_cfg is not None and stage.startswith("train") else {}),
         **{k: str(v) for k, v in (context.get("tags") or {}).items()},
     }
     run = _wrap(target, f"creating the {stage} run", client.create_run, exp_id, run_name=stage, tags=tags)

@@ -82,8 +82,12 @@ def run_phase1(
     stage: str = "train-phase1",
     log: Log = print,
     on_epoch: Callable[[Any], None] | None = None,
+    only_tasks: list[str] | None = None,
 ) -> dict[str, Any]:
-    """Phase 1: fit preprocessing, train everything with the transfer strategy, checkpoint."""
+    """Phase 1: fit preprocessing, train everything with the transfer strategy, checkpoint.
+
+    ``only_tasks`` restricts training to these tasks (single-task baselines of ``compare``).
+    """
     from ..checkpoint import save_checkpoint
     from ..data.dataset import prepare_splits
     from ..training import Trainer, build_system, resolve_device, set_regression_targets
@@ -99,7 +103,14 @@ def run_phase1(
             log(f"tasks disabled by validation: {', '.join(skipped)}")
     else:
         tasks = data_cfg.task_names
-        log("no --validation given: training every declared task")
+        if not only_tasks:
+            log("no --validation given: training every declared task")
+    if only_tasks:
+        unknown = [t for t in only_tasks if t not in tasks]
+        if unknown:
+            raise StageError(f"tasks {unknown} are not declared in {data_config} or not enabled by validation; "
+                             f"trainable tasks: {', '.join(tasks)}")
+        tasks = [t for t in tasks if t in only_tasks]
     _seed(train_cfg.seed)
     log(f"loading {data} ({len(tasks)} tasks)")
     pre, train, val = prepare_splits(data, data_cfg, tasks, max_rows=train_cfg.max_rows)
