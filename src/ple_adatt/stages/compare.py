@@ -90,6 +90,7 @@ def _train_one(args: argparse.Namespace, out: Path, overrides: list[str], tags: 
                    stage="compare", log=log, on_epoch=tracker.log_epoch)
         tracker.log_artifact(out / "phase2", "checkpoint")
     t2 = time.perf_counter()
+    args.pipeline_run_id = ns.pipeline_run_id  # every run of one compare shares the MLflow parent run
     (out / "timing.json").write_text(json.dumps({"wall_seconds": t2 - t0, "phase1_wall_seconds": t1 - t0,
                                                  "phase2_wall_seconds": t2 - t1}, indent=1) + "\n")
     return out
@@ -134,7 +135,13 @@ def write_comparison(runs: dict[str, str | Path], singles: dict[str, str | Path]
                      command: str | None = None, data: str | None = None) -> dict[str, Any]:
     """Read the runs' manifests and write baselines.json, compare.{json,md,html} and manifest.json."""
     from ..artifacts import make_manifest, path_sha256, write_json
-    from ..reporting.compare import COMPARE_SCHEMA_VERSION, compare_numbers, read_run, render_html, render_markdown
+    from ..reporting.compare import (
+        COMPARE_SCHEMA_VERSION,
+        compare_numbers,
+        read_run,
+        render_html,
+        render_markdown,
+    )
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,151 @@
+"""`ple-adatt compare`: every strategy and single-task baselines on generated data and on
+UCI Adult (tiny configs), the numbers of the report, and its inputs' errors."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from ple_adatt.checkpoint import load_checkpoint
+from ple_adatt.cli import main
+from ple_adatt.config import STRATEGY_NAMES
+from ple_adatt.data.synthetic import write_parquet
+from ple_adatt.reporting.compare import delta_m, pareto_front
+from ple_adatt.reporting.inputs import load_baselines
+
+ROOT = Path(__file__).resolve().parents[2]
+TINY = ROOT / "configs/train/compare_tiny.yaml"
+ADULT = Path(os.environ.get("PLE_ADATT_ADULT_PATH") or ROOT.parent / "shared" / "data" / "adult" / "adult.data")
+SYN_TASKS = ["ctr", "cvr", "churn", "ltv", "nba"]
+
+
+# ------------------------------------------------------------------------ the numbers
+
+
+def test_delta_m_signs_by_metric_direction():
+    higher = {"a": True, "b": False}
+    # a: +10% better; b (lower is better): 2.0 -> 2.2 is 10% worse -> mean 0
+    assert delta_m({"a": 0.55, "b": 2.2}, {"a": 0.5, "b": 2.0}, higher) == pytest.approx(0.0)
+    assert delta_m({"a": 0.55, "b": 1.8}, {"a": 0.5, "b": 2.0}, higher) == pytest.approx(10.0)
+    assert delta_m({"a": 0.45, "b": None}, {"a": 0.5, "b": 2.0}, higher) == pytest.approx(-10.0)
+
+
+def test_pareto_front_keeps_only_non_dominated_points():
+    higher = {"auc": True, "rmse": False}
+    pts = {"x": {"auc": 0.7, "rmse": 1.0}, "y": {"auc": 0.8, "rmse": 1.2}, "z": {"auc": 0.65, "rmse": 1.1},
+           "w": {"auc": 0.7, "rmse": 1.0}}
+    assert pareto_front(pts, higher) == ["x", "y", "w"]  # z is dominated by x; equal points both stay
+
+
+# ------------------------------------------------------------- a real run on generated data
+
+
+@pytest.fixture(scope="module")
+def synthetic(tmp_path_factory):
+    d = tmp_path_factory.mktemp("compare-syn")
+    data = write_parquet(d / "syn.parquet", rows=2500, seed=0, brand_vocab=100)
+    out = d / "cmp"
+    rc = main(["compare", "--no-tracking", "--data", str(data), "--data-config", str(ROOT / "configs/data/synthetic.yaml"),
+               "--config", str(TINY), "--tasks", ",".join(SYN_TASKS), "--out", str(out)])
+    assert rc == 0
+    return out
+
+
+def check_comparison(out: Path, tasks: list[str]) -> dict:
+    r = json.loads((out / "compare.json").read_text())
+    assert [s["name"] for s in r["strategies"]] == list(STRATEGY_NAMES)
+    assert [t["name"] for t in r["tasks"]] == tasks
+    base = {t["name"]: t["single_task"] for t in r["tasks"]}
+    higher = {t["name"]: t["higher_is_better"] for t in r["tasks"]}
+    assert all(isinstance(v, float) and math.isfinite(v) for v in base.values())
+    for s in r["strategies"]:
+        # the run really used its strategy, and the table shows its checkpoint's metrics
+        man = json.loads((out / "runs" / s["name"] / "phase2" / "manifest.json").read_text())
+        assert man["strategy"] == s["name"] == man["train_config"]["transfer"]["strategy"]
+        for t in r["tasks"]:
+            assert s["metrics"][t["name"]] == man["metrics"]["tasks"][t["name"]][t["metric"]]
+        # delta-m recomputed by hand from the table
+        terms = [(1 if higher[t] else -1) * (s["metrics"][t] - base[t]) / abs(base[t]) for t in tasks]
+        assert s["delta_m"] == pytest.approx(100 * sum(terms) / len(terms))
+        assert s["cost"]["phase1_steps"] > 0 and s["cost"]["steps_per_second"] > 0 and s["cost"]["wall_seconds"] > 0
+        tci = {row["task"]: row["tci"] for row in s["tci"]}
+        for t in r["tasks"]:
+            la, lj = t["single_task_loss"], s["val_loss"][t["name"]]
+            assert tci[t["name"]] == pytest.approx((la - lj) / la)
+    # the Pareto front: nothing on it is dominated by another point
+    pts = {s["name"]: s["metrics"] for s in r["strategies"]}
+    assert r["pareto_front"] and set(r["pareto_front"]) <= set(pts) | {"single-task"}
+    for n in r["pareto_front"]:
+        if n in pts:
+            assert not any(all((q[t] >= pts[n][t]) if higher[t] else (q[t] <= pts[n][t]) for t in tasks)
+                           and q != pts[n] for m, q in pts.items() if m != n)
+    # single-task baselines: one model per task, in the format `report --baselines` reads
+    for t in tasks:
+        man = json.loads((out / "single_task" / t / "phase2" / "manifest.json").read_text())
+        assert man["tasks"] == [t]
+    b = load_baselines(out / "baselines.json", tasks)
+    assert set(b.val_loss["phase2"]) == set(tasks)
+    assert load_baselines(out / "single_task", tasks).val_loss["phase2"] == b.val_loss["phase2"]
+    # the page is self-contained and shows every strategy
+    html = (out / "compare.html").read_text()
+    assert "<script" not in html and "http://" not in html.replace("http://www.w3.org/2000/svg", "")
+    assert "https://" not in html and all(f">{s}<" in html for s in STRATEGY_NAMES)
+    md = (out / "compare.md").read_text()
+    assert "| single-task |" in md and "Pareto front:" in md
+    assert json.loads((out / "manifest.json").read_text())["kind"] == "comparison"
+    return r
+
+
+def test_compare_on_generated_data(synthetic):
+    check_comparison(synthetic, SYN_TASKS)
+
+
+def test_compare_checkpoints_keep_each_strategys_state(synthetic):
+    ck = load_checkpoint(synthetic / "runs" / "mocograd" / "phase2")
+    saved = torch.load(synthetic / "runs" / "mocograd" / "phase2" / "checkpoint.pt", weights_only=True)
+    assert ck.system.transfer.momentum.shape == saved["transfer.momentum"].shape and saved["transfer.momentum"].abs().sum() > 0
+    torch.testing.assert_close(ck.system.transfer.momentum, saved["transfer.momentum"])
+    gn = load_checkpoint(synthetic / "runs" / "gradnorm" / "phase2").system.transfer.loss_weights
+    assert float(gn.sum()) == pytest.approx(len(SYN_TASKS), rel=1e-5)
+    unc = load_checkpoint(synthetic / "runs" / "uncertainty" / "phase2").system.criterion
+    assert unc.weighting == "uncertainty" and float(unc.log_vars.detach().abs().sum()) > 0
+
+
+def test_compare_report_only_from_existing_runs(synthetic, tmp_path):
+    out = tmp_path / "again"
+    rc = main(["compare", "--out", str(out), "--runs", f"adatt={synthetic / 'runs/adatt'}",
+               "--runs", f"mgda={synthetic / 'runs/mgda'}", "--singles", str(synthetic / "single_task")])
+    assert rc == 0
+    r = json.loads((out / "compare.json").read_text())
+    first = json.loads((synthetic / "compare.json").read_text())
+    assert [s["name"] for s in r["strategies"]] == ["adatt", "mgda"]
+    assert r["strategies"][1]["delta_m"] == pytest.approx(first["strategies"][4]["delta_m"])
+
+
+def test_compare_rejects_unknown_strategies_and_missing_inputs(tmp_path, capsys):
+    rc = main(["compare", "--out", str(tmp_path / "x"), "--strategies", "adatt,cagrad", "--data", "d",
+               "--data-config", "c", "--config", "c"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "--strategies: unknown ['cagrad']; valid: adatt, pcgrad, mocograd, gradnorm, mgda" in err
+    rc = main(["compare", "--out", str(tmp_path / "x")])
+    assert rc == 2 and "training needs --data, --data-config, --config" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------- UCI Adult
+
+
+@pytest.mark.skipif(not ADULT.is_file(), reason=f"UCI Adult not found at {ADULT}; set PLE_ADATT_ADULT_PATH")
+def test_compare_on_adult(tmp_path):
+    data = tmp_path / "adult.parquet"
+    assert main(["convert-adult", "--src", str(ADULT), "--out", str(data)]) == 0
+    out = tmp_path / "cmp"
+    rc = main(["compare", "--data", str(data), "--data-config", str(ROOT / "configs/data/adult.yaml"),
+               "--config", str(TINY), "--out", str(out), "--set", "max_rows=2000"])
+    assert rc == 0
+    r = check_comparison(out, ["income", "marital_status", "occupation", "hours_per_week", "education_level"])
+    assert {t["metric"] for t in r["tasks"]} == {"auc", "accuracy", "rmse"}
