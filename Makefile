@@ -14,7 +14,7 @@ ROWS ?= 20000
 OUT ?= runs/train
 
 .PHONY: help setup test test-all lint data validate train bench bench-validate adult clean report \
-	components compile submit run stage images mlflow-ui
+	components compile submit run stage images mlflow-ui compare
 
 help:  ## list the commands
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  make %-16s %s\n", $$1, $$2}'
@@ -107,3 +107,10 @@ report: setup  ## affinity / negative-transfer report of runs/train (OUT=...) an
 MLFLOW_PORT ?= 5000
 mlflow-ui: setup  ## open the MLflow UI on the local store ./mlflow.db (artifacts ./mlartifacts) at http://127.0.0.1:$(MLFLOW_PORT)
 	$(BIN)/mlflow ui --backend-store-uri sqlite:///mlflow.db --default-artifact-root ./mlartifacts --host 127.0.0.1 --port $(MLFLOW_PORT)
+
+COMPARE_CONFIG ?= $(TRAIN_CONFIG)
+COMPARE_OUT ?= runs/compare
+STRATEGIES ?= adatt,pcgrad,mocograd,gradnorm,mgda,uncertainty,equal
+compare: setup $(DATA)  ## train STRATEGIES + single-task baselines on DATA (COMPARE_CONFIG, TASKS=a,b); report in COMPARE_OUT
+	$(BIN)/ple-adatt compare --data $(DATA) --data-config $(DATA_CONFIG) --config $(COMPARE_CONFIG) \
+		--strategies $(STRATEGIES) --out $(COMPARE_OUT) $(if $(TASKS),--tasks $(TASKS)) $(foreach s,$(SET),--set $(s))

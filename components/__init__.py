@@ -19,4 +19,5 @@ COMPONENTS: dict[str, str] = {
     "train-phase2": "train_phase2",
     "report": "report",
     "register": "register",
+    "compare": "compare",  # the compare pipeline only (pipelines/compare_pipeline.py)
 }

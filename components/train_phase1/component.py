@@ -22,6 +22,7 @@ def train_phase1(
     train_config: str = "configs/train/production.yaml",
     mlflow_tracking_uri: str = "",
     pipeline_run_id: str = "",
+    strategy: str = "",
 ):
     """Phase 1 on ``data``: only the tasks ``validation`` enabled are trained.
 
@@ -37,6 +38,7 @@ def train_phase1(
         train_config: train config YAML, a path inside the image.
         mlflow_tracking_uri: MLflow tracking URI; empty keeps the container's $MLFLOW_TRACKING_URI.
         pipeline_run_id: the pipeline run (MLflow parent run) this stage belongs to.
+        strategy: a `transfer.strategy` to train with (the compare pipeline); empty keeps the config's.
     """
     import json
     import math
@@ -54,6 +56,8 @@ def train_phase1(
             "--validation", validation.path, "--out", checkpoint.path]
     for item in overrides:
         argv += ["--set", item]
+    if strategy:
+        argv += ["--set", f"transfer.strategy={strategy}"]
     rc = main(argv)
     if rc != 0:
         raise SystemExit(rc)  # the stage printed the one-line reason

@@ -1,0 +1,114 @@
+"""The compare pipeline: validate, then train-phase1 -> train-phase2 per strategy in a
+``dsl.ParallelFor``, then one compare step over the collected Phase 2 checkpoints.
+
+    python -m pipelines.compare_pipeline --out build/ple-adatt-compare.yaml [--strategies adatt,pcgrad,mgda]
+
+Same components, images and placement as the main pipeline (``pipelines/pipeline.py``, which
+this module leaves unchanged); the strategies are a compile-time list, the data and configs
+are run-time parameters. Single-task baselines are not part of this variant: train them
+with ``ple-adatt compare`` (see docs/compare.md).
+"""
+
+
+import argparse
+import sys
+from typing import Any
+
+from kfp import dsl
+
+from components.compare.component import compare
+from components.images import VERSION
+from components.train_phase1.component import train_phase1
+from components.train_phase2.component import train_phase2
+from components.validate.component import validate
+from pipelines.pipeline import PipelineOptions, _cpu_step, _training_step
+
+PIPELINE_NAME = "ple-adatt-compare"
+DEFAULT_STRATEGIES = ("adatt", "pcgrad", "mocograd", "gradnorm", "mgda", "uncertainty", "equal")
+
+
+def build_compare_pipeline(strategies: list[str] | tuple[str, ...] = DEFAULT_STRATEGIES,
+                           options: PipelineOptions | None = None) -> Any:
+    """The compare pipeline for ``strategies`` (validated against the package's names)."""
+    from ple_adatt.config import STRATEGY_NAMES
+
+    bad = [s for s in strategies if s not in STRATEGY_NAMES]
+    if bad or not strategies:
+        raise ValueError(f"unknown strategies {bad or '(none given)'}; valid: {', '.join(STRATEGY_NAMES)}")
+    opts = options or PipelineOptions()
+    items = list(strategies)
+
+    @dsl.pipeline(name=PIPELINE_NAME,
+                  description=f"ple-adatt {VERSION}: validate -> per strategy (parallel) train-phase1 -> "
+                  "train-phase2 -> compare")
+    def ple_adatt_compare(
+        data_uri: str,
+        data_config: str = "configs/data/synthetic.yaml",
+        train_config: str = "configs/train/production.yaml",
+        overrides: list[str] = [],  # noqa: B006  (KFP needs a literal default; never mutated)
+        mlflow_tracking_uri: str = "",
+        gx_rows: str = "100000",
+    ):
+        """Train the same data with several task-transfer strategies and compare them.
+
+        Args:
+            data_uri: the dataset, a Parquet file or directory.
+            data_config: data contract YAML inside the image.
+            train_config: train config YAML inside the image; each branch sets transfer.strategy.
+            overrides: train-config overrides for every branch, ``key=value`` each.
+            mlflow_tracking_uri: MLflow tracking server; empty keeps the image's $MLFLOW_TRACKING_URI.
+            gx_rows: rows the Great Expectations suite sees ("all" or a count).
+        """
+        run_id = dsl.PIPELINE_JOB_ID_PLACEHOLDER
+        dataset = dsl.importer(artifact_uri=data_uri, artifact_class=dsl.Dataset, reimport=False)
+        dataset.set_display_name("dataset")
+        checked = validate(data=dataset.output, data_config=data_config, gx_rows=gx_rows,
+                           mlflow_tracking_uri=mlflow_tracking_uri, pipeline_run_id=run_id)
+        _cpu_step(checked, opts, retry=True)
+        checked.set_caching_options(True)
+        with dsl.ParallelFor(items=items, parallelism=len(items)) as strategy:
+            phase1 = train_phase1(data=dataset.output, validation=checked.outputs["validation"],
+                                  overrides=overrides, data_config=data_config, train_config=train_config,
+                                  mlflow_tracking_uri=mlflow_tracking_uri, pipeline_run_id=run_id,
+                                  strategy=strategy)
+            _training_step(phase1, opts)
+            phase2 = train_phase2(phase1_checkpoint=phase1.outputs["checkpoint"], data=dataset.output,
+                                  overrides=overrides, mlflow_tracking_uri=mlflow_tracking_uri,
+                                  pipeline_run_id=run_id)
+            _training_step(phase2, opts)
+        compared = compare(checkpoints=dsl.Collected(phase2.outputs["checkpoint"]),
+                           mlflow_tracking_uri=mlflow_tracking_uri, pipeline_run_id=run_id)
+        _cpu_step(compared, opts, retry=True)
+
+    return ple_adatt_compare
+
+
+def compile_compare_pipeline(path: str, strategies: list[str] | tuple[str, ...] = DEFAULT_STRATEGIES,
+                             options: PipelineOptions | None = None) -> str:
+    from pathlib import Path
+
+    from kfp import compiler
+
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    compiler.Compiler().compile(build_compare_pipeline(strategies, options), package_path=str(path))
+    return str(path)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m pipelines.compare_pipeline", description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default="build/ple-adatt-compare.yaml", help="IR YAML to write")
+    parser.add_argument("--strategies", default=",".join(DEFAULT_STRATEGIES), help="comma-separated strategies")
+    parser.add_argument("--registry", help="image registry (default $PLE_ADATT_REGISTRY or the package default)")
+    args = parser.parse_args(argv)
+    strategies = [s.strip() for s in args.strategies.split(",") if s.strip()]
+    try:
+        path = compile_compare_pipeline(args.out, strategies, PipelineOptions(registry=args.registry))
+    except ValueError as e:
+        print(f"compare_pipeline: error: {e}", file=sys.stderr)
+        return 2
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,36 @@
+"""The compare pipeline variant: a parallel-for over strategies, a fan-in compare step; the
+main pipeline is left as it was."""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+
+from pipelines.compare_pipeline import build_compare_pipeline, main
+from pipelines.pipeline import TASKS
+
+
+def test_compare_pipeline_fans_out_over_strategies_and_collects_the_checkpoints(tmp_path):
+    out = tmp_path / "cmp.yaml"
+    assert main(["--out", str(out), "--strategies", "adatt,pcgrad,mgda", "--registry", "reg.example.com/r"]) == 0
+    spec, platform = list(yaml.safe_load_all(out.read_text()))
+    tasks = spec["root"]["dag"]["tasks"]
+    assert set(tasks) == {"importer", "validate", "for-loop-2", "compare"}
+    loop = tasks["for-loop-2"]
+    assert yaml.safe_load(loop["parameterIterator"]["items"]["raw"]) == ["adatt", "pcgrad", "mgda"]
+    inner = spec["components"][loop["componentRef"]["name"]]["dag"]["tasks"]
+    assert set(inner) == {"train-phase1", "train-phase2"}
+    assert inner["train-phase1"]["inputs"]["parameters"]["strategy"]["componentInputParameter"].startswith(
+        "pipelinechannel--loop-item")
+    src = tasks["compare"]["inputs"]["artifacts"]["checkpoints"]["taskOutputArtifact"]
+    assert src == {"outputArtifactKey": "pipelinechannel--train-phase2-checkpoint", "producerTask": "for-loop-2"}
+    images = {e["container"]["image"] for e in spec["deploymentSpec"]["executors"].values() if "container" in e}
+    assert any(i.startswith("reg.example.com/r/ple-adatt-cuda:") for i in images)
+    assert "train-phase1" in str(platform)  # GPU toleration / shm on the training steps
+
+
+def test_compare_pipeline_rejects_unknown_strategies(capsys):
+    with pytest.raises(ValueError, match=r"unknown strategies \['cagrad'\]; valid: adatt, pcgrad"):
+        build_compare_pipeline(["adatt", "cagrad"])
+    assert main(["--out", "/dev/null", "--strategies", "cagrad"]) == 2
+    assert TASKS == ("validate", "train-phase1", "train-phase2", "report", "register")  # main pipeline unchanged
