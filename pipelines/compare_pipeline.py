@@ -1,12 +1,15 @@
 """The compare pipeline: validate, then train-phase1 -> train-phase2 per strategy in a
+``dsl.ParallelFor``, the same per task alone (single-task baselines) in a second
 ``dsl.ParallelFor``, then one compare step over the collected Phase 2 checkpoints.
 
-    python -m pipelines.compare_pipeline --out build/ple-adatt-compare.yaml [--strategies adatt,pcgrad,mgda]
+    python -m pipelines.compare_pipeline --out build/ple-adatt-compare.yaml \
+        [--strategies adatt,pcgrad,mgda] [--single-tasks ctr,cvr | --data-config configs/data/adult.yaml]
 
 Same components, images and placement as the main pipeline (``pipelines/pipeline.py``, which
-this module leaves unchanged); the strategies are a compile-time list, the data and configs
-are run-time parameters. Single-task baselines are not part of this variant: train them
-with ``ple-adatt compare`` (see docs/compare.md).
+this module leaves unchanged). Strategies and single-task baselines are compile-time lists
+(the baselines default to every task of ``--data-config``; ``--single-tasks none`` drops
+them); the data and configs are run-time parameters, and a baseline task must be trainable
+under the run's data config and validation result.
 """
 
 
@@ -25,11 +28,21 @@ from pipelines.pipeline import PipelineOptions, _cpu_step, _training_step
 
 PIPELINE_NAME = "ple-adatt-compare"
 DEFAULT_STRATEGIES = ("adatt", "pcgrad", "mocograd", "gradnorm", "mgda", "uncertainty", "equal")
+DEFAULT_DATA_CONFIG = "configs/data/synthetic.yaml"
+SINGLE_STRATEGY = "equal"  # a model with one task has nothing to transfer
+
+
+def tasks_of(data_config: str) -> list[str]:
+    from ple_adatt.config import load_data_config
+
+    return load_data_config(data_config).task_names
 
 
 def build_compare_pipeline(strategies: list[str] | tuple[str, ...] = DEFAULT_STRATEGIES,
-                           options: PipelineOptions | None = None) -> Any:
-    """The compare pipeline for ``strategies`` (validated against the package's names)."""
+                           options: PipelineOptions | None = None,
+                           single_tasks: list[str] | None = None) -> Any:
+    """The compare pipeline for ``strategies`` (validated against the package's names) and
+    single-task baselines of ``single_tasks`` (default: every task of the synthetic config)."""
     from ple_adatt.config import STRATEGY_NAMES
 
     bad = [s for s in strategies if s not in STRATEGY_NAMES]
@@ -37,6 +50,7 @@ def build_compare_pipeline(strategies: list[str] | tuple[str, ...] = DEFAULT_STR
         raise ValueError(f"unknown strategies {bad or '(none given)'}; valid: {', '.join(STRATEGY_NAMES)}")
     opts = options or PipelineOptions()
     items = list(strategies)
+    singles = list(tasks_of(DEFAULT_DATA_CONFIG) if single_tasks is None else single_tasks)
 
     @dsl.pipeline(name=PIPELINE_NAME,
                   description=f"ple-adatt {VERSION}: validate -> per strategy (parallel) train-phase1 -> "
@@ -76,21 +90,38 @@ def build_compare_pipeline(strategies: list[str] | tuple[str, ...] = DEFAULT_STR
                                   overrides=overrides, mlflow_tracking_uri=mlflow_tracking_uri,
                                   pipeline_run_id=run_id)
             _training_step(phase2, opts)
-        compared = compare(checkpoints=dsl.Collected(phase2.outputs["checkpoint"]),
-                           mlflow_tracking_uri=mlflow_tracking_uri, pipeline_run_id=run_id)
+        if singles:
+            with dsl.ParallelFor(items=singles, parallelism=len(singles)) as task:
+                alone1 = train_phase1(data=dataset.output, validation=checked.outputs["validation"],
+                                      overrides=overrides, data_config=data_config, train_config=train_config,
+                                      mlflow_tracking_uri=mlflow_tracking_uri, pipeline_run_id=run_id,
+                                      strategy=SINGLE_STRATEGY, only_tasks=task)
+                alone1.set_display_name("single-task-phase1")
+                _training_step(alone1, opts)
+                alone2 = train_phase2(phase1_checkpoint=alone1.outputs["checkpoint"], data=dataset.output,
+                                      overrides=overrides, mlflow_tracking_uri=mlflow_tracking_uri,
+                                      pipeline_run_id=run_id)
+                alone2.set_display_name("single-task-phase2")
+                _training_step(alone2, opts)
+            compared = compare(checkpoints=dsl.Collected(phase2.outputs["checkpoint"]),
+                               singles=dsl.Collected(alone2.outputs["checkpoint"]),
+                               mlflow_tracking_uri=mlflow_tracking_uri, pipeline_run_id=run_id)
+        else:
+            compared = compare(checkpoints=dsl.Collected(phase2.outputs["checkpoint"]),
+                               mlflow_tracking_uri=mlflow_tracking_uri, pipeline_run_id=run_id)
         _cpu_step(compared, opts, retry=True)
 
     return ple_adatt_compare
 
 
 def compile_compare_pipeline(path: str, strategies: list[str] | tuple[str, ...] = DEFAULT_STRATEGIES,
-                             options: PipelineOptions | None = None) -> str:
+                             options: PipelineOptions | None = None, single_tasks: list[str] | None = None) -> str:
     from pathlib import Path
 
     from kfp import compiler
 
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    compiler.Compiler().compile(build_compare_pipeline(strategies, options), package_path=str(path))
+    compiler.Compiler().compile(build_compare_pipeline(strategies, options, single_tasks), package_path=str(path))
     return str(path)
 
 
@@ -99,10 +130,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default="build/ple-adatt-compare.yaml", help="IR YAML to write")
     parser.add_argument("--strategies", default=",".join(DEFAULT_STRATEGIES), help="comma-separated strategies")
     parser.add_argument("--registry", help="image registry (default $PLE_ADATT_REGISTRY or the package default)")
+    parser.add_argument("--single-tasks", help="comma-separated tasks to train alone as baselines, or 'none' "
+                        "(default: every task of --data-config)")
+    parser.add_argument("--data-config", default=DEFAULT_DATA_CONFIG,
+                        help=f"data config whose tasks are the default baselines (default {DEFAULT_DATA_CONFIG})")
     args = parser.parse_args(argv)
     strategies = [s.strip() for s in args.strategies.split(",") if s.strip()]
     try:
-        path = compile_compare_pipeline(args.out, strategies, PipelineOptions(registry=args.registry))
+        if args.single_tasks is None:
+            singles = tasks_of(args.data_config)
+        elif args.single_tasks.strip().lower() == "none":
+            singles = []
+        else:
+            singles = [t.strip() for t in args.single_tasks.split(",") if t.strip()]
+        path = compile_compare_pipeline(args.out, strategies, PipelineOptions(registry=args.registry), singles)
     except ValueError as e:
         print(f"compare_pipeline: error: {e}", file=sys.stderr)
         return 2

@@ -18,6 +18,7 @@ def compare(
     comparison: Output[Artifact],
     comparison_html: Output[HTML],
     comparison_md: Output[Markdown],
+    singles: Input[list[Model]] = None,
     mlflow_tracking_uri: str = "",
     pipeline_run_id: str = "",
 ):
@@ -25,6 +26,7 @@ def compare(
 
     Args:
         checkpoints: Phase 2 checkpoint directories, one per strategy (its manifest names it).
+        singles: Phase 2 checkpoint directories of the single-task baselines, one per task (optional).
         comparison: output directory: compare.html (self-contained), compare.md, compare.json, manifest.json.
         comparison_html: the comparison page in the KFP UI.
         comparison_md: the comparison table in the KFP UI.
@@ -34,6 +36,7 @@ def compare(
     import json
     import os
     import shutil
+    import tempfile
 
     if mlflow_tracking_uri:
         os.environ["MLFLOW_TRACKING_URI"] = mlflow_tracking_uri
@@ -47,6 +50,13 @@ def compare(
         with open(os.path.join(ck.path, "manifest.json")) as f:
             strategy = json.load(f)["strategy"]
         argv += ["--runs", f"{strategy}={ck.path}"]
+    singles_dir = tempfile.mkdtemp(prefix="singles-")  # --singles wants one directory per task
+    for ck in singles or []:
+        with open(os.path.join(ck.path, "manifest.json")) as f:
+            (task,) = json.load(f)["tasks"]
+        os.symlink(ck.path, os.path.join(singles_dir, task))
+    if singles:
+        argv += ["--singles", singles_dir]
     rc = main(argv)
     if rc != 0:
         raise SystemExit(rc)

@@ -23,6 +23,7 @@ def train_phase1(
     mlflow_tracking_uri: str = "",
     pipeline_run_id: str = "",
     strategy: str = "",
+    only_tasks: str = "",
 ):
     """Phase 1 on ``data``: only the tasks ``validation`` enabled are trained.
 
@@ -39,6 +40,7 @@ def train_phase1(
         mlflow_tracking_uri: MLflow tracking URI; empty keeps the container's $MLFLOW_TRACKING_URI.
         pipeline_run_id: the pipeline run (MLflow parent run) this stage belongs to.
         strategy: a `transfer.strategy` to train with (the compare pipeline); empty keeps the config's.
+        only_tasks: comma-separated tasks to train (single-task baselines); empty trains every enabled task.
     """
     import json
     import math
@@ -58,6 +60,8 @@ def train_phase1(
         argv += ["--set", item]
     if strategy:
         argv += ["--set", f"transfer.strategy={strategy}"]
+    if only_tasks:
+        argv += ["--only-tasks", only_tasks]
     rc = main(argv)
     if rc != 0:
         raise SystemExit(rc)  # the stage printed the one-line reason

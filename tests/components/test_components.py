@@ -126,3 +126,39 @@ def test_component_folders_are_complete():
         # the adapter imports only stdlib and kfp at the top; the stage is imported inside the function
         top = [ln for ln in (ROOT / folder / "component.py").read_text().splitlines() if ln.startswith(("import ", "from "))]
         assert all(ln.startswith(("from kfp", "import kfp", "from components.images")) for ln in top), top
+
+
+def test_single_task_training_and_the_compare_component_on_component_artifacts(tiny_data, tmp_path, monkeypatch):
+    """train-phase1 with a strategy / only_tasks, then compare over joint and single-task checkpoints."""
+    from ple_adatt.cli import main
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.setenv("PLE_ADATT_NO_TRACKING", "1")
+    val = tmp_path / "validation"
+    assert main(["validate", "--data", str(tiny_data), "--config", "configs/data/synthetic.yaml",
+                 "--out", str(val), "--no-tracking"]) == 0
+    quick = ["training.shared_expert_epochs=1", "transfer.adatt.warmup_epochs=0", "transfer.adatt.freeze_epoch=1"]
+
+    def phase1(name: str, strategy: str, only_tasks: str) -> dsl.Model:
+        ckpt = dsl.Model(uri=str(tmp_path / name / "checkpoint"))
+        load("train-phase1").python_func(
+            data=dsl.Dataset(uri=str(tiny_data)), validation=dsl.Artifact(uri=str(val)), checkpoint=ckpt,
+            metrics=dsl.Metrics(uri=str(tmp_path / name / "metrics")), overrides=quick,
+            data_config="configs/data/synthetic.yaml", train_config="configs/train/cpu_small.yaml",
+            strategy=strategy, only_tasks=only_tasks)
+        return ckpt
+
+    joint = [phase1("adatt", "adatt", "ctr,cvr"), phase1("equal", "equal", "ctr,cvr")]
+    singles = [phase1("alone-ctr", "equal", "ctr"), phase1("alone-cvr", "equal", "cvr")]
+    assert singles[0].metadata["tasks"] == ["ctr"] and joint[0].metadata["tasks"] == ["ctr", "cvr"]
+    out = dsl.Artifact(uri=str(tmp_path / "compare" / "comparison"))
+    html = dsl.HTML(uri=str(tmp_path / "compare" / "comparison_html"))
+    md = dsl.Markdown(uri=str(tmp_path / "compare" / "comparison_md"))
+    (tmp_path / "compare").mkdir()
+    load("compare").python_func(checkpoints=joint, singles=singles, comparison=out, comparison_html=html,
+                                comparison_md=md)
+    report = json.loads((Path(out.path) / "compare.json").read_text())
+    assert [s["name"] for s in report["strategies"]] == ["adatt", "equal"]
+    assert {t["name"] for t in report["tasks"] if t.get("single_task")} == {"ctr", "cvr"}
+    assert all(s["delta_m"] is not None for s in report["strategies"])
+    assert Path(html.path).read_bytes() == (Path(out.path) / "compare.html").read_bytes()

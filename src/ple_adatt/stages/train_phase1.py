@@ -13,6 +13,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", required=True, help="train config YAML (configs/train/*.yaml)")
     parser.add_argument("--validation", help="output directory of `ple-adatt validate`: only its enabled tasks train")
     parser.add_argument("--out", required=True, help="checkpoint directory to write")
+    parser.add_argument("--only-tasks", help="comma-separated subset of the trainable tasks to train "
+                        "(e.g. one task: a single-task baseline)")
     add_set_argument(parser)
     add_tracking_arguments(parser)
 
@@ -22,7 +24,9 @@ def run(args: argparse.Namespace) -> int:
 
     with stage_tracking("train-phase1", args) as tracker:
         manifest = run_phase1(data=args.data, data_config=args.data_config, config=args.config, out=args.out,
-                              validation=args.validation, overrides=args.overrides, on_epoch=tracker.log_epoch)
+                              validation=args.validation, overrides=args.overrides, on_epoch=tracker.log_epoch,
+                              only_tasks=[t.strip() for t in args.only_tasks.split(",") if t.strip()]
+                              if args.only_tasks else None)
         tracker.log_artifact(args.out, "checkpoint")
     print(summarize(manifest))
     return 0
