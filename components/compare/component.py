@@ -38,12 +38,7 @@ def compare(
     import shutil
     import tempfile
 
-    if mlflow_tracking_uri:
-        os.environ["MLFLOW_TRACKING_URI"] = mlflow_tracking_uri
-    if pipeline_run_id:
-        os.environ["PLE_ADATT_PIPELINE_RUN_ID"] = pipeline_run_id
-
-    from ple_adatt.cli import main
+    from ple_adatt.cli import run_as_component
 
     argv = ["compare", "--out", comparison.path]
     for ck in checkpoints:
@@ -57,8 +52,6 @@ def compare(
         os.symlink(ck.path, os.path.join(singles_dir, task))
     if singles:
         argv += ["--singles", singles_dir]
-    rc = main(argv)
-    if rc != 0:
-        raise SystemExit(rc)
+    run_as_component(argv, mlflow_tracking_uri=mlflow_tracking_uri, pipeline_run_id=pipeline_run_id)
     shutil.copyfile(os.path.join(comparison.path, "compare.html"), comparison_html.path)
     shutil.copyfile(os.path.join(comparison.path, "compare.md"), comparison_md.path)

@@ -37,21 +37,14 @@ def register(
     import json
     import os
 
-    if mlflow_tracking_uri:
-        os.environ["MLFLOW_TRACKING_URI"] = mlflow_tracking_uri
-    if pipeline_run_id:
-        os.environ["PLE_ADATT_PIPELINE_RUN_ID"] = pipeline_run_id
-
     from ple_adatt import __version__
-    from ple_adatt.cli import main
+    from ple_adatt.cli import run_as_component
 
     argv = ["register", "--checkpoint", checkpoint.path, "--validation", validation.path,
             "--report", report.path, "--out", registration.path]
     for item in overrides:
         argv += ["--set", item]
-    rc = main(argv)  # the pipeline run id reaches it through $PLE_ADATT_PIPELINE_RUN_ID
-    if rc != 0:
-        raise SystemExit(rc)  # the stage printed the one-line reason
+    run_as_component(argv, mlflow_tracking_uri=mlflow_tracking_uri, pipeline_run_id=pipeline_run_id)
 
     with open(os.path.join(registration.path, "registration.json")) as f:
         record = json.load(f)

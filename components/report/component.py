@@ -37,18 +37,12 @@ def report(
     import os
     import shutil
 
-    if mlflow_tracking_uri:
-        os.environ["MLFLOW_TRACKING_URI"] = mlflow_tracking_uri
-    if pipeline_run_id:
-        os.environ["PLE_ADATT_PIPELINE_RUN_ID"] = pipeline_run_id
-
     from ple_adatt import __version__
-    from ple_adatt.cli import main
+    from ple_adatt.cli import run_as_component
 
-    rc = main(["report", "--phase1", phase1_checkpoint.path, "--phase2", phase2_checkpoint.path,
-               "--validation", validation.path, "--out", report.path])
-    if rc != 0:
-        raise SystemExit(rc)  # the stage printed the one-line reason
+    run_as_component(["report", "--phase1", phase1_checkpoint.path, "--phase2", phase2_checkpoint.path,
+                      "--validation", validation.path, "--out", report.path],
+                     mlflow_tracking_uri=mlflow_tracking_uri, pipeline_run_id=pipeline_run_id)
 
     shutil.copyfile(os.path.join(report.path, "report.html"), report_html.path)
     shutil.copyfile(os.path.join(report.path, "report.md"), report_md.path)

@@ -46,13 +46,8 @@ def train_phase1(
     import math
     import os
 
-    if mlflow_tracking_uri:
-        os.environ["MLFLOW_TRACKING_URI"] = mlflow_tracking_uri
-    if pipeline_run_id:
-        os.environ["PLE_ADATT_PIPELINE_RUN_ID"] = pipeline_run_id
-
     from ple_adatt import __version__
-    from ple_adatt.cli import main
+    from ple_adatt.cli import run_as_component
 
     argv = ["train-phase1", "--data", data.path, "--data-config", data_config, "--config", train_config,
             "--validation", validation.path, "--out", checkpoint.path]
@@ -62,9 +57,7 @@ def train_phase1(
         argv += ["--set", f"transfer.strategy={strategy}"]
     if only_tasks:
         argv += ["--only-tasks", only_tasks]
-    rc = main(argv)
-    if rc != 0:
-        raise SystemExit(rc)  # the stage printed the one-line reason
+    run_as_component(argv, mlflow_tracking_uri=mlflow_tracking_uri, pipeline_run_id=pipeline_run_id)
 
     with open(os.path.join(checkpoint.path, "manifest.json")) as f:
         manifest = json.load(f)

@@ -39,18 +39,11 @@ def validate(
     import os
     import shutil
 
-    if mlflow_tracking_uri:
-        os.environ["MLFLOW_TRACKING_URI"] = mlflow_tracking_uri
-    if pipeline_run_id:
-        os.environ["PLE_ADATT_PIPELINE_RUN_ID"] = pipeline_run_id
-
     from ple_adatt import __version__
-    from ple_adatt.cli import main
+    from ple_adatt.cli import run_as_component
 
-    rc = main(["validate", "--data", data.path, "--config", data_config, "--out", validation.path,
-               "--gx-rows", gx_rows])
-    if rc != 0:
-        raise SystemExit(rc)  # the stage printed the one-line reason
+    run_as_component(["validate", "--data", data.path, "--config", data_config, "--out", validation.path,
+                      "--gx-rows", gx_rows], mlflow_tracking_uri=mlflow_tracking_uri, pipeline_run_id=pipeline_run_id)
 
     shutil.copyfile(os.path.join(validation.path, "validation.html"), validation_html.path)
     with open(os.path.join(validation.path, "availability.json")) as f:

@@ -71,3 +71,18 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(main())
+
+
+def run_as_component(argv: list[str], *, mlflow_tracking_uri: str = "", pipeline_run_id: str = "") -> None:
+    """Run a stage the way a KFP component does: point tracking at the pipeline's MLflow
+    server and parent run, then fail the step with the stage's exit code (the stage has
+    already printed its one-line reason)."""
+    import os
+
+    if mlflow_tracking_uri:
+        os.environ["MLFLOW_TRACKING_URI"] = mlflow_tracking_uri
+    if pipeline_run_id:
+        os.environ["PLE_ADATT_PIPELINE_RUN_ID"] = pipeline_run_id
+    rc = main(argv)
+    if rc != 0:
+        raise SystemExit(rc)
