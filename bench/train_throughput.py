@@ -204,7 +204,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--shape", choices=sorted(SHAPES), default="small")
     ap.add_argument("--device", default="auto", help="auto | cpu | cuda")
-    ap.add_argument("--steps", type=int, default=None, help="timed steps per run (default 20 CPU / 50 GPU)")
+    ap.add_argument("--steps", type=int, default=None, help="timed steps per run (default 50)")
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--no-amp", action="store_true", help="disable bf16 autocast on CUDA")
     ap.add_argument("--batch", type=int, default=None, help="override the shape's batch size")
@@ -214,7 +214,7 @@ def main() -> None:
     s = dict(SHAPES[args.shape])
     if args.batch:
         s["batch"] = args.batch
-    steps = args.steps or (50 if device.type == "cuda" else 20)
+    steps = args.steps or 50
     amp = not args.no_amp
     data = make_data(s, s["batch"] * 8, device)
     print(f"shape {args.shape}: {s['tasks']} tasks, batch {s['batch']}, device {device}"

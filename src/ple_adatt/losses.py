@@ -62,6 +62,7 @@ class MultiTaskLoss(nn.Module):
         self.register_buffer("mc_idx", idx("multiclass"), persistent=False)
         self.register_buffer("reg_idx", idx("regression"), persistent=False)
         self.retrieval = [i for i, h in enumerate(heads) if h.type == "retrieval"]
+        self.register_buffer("retrieval_idx", torch.tensor(self.retrieval, dtype=torch.long), persistent=False)
         b = self.bin_idx.tolist()
         self.register_buffer("focal", torch.tensor([loss_cfgs[i].loss == "focal" for i in b]), persistent=False)
         self.register_buffer("alpha", torch.tensor([loss_cfgs[i].alpha for i in b]), persistent=False)
@@ -157,13 +158,14 @@ class MultiTaskLoss(nn.Module):
             v, c = self._regression(out, y, loc, scale)
             raw = raw.index_copy(0, self.reg_idx, v)
             counts = counts.index_copy(0, self.reg_idx, c)
-        for i, temp in zip(self.retrieval, self.infonce_temperature):
+        for k, (i, temp) in enumerate(zip(self.retrieval, self.infonce_temperature)):
             h = self.heads[i]
             if item_embeddings is None:
                 raise ValueError(f"retrieval task {h.name!r} needs the model's item embeddings")
             v, c = self.infonce(out[i, :, : h.output_dim], item_embeddings[h.name], y[:, i], temp)
-            raw = raw.index_copy(0, torch.tensor([i], device=out.device), v.view(1))
-            counts = counts.index_copy(0, torch.tensor([i], device=out.device), c.view(1))
+            at = self.retrieval_idx[k : k + 1]  # a device tensor: no host-to-device copy per step
+            raw = raw.index_copy(0, at, v.view(1))
+            counts = counts.index_copy(0, at, c.view(1))
         present = counts > 0
         if self.log_vars is not None:
             log_var = self.log_vars.clamp(*LOG_VAR_RANGE)

@@ -88,8 +88,11 @@ def set_regression_targets(model: PLEClusterModel, y: Tensor) -> None:
 # ------------------------------------------------------------------------- optimisation
 
 
-def make_optimizer(system: MultiTaskSystem, cfg: TrainConfig) -> torch.optim.Optimizer:
-    """AdamW over the trainable parameters, with optional per-shared-expert LR (seed 10.2)."""
+def make_optimizer(system: MultiTaskSystem, cfg: TrainConfig, fused: bool = False) -> torch.optim.Optimizer:
+    """AdamW over the trainable parameters, with optional per-shared-expert LR (seed 10.2).
+
+    ``fused`` takes the fused kernel, which also lets the grad scaler skip a step with
+    non-finite gradients on the device, without a host synchronisation."""
     t = cfg.training
     expert_params: set[int] = set()
     groups: list[dict[str, Any]] = []
@@ -104,7 +107,7 @@ def make_optimizer(system: MultiTaskSystem, cfg: TrainConfig) -> torch.optim.Opt
                            "weight_decay": spec.get("weight_decay", t.weight_decay), "name": name})
     rest = [p for p in system.parameters() if p.requires_grad and id(p) not in expert_params]
     groups.insert(0, {"params": rest, "lr": t.learning_rate, "weight_decay": t.weight_decay, "name": "default"})
-    return torch.optim.AdamW(groups, lr=t.learning_rate, weight_decay=t.weight_decay)
+    return torch.optim.AdamW(groups, lr=t.learning_rate, weight_decay=t.weight_decay, fused=fused or None)
 
 
 def make_scheduler(opt: torch.optim.Optimizer, cfg: TrainConfig, warmup_epochs: int) -> Any:
@@ -221,6 +224,10 @@ class Trainer:
         self.history: list[EpochRecord] = []
         self.events: list[dict[str, Any]] = []
         self.global_step = 0
+        # On CUDA the hot loop never reads the device: a non-finite loss poisons its gradients
+        # and the scaler skips the update on the device; skips are counted there and read once
+        # per epoch. On CPU a per-step check is free and logs the exact batch.
+        self.sync_free = device.type == "cuda"
         if device.type == "cuda":  # seed 12.3: TF32 instead of torch.compile
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
@@ -239,9 +246,13 @@ class Trainer:
         return torch.autocast("cuda", dtype=dtype)
 
     def _make_scaler(self) -> torch.amp.GradScaler:
+        """fp16 needs loss scaling; the sync-free loop also uses the scaler's on-device inf check
+        to skip steps with non-finite gradients (scale 1.0: a no-op for bf16 / fp32)."""
         t = self.cfg.training
-        enabled = self.device.type == "cuda" and t.use_amp and t.amp_dtype == "float16"
-        return torch.amp.GradScaler("cuda", enabled=enabled)
+        fp16 = self.device.type == "cuda" and t.use_amp and t.amp_dtype == "float16"
+        if self.sync_free:
+            return torch.amp.GradScaler(self.device.type, init_scale=65536.0 if fp16 else 1.0)
+        return torch.amp.GradScaler("cuda", enabled=fp16)
 
     def _batches(self, n: int, batch_size: int) -> list[Tensor]:
         perm = torch.randperm(n, device=self.device)  # shuffled on the device
@@ -301,7 +312,7 @@ class Trainer:
     def _fit(self, phase: str, max_epochs: int, warmup_epochs: int, use_cluster_heads: bool) -> None:
         cfg, t = self.cfg, self.cfg.training
         system, model = self.system, self.system.model
-        opt = make_optimizer(system, cfg)
+        opt = make_optimizer(system, cfg, fused=self.sync_free)
         sched = make_scheduler(opt, cfg, warmup_epochs)
         scaler = self._make_scaler()
         best, patience = math.inf, 0
@@ -317,6 +328,7 @@ class Trainer:
             sum_w = torch.zeros(T, device=self.device)
             n_present = torch.zeros(T, device=self.device)
             skipped = 0
+            nonfinite = torch.zeros((), device=self.device)  # sync-free skip count
             weights_used: Tensor | None = None
             opt.zero_grad(set_to_none=True)
             batches = self._batches(len(self.train_data), t.batch_size)
@@ -327,7 +339,11 @@ class Trainer:
                     step = self.forward_losses(b, epoch, use_cluster_heads)
                     lo, enhanced, total = step.losses, step.enhanced, step.total
                     weights_used = step.weights if step.weights is not None else weights_used
-                    if not torch.isfinite(total):  # a non-finite loss skips the batch
+                    finite = torch.isfinite(total)
+                    if self.sync_free:  # NaN gradients make the scaler skip this update on the device
+                        nonfinite += ~finite
+                        total = total * torch.where(finite, 1.0, float("nan"))
+                    elif not finite:  # a non-finite loss skips the batch
                         skipped += 1
                         opt.zero_grad(set_to_none=True)
                         self._event("nonfinite_loss_skipped", phase, epoch, batch=i)
@@ -355,14 +371,17 @@ class Trainer:
                     scaler.update()
                     opt.zero_grad(set_to_none=True)
                 # log (device-side sums; the host reads them every log_every steps)
-                with torch.no_grad():
-                    sum_raw += lo.raw.detach() * lo.present
-                    sum_enh += enhanced.detach()
-                    sum_w += lo.weighted.detach()
-                    n_present += lo.present
+                with torch.no_grad():  # a skipped batch adds nothing (where, not *: NaN * 0 is NaN)
+                    sum_raw += torch.where(finite, lo.raw.detach() * lo.present, 0.0)
+                    sum_enh += torch.where(finite, enhanced.detach(), 0.0)
+                    sum_w += torch.where(finite, lo.weighted.detach(), 0.0)
+                    n_present += lo.present * finite
                 self.global_step += 1
                 if self.global_step % t.log_every == 0:
                     self.log(f"    {phase} epoch {epoch} step {self.global_step} loss {float(total):.4f}")
+            if self.sync_free and (n_bad := int(nonfinite)):  # one read per epoch
+                skipped += n_bad
+                self._event("nonfinite_loss_skipped", phase, epoch, count=n_bad)
             # eval -> schedule -> checkpointable state
             sched.step()
             val = evaluate(system, self.val_data, use_cluster_heads=use_cluster_heads,

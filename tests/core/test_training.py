@@ -143,7 +143,10 @@ def test_phase2_restores_transfer_and_trainability_when_it_fails(run):
     assert [p.requires_grad for p in ck.system.parameters()] == flags
 
 
-def test_nonfinite_loss_skips_the_batch_and_is_logged(tmp_path):
+@pytest.mark.parametrize("sync_free", [False, True], ids=["per-step-check", "sync-free"])
+def test_nonfinite_loss_skips_the_batch_and_is_logged(tmp_path, sync_free):
+    """The CPU loop checks each step; the CUDA loop (forced here on the CPU) never reads the
+    device in the hot loop: the scaler skips the poisoned update and the count is read per epoch."""
     from corehelpers import make_batch
 
     from ple_adatt.config import TaskSpec
@@ -160,10 +163,14 @@ def test_nonfinite_loss_skips_the_batch_and_is_logged(tmp_path):
     trainer = Trainer(system, b, make_batch(32, seed=1).subset(torch.arange(32)), cfg, torch.device("cpu"),
                       log=lambda m: None)
     trainer.val_data.y = trainer.val_data.y[:, [0, 1, 3]]
+    trainer.sync_free = sync_free
+    before = [p.detach().clone() for p in system.model.parameters()]
     trainer.run_phase1()
     skipped = [e for e in trainer.events if e["event"] == "nonfinite_loss_skipped"]
     assert len(skipped) == 1 and trainer.history[0].skipped_batches == 1
     assert all(torch.isfinite(p).all() for p in system.parameters())
+    assert any(not torch.equal(a, p) for a, p in zip(before, system.model.parameters()))  # the good batch trained
+    assert all(np.isfinite(v) for v in trainer.history[0].raw_losses.values())
 
 
 def test_golden_losses_tiny_model_fixed_seed():
@@ -199,3 +206,28 @@ def test_golden_losses_tiny_model_fixed_seed():
 
 # recorded with torch 2.13.0 (CPU); a change here means the maths of a training step changed
 GOLDEN = [8.246634483337402, 7.535614013671875, 6.9982099533081055, 6.642430305480957, 6.385960578918457]
+
+
+def test_sync_free_loop_trains_like_the_checked_loop_on_clean_data():
+    from corehelpers import make_batch
+
+    from ple_adatt.config import TaskSpec
+    from ple_adatt.training import Trainer, build_system
+
+    cfg = load_train_config(TRAIN_CFG, ["training.shared_expert_epochs=2", "training.batch_size=32",
+                                        "transfer.adatt.warmup_epochs=0", "transfer.adatt.freeze_epoch=1",
+                                        "training.gradient_accumulation_steps=2"])
+    specs = [TaskSpec("ctr", "a", "binary"), TaskSpec("cvr", "b", "binary"), TaskSpec("ltv", "c", "regression")]
+    finals = []
+    for sync_free in (False, True):
+        data, val = make_batch(128), make_batch(32, seed=1)
+        data.y, val.y = data.y[:, [0, 1, 3]], val.y[:, [0, 1, 3]]
+        torch.manual_seed(0)
+        system = build_system(cfg, specs, 5, [4, 4], 3)
+        trainer = Trainer(system, data, val, cfg, torch.device("cpu"), log=lambda m: None)
+        trainer.sync_free = sync_free
+        torch.manual_seed(1)
+        trainer.run_phase1()
+        finals.append([p.detach().clone() for p in system.parameters()])
+    for a, b in zip(*finals):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
