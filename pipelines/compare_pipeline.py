@@ -23,8 +23,7 @@ from components.compare.component import compare
 from components.images import VERSION
 from components.train_phase1.component import train_phase1
 from components.train_phase2.component import train_phase2
-from components.validate.component import validate
-from pipelines.pipeline import PipelineOptions, _cpu_step, _training_step
+from pipelines.pipeline import PipelineOptions, _cpu_step, _training_step, import_and_validate
 
 PIPELINE_NAME = "ple-adatt-compare"
 DEFAULT_STRATEGIES = ("adatt", "pcgrad", "mocograd", "gradnorm", "mgda", "uncertainty", "equal")
@@ -74,12 +73,7 @@ def build_compare_pipeline(strategies: list[str] | tuple[str, ...] = DEFAULT_STR
             gx_rows: rows the Great Expectations suite sees ("all" or a count).
         """
         run_id = dsl.PIPELINE_JOB_ID_PLACEHOLDER
-        dataset = dsl.importer(artifact_uri=data_uri, artifact_class=dsl.Dataset, reimport=False)
-        dataset.set_display_name("dataset")
-        checked = validate(data=dataset.output, data_config=data_config, gx_rows=gx_rows,
-                           mlflow_tracking_uri=mlflow_tracking_uri, pipeline_run_id=run_id)
-        _cpu_step(checked, opts, retry=True)
-        checked.set_caching_options(True)
+        dataset, checked = import_and_validate(data_uri, data_config, gx_rows, mlflow_tracking_uri, run_id, opts)
         with dsl.ParallelFor(items=items, parallelism=len(items)) as strategy:
             phase1 = train_phase1(data=dataset.output, validation=checked.outputs["validation"],
                                   overrides=overrides, data_config=data_config, train_config=train_config,

@@ -99,6 +99,18 @@ def _training_step(task: Any, opts: PipelineOptions) -> None:
     task.set_caching_options(opts.cache_training)
 
 
+def import_and_validate(data_uri: Any, data_config: Any, gx_rows: Any, mlflow_tracking_uri: Any, run_id: Any,
+                        opts: PipelineOptions) -> tuple[Any, Any]:
+    """The first two steps every pipeline shares: import the dataset, validate it (cached)."""
+    dataset = dsl.importer(artifact_uri=data_uri, artifact_class=dsl.Dataset, reimport=False)
+    dataset.set_display_name("dataset")
+    checked = validate(data=dataset.output, data_config=data_config, gx_rows=gx_rows,
+                       mlflow_tracking_uri=mlflow_tracking_uri, pipeline_run_id=run_id)
+    _cpu_step(checked, opts, retry=True)
+    checked.set_caching_options(True)
+    return dataset, checked
+
+
 def build_pipeline(options: PipelineOptions | None = None) -> Any:
     """The ple-adatt pipeline (a KFP GraphComponent) compiled for ``options``."""
     opts = options or PipelineOptions()
@@ -128,13 +140,7 @@ def build_pipeline(options: PipelineOptions | None = None) -> Any:
             gx_rows: rows the Great Expectations suite sees ("all" or a count).
         """
         run_id = dsl.PIPELINE_JOB_ID_PLACEHOLDER
-        dataset = dsl.importer(artifact_uri=data_uri, artifact_class=dsl.Dataset, reimport=False)
-        dataset.set_display_name("dataset")
-
-        checked = validate(data=dataset.output, data_config=data_config, gx_rows=gx_rows,
-                           mlflow_tracking_uri=mlflow_tracking_uri, pipeline_run_id=run_id)
-        _cpu_step(checked, opts, retry=True)
-        checked.set_caching_options(True)
+        dataset, checked = import_and_validate(data_uri, data_config, gx_rows, mlflow_tracking_uri, run_id, opts)
 
         phase1 = train_phase1(data=dataset.output, validation=checked.outputs["validation"], overrides=overrides,
                               data_config=data_config, train_config=train_config,
