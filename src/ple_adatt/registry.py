@@ -487,19 +487,11 @@ def frame_to_tensors(df: Any, data_cfg: Any, pre: Any) -> tuple[Any, Any, Any]:
     import polars as pl
     import torch
 
-    from .data.dataset import OOV_INDEX
+    from .data.dataset import feature_exprs
 
     frame = df if isinstance(df, pl.DataFrame) else pl.from_pandas(df)
     n = frame.height
-    exprs: list[pl.Expr] = []
-    for c in data_cfg.numeric_features:
-        exprs.append(((pl.col(c).cast(pl.Float64) - pre.numeric_mean[c]) / pre.numeric_std[c])
-                     .fill_null(0.0).fill_nan(0.0).cast(pl.Float32).alias(f"n::{c}"))
-    for c in data_cfg.categorical_features:
-        vocab = pre.vocabularies[c]
-        mapping = pl.DataFrame({"v": vocab, "i": np.arange(1, len(vocab) + 1, dtype=np.int64)})
-        exprs.append(pl.col(c).cast(pl.Utf8).replace_strict(mapping["v"], mapping["i"], default=OOV_INDEX,
-                                                             return_dtype=pl.Int64).alias(f"c::{c}"))
+    exprs = feature_exprs(data_cfg, pre)
     cc = data_cfg.cluster_column
     if cc and cc in frame.columns:
         cl = pl.col(cc).cast(pl.Int64)

@@ -290,6 +290,23 @@ class TensorData:
         return TensorData(self.x_num[index], self.x_cat[index], self.y[index], self.cluster[index])
 
 
+def feature_exprs(cfg: DataConfig, pre: Preprocessor) -> list[pl.Expr]:
+    """Normalised numeric (``n::<col>``) and vocabulary-indexed categorical (``c::<col>``)
+    feature columns: the one encoding training, evaluation and serving share."""
+    import polars as pl
+
+    exprs: list[pl.Expr] = []
+    for c in cfg.numeric_features:
+        exprs.append(((pl.col(c).cast(pl.Float64) - pre.numeric_mean[c]) / pre.numeric_std[c])
+                     .fill_null(0.0).fill_nan(0.0).cast(pl.Float32).alias(f"n::{c}"))
+    for c in cfg.categorical_features:
+        vocab = pre.vocabularies[c]
+        mapping = pl.DataFrame({"v": vocab, "i": np.arange(1, len(vocab) + 1, dtype=np.int64)})
+        exprs.append(pl.col(c).cast(pl.Utf8).replace_strict(mapping["v"], mapping["i"], default=OOV_INDEX,
+                                                             return_dtype=pl.Int64).alias(f"c::{c}"))
+    return exprs
+
+
 def load_split(
     path: str | Path,
     cfg: DataConfig,
@@ -309,15 +326,7 @@ def load_split(
     lf = lf.with_columns(split_expr(cfg.split, dict(schema))).filter(pl.col(SPLIT_COLUMN) == split)
     if max_rows is not None:
         lf = lf.head(max_rows)
-    exprs: list[pl.Expr] = []
-    for c in cfg.numeric_features:
-        exprs.append(((pl.col(c).cast(pl.Float64) - pre.numeric_mean[c]) / pre.numeric_std[c])
-                     .fill_null(0.0).fill_nan(0.0).cast(pl.Float32).alias(f"n::{c}"))
-    for c in cfg.categorical_features:
-        vocab = pre.vocabularies[c]
-        mapping = pl.DataFrame({"v": vocab, "i": np.arange(1, len(vocab) + 1, dtype=np.int64)})
-        exprs.append(pl.col(c).cast(pl.Utf8).replace_strict(mapping["v"], mapping["i"], default=OOV_INDEX,
-                                                             return_dtype=pl.Int64).alias(f"c::{c}"))
+    exprs = feature_exprs(cfg, pre)
     for t in tasks:
         exprs.append(pl.col(t.column).cast(pl.Float32).alias(f"y::{t.name}"))
     if cfg.cluster_column:
