@@ -12,8 +12,8 @@ import numpy as np
 import polars as pl
 import pytest
 import torch
-from conftest import BIN, PIPELINE_RUN_ID, Trained, derive_checkpoint, free_port
 from mlflow.tracking import MlflowClient
+from mlhelpers import BIN, PIPELINE_RUN_ID, Trained, derive_checkpoint, free_port
 
 import ple_adatt
 from ple_adatt.artifacts import ArtifactError

@@ -10,8 +10,8 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import PIPELINE_RUN_ID, TRAIN_CONFIG, Server, Trained, free_port
 from mlflow.tracking import MlflowClient
+from mlhelpers import PIPELINE_RUN_ID, TRAIN_CONFIG, Server, Trained, free_port
 
 import ple_adatt
 from ple_adatt.config import TrackingConfig, TrainConfig

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import ROOT, Run
+from rephelpers import ROOT, Run
 
 CHROMIUM = Path(os.environ.get("PLE_ADATT_CHROMIUM", "/usr/bin/chromium"))
 ARTIFACTS = Path(os.environ.get("PLE_ADATT_TEST_ARTIFACTS", ROOT / "runs" / "test-artifacts"))

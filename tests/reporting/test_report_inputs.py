@@ -7,7 +7,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from conftest import Run
+from rephelpers import Run
 
 from ple_adatt.artifacts import ArtifactError
 from ple_adatt.stages.report import build_report

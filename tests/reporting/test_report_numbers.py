@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import THRESHOLD, Run
+from rephelpers import THRESHOLD, Run
 
 from ple_adatt.artifacts import path_sha256, read_manifest
 
