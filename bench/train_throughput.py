@@ -117,15 +117,22 @@ def project_config(s: dict, interval: int, amp: bool) -> TrainConfig:
                           task_hidden=s["task_hidden"], tower_hidden=s["tower_hidden"], logit_transfer_edges=()),
         transfer=TransferConfig(strategy="adatt", grad_interval=interval,
                                 adatt=AdaTTConfig(warmup_epochs=0, freeze_epoch=100), task_groups=groups),
-        training=TrainingConfig(batch_size=s["batch"], use_amp=amp),
+        training=TrainingConfig(batch_size=s["batch"], use_amp=amp, compile=COMPILE),
     )
 
 
-def time_steps(step, steps: int, warmup: int, device: torch.device) -> tuple[float, float]:
-    for _ in range(warmup):
-        step()
+def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize()
+
+
+def time_steps(step, steps: int, warmup: int, device: torch.device) -> tuple[float, float]:
+    t0 = time.perf_counter()
+    for _ in range(warmup):
+        step()
+    sync(device)
+    WARMUP_SECONDS.append(time.perf_counter() - t0)
+    if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
     for _ in range(steps):
@@ -138,7 +145,7 @@ def time_steps(step, steps: int, warmup: int, device: torch.device) -> tuple[flo
 
 
 def run_project(s: dict, data: TensorData, device: torch.device, adatt: bool, interval: int, amp: bool,
-                steps: int, warmup: int) -> tuple[float, float, int]:
+                steps: int, warmup: int, label: str = "") -> tuple[float, float, int]:
     cfg = project_config(s, interval, amp)
     specs = [TaskSpec(f"t{i}", f"y{i}", "binary") for i in range(s["tasks"])]
     torch.manual_seed(0)
@@ -146,22 +153,44 @@ def run_project(s: dict, data: TensorData, device: torch.device, adatt: bool, in
     if not adatt:
         system.transfer = None
     trainer = Trainer(system, data, data.subset(torch.arange(8, device=device)), cfg, device, log=lambda m: None)
-    opt = make_optimizer(system, cfg)
+    opt = make_optimizer(system, cfg, fused=trainer.sync_free)  # what Trainer._fit uses
+    scaler = trainer.make_scaler()
     perm = torch.randperm(len(data), device=device)
     n_batches = len(data) // s["batch"]
 
-    def step() -> None:
+    def step() -> None:  # the trainer's own step functions, as in Trainer._fit
         i = trainer.global_step % n_batches
         b = data.subset(perm[i * s["batch"]:(i + 1) * s["batch"]])
-        total = trainer.forward_losses(b, epoch=1, use_cluster_heads=False).total
-        total.backward()
-        torch.nn.utils.clip_grad_norm_(system.parameters(), 5.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        trainer.backward(trainer.forward_losses(b, epoch=1, use_cluster_heads=False), scaler)
+        trainer.optimizer_step(opt, scaler)
         trainer.global_step += 1
 
     dt, peak = time_steps(step, steps, warmup, device)
+    if PROFILE_DIR is not None:
+        profile_steps(step, device, label)
     return dt, peak, sum(p.numel() for p in system.parameters())
+
+
+PROFILE_DIR: Path | None = None
+COMPILE = False
+WARMUP_SECONDS: list[float] = []  # warm-up time of each run (includes torch.compile's compilation)
+
+
+def profile_steps(step, device: torch.device, label: str, n: int = 5) -> None:
+    """Write the kernel-time table of ``n`` steps to PROFILE_DIR (``--profile DIR``)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=acts) as prof:
+        for _ in range(n):
+            step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+    key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    table = prof.key_averages().table(sort_by=key, row_limit=40)
+    name = "".join(c if c.isalnum() else "_" for c in label)[:40]
+    PROFILE_DIR.mkdir(parents=True, exist_ok=True)
+    (PROFILE_DIR / f"profile_{name}.txt").write_text(f"{label}, {n} steps\n{table}\n")
 
 
 def run_naive(s: dict, data: TensorData, device: torch.device, interval: int, amp: bool,
@@ -200,6 +229,41 @@ def run_naive(s: dict, data: TensorData, device: torch.device, interval: int, am
     return dt, peak, sum(p.numel() for p in model.parameters())
 
 
+def task_gradient_check(s: dict, data: TensorData, device: torch.device, amp: bool, reps: int = 10) -> None:
+    """Time one per-task gradient extraction per method and compare each method's affinity
+    (cosine matrix) with the seed's loop, in float32 and under the run's autocast."""
+    from ple_adatt import kernels
+
+    methods = ["einsum", "loop"] + (["fused"] if kernels.available(device) else [])
+    for use_amp in sorted({False, amp and device.type == "cuda"}):
+        cfg = project_config(s, 1, use_amp)
+        specs = [TaskSpec(f"t{i}", f"y{i}", "binary") for i in range(s["tasks"])]
+        torch.manual_seed(0)
+        system = build_system(cfg, specs, s["numeric"], [s["card"]] * s["cats"], 8).to(device)
+        with torch.no_grad():  # trained-looking heads, so the tasks' gradients differ
+            system.model.head.weight.normal_(0.0, 0.3)
+        b = data.subset(torch.arange(s["batch"], device=device))
+        ctx = torch.autocast("cuda", dtype=torch.bfloat16) if use_amp and device.type == "cuda" else torch.enable_grad()
+        with ctx:
+            out = system.model(b.x_num, b.x_cat, b.cluster)
+            lo = system.losses(out.out, b.y)
+        cos, line = {}, []
+        for m in methods:
+            g = system.model.shared_task_gradients(lo.weighted, lo.present, out, m)
+            sync(device)
+            t0 = time.perf_counter()
+            for _ in range(reps):
+                g = system.model.shared_task_gradients(lo.weighted, lo.present, out, m)
+            sync(device)
+            n = F.normalize(g.float(), dim=1)
+            cos[m] = n @ n.T
+            line.append(f"{m} {(time.perf_counter() - t0) / reps * 1e3:.2f} ms")
+        diffs = [f"{m} {float((cos[m] - cos['loop']).abs().max()):.1e}" for m in methods if m != "loop"]
+        print(f"per-task gradients ({'bf16' if use_amp and device.type == 'cuda' else 'fp32'}): "
+              f"{', '.join(line)}; max |affinity - loop|: {', '.join(diffs)}", flush=True)
+        del system, out, lo
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--shape", choices=sorted(SHAPES), default="small")
@@ -208,7 +272,15 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--no-amp", action="store_true", help="disable bf16 autocast on CUDA")
     ap.add_argument("--batch", type=int, default=None, help="override the shape's batch size")
+    ap.add_argument("--only", default="abcd", help="which runs, e.g. 'bd' (default abcd)")
+    ap.add_argument("--profile", type=Path, default=None, help="write per-kernel time tables of each run here")
+    ap.add_argument("--compile", action="store_true", help="training.compile: torch.compile trunk, heads, losses")
+    ap.add_argument("--grads", action="store_true", help="also time the per-task gradient methods and compare "
+                                                         "their affinity with the loop reference")
     args = ap.parse_args()
+    global PROFILE_DIR, COMPILE
+    PROFILE_DIR = args.profile
+    COMPILE = args.compile
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                           ("cpu" if args.device == "auto" else args.device))
     s = dict(SHAPES[args.shape])
@@ -219,22 +291,38 @@ def main() -> None:
     data = make_data(s, s["batch"] * 8, device)
     print(f"shape {args.shape}: {s['tasks']} tasks, batch {s['batch']}, device {device}"
           f"{' (' + torch.cuda.get_device_name() + ')' if device.type == 'cuda' else ''}, "
-          f"torch {torch.__version__}, threads {torch.get_num_threads()}, amp {'bf16' if amp and device.type == 'cuda' else 'off'}")
-    rows = []
-    for label, fn in [
-        ("(a) naive reference, adaTT loop, interval 10", lambda: run_naive(s, data, device, 10, amp, steps, args.warmup)),
-        ("(b) project model, adaTT off", lambda: run_project(s, data, device, False, 10, amp, steps, args.warmup)),
-        ("(c) project model, adaTT interval 10", lambda: run_project(s, data, device, True, 10, amp, steps, args.warmup)),
-        ("(d) project model, adaTT interval 1", lambda: run_project(s, data, device, True, 1, amp, steps, args.warmup)),
-    ]:
-        dt, peak, params = fn()
-        rows.append((label, dt, peak, params))
+          f"torch {torch.__version__}, threads {torch.get_num_threads()}, amp {'bf16' if amp and device.type == 'cuda' else 'off'}"
+          f"{', compile' if COMPILE else ''}")
+    if args.grads:
+        task_gradient_check(s, data, device, amp)
+    runs = {
+        "a": ("(a) naive reference, adaTT loop, interval 10", lambda lb: run_naive(s, data, device, 10, amp, steps,
+                                                                                   args.warmup)),
+        "b": ("(b) project model, adaTT off", lambda lb: run_project(s, data, device, False, 10, amp, steps,
+                                                                     args.warmup, lb)),
+        "c": ("(c) project model, adaTT interval 10", lambda lb: run_project(s, data, device, True, 10, amp, steps,
+                                                                            args.warmup, lb)),
+        "d": ("(d) project model, adaTT interval 1", lambda lb: run_project(s, data, device, True, 1, amp, steps,
+                                                                           args.warmup, lb)),
+    }
+    unknown = sorted(set(args.only) - set(runs))
+    if unknown:
+        ap.error(f"--only: unknown run(s) {unknown}; valid: a, b, c, d")
+    times: dict[str, float] = {}
+    for key in sorted(set(args.only)):
+        label, fn = runs[key]
+        dt, peak, params = fn(label)
+        times[key] = dt
         mem = f"{peak:6.2f} GiB" if device.type == "cuda" else "   n/a   "
         print(f"{label:<48} {dt * 1e3:9.2f} ms/step {s['batch'] / dt / 1e6:8.4f} M samples/s "
-              f"peak {mem}  params {params / 1e6:.2f}M", flush=True)
-    a, b, c, d = (r[1] for r in rows)
-    print(f"ratios: (c) vs (a) {a / c:.2f}x faster; (b) vs (a) {a / b:.2f}x; (d) step / (b) step {d / b:.2f}x; "
-          f"(c) step / (b) step {c / b:.2f}x")
+              f"peak {mem}  params {params / 1e6:.2f}M  warm-up {WARMUP_SECONDS[-1]:.1f} s", flush=True)
+    ratios = []
+    for num, den, text in [("a", "c", "(c) vs (a) {:.2f}x faster"), ("a", "b", "(b) vs (a) {:.2f}x"),
+                           ("d", "b", "(d) step / (b) step {:.2f}x"), ("c", "b", "(c) step / (b) step {:.2f}x")]:
+        if num in times and den in times:
+            ratios.append(text.format(times[num] / times[den]))
+    if ratios:
+        print("ratios: " + "; ".join(ratios))
 
 
 if __name__ == "__main__":

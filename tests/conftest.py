@@ -15,6 +15,17 @@ from pathlib import Path
 import pytest
 
 os.environ["MLFLOW_DISABLE_TELEMETRY"] = "true"
+
+
+def _interpret_triton_without_cuda() -> None:
+    """Without a GPU, Triton kernels can only run interpreted; triton reads this on import."""
+    import torch
+
+    if not torch.cuda.is_available():
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+_interpret_triton_without_cuda()
 TRACKING_DIRS = ("mlflow", "pipelines")
 
 

@@ -237,7 +237,7 @@ class TransferConfig:
 
     strategy: str = "adatt"  # one of STRATEGY_NAMES
     grad_interval: int = 10  # steps between per-task gradient extractions (gradient methods: every step)
-    grad_method: Literal["batched", "loop"] = "batched"
+    grad_method: Literal["batched", "fused", "einsum", "loop"] = "batched"
     adatt: AdaTTConfig = field(default_factory=AdaTTConfig)
     pcgrad: PCGradConfig = field(default_factory=PCGradConfig)
     mocograd: MoCoGradConfig = field(default_factory=MoCoGradConfig)
@@ -263,6 +263,7 @@ class TrainingConfig:
     gradient_clip_norm: float = 5.0
     gradient_accumulation_steps: int = 1
     use_amp: bool = True
+    compile: bool = False  # torch.compile the model's trunk, heads and the losses (CUDA only)
     amp_dtype: Literal["bfloat16", "float16"] = "bfloat16"
     cosine_t0: int = 10
     cosine_t_mult: int = 2

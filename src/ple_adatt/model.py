@@ -12,10 +12,11 @@ instead of a Python loop over small modules. Shared experts keep one parameter s
 expert (so each can get its own learning rate) and are stacked in the forward pass.
 
 Per-task gradients on the shared-expert parameters (what adaTT measures) come from
-:meth:`PLEClusterModel.shared_task_gradients`. Its ``batched`` method takes one backward
-from the losses to the CGC outputs and then applies the closed-form backward of the
-shared-expert MLPs for all tasks at once; ``loop`` is the seed's per-task
-``torch.autograd.grad`` reference. Both give the same gradients (tested).
+:meth:`PLEClusterModel.shared_task_gradients`. It takes one backward from the losses to the
+CGC outputs and then applies the closed-form backward of the shared-expert MLPs for all
+tasks at once: in a fused Triton kernel on the GPU (:mod:`ple_adatt.kernels`), or as
+PyTorch einsums (``einsum``). ``loop`` is the seed's per-task ``torch.autograd.grad``
+reference. All give the same gradients (tested).
 """
 
 from __future__ import annotations
@@ -26,9 +27,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from . import kernels
 from .config import ModelConfig, TaskSpec
 
-__all__ = ["HeadSpec", "ModelOutput", "PLEClusterModel", "build_model"]
+__all__ = ["GRAD_METHODS", "HeadSpec", "ModelOutput", "PLEClusterModel", "build_model"]
+
+# batched: the fused Triton kernel where it can run (CUDA + triton), else einsum;
+# fused: the kernel or an error; einsum: the PyTorch closed form; loop: the seed's reference
+GRAD_METHODS = ("batched", "fused", "einsum", "loop")
 
 
 @dataclass(frozen=True)
@@ -74,9 +80,11 @@ class BatchedLinear(nn.Module):
         _init_batched(self.bias, d_in)
 
     def forward(self, x: Tensor) -> Tensor:
-        if x.dim() == 2:  # one input shared by every group: (B, i)
-            return torch.matmul(x.unsqueeze(0), self.weight) + self.bias  # (G, B, o)
-        return torch.baddbmm(self.bias, x, self.weight)  # (G, B, o)
+        if x.dim() == 2:  # one input shared by every group: one GEMM, (B, G*o) viewed as (G, B, o)
+            g, i, o = self.weight.shape
+            w = self.weight.permute(1, 0, 2).reshape(i, g * o)
+            return torch.addmm(self.bias.reshape(g * o), x, w).view(-1, g, o).transpose(0, 1)
+        return torch.baddbmm(self.bias, x, self.weight)  # (G, B, o); strided x is fine for bmm
 
 
 class ExpertMLP(nn.Module):
@@ -110,11 +118,14 @@ class SharedExperts(nn.Module):
         )
 
     def forward(self, x: Tensor) -> tuple[Tensor, tuple[Tensor, Tensor, Tensor]]:
-        w1, b1, w2, b2 = self.stacked()
-        pre = torch.matmul(x.unsqueeze(0), w1) + b1  # (E, B, h)
+        ex = list(self.experts.values())
+        e, h = len(ex), ex[0].w1.shape[1]
+        # first layer of every expert in one GEMM: (B, E*h), viewed as (E, B, h)
+        pre = torch.addmm(torch.cat([m.b1 for m in ex]), x, torch.cat([m.w1 for m in ex], dim=1))
+        pre = pre.view(-1, e, h).transpose(0, 1)  # (E, B, h)
         hid = F.relu(pre)  # (E, B, h)
-        s = torch.baddbmm(b2, hid, w2)  # (E, B, d)
-        return s, (x, pre, hid)
+        s = torch.baddbmm(torch.stack([m.b2 for m in ex]).unsqueeze(1), hid, torch.stack([m.w2 for m in ex]))
+        return s, (x, pre, hid)  # s: (E, B, d)
 
     def per_task_grads(self, cache: tuple[Tensor, Tensor, Tensor], d_s: Tensor) -> Tensor:
         """Closed-form gradients of every task on every shared parameter, all tasks at once.
@@ -250,15 +261,54 @@ class PLEClusterModel(nn.Module):
 
     def forward(self, x_num: Tensor, x_cat: Tensor, cluster: Tensor | None = None,
                 use_cluster_heads: bool = False) -> ModelOutput:
+        gates, cgc, cache = self._trunk(x_num, x_cat)
+        out = self._heads(cgc, cluster, use_cluster_heads)
+        return ModelOutput(out, gates, cgc, cache)
+
+    # The trunk (inputs -> CGC outputs) and the heads (CGC outputs -> task outputs) are two
+    # functions so that each can be compiled on its own (``compile_parts``): the per-task
+    # gradients take a backward from the losses to the CGC outputs, which must stay a tensor
+    # between two autograd nodes, not an intermediate inside one compiled graph.
+    _trunk_fn = None
+    _heads_fn = None
+
+    def _trunk(self, x_num: Tensor, x_cat: Tensor) -> tuple[Tensor, Tensor, tuple[Tensor, Tensor, Tensor]]:
+        return (self._trunk_fn or self.trunk)(x_num, x_cat)
+
+    def _heads(self, cgc: Tensor, cluster: Tensor | None, use_cluster_heads: bool) -> Tensor:
+        return (self._heads_fn or self.heads_forward)(cgc, cluster, use_cluster_heads)
+
+    def compile_parts(self, **options) -> None:
+        """torch.compile the trunk and the heads (separately; see above)."""
+        # the per-task gradients back-propagate through the heads with retain_graph=True,
+        # which compiled backwards with donated buffers refuse
+        import torch._functorch.config as functorch_config
+
+        functorch_config.donated_buffer = False
+        self._trunk_fn = torch.compile(self.trunk, **options)
+        self._heads_fn = torch.compile(self.heads_forward, **options)
+
+    def trunk(self, x_num: Tensor, x_cat: Tensor) -> tuple[Tensor, Tensor, tuple[Tensor, Tensor, Tensor]]:
+        """Embeddings, shared and task experts, CGC gates: (gates, cgc, shared-expert cache)."""
         x = self.encode(x_num, x_cat)  # (B, d_in)
         shared, cache = self.shared_experts(x)  # (E_s, B, d)
         e_s = shared.shape[0]
         gates = torch.softmax(self.task_expert_attention(x), dim=-1)  # (T, B, E_s + E_t)
-        cgc = torch.einsum("tbk,kbd->tbd", gates[..., :e_s], shared)  # (T, B, d)
+        # gated mixture: the contraction over K is too short for a GEMM
+        # (a per-sample bmm runs a slow tiny-matrix kernel on the GPU, and one broadcast
+        # product over all K materialises T*B*K*d values): one fused multiply-add per expert
+        cgc = gates[..., :1] * shared[0]  # (T, B, d)
+        for k in range(1, e_s):
+            cgc = torch.addcmul(cgc, gates[..., k:k + 1], shared[k])
         if self.e_t:
             te = self.task_expert_out(F.relu(self.task_expert_in(x)))  # (T*E_t, B, d)
             te = te.view(self.num_tasks, self.e_t, *te.shape[1:])  # (T, E_t, B, d)
-            cgc = cgc + torch.einsum("tbj,tjbd->tbd", gates[..., e_s:], te)
+            for j in range(self.e_t):
+                cgc = torch.addcmul(cgc, gates[..., e_s + j:e_s + j + 1], te[:, j])
+        return gates, cgc, cache
+
+    def heads_forward(self, cgc: Tensor, cluster: Tensor | None, use_cluster_heads: bool) -> Tensor:
+        """Towers, global or per-cluster heads and logit transfer: (T, B, O)."""
         hid = self.tower_dropout(F.relu(self.tower(cgc)))  # (T, B, h)
         out = self.head(hid)  # (T, B, O)
         if use_cluster_heads and self.num_clusters and cluster is not None:
@@ -268,7 +318,7 @@ class PLEClusterModel(nn.Module):
             out = per.gather(0, idx).squeeze(0)  # (T, B, O)
         if self.transfer_edges:
             out = self._apply_logit_transfer(out)
-        return ModelOutput(out, gates, cgc, cache)
+        return out
 
     def _apply_logit_transfer(self, out: Tensor) -> Tensor:
         """Add ``transfer_strength * proj(src)`` to each destination's output along the DAG.
@@ -299,11 +349,18 @@ class PLEClusterModel(nn.Module):
         """
         if method == "loop":
             return self._task_gradients_loop(task_losses, present)
-        if method != "batched":
-            raise ValueError(f"unknown gradient method {method!r}; valid: batched, loop")
-        d_s = self._shared_output_grads(task_losses, present, output)
+        if method not in GRAD_METHODS:
+            raise ValueError(f"unknown gradient method {method!r}; valid: {', '.join(GRAD_METHODS)}")
+        d_cgc = self._cgc_grads(task_losses, present, output)
+        # the kernel pays under autocast (bf16/fp16 products); float32 runs faster as einsums
+        fused = method == "fused" or (method == "batched" and kernels.available(d_cgc.device)
+                                      and output.shared_cache[1].dtype != torch.float32)
         with torch.no_grad():  # a measurement: no graph through the experts' weights
-            return self.shared_experts.per_task_grads(output.shared_cache, d_s)
+            if fused:
+                x, pre, _ = output.shared_cache
+                w2 = torch.stack([e.w2 for e in self.shared_experts.experts.values()])
+                return kernels.shared_task_grads(x, pre, w2, d_cgc, output.gates)
+            return self.shared_experts.per_task_grads(output.shared_cache, self._shared_output_grads(d_cgc, output))
 
     @torch.compiler.disable
     def shared_task_and_representation_gradients(self, task_losses: Tensor, present: Tensor,
@@ -311,18 +368,21 @@ class PLEClusterModel(nn.Module):
         """Per-task gradients on the shared-expert parameters (T, P) and on the shared
         experts' outputs ``dL_t/dS`` flattened to (T, E_s * B * d) (for MGDA-UB), from one
         backward to the CGC outputs."""
-        d_s = self._shared_output_grads(task_losses, present, output)
+        d_s = self._shared_output_grads(self._cgc_grads(task_losses, present, output), output)
         with torch.no_grad():
             return self.shared_experts.per_task_grads(output.shared_cache, d_s), d_s.flatten(1).float()
 
-    def _shared_output_grads(self, task_losses: Tensor, present: Tensor, output: ModelOutput) -> Tensor:
-        """dL_t/dS for every task: one backward to the CGC outputs, then the gate weights.
-
-        Task t reads the shared experts only through its own CGC output, so
-        ``dL_t/dS_e = gate_{t,e} * dL/dcgc_t``: (T, E_s, B, d).
-        """
+    @staticmethod
+    def _cgc_grads(task_losses: Tensor, present: Tensor, output: ModelOutput) -> Tensor:
+        """dL_t/dcgc_t for every task at once, (T, B, d): one backward from the summed losses
+        to the CGC outputs (task t's loss reads only cgc_t)."""
         total = (task_losses * present.to(task_losses.dtype)).sum()
-        (d_cgc,) = torch.autograd.grad(total, output.cgc_out, retain_graph=True)  # (T, B, d)
+        (d_cgc,) = torch.autograd.grad(total, output.cgc_out, retain_graph=True)
+        return d_cgc
+
+    def _shared_output_grads(self, d_cgc: Tensor, output: ModelOutput) -> Tensor:
+        """dL_t/dS for every task: task t reads the shared experts only through its own CGC
+        output, so ``dL_t/dS_e = gate_{t,e} * dL/dcgc_t``: (T, E_s, B, d)."""
         e_s = len(self.shared_experts.names)
         g = output.gates[..., :e_s].permute(0, 2, 1).unsqueeze(-1)  # (T, E_s, B, 1)
         return g * d_cgc.unsqueeze(1)  # (T, E_s, B, d)

@@ -228,9 +228,14 @@ class Trainer:
         # and the scaler skips the update on the device; skips are counted there and read once
         # per epoch. On CPU a per-step check is free and logs the exact batch.
         self.sync_free = device.type == "cuda"
-        if device.type == "cuda":  # seed 12.3: TF32 instead of torch.compile
+        if device.type == "cuda":  # seed 12.3: TF32
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
+        if cfg.training.compile and device.type == "cuda":
+            # the seed turned compile off for 30-minute first epochs; here the trunk, the heads
+            # and the losses compile in seconds (bench/train_throughput.py --compile measures it)
+            system.model.compile_parts()
+            system.criterion.compile()
 
     # ----------------------------------------------------------------- small helpers
 
@@ -245,7 +250,7 @@ class Trainer:
         dtype = torch.bfloat16 if t.amp_dtype == "bfloat16" else torch.float16
         return torch.autocast("cuda", dtype=dtype)
 
-    def _make_scaler(self) -> torch.amp.GradScaler:
+    def make_scaler(self) -> torch.amp.GradScaler:
         """fp16 needs loss scaling; the sync-free loop also uses the scaler's on-device inf check
         to skip steps with non-finite gradients (scale 1.0: a no-op for bf16 / fp32)."""
         t = self.cfg.training
@@ -307,6 +312,30 @@ class Trainer:
             new = g.view_as(p).to(p.dtype) * (scale / accum)
             p.grad = new if prev is None else prev + new
 
+    def backward(self, step: StepLosses, scaler: torch.amp.GradScaler, accum: int = 1,
+                 finite: Tensor | None = None) -> None:
+        """Backward of one micro-batch. Sync-free: a non-finite total poisons its own gradients
+        (the scaler then skips the update on the device). Gradient methods then replace the
+        shared experts' gradient with the strategy's combined one."""
+        total = step.total
+        if self.sync_free:
+            finite = torch.isfinite(total) if finite is None else finite
+            total = total * torch.where(finite, 1.0, float("nan"))
+        before = self._shared_grads() if step.surgery is not None else []
+        scaler.scale(total / accum).backward()
+        if step.surgery is not None:
+            scale = scaler.get_scale() if scaler.is_enabled() else 1.0
+            self._replace_shared_gradient(step, before, scale, accum)
+
+    def optimizer_step(self, opt: torch.optim.Optimizer, scaler: torch.amp.GradScaler) -> None:
+        """Unscale, clip, step, update the scaler, zero the gradients: no host read on CUDA."""
+        scaler.unscale_(opt)
+        torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]],
+                                       self.cfg.training.gradient_clip_norm)
+        scaler.step(opt)
+        scaler.update()
+        opt.zero_grad(set_to_none=True)
+
     # ------------------------------------------------------------------------- the loop
 
     def _fit(self, phase: str, max_epochs: int, warmup_epochs: int, use_cluster_heads: bool) -> None:
@@ -314,7 +343,7 @@ class Trainer:
         system, model = self.system, self.system.model
         opt = make_optimizer(system, cfg, fused=self.sync_free)
         sched = make_scheduler(opt, cfg, warmup_epochs)
-        scaler = self._make_scaler()
+        scaler = self.make_scaler()
         best, patience = math.inf, 0
         T = model.num_tasks
         names = model.task_names
@@ -342,19 +371,13 @@ class Trainer:
                     finite = torch.isfinite(total)
                     if self.sync_free:  # NaN gradients make the scaler skip this update on the device
                         nonfinite += ~finite
-                        total = total * torch.where(finite, 1.0, float("nan"))
                     elif not finite:  # a non-finite loss skips the batch
                         skipped += 1
                         opt.zero_grad(set_to_none=True)
                         self._event("nonfinite_loss_skipped", phase, epoch, batch=i)
                         self.global_step += 1
                         continue
-                    # backward (gradient methods: then the shared experts' gradient is replaced)
-                    before = self._shared_grads() if step.surgery is not None else []
-                    scaler.scale(total / accum).backward()
-                    if step.surgery is not None:
-                        scale = scaler.get_scale() if scaler.is_enabled() else 1.0
-                        self._replace_shared_gradient(step, before, scale, accum)
+                    self.backward(step, scaler, accum, finite)
                 except torch.cuda.OutOfMemoryError:  # CUDA OOM skips the batch
                     skipped += 1
                     opt.zero_grad(set_to_none=True)
@@ -364,12 +387,7 @@ class Trainer:
                     continue
                 # clip -> step
                 if (i + 1) % accum == 0 or i + 1 == len(batches):
-                    scaler.unscale_(opt)
-                    torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]],
-                                                   t.gradient_clip_norm)
-                    scaler.step(opt)
-                    scaler.update()
-                    opt.zero_grad(set_to_none=True)
+                    self.optimizer_step(opt, scaler)
                 # log (device-side sums; the host reads them every log_every steps)
                 with torch.no_grad():  # a skipped batch adds nothing (where, not *: NaN * 0 is NaN)
                     sum_raw += torch.where(finite, lo.raw.detach() * lo.present, 0.0)

@@ -47,3 +47,45 @@ def test_training_runs_on_cuda_with_amp_and_data_on_the_device():
     trainer.run_phase1()
     assert trainer.history[-1].val["val_loss"] < trainer.history[0].val["val_loss"] * 1.5
     assert all(torch.isfinite(p).all() for p in system.parameters())
+
+
+@pytest.mark.parametrize("amp", [False, True])
+def test_fused_kernel_matches_the_loop_on_cuda(amp, monkeypatch):
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)  # an fp32 reference, not TF32
+    cfg = load_train_config(ROOT / "configs/train/cpu_small.yaml")
+    torch.manual_seed(0)
+    system = build_system(cfg, SPECS, 5, [4, 4], 3).cuda()
+    torch.nn.init.normal_(system.model.head.weight, std=0.5)
+    b = make_batch(1000).to("cuda")
+    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
+        out = system.model(b.x_num, b.x_cat, b.cluster)
+        lo = system.losses(out.out, b.y)
+    grads = {m: system.model.shared_task_gradients(lo.weighted, lo.present, out, m) for m in ("fused", "einsum", "loop")}
+    cos = {m: torch.nn.functional.normalize(g, dim=1) @ torch.nn.functional.normalize(g, dim=1).T
+           for m, g in grads.items()}
+    tol = 1e-2 if amp else 1e-3
+    assert float((cos["fused"] - cos["loop"]).abs().max()) < tol
+    assert float((cos["fused"] - cos["einsum"]).abs().max()) < tol
+    if not amp:  # exact float32 products in the kernel
+        rel = (grads["fused"] - grads["loop"]).norm() / grads["loop"].norm()
+        assert float(rel) < 1e-4
+
+
+def test_compiled_training_step_matches_eager():
+    cfg = load_train_config(ROOT / "configs/train/cpu_small.yaml", ["device=cuda", "training.use_amp=false"])
+    losses = []
+    for compiled in (False, True):
+        torch.manual_seed(0)
+        system = build_system(cfg, SPECS, 5, [4, 4], 3)
+        system.model.tower_dropout.p = 0.0
+        if compiled:
+            system.model.compile_parts()
+            system.criterion.compile()
+        system = system.cuda()
+        b = make_batch(512).to("cuda")
+        out = system.model(b.x_num, b.x_cat, b.cluster)
+        lo = system.losses(out.out, b.y)
+        lo.weighted.sum().backward()
+        losses.append((lo.weighted.detach(), next(iter(system.model.shared_experts.parameters())).grad))
+    assert torch.allclose(losses[0][0], losses[1][0], rtol=1e-3, atol=1e-5)
+    assert torch.allclose(losses[0][1], losses[1][1], rtol=1e-2, atol=1e-5)

@@ -1,0 +1,160 @@
+"""A fused Triton kernel for the per-task gradients on the shared experts (adaTT's measurement).
+
+For every task ``t`` and shared expert ``e`` (an MLP ``s = relu(x W1 + b1) W2 + b2``), with
+``ds_te = gate_te * dL_t/dcgc_t`` the task's gradient at the expert's output (B, d):
+
+    dh_te  = (ds_te W2_e^T) * [pre_e > 0]        (B, h)
+    gW1_te = x^T dh_te      gb1_te = sum_b dh_te   (i, h), (h,)
+    gW2_te = hid_e^T ds_te  gb2_te = sum_b ds_te   (h, d), (d,)
+
+The plain PyTorch form (:meth:`SharedExperts.per_task_grads`) materialises ``dh`` for all
+tasks: T * E * B * h values (2 GiB in bf16 at the seed's shape), written once, masked and
+read again. Here one program owns a (task, expert, block of hidden units) and walks the
+batch in tiles, chaining the three matrix products on chip (as flash attention chains its
+two), so ``dh`` never reaches device memory. Programs of one (expert, block) for all tasks
+run side by side and share the ``pre``/``x`` tiles through L2. The result is written
+straight into the (T, P) gradient matrix, in the order of ``SharedExperts.parameters()``.
+
+Triton is optional: :func:`available` says whether the kernel can run (CUDA tensors and an
+importable triton); the model falls back to the PyTorch form otherwise. On the CPU the
+kernel runs under Triton's interpreter (``TRITON_INTERPRET=1``), which the tests use.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+from torch import Tensor
+
+__all__ = ["available", "shared_task_grads"]
+
+
+@functools.cache
+def _triton():
+    try:
+        import triton
+        import triton.language as tl
+    except ImportError:
+        return None
+    return triton, tl
+
+
+def interpreted() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "") == "1"
+
+
+def available(device: torch.device) -> bool:
+    """True when the fused kernel runs compiled on ``device`` (CUDA with triton installed).
+
+    On the CPU it runs only when asked for (``grad_method: fused``) under the interpreter,
+    which must be switched on (``TRITON_INTERPRET=1``) before triton is first imported."""
+    return device.type == "cuda" and _triton() is not None
+
+
+@functools.cache
+def _kernel():
+    triton, tl = _triton()
+
+    configs = [
+        triton.Config({"BB": 64, "BH": 64}, num_warps=4, num_stages=3),
+        triton.Config({"BB": 128, "BH": 64}, num_warps=4, num_stages=2),
+        triton.Config({"BB": 64, "BH": 64}, num_warps=8, num_stages=3),
+        triton.Config({"BB": 128, "BH": 64}, num_warps=8, num_stages=3),
+        triton.Config({"BB": 64, "BH": 128}, num_warps=8, num_stages=2),
+    ]
+    if interpreted():  # one config: the interpreter is for correctness, not speed
+        configs = [triton.Config({"BB": 16, "BH": 16}, num_warps=1)]
+
+    @triton.autotune(configs=configs, key=["B", "I", "H", "D", "BI", "BD"])
+    @triton.jit
+    def kernel(x_ptr, pre_ptr, w2_ptr, dc_ptr, g_ptr, out_ptr,
+               B, I, H, D, P, PE,
+               s_xb, s_pe, s_pb, s_dt, s_db, s_gt, s_gb, s_gk,
+               BI: tl.constexpr, BD: tl.constexpr, PREC: tl.constexpr,
+               BB: tl.constexpr, BH: tl.constexpr):
+        t = tl.program_id(0).to(tl.int64)
+        hb = tl.program_id(1)
+        e = tl.program_id(2).to(tl.int64)
+        offs_h = hb * BH + tl.arange(0, BH)
+        offs_i = tl.arange(0, BI)
+        offs_d = tl.arange(0, BD)
+        mh, mi, md = offs_h < H, offs_i < I, offs_d < D
+        # every product keeps the hidden block as rows, so the two register tiles (dh^T,
+        # hid^T) feed the next product directly as its left operand (as in flash attention)
+        w2 = tl.load(w2_ptr + e * H * D + offs_h[:, None] * D + offs_d[None, :],
+                     mask=mh[:, None] & md[None, :], other=0.0)  # (BH, BD)
+        acc_w1 = tl.zeros((BH, BI), dtype=tl.float32)  # gW1^T block
+        acc_w2 = tl.zeros((BH, BD), dtype=tl.float32)
+        acc_b1 = tl.zeros((BH,), dtype=tl.float32)
+        acc_b2 = tl.zeros((BD,), dtype=tl.float32)
+        for b0 in range(0, B, BB):
+            offs_b = b0 + tl.arange(0, BB)
+            mb = offs_b < B
+            gate = tl.load(g_ptr + t * s_gt + offs_b * s_gb + e * s_gk, mask=mb, other=0.0).to(tl.float32)
+            dc = tl.load(dc_ptr + t * s_dt + offs_b[:, None] * s_db + offs_d[None, :],
+                         mask=mb[:, None] & md[None, :], other=0.0).to(tl.float32)
+            ds = (dc * gate[:, None]).to(w2.dtype)  # (BB, BD): dL_t/ds_e on this tile
+            acc_b2 += tl.sum(ds.to(tl.float32), axis=0)
+            pre_t = tl.load(pre_ptr + e * s_pe + offs_b[None, :] * s_pb + offs_h[:, None],
+                            mask=mh[:, None] & mb[None, :], other=0.0)  # (BH, BB)
+            dh_t = tl.dot(w2, tl.trans(ds), input_precision=PREC)  # (BH, BB)
+            dh_t = tl.where(pre_t > 0, dh_t, 0.0)
+            acc_b1 += tl.sum(dh_t, axis=1)
+            xt = tl.load(x_ptr + offs_b[:, None] * s_xb + offs_i[None, :],
+                         mask=mb[:, None] & mi[None, :], other=0.0)  # (BB, BI)
+            acc_w1 = tl.dot(dh_t.to(xt.dtype), xt, acc_w1, input_precision=PREC)
+            hid_t = tl.maximum(pre_t, 0.0).to(ds.dtype)
+            acc_w2 = tl.dot(hid_t, ds, acc_w2, input_precision=PREC)
+        base = out_ptr + t * P + e * PE
+        tl.store(base + offs_i[None, :] * H + offs_h[:, None], acc_w1, mask=mh[:, None] & mi[None, :])
+        tl.store(base + I * H + offs_h, acc_b1, mask=mh)
+        tl.store(base + I * H + H + offs_h[:, None] * D + offs_d[None, :], acc_w2, mask=mh[:, None] & md[None, :])
+        if hb == 0:
+            tl.store(base + I * H + H + H * D + offs_d, acc_b2, mask=md)
+
+    return kernel
+
+
+def _pow2(n: int) -> int:
+    return max(16, 1 << (int(n) - 1).bit_length())
+
+
+def shared_task_grads(x: Tensor, pre: Tensor, w2: Tensor, d_cgc: Tensor, gates: Tensor) -> Tensor:
+    """Per-task gradients on every shared expert's (w1, b1, w2, b2), flattened: (T, P) float32.
+
+    ``x`` (B, i) expert input, ``pre`` (E, B, h) first-layer pre-activation (any strides with
+    a unit last stride), ``w2`` (E, h, d), ``d_cgc`` (T, B, d) dL_t/dcgc_t, ``gates`` (T, B, K)
+    whose first E columns weight the shared experts. Matrix products run in ``pre``'s dtype
+    (bf16 under autocast) with float32 accumulation; float32 inputs use exact float32 products.
+    """
+    if _triton() is None:
+        raise RuntimeError("transfer.grad_method: fused needs triton (pip install triton); "
+                           "use grad_method: batched, which falls back to einsum without it")
+    if pre.device.type != "cuda" and not interpreted():
+        raise RuntimeError(f"transfer.grad_method: fused runs on CUDA (or on the CPU under TRITON_INTERPRET=1), "
+                           f"not on {pre.device.type}; use grad_method: batched or einsum")
+    E, B, H = pre.shape
+    T, _, D = d_cgc.shape
+    dtype = pre.dtype
+    x = x.to(dtype).contiguous()
+    I = x.shape[1]
+    w2 = w2.to(dtype).contiguous()
+    if pre.stride(2) != 1:
+        pre = pre.contiguous()
+    if d_cgc.stride(2) != 1:
+        d_cgc = d_cgc.contiguous()
+    PE = I * H + H + H * D + D
+    out = torch.empty(T, E * PE, device=pre.device, dtype=torch.float32)
+    kernel = _kernel()
+
+    def grid(meta):
+        return (T, -(-H // meta["BH"]), E)
+
+    kernel[grid](x, pre, w2, d_cgc, gates, out,
+                 B, I, H, D, E * PE, PE,
+                 x.stride(0), pre.stride(0), pre.stride(1), d_cgc.stride(0), d_cgc.stride(1),
+                 gates.stride(0), gates.stride(1), gates.stride(2),
+                 BI=_pow2(I), BD=_pow2(D), PREC="ieee" if dtype == torch.float32 else "tf32")
+    return out

@@ -1,0 +1,75 @@
+"""The fused per-task gradient kernel (ple_adatt.kernels) against the PyTorch closed form and
+the seed's autograd loop. On the CPU the kernel runs in Triton's interpreter: same program,
+numpy arithmetic. Skipped where triton is not installed (make setup installs it)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from corehelpers import make_batch
+
+from ple_adatt import kernels
+from ple_adatt.config import TaskSpec, load_train_config
+from ple_adatt.model import SharedExperts
+from ple_adatt.training import build_system
+
+ROOT = Path(__file__).resolve().parents[2]
+pytest.importorskip("triton", reason="triton is not installed (make setup installs it for the interpreter test)")
+
+
+@pytest.fixture
+def interpreter():
+    """On a machine without CUDA, tests/conftest.py switched the interpreter on before triton's import."""
+    if torch.cuda.is_available() or not kernels.interpreted():
+        pytest.skip("interpreter test (CPU only); tests/core/test_gpu.py runs the compiled kernel")
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.double() - b.double()).norm() / b.double().norm())
+
+
+@pytest.mark.parametrize("B,I,H,D,E,T,K", [(50, 7, 24, 10, 3, 4, 5), (33, 16, 40, 17, 2, 3, 2)])
+def test_fused_kernel_equals_the_closed_form_on_odd_shapes(interpreter, B, I, H, D, E, T, K):
+    torch.manual_seed(B)
+    experts = SharedExperts([f"e{i}" for i in range(E)], I, H, D)
+    x = torch.randn(B, I)
+    _, (x_, pre, hid) = experts(x)
+    assert pre.stride(-1) == 1 and not pre.is_contiguous()  # the model's strided (E, B, h) view
+    d_cgc = torch.randn(T, B, D)
+    gates = torch.softmax(torch.randn(T, B, K), -1)
+    d_s = gates[..., :E].permute(0, 2, 1).unsqueeze(-1) * d_cgc.unsqueeze(1)
+    ref = experts.per_task_grads((x_, pre, hid), d_s)
+    w2 = torch.stack([e.w2 for e in experts.experts.values()]).detach()
+    out = kernels.shared_task_grads(x, pre.detach(), w2, d_cgc, gates)
+    assert out.shape == ref.shape == (T, sum(p.numel() for p in experts.parameters()))
+    assert torch.isfinite(out).all()
+    assert _rel(out, ref) < 1e-5
+
+
+def test_fused_method_gives_the_loop_reference_affinity(interpreter):
+    cfg = load_train_config(ROOT / "configs/train/cpu_small.yaml")
+    specs = [TaskSpec("ctr", "a", "binary"), TaskSpec("cvr", "b", "binary"), TaskSpec("kind", "c", "multiclass", 3),
+             TaskSpec("ltv", "d", "regression"), TaskSpec("brand", "e", "retrieval", vocab_size=20)]
+    torch.manual_seed(0)
+    system = build_system(cfg, specs, 5, [4, 4], 3)
+    torch.nn.init.normal_(system.model.head.weight, std=0.5)
+    b = make_batch(96)
+    out = system.model(b.x_num, b.x_cat, b.cluster)
+    lo = system.losses(out.out, b.y)
+    fused = system.model.shared_task_gradients(lo.weighted, lo.present, out, "fused")
+    loop = system.model.shared_task_gradients(lo.weighted, lo.present, out, "loop")
+    assert _rel(fused, loop) < 1e-5
+    cos_f, cos_l = (F.normalize(g, dim=1) @ F.normalize(g, dim=1).T for g in (fused, loop))
+    assert float((cos_f - cos_l).abs().max()) < 1e-3
+
+
+def test_batched_uses_einsum_on_the_cpu_and_fused_refuses_without_the_interpreter(monkeypatch):
+    assert not kernels.available(torch.device("cpu"))  # batched -> einsum here
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    pre = torch.zeros(1, 4, 16)
+    with pytest.raises(RuntimeError, match="grad_method: fused runs on CUDA"):
+        kernels.shared_task_grads(torch.zeros(4, 3), pre, torch.zeros(1, 16, 8), torch.zeros(2, 4, 8),
+                                  torch.zeros(2, 4, 1))
