@@ -4,6 +4,7 @@ PY ?= python3.11
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+TRITON_FOR_TESTS := 3.9.0
 export MLFLOW_DISABLE_TELEMETRY ?= true
 export PYTHONUNBUFFERED := 1
 
@@ -26,6 +27,12 @@ $(STAMP): pyproject.toml
 	@$(BIN)/pip install -q -e '.[dev]' 2>&1 | grep -v -E '^WARNING: Location .* is ignored' || true
 	@$(BIN)/python -c "import ple_adatt, torch, kfp, mlflow, great_expectations, polars" \
 		|| { echo "error: the environment is incomplete; see the pip output above"; exit 1; }
+	@# a CPU-only torch comes without triton: install it for the interpreter test of the fused
+	@# per-task gradient kernel (3.9: older interpreters break on numpy 2.4). CUDA builds bring theirs.
+	@if $(BIN)/python -c "import sys, torch; sys.exit(torch.version.cuda is not None)"; then \
+		$(BIN)/pip install -q "triton==$(TRITON_FOR_TESTS)" 2>&1 | grep -v -E '^WARNING: Location .* is ignored' || true; \
+		$(BIN)/python -c "import triton" || { echo "error: triton did not install; see the pip output above"; exit 1; }; \
+	fi
 	@touch $(STAMP)
 
 setup: $(STAMP)  ## create .venv with the pinned dependencies (idempotent)
@@ -55,6 +62,10 @@ ADULT_SRC ?= $(or $(PLE_ADATT_ADULT_PATH),../shared/data/adult/adult.data)
 
 validate: setup $(DATA)  ## check per-task target availability of DATA against DATA_CONFIG (VALIDATE_OUT=runs/validate)
 	$(BIN)/ple-adatt validate --data $(DATA) --config $(DATA_CONFIG) --out $(VALIDATE_OUT)
+
+BENCH_ARGS ?=
+bench: setup  ## Phase 1 throughput: naive reference vs this model, adaTT off / interval 10 / 1 (BENCH_ARGS="--shape seed --device cuda --grads")
+	$(BIN)/python bench/train_throughput.py $(BENCH_ARGS)
 
 bench-validate: setup  ## time the validate stage on 10M rows x 16 targets x 40 features (cached in data/bench/)
 	$(BIN)/python bench/bench_validate.py --rows 10000000

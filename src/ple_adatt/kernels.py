@@ -23,12 +23,16 @@ kernel runs under Triton's interpreter (``TRITON_INTERPRET=1``), which the tests
 from __future__ import annotations
 
 import functools
+import logging
 import os
 
 import torch
 from torch import Tensor
 
-__all__ = ["available", "shared_task_grads"]
+__all__ = ["available", "failed", "shared_task_grads", "shared_task_grads_or_none"]
+
+logger = logging.getLogger(__name__)
+_FAILURE: list[str] = []  # the first compile/launch error, if any: batched then stays on einsum
 
 
 @functools.cache
@@ -67,10 +71,10 @@ def _kernel():
     if interpreted():  # one config: the interpreter is for correctness, not speed
         configs = [triton.Config({"BB": 16, "BH": 16}, num_warps=1)]
 
-    @triton.autotune(configs=configs, key=["B", "I", "H", "D", "BI", "BD"])
+    @triton.autotune(configs=configs, key=["B", "IN", "H", "D", "BI", "BD"])
     @triton.jit
     def kernel(x_ptr, pre_ptr, w2_ptr, dc_ptr, g_ptr, out_ptr,
-               B, I, H, D, P, PE,
+               B, IN, H, D, P, PE,
                s_xb, s_pe, s_pb, s_dt, s_db, s_gt, s_gb, s_gk,
                BI: tl.constexpr, BD: tl.constexpr, PREC: tl.constexpr,
                BB: tl.constexpr, BH: tl.constexpr):
@@ -80,7 +84,7 @@ def _kernel():
         offs_h = hb * BH + tl.arange(0, BH)
         offs_i = tl.arange(0, BI)
         offs_d = tl.arange(0, BD)
-        mh, mi, md = offs_h < H, offs_i < I, offs_d < D
+        mh, mi, md = offs_h < H, offs_i < IN, offs_d < D
         # every product keeps the hidden block as rows, so the two register tiles (dh^T,
         # hid^T) feed the next product directly as its left operand (as in flash attention)
         w2 = tl.load(w2_ptr + e * H * D + offs_h[:, None] * D + offs_d[None, :],
@@ -109,12 +113,30 @@ def _kernel():
             acc_w2 = tl.dot(hid_t, ds, acc_w2, input_precision=PREC)
         base = out_ptr + t * P + e * PE
         tl.store(base + offs_i[None, :] * H + offs_h[:, None], acc_w1, mask=mh[:, None] & mi[None, :])
-        tl.store(base + I * H + offs_h, acc_b1, mask=mh)
-        tl.store(base + I * H + H + offs_h[:, None] * D + offs_d[None, :], acc_w2, mask=mh[:, None] & md[None, :])
+        tl.store(base + IN * H + offs_h, acc_b1, mask=mh)
+        tl.store(base + IN * H + H + offs_h[:, None] * D + offs_d[None, :], acc_w2, mask=mh[:, None] & md[None, :])
         if hb == 0:
-            tl.store(base + I * H + H + H * D + offs_d, acc_b2, mask=md)
+            tl.store(base + IN * H + H + H * D + offs_d, acc_b2, mask=md)
 
     return kernel
+
+
+def failed() -> bool:
+    """True once the kernel failed to compile or launch in this process."""
+    return bool(_FAILURE)
+
+
+def shared_task_grads_or_none(*args: Tensor) -> Tensor | None:
+    """:func:`shared_task_grads`, or None (with one warning) if Triton cannot build or launch it
+    here, so ``grad_method: batched`` keeps training on the einsum path instead of failing.
+    ``grad_method: fused`` calls :func:`shared_task_grads` and lets the error through."""
+    try:
+        return shared_task_grads(*args)
+    except Exception as exc:  # noqa: BLE001 - any Triton/driver failure means: use einsum
+        _FAILURE.append(f"{type(exc).__name__}: {exc}")
+        logger.warning("fused per-task gradient kernel unavailable (%s); using the einsum path "
+                       "(set transfer.grad_method: fused to see the error)", _FAILURE[0].splitlines()[0])
+        return None
 
 
 def _pow2(n: int) -> int:
@@ -139,13 +161,13 @@ def shared_task_grads(x: Tensor, pre: Tensor, w2: Tensor, d_cgc: Tensor, gates: 
     T, _, D = d_cgc.shape
     dtype = pre.dtype
     x = x.to(dtype).contiguous()
-    I = x.shape[1]
+    IN = x.shape[1]
     w2 = w2.to(dtype).contiguous()
     if pre.stride(2) != 1:
         pre = pre.contiguous()
     if d_cgc.stride(2) != 1:
         d_cgc = d_cgc.contiguous()
-    PE = I * H + H + H * D + D
+    PE = IN * H + H + H * D + D
     out = torch.empty(T, E * PE, device=pre.device, dtype=torch.float32)
     kernel = _kernel()
 
@@ -153,8 +175,8 @@ def shared_task_grads(x: Tensor, pre: Tensor, w2: Tensor, d_cgc: Tensor, gates: 
         return (T, -(-H // meta["BH"]), E)
 
     kernel[grid](x, pre, w2, d_cgc, gates, out,
-                 B, I, H, D, E * PE, PE,
+                 B, IN, H, D, E * PE, PE,
                  x.stride(0), pre.stride(0), pre.stride(1), d_cgc.stride(0), d_cgc.stride(1),
                  gates.stride(0), gates.stride(1), gates.stride(2),
-                 BI=_pow2(I), BD=_pow2(D), PREC="ieee" if dtype == torch.float32 else "tf32")
+                 BI=_pow2(IN), BD=_pow2(D), PREC="ieee" if dtype == torch.float32 else "tf32")
     return out

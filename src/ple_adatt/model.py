@@ -356,10 +356,14 @@ class PLEClusterModel(nn.Module):
         fused = method == "fused" or (method == "batched" and kernels.available(d_cgc.device)
                                       and output.shared_cache[1].dtype != torch.float32)
         with torch.no_grad():  # a measurement: no graph through the experts' weights
-            if fused:
+            if fused and not (method == "batched" and kernels.failed()):
                 x, pre, _ = output.shared_cache
                 w2 = torch.stack([e.w2 for e in self.shared_experts.experts.values()])
-                return kernels.shared_task_grads(x, pre, w2, d_cgc, output.gates)
+                if method == "fused":
+                    return kernels.shared_task_grads(x, pre, w2, d_cgc, output.gates)
+                grads = kernels.shared_task_grads_or_none(x, pre, w2, d_cgc, output.gates)
+                if grads is not None:
+                    return grads
             return self.shared_experts.per_task_grads(output.shared_cache, self._shared_output_grads(d_cgc, output))
 
     @torch.compiler.disable

@@ -31,11 +31,11 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.double() - b.double()).norm() / b.double().norm())
 
 
-@pytest.mark.parametrize("B,I,H,D,E,T,K", [(50, 7, 24, 10, 3, 4, 5), (33, 16, 40, 17, 2, 3, 2)])
-def test_fused_kernel_equals_the_closed_form_on_odd_shapes(interpreter, B, I, H, D, E, T, K):
+@pytest.mark.parametrize("B,IN,H,D,E,T,K", [(50, 7, 24, 10, 3, 4, 5), (33, 16, 40, 17, 2, 3, 2)])
+def test_fused_kernel_equals_the_closed_form_on_odd_shapes(interpreter, B, IN, H, D, E, T, K):
     torch.manual_seed(B)
-    experts = SharedExperts([f"e{i}" for i in range(E)], I, H, D)
-    x = torch.randn(B, I)
+    experts = SharedExperts([f"e{i}" for i in range(E)], IN, H, D)
+    x = torch.randn(B, IN)
     _, (x_, pre, hid) = experts(x)
     assert pre.stride(-1) == 1 and not pre.is_contiguous()  # the model's strided (E, B, h) view
     d_cgc = torch.randn(T, B, D)
@@ -73,3 +73,17 @@ def test_batched_uses_einsum_on_the_cpu_and_fused_refuses_without_the_interprete
     with pytest.raises(RuntimeError, match="grad_method: fused runs on CUDA"):
         kernels.shared_task_grads(torch.zeros(4, 3), pre, torch.zeros(1, 16, 8), torch.zeros(2, 4, 8),
                                   torch.zeros(2, 4, 1))
+
+
+def test_batched_falls_back_to_einsum_once_the_kernel_fails(monkeypatch, caplog):
+    """A Triton that cannot build the kernel (driver, version) must not stop training."""
+    def broken(*args):
+        raise RuntimeError("PTX assembly failed")
+
+    monkeypatch.setattr(kernels, "shared_task_grads", broken)
+    monkeypatch.setattr(kernels, "_FAILURE", [])
+    x, pre, w2 = torch.randn(8, 3), torch.randn(2, 8, 16), torch.randn(2, 16, 4)
+    d_cgc, gates = torch.randn(5, 8, 4), torch.softmax(torch.randn(5, 8, 3), -1)
+    with caplog.at_level("WARNING"):
+        assert kernels.shared_task_grads_or_none(x, pre, w2, d_cgc, gates) is None
+    assert kernels.failed() and "PTX assembly failed" in caplog.text
