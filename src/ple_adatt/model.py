@@ -358,7 +358,7 @@ class PLEClusterModel(nn.Module):
         with torch.no_grad():  # a measurement: no graph through the experts' weights
             if fused and not (method == "batched" and kernels.failed()):
                 x, pre, _ = output.shared_cache
-                w2 = torch.stack([e.w2 for e in self.shared_experts.experts.values()])
+                _, _, w2, _ = self.shared_experts.stacked()
                 if method == "fused":
                     return kernels.shared_task_grads(x, pre, w2, d_cgc, output.gates)
                 grads = kernels.shared_task_grads_or_none(x, pre, w2, d_cgc, output.gates)
