@@ -263,7 +263,7 @@ class TrainingConfig:
     gradient_clip_norm: float = 5.0
     gradient_accumulation_steps: int = 1
     use_amp: bool = True
-    compile: bool = False  # torch.compile the model's trunk, heads and the losses (CUDA only)
+    compile: bool = False  # torch.compile the model's trunk, heads and the losses
     amp_dtype: Literal["bfloat16", "float16"] = "bfloat16"
     cosine_t0: int = 10
     cosine_t_mult: int = 2

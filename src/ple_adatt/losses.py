@@ -106,7 +106,9 @@ class MultiTaskLoss(nn.Module):
         target = y[:, self.mc_idx].t()  # (k, B)
         mask = ~torch.isnan(target)
         t = torch.nan_to_num(target, nan=0.0).long()
-        ce = F.cross_entropy(logits.permute(0, 2, 1), t, reduction="none")  # (k, B)
+        # rows flattened to (k*B, K): the (k, K, B) permuted form compiled to a wrong backward
+        # under torch.compile (torch 2.13, CPU inductor: gradients landed on permuted classes)
+        ce = F.cross_entropy(logits.reshape(-1, k_max), t.reshape(-1), reduction="none").view_as(t)  # (k, B)
         return self._masked_mean(ce, mask)
 
     def _regression(self, out: Tensor, y: Tensor, loc: Tensor, scale: Tensor) -> tuple[Tensor, Tensor]:
