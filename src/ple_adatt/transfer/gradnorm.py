@@ -37,17 +37,16 @@ def gradnorm_step(weights: Tensor, grad_norms: Tensor, loss_ratio: Tensor, prese
     """
     w = weights.float()
     p = present.to(torch.bool)
-    if int(p.sum()) == 0:
-        return weights.clone()
+    pf, count = p.float(), p.sum().clamp_min(1)  # means over present tasks, no host read
     n = grad_norms.float()
     G = w * n  # (T,) weighted gradient norms
-    mean_g = G[p].mean()
+    mean_g = (G * pf).sum() / count
     ratio = loss_ratio.float()
-    r = ratio / ratio[p].mean().clamp_min(_EPS)  # relative inverse training rate
+    r = ratio / ((ratio * pf).sum() / count).clamp_min(_EPS)  # relative inverse training rate
     target = (mean_g * r.clamp_min(0).pow(alpha)).detach()
     grad_w = torch.sign(G - target) * n / mean_g.clamp_min(_EPS)
     new = torch.where(p, (w - lr * grad_w).clamp_min(1e-3), w)
-    return new * (len(new) / new.sum())
+    return torch.where(p.any(), new * (len(new) / new.sum()), w)  # no task present: unchanged
 
 
 class GradNorm(MeasuredStrategy):

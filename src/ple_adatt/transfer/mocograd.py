@@ -23,6 +23,7 @@ import torch
 from torch import Tensor
 
 from .base import MeasuredStrategy
+from .pcgrad import random_orders
 
 __all__ = ["MoCoGrad", "mocograd_combine"]
 
@@ -35,23 +36,27 @@ def mocograd_combine(grads: Tensor, momentum: Tensor, present: Tensor, strength:
 
     For each present task ``i`` and each other present task ``j`` in random order: if
     ``cos(g_i', g_j) < 0`` then ``g_i' += strength * |g_i'| / |m_j| * m_j``.
+
+    As for PCGrad, every calibrated gradient is a combination of the gradients and the
+    momenta, so the loop runs on the (2T, 2T) Gram matrix of ``[G; M]``: no host reads.
     """
     g = grads.float()
-    m = momentum.float()
-    idx = [int(i) for i in torch.nonzero(present.cpu(), as_tuple=False).flatten()]
-    m_norm = m.norm(dim=1)
-    out = torch.zeros_like(g[0])
-    for i in idx:
-        gi = g[i].clone()
-        order = torch.randperm(len(idx), generator=generator).tolist()
-        for k in order:
-            j = idx[k]
-            if j == i or float(m_norm[j]) <= _EPS:
-                continue
-            if float(gi @ g[j]) < 0:  # GCD > 1
-                gi = gi + strength * (gi.norm() / m_norm[j]) * m[j]
-        out += gi
-    return out
+    T, dev = g.shape[0], g.device
+    basis = torch.cat([g, momentum.float()])  # (2T, P)
+    gram = basis @ basis.t()  # (2T, 2T)
+    m_norm = gram.diagonal()[T:].clamp_min(0).sqrt()
+    rows = torch.arange(T, device=dev)
+    usable = present.to(torch.bool) & (m_norm > _EPS)
+    coef = torch.cat([torch.eye(T, device=dev), torch.zeros(T, T, device=dev)], dim=1)  # g_i' = coef[i] @ basis
+    orders = random_orders(T, generator, dev)
+    for k in range(T):
+        j = orders[:, k]
+        dot = (coef * gram[:, j].t()).sum(1)  # g_i' . g_j
+        norm = ((coef @ gram) * coef).sum(1).clamp_min(0).sqrt()  # |g_i'|
+        hit = usable[j] & (j != rows) & (dot < 0)  # GCD > 1
+        step = torch.where(hit, strength * norm / m_norm[j].clamp_min(_EPS), 0.0)
+        coef = coef.index_put((rows, T + j), step, accumulate=True)
+    return (coef * present.to(g.dtype).view(-1, 1)).sum(0) @ basis
 
 
 class MoCoGrad(MeasuredStrategy):

@@ -20,29 +20,37 @@ __all__ = ["PCGrad", "pcgrad_combine"]
 _EPS = 1e-20
 
 
+def random_orders(n: int, generator: torch.Generator | None, device: torch.device) -> Tensor:
+    """One random order of the ``n`` tasks per task, (n, n): drawn on the host generator
+    (reproducible from the strategy's seed, no read from the device), then moved there."""
+    return torch.stack([torch.randperm(n, generator=generator) for _ in range(n)]).to(device, non_blocking=True)
+
+
 def pcgrad_combine(grads: Tensor, present: Tensor, generator: torch.Generator | None = None) -> Tensor:
     """Sum of the PCGrad-projected task gradients.
 
     ``grads`` (T, P) per-task gradients, ``present`` (T,) bool. For each present task ``i``
     and each other present task ``j`` in a random order: if ``g_i' . g_j < 0`` then
     ``g_i' -= (g_i' . g_j / |g_j|^2) g_j``. Returns (P,).
+
+    Every projected gradient stays a combination of the original ones, ``g_i' = A_i G``, so
+    the surgery runs on the (T, T) Gram matrix ``G G^T`` for all tasks at once: one GEMM
+    over P, then T small steps on the device, no host synchronisation.
     """
     g = grads.float()
-    idx = [int(i) for i in torch.nonzero(present.cpu(), as_tuple=False).flatten()]
-    out = torch.zeros_like(g[0])
-    sq = (g * g).sum(1)  # (T,)
-    for i in idx:
-        gi = g[i].clone()
-        order = torch.randperm(len(idx), generator=generator).tolist()
-        for k in order:
-            j = idx[k]
-            if j == i or float(sq[j]) <= _EPS:
-                continue
-            dot = gi @ g[j]
-            if float(dot) < 0:
-                gi = gi - (dot / sq[j]) * g[j]
-        out += gi
-    return out
+    T, dev = g.shape[0], g.device
+    gram = g @ g.t()  # (T, T)
+    sq = gram.diagonal()
+    rows = torch.arange(T, device=dev)
+    usable = present.to(torch.bool) & (sq > _EPS)
+    coef = torch.eye(T, device=dev)  # g_i' = coef[i] @ g
+    orders = random_orders(T, generator, dev)
+    for k in range(T):
+        j = orders[:, k]  # task i's k-th partner
+        dot = (coef * gram[:, j].t()).sum(1)  # g_i' . g_j
+        hit = usable[j] & (j != rows) & (dot < 0)
+        coef = coef.index_put((rows, j), torch.where(hit, -dot / sq[j].clamp_min(_EPS), 0.0), accumulate=True)
+    return (coef * present.to(g.dtype).view(-1, 1)).sum(0) @ g
 
 
 class PCGrad(MeasuredStrategy):
