@@ -10,6 +10,7 @@ Prints samples/s, step time and peak memory of
   (b) this project's model with adaTT off;
   (c) adaTT on, grad_interval 10 (batched per-task gradients);
   (d) adaTT on, grad_interval 1 (exact per-task gradients every step);
+  (e) with ``--only ...e``: (d) with the seed's separate backward (measure_in_backward=false);
 and the ratios between them. Needs torch and numpy only (no polars / MLflow / KFP), so it
 runs on a bare GPU box. The training data lives on the device, shuffled and sliced there;
 the timed loop never reads a value back to the host.
@@ -107,7 +108,7 @@ def make_data(s: dict, n: int, device: torch.device) -> TensorData:
     return TensorData(x_num, x_cat, y, cluster).to(device)
 
 
-def project_config(s: dict, interval: int, amp: bool) -> TrainConfig:
+def project_config(s: dict, interval: int, amp: bool, in_backward: bool = True) -> TrainConfig:
     names = [f"t{i}" for i in range(s["tasks"])]
     groups = {f"g{k}": TaskGroup(tuple(names[k::4]), 0.7) for k in range(4)}
     return TrainConfig(
@@ -115,7 +116,7 @@ def project_config(s: dict, interval: int, amp: bool) -> TrainConfig:
         model=ModelConfig(embedding_dim=s["emb"], num_shared_experts=s["experts"], shared_hidden=s["shared_hidden"],
                           expert_dim=s["expert_dim"], task_experts_per_task=s["task_experts"],
                           task_hidden=s["task_hidden"], tower_hidden=s["tower_hidden"], logit_transfer_edges=()),
-        transfer=TransferConfig(strategy="adatt", grad_interval=interval,
+        transfer=TransferConfig(strategy="adatt", grad_interval=interval, measure_in_backward=in_backward,
                                 adatt=AdaTTConfig(warmup_epochs=0, freeze_epoch=100), task_groups=groups),
         training=TrainingConfig(batch_size=s["batch"], use_amp=amp, compile=COMPILE),
     )
@@ -145,8 +146,8 @@ def time_steps(step, steps: int, warmup: int, device: torch.device) -> tuple[flo
 
 
 def run_project(s: dict, data: TensorData, device: torch.device, adatt: bool, interval: int, amp: bool,
-                steps: int, warmup: int, label: str = "") -> tuple[float, float, int]:
-    cfg = project_config(s, interval, amp)
+                steps: int, warmup: int, label: str = "", in_backward: bool = True) -> tuple[float, float, int]:
+    cfg = project_config(s, interval, amp, in_backward)
     specs = [TaskSpec(f"t{i}", f"y{i}", "binary") for i in range(s["tasks"])]
     torch.manual_seed(0)
     system = build_system(cfg, specs, s["numeric"], [s["card"]] * s["cats"], 8)
@@ -272,7 +273,8 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--no-amp", action="store_true", help="disable bf16 autocast on CUDA")
     ap.add_argument("--batch", type=int, default=None, help="override the shape's batch size")
-    ap.add_argument("--only", default="abcd", help="which runs, e.g. 'bd' (default abcd)")
+    ap.add_argument("--only", default="abcd", help="which runs, e.g. 'bd' (default abcd; e: interval 1 with the "
+                                                      "seed's separate backward, transfer.measure_in_backward=false)")
     ap.add_argument("--profile", type=Path, default=None, help="write per-kernel time tables of each run here")
     ap.add_argument("--compile", action="store_true", help="training.compile: torch.compile trunk, heads, losses")
     ap.add_argument("--grads", action="store_true", help="also time the per-task gradient methods and compare "
@@ -304,10 +306,12 @@ def main() -> None:
                                                                             args.warmup, lb)),
         "d": ("(d) project model, adaTT interval 1", lambda lb: run_project(s, data, device, True, 1, amp, steps,
                                                                            args.warmup, lb)),
+        "e": ("(e) interval 1, separate backward (seed order)", lambda lb: run_project(
+            s, data, device, True, 1, amp, steps, args.warmup, lb, in_backward=False)),
     }
     unknown = sorted(set(args.only) - set(runs))
     if unknown:
-        ap.error(f"--only: unknown run(s) {unknown}; valid: a, b, c, d")
+        ap.error(f"--only: unknown run(s) {unknown}; valid: a, b, c, d, e")
     times: dict[str, float] = {}
     for key in sorted(set(args.only)):
         label, fn = runs[key]
@@ -318,7 +322,8 @@ def main() -> None:
               f"peak {mem}  params {params / 1e6:.2f}M  warm-up {WARMUP_SECONDS[-1]:.1f} s", flush=True)
     ratios = []
     for num, den, text in [("a", "c", "(c) vs (a) {:.2f}x faster"), ("a", "b", "(b) vs (a) {:.2f}x"),
-                           ("d", "b", "(d) step / (b) step {:.2f}x"), ("c", "b", "(c) step / (b) step {:.2f}x")]:
+                           ("d", "b", "(d) step / (b) step {:.2f}x"), ("c", "b", "(c) step / (b) step {:.2f}x"),
+                           ("e", "b", "(e) step / (b) step {:.2f}x")]:
         if num in times and den in times:
             ratios.append(text.format(times[num] / times[den]))
     if ratios:

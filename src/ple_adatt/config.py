@@ -238,6 +238,10 @@ class TransferConfig:
     strategy: str = "adatt"  # one of STRATEGY_NAMES
     grad_interval: int = 10  # steps between per-task gradient extractions (gradient methods: every step)
     grad_method: Literal["batched", "fused", "einsum", "loop"] = "batched"
+    # adaTT / equal / uncertainty: read the per-task gradients from the training backward (no
+    # second backward through the heads); this step's observation then reaches the transfer
+    # weights one step later. false: the seed's order, a separate backward before the loss.
+    measure_in_backward: bool = True
     adatt: AdaTTConfig = field(default_factory=AdaTTConfig)
     pcgrad: PCGradConfig = field(default_factory=PCGradConfig)
     mocograd: MoCoGradConfig = field(default_factory=MoCoGradConfig)

@@ -351,7 +351,11 @@ class PLEClusterModel(nn.Module):
             return self._task_gradients_loop(task_losses, present)
         if method not in GRAD_METHODS:
             raise ValueError(f"unknown gradient method {method!r}; valid: {', '.join(GRAD_METHODS)}")
-        d_cgc = self._cgc_grads(task_losses, present, output)
+        return self.task_gradients_from_cgc(self._cgc_grads(task_losses, present, output), output, method)
+
+    def task_gradients_from_cgc(self, d_cgc: Tensor, output: ModelOutput, method: str = "batched") -> Tensor:
+        """Per-task gradients on the shared-expert parameters from dL_t/dcgc_t (T, B, d); a
+        task's rows scale with its row of ``d_cgc`` (the affinity's cosines do not)."""
         # the kernel pays under autocast (bf16/fp16 products); float32 runs faster as einsums
         fused = method == "fused" or (method == "batched" and kernels.available(d_cgc.device)
                                       and output.shared_cache[1].dtype != torch.float32)

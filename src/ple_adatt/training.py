@@ -203,6 +203,9 @@ class StepLosses(NamedTuple):
     total: Tensor  # scalar that is back-propagated
     weights: Tensor | None  # adaTT transfer weights (T, T)
     surgery: tuple[Tensor, Tensor | None] | None  # (task grads (T, P), representation grads) for shared_gradient
+    # measure_in_backward: (the CGC-output gradient caught by a hook, the model output), read
+    # by Trainer.backward once the training backward has filled it
+    pending: tuple[list[Tensor], Any] | None = None
 
 
 # -------------------------------------------------------------------------------- trainer
@@ -283,11 +286,17 @@ class Trainer:
         with self._autocast():
             out = model(b.x_num, b.x_cat, b.cluster, use_cluster_heads=use_cluster_heads)
             lo = system.losses(out.out, b.y)
-        grads = rep = None
+        grads = rep = pending = None
         if tr is None:
             enhanced, weights = lo.weighted, None
         else:
-            if getattr(tr, "needs_gradients_every_step", False) or self.global_step % cfg.transfer.grad_interval == 0:
+            measure = (getattr(tr, "needs_gradients_every_step", False)
+                       or self.global_step % cfg.transfer.grad_interval == 0)
+            if measure and self._measure_in_backward(tr) and out.cgc_out.requires_grad:
+                caught: list[Tensor] = []  # dTotal/dcgc = c_t * dL_t/dcgc_t with c_t >= 1
+                out.cgc_out.register_hook(caught.append)
+                pending = (caught, out)
+            elif measure:
                 if getattr(tr, "gradient_source", "params") == "representation":
                     grads, rep = model.shared_task_and_representation_gradients(lo.weighted, lo.present, out)
                 else:
@@ -295,7 +304,13 @@ class Trainer:
             enhanced, weights = tr.transfer_losses(lo.weighted, lo.present, grads, epoch)
         total = enhanced.sum() - model.cfg.cgc_entropy_weight * gate_entropy(out.gates)
         surgery = tr is not None and grads is not None and hasattr(tr, "shared_gradient")
-        return StepLosses(lo, enhanced, total, weights, (grads, rep) if surgery else None)
+        return StepLosses(lo, enhanced, total, weights, (grads, rep) if surgery else None, pending)
+
+    def _measure_in_backward(self, tr: nn.Module) -> bool:
+        """One backward instead of two: possible where the gradients only feed the affinity
+        (scale-free cosines) and the method works from dL/dcgc (not the seed's loop)."""
+        t = self.cfg.transfer
+        return t.measure_in_backward and getattr(tr, "affinity_only", False) and t.grad_method != "loop"
 
     def _shared_grads(self) -> list[Tensor | None]:
         return [None if p.grad is None else p.grad.clone() for p in self.system.model.shared_parameters()]
@@ -323,6 +338,10 @@ class Trainer:
             total = total * torch.where(finite, 1.0, float("nan"))
         before = self._shared_grads() if step.surgery is not None else []
         scaler.scale(total / accum).backward()
+        if step.pending is not None and step.pending[0]:  # measure_in_backward
+            caught, out = step.pending
+            model = self.system.model
+            self.system.transfer.observe(model.task_gradients_from_cgc(caught[0], out, self.cfg.transfer.grad_method))
         if step.surgery is not None:
             scale = scaler.get_scale() if scaler.is_enabled() else 1.0
             self._replace_shared_gradient(step, before, scale, accum)

@@ -65,15 +65,19 @@ class TaskAffinityComputer(nn.Module):
 
     @torch.no_grad()
     def update(self, grad_matrix: Tensor) -> Tensor:
-        """EMA update from a (T, P) gradient matrix in task order (rows of zeros = absent)."""
+        """EMA update from a (T, P) gradient matrix in task order (rows of zeros = absent).
+
+        A matrix with a non-finite value (a batch whose loss overflowed) is not observed: the
+        check runs on the device, so the training loop still never waits for it."""
         g = grad_matrix.float()
         normed = g / g.norm(dim=1, keepdim=True).clamp(min=NORM_EPS)
         cos = normed @ normed.t()  # (T, T), one GEMM for all pairs
         ema = self.ema_decay * self.affinity_matrix + (1.0 - self.ema_decay) * cos
         # first update copies the observation; clamp after every update (seed N-03)
         new = torch.where(self.update_count > 0, ema, cos).clamp(-1.0, 1.0)
-        self.affinity_matrix.copy_(new)
-        self.update_count.add_(1)
+        ok = torch.isfinite(cos).all()
+        self.affinity_matrix.copy_(torch.where(ok, new, self.affinity_matrix))
+        self.update_count.add_(ok.to(self.update_count.dtype))
         return cos
 
     def get_affinity_matrix(self) -> Tensor:
@@ -238,6 +242,14 @@ class AdaptiveTaskTransfer(nn.Module):
         return {n: enhanced[i] for i, n in enumerate(self.task_names) if n in task_losses}
 
     # ---------------------------------------------------------------------- schedule + API
+
+    affinity_only = True  # gradients feed only the affinity (see transfer/base.py)
+
+    def observe(self, task_gradients: Tensor) -> None:
+        """Per-task gradients read after the training backward (``transfer.measure_in_backward``):
+        the affinity update that :meth:`transfer_losses` would have made, one step later."""
+        if not self._frozen:
+            self.affinity_computer.update(task_gradients)
 
     def on_epoch_end(self, epoch: int) -> list[str]:
         """Record the finished epoch; freeze the weights once ``epoch >= freeze_epoch``."""

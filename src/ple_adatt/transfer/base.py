@@ -10,6 +10,10 @@ The strategy interface (see ``ple_adatt.transfer``) has one required method,
   gradient (the other parameters keep the ordinary gradient of the summed loss).
   ``gradient_source = "representation"`` asks the trainer to pass the per-task gradients on
   the shared experts' outputs as ``representation`` as well (MGDA-UB).
+* ``affinity_only`` (class attribute): the per-task gradients only feed the affinity
+  measurement (``observe``), whose cosines do not change when a task's gradient is scaled.
+  The trainer may then read them from the training backward itself
+  (``transfer.measure_in_backward``) instead of a separate backward through the heads.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ class MeasuredStrategy(nn.Module):
     needs_gradients_every_step = False
     gradient_source = "params"  # or "representation"
     transfers_loss = False  # no loss is borrowed between tasks (the trainer's transfer_share is 0)
+    affinity_only = True  # the gradient methods (PCGrad, MoCoGrad, MGDA, GradNorm) set False
 
     def __init__(self, task_names: list[str], ema_decay: float = 0.9):
         super().__init__()
@@ -42,6 +47,10 @@ class MeasuredStrategy(nn.Module):
     def measure(self, task_gradients: Tensor | None) -> None:
         if task_gradients is not None:
             self.affinity_computer.update(task_gradients)
+
+    def observe(self, task_gradients: Tensor) -> None:
+        """Per-task gradients read after the backward (``transfer.measure_in_backward``)."""
+        self.measure(task_gradients)
 
     def transfer_losses(self, losses: Tensor, present: Tensor, task_gradients: Tensor | None,
                         epoch: int) -> tuple[Tensor, Tensor | None]:

@@ -58,6 +58,7 @@ class GradNorm(MeasuredStrategy):
 
     name = "gradnorm"
     needs_gradients_every_step = True
+    affinity_only = False  # the gradients steer the update itself
 
     def __init__(self, task_names: list[str], *, alpha: float = 1.5, lr: float = 0.025, ema_decay: float = 0.9):
         super().__init__(task_names, ema_decay)

@@ -99,6 +99,7 @@ class MGDA(MeasuredStrategy):
 
     name = "mgda"
     needs_gradients_every_step = True
+    affinity_only = False  # the gradients steer the update itself
 
     def __init__(self, task_names: list[str], *, on: str = "params", ema_decay: float = 0.9):
         super().__init__(task_names, ema_decay)

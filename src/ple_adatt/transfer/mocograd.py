@@ -68,6 +68,7 @@ class MoCoGrad(MeasuredStrategy):
 
     name = "mocograd"
     needs_gradients_every_step = True
+    affinity_only = False  # the gradients steer the update itself
 
     def __init__(self, task_names: list[str], *, beta: float = 0.9, strength: float = 0.5, seed: int = 0,
                  ema_decay: float = 0.9):

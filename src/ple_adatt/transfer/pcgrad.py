@@ -58,6 +58,7 @@ class PCGrad(MeasuredStrategy):
 
     name = "pcgrad"
     needs_gradients_every_step = True
+    affinity_only = False  # the gradients steer the update itself
 
     def __init__(self, task_names: list[str], *, seed: int = 0, ema_decay: float = 0.9):
         super().__init__(task_names, ema_decay)
