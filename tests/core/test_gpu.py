@@ -89,3 +89,38 @@ def test_compiled_training_step_matches_eager():
         losses.append((lo.weighted.detach(), next(iter(system.model.shared_experts.parameters())).grad))
     assert torch.allclose(losses[0][0], losses[1][0], rtol=1e-3, atol=1e-5)
     assert torch.allclose(losses[0][1], losses[1][1], rtol=1e-2, atol=1e-5)
+
+
+@pytest.mark.parametrize("strategy", ["adatt", "equal", "pcgrad", "mocograd", "gradnorm"])
+def test_training_steps_never_wait_for_the_device(strategy):
+    """The hot loop's promise: no device-to-host synchronisation per step (MGDA's host solver
+    excepted). Warm-up steps first (Triton's autotuning times its configs)."""
+    cfg = load_train_config(ROOT / "configs/train/cpu_small.yaml",
+                            ["device=cuda", "training.use_amp=true", f"transfer.strategy={strategy}",
+                             "transfer.grad_interval=1", "transfer.adatt.warmup_epochs=0",
+                             "transfer.adatt.freeze_epoch=5"])
+    torch.manual_seed(0)
+    system = build_system(cfg, SPECS, 5, [4, 4], 3)
+    trainer = Trainer(system, make_batch(512), make_batch(64, seed=1), cfg, torch.device("cuda"),
+                      log=lambda m: None)
+    from ple_adatt.training import make_optimizer
+
+    opt, scaler = make_optimizer(system, cfg, fused=True), trainer.make_scaler()
+
+    def step(i: int) -> None:
+        idx = torch.arange(i * 128, (i + 1) * 128, device="cuda") % 512
+        trainer.backward(trainer.forward_losses(trainer.train_data.subset(idx), epoch=1, use_cluster_heads=False),
+                         scaler)
+        trainer.optimizer_step(opt, scaler)
+        trainer.global_step += 1
+
+    for i in range(3):
+        step(i)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for i in range(3, 6):
+            step(i)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert all(torch.isfinite(p).all() for p in system.parameters())
