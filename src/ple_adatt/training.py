@@ -315,7 +315,7 @@ class Trainer:
     def _shared_grads(self) -> list[Tensor | None]:
         return [None if p.grad is None else p.grad.clone() for p in self.system.model.shared_parameters()]
 
-    def _replace_shared_gradient(self, step: StepLosses, before: list[Tensor | None], scale: float,
+    def _replace_shared_gradient(self, step: StepLosses, before: list[Tensor | None], scale: Tensor,
                                  accum: int) -> None:
         """Gradient surgery: the shared experts' gradient of this micro-batch becomes the
         strategy's combined gradient (the other parameters keep the summed loss's gradient)."""
@@ -343,7 +343,8 @@ class Trainer:
             model = self.system.model
             self.system.transfer.observe(model.task_gradients_from_cgc(caught[0], out, self.cfg.transfer.grad_method))
         if step.surgery is not None:
-            scale = scaler.get_scale() if scaler.is_enabled() else 1.0
+            # the loss scale as a device tensor (get_scale() would read it back to the host)
+            scale = scaler.scale(torch.ones((), device=step.total.device))
             self._replace_shared_gradient(step, before, scale, accum)
 
     def optimizer_step(self, opt: torch.optim.Optimizer, scaler: torch.amp.GradScaler) -> None:
