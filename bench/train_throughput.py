@@ -118,7 +118,8 @@ def project_config(s: dict, interval: int, amp: bool, in_backward: bool = True) 
                           task_hidden=s["task_hidden"], tower_hidden=s["tower_hidden"], logit_transfer_edges=()),
         transfer=TransferConfig(strategy="adatt", grad_interval=interval, measure_in_backward=in_backward,
                                 adatt=AdaTTConfig(warmup_epochs=0, freeze_epoch=100), task_groups=groups),
-        training=TrainingConfig(batch_size=s["batch"], use_amp=amp, compile=COMPILE),
+        training=TrainingConfig(batch_size=s["batch"], use_amp=amp, compile=COMPILE is not None,
+                                compile_mode=COMPILE or "default"),
     )
 
 
@@ -173,7 +174,7 @@ def run_project(s: dict, data: TensorData, device: torch.device, adatt: bool, in
 
 
 PROFILE_DIR: Path | None = None
-COMPILE = False
+COMPILE: str | None = None  # a torch.compile mode, or None for eager
 WARMUP_SECONDS: list[float] = []  # warm-up time of each run (includes torch.compile's compilation)
 
 
@@ -276,7 +277,9 @@ def main() -> None:
     ap.add_argument("--only", default="abcd", help="which runs, e.g. 'bd' (default abcd; e: interval 1 with the "
                                                       "seed's separate backward, transfer.measure_in_backward=false)")
     ap.add_argument("--profile", type=Path, default=None, help="write per-kernel time tables of each run here")
-    ap.add_argument("--compile", action="store_true", help="training.compile: torch.compile trunk, heads, losses")
+    ap.add_argument("--compile", nargs="?", const="default", default=None, metavar="MODE",
+                    help="training.compile: torch.compile trunk, heads, losses (MODE: default, reduce-overhead "
+                         "= CUDA graphs, max-autotune, max-autotune-no-cudagraphs)")
     ap.add_argument("--grads", action="store_true", help="also time the per-task gradient methods and compare "
                                                          "their affinity with the loop reference")
     args = ap.parse_args()
@@ -294,7 +297,7 @@ def main() -> None:
     print(f"shape {args.shape}: {s['tasks']} tasks, batch {s['batch']}, device {device}"
           f"{' (' + torch.cuda.get_device_name() + ')' if device.type == 'cuda' else ''}, "
           f"torch {torch.__version__}, threads {torch.get_num_threads()}, amp {'bf16' if amp and device.type == 'cuda' else 'off'}"
-          f"{', compile' if COMPILE else ''}")
+          f"{', compile ' + COMPILE if COMPILE else ''}")
     if args.grads:
         task_gradient_check(s, data, device, amp)
     runs = {

@@ -268,6 +268,8 @@ class TrainingConfig:
     gradient_accumulation_steps: int = 1
     use_amp: bool = True
     compile: bool = False  # torch.compile the model's trunk, heads and the losses
+    # torch.compile mode; reduce-overhead also replays each compiled part as a CUDA graph
+    compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = "default"
     amp_dtype: Literal["bfloat16", "float16"] = "bfloat16"
     cosine_t0: int = 10
     cosine_t_mult: int = 2

@@ -237,8 +237,9 @@ class Trainer:
         if cfg.training.compile:
             # the seed turned compile off for 30-minute first epochs; here the trunk, the heads
             # and the losses compile once per batch shape (about 45 s cold on a 2-core CPU)
-            system.model.compile_parts()
-            system.criterion.compile()
+            mode = cfg.training.compile_mode
+            system.model.compile_parts(mode=mode)
+            system.criterion.compile(mode=mode)
 
     # ----------------------------------------------------------------- small helpers
 

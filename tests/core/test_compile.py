@@ -21,19 +21,21 @@ SPECS = [TaskSpec("ctr", "a", "binary"), TaskSpec("cvr", "b", "binary"), TaskSpe
          TaskSpec("ltv", "d", "regression"), TaskSpec("brand", "e", "retrieval", vocab_size=20)]
 
 
-def _three_adatt_steps(compiled: bool) -> tuple[list[float], torch.Tensor, torch.Tensor]:
+def _three_adatt_steps(compiled: bool, device: str = "cpu",
+                       mode: str = "default") -> tuple[list[float], torch.Tensor, torch.Tensor]:
     overrides = ["transfer.grad_interval=1", "transfer.adatt.warmup_epochs=0", "transfer.adatt.freeze_epoch=3",
-                 f"training.compile={'true' if compiled else 'false'}"]
+                 f"training.compile={'true' if compiled else 'false'}", f"training.compile_mode={mode}",
+                 f"device={device}", "training.use_amp=false"]
     cfg = load_train_config(ROOT / "configs/train/cpu_small.yaml", overrides)
     torch.manual_seed(0)
     system = build_system(cfg, SPECS, 5, [4, 4], 3)
     system.model.tower_dropout.p = 0.0
-    trainer = Trainer(system, make_batch(384), make_batch(64, seed=1), cfg, torch.device("cpu"), log=lambda m: None)
-    opt, scaler = make_optimizer(system, cfg), trainer.make_scaler()
+    trainer = Trainer(system, make_batch(384), make_batch(64, seed=1), cfg, torch.device(device), log=lambda m: None)
+    opt, scaler = make_optimizer(system, cfg, fused=trainer.sync_free), trainer.make_scaler()
     totals = []
     for i in range(3):
-        step = trainer.forward_losses(trainer.train_data.subset(torch.arange(i * 128, (i + 1) * 128)), epoch=1,
-                                      use_cluster_heads=False)
+        idx = torch.arange(i * 128, (i + 1) * 128, device=device)
+        step = trainer.forward_losses(trainer.train_data.subset(idx), epoch=1, use_cluster_heads=False)
         trainer.backward(step, scaler)
         trainer.optimizer_step(opt, scaler)
         trainer.global_step += 1
@@ -47,3 +49,12 @@ def test_compiled_training_matches_eager_on_losses_affinity_and_weights():
     assert float((compiled[1] - eager[1]).abs().max()) < 1e-5  # affinity from the per-task gradients
     assert float((compiled[2] - eager[2]).abs().max()) < 1e-5  # heads after three AdamW steps
 
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("mode", ["default", "reduce-overhead"])  # reduce-overhead: CUDA graphs
+def test_compiled_training_matches_eager_on_cuda(mode):
+    eager, compiled = _three_adatt_steps(False, "cuda"), _three_adatt_steps(True, "cuda", mode)
+    assert compiled[0] == pytest.approx(eager[0], rel=1e-3, abs=1e-4)  # TF32 on both sides
+    assert float((compiled[1] - eager[1]).abs().max()) < 1e-3
+    assert float((compiled[2] - eager[2]).abs().max()) < 1e-3
