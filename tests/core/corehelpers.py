@@ -4,7 +4,12 @@ from __future__ import annotations
 
 import torch
 
+from ple_adatt.config import TaskSpec
 from ple_adatt.data.dataset import TensorData
+
+# the tasks of make_batch's five target columns
+BATCH_SPECS = [TaskSpec("ctr", "a", "binary"), TaskSpec("cvr", "b", "binary"), TaskSpec("kind", "c", "multiclass", 3),
+               TaskSpec("ltv", "d", "regression"), TaskSpec("brand", "e", "retrieval", vocab_size=20)]
 
 
 def make_batch(n: int = 64, seed: int = 0, clusters: int = 3) -> TensorData:

@@ -6,16 +6,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from corehelpers import make_batch
+from corehelpers import BATCH_SPECS, make_batch
 
-from ple_adatt.config import TaskSpec, load_train_config
+from ple_adatt.config import load_train_config
 from ple_adatt.losses import MultiTaskLoss
 from ple_adatt.training import Trainer, build_system
 
 pytestmark = pytest.mark.gpu
 ROOT = Path(__file__).resolve().parents[2]
-SPECS = [TaskSpec("ctr", "a", "binary"), TaskSpec("cvr", "b", "binary"), TaskSpec("kind", "c", "multiclass", 3),
-         TaskSpec("ltv", "d", "regression"), TaskSpec("brand", "e", "retrieval", vocab_size=20)]
+SPECS = BATCH_SPECS
 
 
 def test_batched_task_gradients_match_the_loop_under_bf16_autocast():

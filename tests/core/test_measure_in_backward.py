@@ -12,15 +12,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from corehelpers import make_batch
+from corehelpers import BATCH_SPECS, make_batch
 
-from ple_adatt.config import TaskSpec, load_train_config
+from ple_adatt.config import load_train_config
 from ple_adatt.training import Trainer, build_system, make_optimizer
 from ple_adatt.transfer.adatt import TaskAffinityComputer
 
 ROOT = Path(__file__).resolve().parents[2]
-SPECS = [TaskSpec("ctr", "a", "binary"), TaskSpec("cvr", "b", "binary"), TaskSpec("kind", "c", "multiclass", 3),
-         TaskSpec("ltv", "d", "regression"), TaskSpec("brand", "e", "retrieval", vocab_size=20)]
+SPECS = BATCH_SPECS
 
 
 def _trainer(in_backward: bool, warmup: int) -> Trainer:
