@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from corehelpers import make_batch
+from corehelpers import BATCH_SPECS, make_batch
 
 from ple_adatt import kernels
-from ple_adatt.config import TaskSpec, load_train_config
+from ple_adatt.config import load_train_config
 from ple_adatt.model import SharedExperts
 from ple_adatt.training import build_system
 
@@ -53,10 +53,8 @@ def test_fused_kernel_equals_the_closed_form_on_odd_shapes(interpreter, B, IN, H
 
 def test_fused_method_gives_the_loop_reference_affinity(interpreter):
     cfg = load_train_config(ROOT / "configs/train/cpu_small.yaml")
-    specs = [TaskSpec("ctr", "a", "binary"), TaskSpec("cvr", "b", "binary"), TaskSpec("kind", "c", "multiclass", 3),
-             TaskSpec("ltv", "d", "regression"), TaskSpec("brand", "e", "retrieval", vocab_size=20)]
     torch.manual_seed(0)
-    system = build_system(cfg, specs, 5, [4, 4], 3)
+    system = build_system(cfg, BATCH_SPECS, 5, [4, 4], 3)
     torch.nn.init.normal_(system.model.head.weight, std=0.5)
     b = make_batch(96)
     out = system.model(b.x_num, b.x_cat, b.cluster)
