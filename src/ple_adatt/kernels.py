@@ -29,7 +29,7 @@ import os
 import torch
 from torch import Tensor
 
-__all__ = ["available", "failed", "shared_task_grads", "shared_task_grads_or_none"]
+__all__ = ["available", "preferred", "check_once", "checked", "failed", "shared_task_grads", "shared_task_grads_or_none"]
 
 logger = logging.getLogger(__name__)
 _FAILURE: list[str] = []  # the first compile/launch error, if any: batched then stays on einsum
@@ -121,6 +121,12 @@ def _kernel():
     return kernel
 
 
+def preferred(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether ``grad_method: batched`` takes the kernel: on CUDA under autocast (bf16 / fp16
+    products). In float32 the einsums are faster (exact float32 products made it 10x slower)."""
+    return available(device) and dtype != torch.float32 and not failed()
+
+
 def failed() -> bool:
     """True once the kernel failed to compile or launch in this process."""
     return bool(_FAILURE)
@@ -137,6 +143,33 @@ def shared_task_grads_or_none(*args: Tensor) -> Tensor | None:
         logger.warning("fused per-task gradient kernel unavailable (%s); using the einsum path "
                        "(set transfer.grad_method: fused to see the error)", _FAILURE[0].splitlines()[0])
         return None
+
+
+_CHECKED: list[bool] = []
+
+
+def check_once(fast: Tensor, reference: Tensor, tol: float = 1e-2) -> Tensor | None:
+    """The first kernel result of a process is compared with the einsum path's: the cosine
+    matrices must agree within ``tol`` (bf16 products). On a mismatch the kernel is switched
+    off for the process (one warning) and None is returned, so a Triton or driver that
+    miscompiles it costs speed, never a wrong affinity."""
+    _CHECKED.append(True)
+
+    def cos(g: Tensor) -> Tensor:
+        n = torch.nn.functional.normalize(g.float(), dim=1)
+        return n @ n.t()
+
+    diff = float((cos(fast) - cos(reference)).abs().max())  # one host read, once per process
+    if diff <= tol:
+        return fast
+    _FAILURE.append(f"kernel result differs from the einsum path (max cosine difference {diff:.3g})")
+    logger.warning("fused per-task gradient kernel disagrees with the einsum path (max cosine difference "
+                   "%.3g); using the einsum path", diff)
+    return None
+
+
+def checked() -> bool:
+    return bool(_CHECKED)
 
 
 def _pow2(n: int) -> int:

@@ -356,19 +356,23 @@ class PLEClusterModel(nn.Module):
     def task_gradients_from_cgc(self, d_cgc: Tensor, output: ModelOutput, method: str = "batched") -> Tensor:
         """Per-task gradients on the shared-expert parameters from dL_t/dcgc_t (T, B, d); a
         task's rows scale with its row of ``d_cgc`` (the affinity's cosines do not)."""
-        # the kernel pays under autocast (bf16/fp16 products); float32 runs faster as einsums
-        fused = method == "fused" or (method == "batched" and kernels.available(d_cgc.device)
-                                      and output.shared_cache[1].dtype != torch.float32)
+        fused = method == "fused" or (method == "batched" and kernels.preferred(d_cgc.device,
+                                                                                 output.shared_cache[1].dtype))
         with torch.no_grad():  # a measurement: no graph through the experts' weights
-            if fused and not (method == "batched" and kernels.failed()):
+            if fused:
                 x, pre, _ = output.shared_cache
                 _, _, w2, _ = self.shared_experts.stacked()
                 if method == "fused":
                     return kernels.shared_task_grads(x, pre, w2, d_cgc, output.gates)
                 grads = kernels.shared_task_grads_or_none(x, pre, w2, d_cgc, output.gates)
+                if grads is not None and not kernels.checked():
+                    grads = kernels.check_once(grads, self._einsum_task_gradients(d_cgc, output))
                 if grads is not None:
                     return grads
-            return self.shared_experts.per_task_grads(output.shared_cache, self._shared_output_grads(d_cgc, output))
+            return self._einsum_task_gradients(d_cgc, output)
+
+    def _einsum_task_gradients(self, d_cgc: Tensor, output: ModelOutput) -> Tensor:
+        return self.shared_experts.per_task_grads(output.shared_cache, self._shared_output_grads(d_cgc, output))
 
     @torch.compiler.disable
     def shared_task_and_representation_gradients(self, task_losses: Tensor, present: Tensor,

@@ -87,3 +87,39 @@ def test_batched_falls_back_to_einsum_once_the_kernel_fails(monkeypatch, caplog)
     with caplog.at_level("WARNING"):
         assert kernels.shared_task_grads_or_none(x, pre, w2, d_cgc, gates) is None
     assert kernels.failed() and "PTX assembly failed" in caplog.text
+
+
+def test_a_kernel_that_computes_wrong_gradients_is_switched_off_after_its_first_result(monkeypatch, caplog):
+    """batched on CUDA checks the kernel's first result against einsum (here: CPU, the kernel
+    made 'available' and replaced by one that scrambles task rows)."""
+    monkeypatch.setattr(kernels, "_FAILURE", [])
+    monkeypatch.setattr(kernels, "_CHECKED", [])
+    monkeypatch.setattr(kernels, "preferred", lambda device, dtype: not kernels.failed())  # CPU, float32 admitted
+    calls = []
+
+    def scrambled(x, pre, w2, d_cgc, gates):
+        calls.append(1)
+        return torch.randn(d_cgc.shape[0], sum(p.numel() for p in system.model.shared_parameters()))
+
+    monkeypatch.setattr(kernels, "shared_task_grads", scrambled)
+    cfg = load_train_config(ROOT / "configs/train/cpu_small.yaml")
+    torch.manual_seed(0)
+    system = build_system(cfg, BATCH_SPECS, 5, [4, 4], 3)
+    torch.nn.init.normal_(system.model.head.weight, std=0.5)
+    b = make_batch(96)
+    out = system.model(b.x_num, b.x_cat, b.cluster)
+    lo = system.losses(out.out, b.y)
+    with caplog.at_level("WARNING"):
+        got = system.model.shared_task_gradients(lo.weighted, lo.present, out, "batched")
+    ref = system.model.shared_task_gradients(lo.weighted, lo.present, out, "einsum")
+    torch.testing.assert_close(got, ref)
+    assert kernels.failed() and "disagrees with the einsum path" in caplog.text
+    system.model.shared_task_gradients(lo.weighted, lo.present, out, "batched")
+    assert len(calls) == 1  # switched off after the first result
+
+
+def test_a_correct_kernel_result_passes_the_first_use_check(monkeypatch):
+    monkeypatch.setattr(kernels, "_FAILURE", [])
+    monkeypatch.setattr(kernels, "_CHECKED", [])
+    g = torch.randn(4, 30)
+    assert kernels.check_once(g * 1.001, g) is not None and kernels.checked() and not kernels.failed()
