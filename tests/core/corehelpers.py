@@ -26,3 +26,24 @@ def make_batch(n: int = 64, seed: int = 0, clusters: int = 3) -> TensorData:
     y[::4, 1] = float("nan")  # cvr missing on a quarter of the rows
     cluster = torch.randint(0, clusters + 1, (n,), generator=g)  # value `clusters` = unknown
     return TensorData(x_num, x_cat, y, cluster)
+
+
+def forward_with_distinct_heads(n: int, device: str = "cpu", amp: bool = False):
+    """The cpu_small system on BATCH_SPECS with wide random heads (so the tasks' gradients
+    differ), one forward and its losses: (system, model output, LossOutput)."""
+    from pathlib import Path
+
+    import torch
+
+    from ple_adatt.config import load_train_config
+    from ple_adatt.training import build_system
+
+    cfg = load_train_config(Path(__file__).resolve().parents[2] / "configs/train/cpu_small.yaml")
+    torch.manual_seed(0)
+    system = build_system(cfg, BATCH_SPECS, 5, [4, 4], 3).to(device)
+    torch.nn.init.normal_(system.model.head.weight, std=0.5)
+    b = make_batch(n).to(device)
+    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp and device == "cuda"):
+        out = system.model(b.x_num, b.x_cat, b.cluster)
+        lo = system.losses(out.out, b.y)
+    return system, out, lo

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from corehelpers import BATCH_SPECS, make_batch
+from corehelpers import BATCH_SPECS, forward_with_distinct_heads, make_batch
 
 from ple_adatt.config import load_train_config
 from ple_adatt.losses import MultiTaskLoss
@@ -18,14 +18,7 @@ SPECS = BATCH_SPECS
 
 
 def test_batched_task_gradients_match_the_loop_under_bf16_autocast():
-    cfg = load_train_config(ROOT / "configs/train/cpu_small.yaml")
-    torch.manual_seed(0)
-    system = build_system(cfg, SPECS, 5, [4, 4], 3).cuda()
-    torch.nn.init.normal_(system.model.head.weight, std=0.5)
-    b = make_batch(256).to("cuda")
-    with torch.autocast("cuda", dtype=torch.bfloat16):
-        out = system.model(b.x_num, b.x_cat, b.cluster)
-        lo = system.losses(out.out, b.y)
+    system, out, lo = forward_with_distinct_heads(256, "cuda", amp=True)
     assert isinstance(system.criterion, MultiTaskLoss)
     fast = system.model.shared_task_gradients(lo.weighted, lo.present, out, "batched")
     ref = system.model.shared_task_gradients(lo.weighted, lo.present, out, "loop")
@@ -51,14 +44,7 @@ def test_training_runs_on_cuda_with_amp_and_data_on_the_device():
 @pytest.mark.parametrize("amp", [False, True])
 def test_fused_kernel_matches_the_loop_on_cuda(amp, monkeypatch):
     monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)  # an fp32 reference, not TF32
-    cfg = load_train_config(ROOT / "configs/train/cpu_small.yaml")
-    torch.manual_seed(0)
-    system = build_system(cfg, SPECS, 5, [4, 4], 3).cuda()
-    torch.nn.init.normal_(system.model.head.weight, std=0.5)
-    b = make_batch(1000).to("cuda")
-    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
-        out = system.model(b.x_num, b.x_cat, b.cluster)
-        lo = system.losses(out.out, b.y)
+    system, out, lo = forward_with_distinct_heads(1000, "cuda", amp=amp)
     grads = {m: system.model.shared_task_gradients(lo.weighted, lo.present, out, m) for m in ("fused", "einsum", "loop")}
     cos = {m: torch.nn.functional.normalize(g, dim=1) @ torch.nn.functional.normalize(g, dim=1).T
            for m, g in grads.items()}

@@ -11,12 +11,10 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from corehelpers import BATCH_SPECS, make_batch
+from corehelpers import forward_with_distinct_heads
 
 from ple_adatt import kernels
-from ple_adatt.config import load_train_config
 from ple_adatt.model import SharedExperts
-from ple_adatt.training import build_system
 
 ROOT = Path(__file__).resolve().parents[2]
 pytest.importorskip("triton", reason="triton is not installed (make setup installs it for the interpreter test)")
@@ -52,13 +50,7 @@ def test_fused_kernel_equals_the_closed_form_on_odd_shapes(interpreter, B, IN, H
 
 
 def test_fused_method_gives_the_loop_reference_affinity(interpreter):
-    cfg = load_train_config(ROOT / "configs/train/cpu_small.yaml")
-    torch.manual_seed(0)
-    system = build_system(cfg, BATCH_SPECS, 5, [4, 4], 3)
-    torch.nn.init.normal_(system.model.head.weight, std=0.5)
-    b = make_batch(96)
-    out = system.model(b.x_num, b.x_cat, b.cluster)
-    lo = system.losses(out.out, b.y)
+    system, out, lo = forward_with_distinct_heads(96)
     fused = system.model.shared_task_gradients(lo.weighted, lo.present, out, "fused")
     loop = system.model.shared_task_gradients(lo.weighted, lo.present, out, "loop")
     assert _rel(fused, loop) < 1e-5
@@ -102,13 +94,7 @@ def test_a_kernel_that_computes_wrong_gradients_is_switched_off_after_its_first_
         return torch.randn(d_cgc.shape[0], sum(p.numel() for p in system.model.shared_parameters()))
 
     monkeypatch.setattr(kernels, "shared_task_grads", scrambled)
-    cfg = load_train_config(ROOT / "configs/train/cpu_small.yaml")
-    torch.manual_seed(0)
-    system = build_system(cfg, BATCH_SPECS, 5, [4, 4], 3)
-    torch.nn.init.normal_(system.model.head.weight, std=0.5)
-    b = make_batch(96)
-    out = system.model(b.x_num, b.x_cat, b.cluster)
-    lo = system.losses(out.out, b.y)
+    system, out, lo = forward_with_distinct_heads(96)
     with caplog.at_level("WARNING"):
         got = system.model.shared_task_gradients(lo.weighted, lo.present, out, "batched")
     ref = system.model.shared_task_gradients(lo.weighted, lo.present, out, "einsum")
