@@ -69,6 +69,15 @@ def _init_batched(w: Tensor, fan_in: int) -> None:
     nn.init.uniform_(w, -bound, bound)
 
 
+def shared_input_linear(x: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
+    """``G`` linear maps of one input in one GEMM: x (B, i), weight (G, i, o), bias (G, 1, o)
+    -> (B, G*o) viewed as (G, B, o). (A batched matmul over a broadcast input copies it per
+    group and runs a slow kernel on the GPU.)"""
+    g, i, o = weight.shape
+    w = weight.permute(1, 0, 2).reshape(i, g * o)
+    return torch.addmm(bias.reshape(g * o), x, w).view(-1, g, o).transpose(0, 1)
+
+
 class BatchedLinear(nn.Module):
     """``G`` independent linear maps applied to ``G`` inputs: (G, B, i) -> (G, B, o)."""
 
@@ -80,10 +89,8 @@ class BatchedLinear(nn.Module):
         _init_batched(self.bias, d_in)
 
     def forward(self, x: Tensor) -> Tensor:
-        if x.dim() == 2:  # one input shared by every group: one GEMM, (B, G*o) viewed as (G, B, o)
-            g, i, o = self.weight.shape
-            w = self.weight.permute(1, 0, 2).reshape(i, g * o)
-            return torch.addmm(self.bias.reshape(g * o), x, w).view(-1, g, o).transpose(0, 1)
+        if x.dim() == 2:  # one input shared by every group
+            return shared_input_linear(x, self.weight, self.bias)
         return torch.baddbmm(self.bias, x, self.weight)  # (G, B, o); strided x is fine for bmm
 
 
@@ -118,14 +125,11 @@ class SharedExperts(nn.Module):
         )
 
     def forward(self, x: Tensor) -> tuple[Tensor, tuple[Tensor, Tensor, Tensor]]:
-        ex = list(self.experts.values())
-        e, h = len(ex), ex[0].w1.shape[1]
-        # first layer of every expert in one GEMM: (B, E*h), viewed as (E, B, h)
-        pre = torch.addmm(torch.cat([m.b1 for m in ex]), x, torch.cat([m.w1 for m in ex], dim=1))
-        pre = pre.view(-1, e, h).transpose(0, 1)  # (E, B, h)
+        w1, b1, w2, b2 = self.stacked()
+        pre = shared_input_linear(x, w1, b1)  # (E, B, h): every expert's first layer in one GEMM
         hid = F.relu(pre)  # (E, B, h)
-        s = torch.baddbmm(torch.stack([m.b2 for m in ex]).unsqueeze(1), hid, torch.stack([m.w2 for m in ex]))
-        return s, (x, pre, hid)  # s: (E, B, d)
+        s = torch.baddbmm(b2, hid, w2)  # (E, B, d)
+        return s, (x, pre, hid)
 
     def per_task_grads(self, cache: tuple[Tensor, Tensor, Tensor], d_s: Tensor) -> Tensor:
         """Closed-form gradients of every task on every shared parameter, all tasks at once.
