@@ -270,6 +270,10 @@ class TrainingConfig:
     compile: bool = False  # torch.compile the model's trunk, heads and the losses
     # torch.compile mode; reduce-overhead also replays each compiled part as a CUDA graph
     compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = "default"
+    # capture each whole training step (forward, backward, optimizer) as a CUDA graph and
+    # replay it: no per-kernel launch cost. CUDA only (elsewhere the step runs eagerly);
+    # strategies whose gradients only feed the affinity (adatt, equal, uncertainty)
+    cuda_graph: bool = False
     amp_dtype: Literal["bfloat16", "float16"] = "bfloat16"
     cosine_t0: int = 10
     cosine_t_mult: int = 2
@@ -615,6 +619,25 @@ def _check_transfer(cfg: TransferConfig, weighting: str, src: str) -> None:
         )
 
 
+GRAPH_STRATEGIES = ("adatt", "equal", "uncertainty")
+
+
+def _check_cuda_graph(cfg: TrainConfig, src: str) -> None:
+    """What a whole-step CUDA graph cannot replay: several micro-batches per update, compiled
+    parts that capture their own graphs, and strategies that decide on the host every step."""
+    t = cfg.training
+    if t.gradient_accumulation_steps != 1:
+        raise ConfigError(f"{src}: key `training.cuda_graph` needs `training.gradient_accumulation_steps: 1` "
+                          f"(got {t.gradient_accumulation_steps}): one graph is one whole update")
+    if t.compile and t.compile_mode in ("reduce-overhead", "max-autotune"):
+        raise ConfigError(f"{src}: key `training.cuda_graph` cannot be combined with `training.compile_mode: "
+                          f"{t.compile_mode}`, which captures CUDA graphs of its own; use compile_mode default "
+                          "or max-autotune-no-cudagraphs")
+    if cfg.transfer.strategy not in GRAPH_STRATEGIES:
+        raise ConfigError(f"{src}: key `training.cuda_graph` supports `transfer.strategy` {list(GRAPH_STRATEGIES)}, "
+                          f"not {cfg.transfer.strategy!r} (its gradient surgery draws or solves on the host per step)")
+
+
 def validate_train_config(cfg: TrainConfig, src: str, data: DataConfig | None = None) -> TrainConfig:
     _check_transfer(cfg.transfer, cfg.training.loss_weighting, src)
     a = cfg.transfer.adatt
@@ -653,6 +676,8 @@ def validate_train_config(cfg: TrainConfig, src: str, data: DataConfig | None = 
             raise ConfigError(f"{src}: key `training.{k}` must be >= 0, got {getattr(t, k)}")
     if t.learning_rate <= 0:
         raise ConfigError(f"{src}: key `training.learning_rate` must be > 0")
+    if t.cuda_graph:
+        _check_cuda_graph(cfg, src)
     m = cfg.model
     if m.shared_expert_names and len(m.shared_expert_names) != m.num_shared_experts:
         raise ConfigError(

@@ -27,9 +27,10 @@ from .data.dataset import TensorData
 from .losses import LossOutput, MultiTaskLoss, gate_entropy
 from .metrics import PRIMARY_METRIC, task_metrics
 from .model import PLEClusterModel, build_model
+from .step_graphs import CudaGraphBackend, GraphBackend, StepGraphs, StepOut
 from .transfer import build_strategy
 
-__all__ = ["MultiTaskSystem", "build_system", "Trainer", "resolve_device", "EpochRecord", "StepLosses"]
+__all__ = ["MultiTaskSystem", "build_system", "Trainer", "resolve_device", "EpochRecord", "StepLosses", "StepOut"]
 
 Log = Callable[[str], None]
 
@@ -88,11 +89,13 @@ def set_regression_targets(model: PLEClusterModel, y: Tensor) -> None:
 # ------------------------------------------------------------------------- optimisation
 
 
-def make_optimizer(system: MultiTaskSystem, cfg: TrainConfig, fused: bool = False) -> torch.optim.Optimizer:
+def make_optimizer(system: MultiTaskSystem, cfg: TrainConfig, fused: bool = False,
+                   capturable: bool = False) -> torch.optim.Optimizer:
     """AdamW over the trainable parameters, with optional per-shared-expert LR (seed 10.2).
 
     ``fused`` takes the fused kernel, which also lets the grad scaler skip a step with
-    non-finite gradients on the device, without a host synchronisation."""
+    non-finite gradients on the device, without a host synchronisation. ``capturable`` keeps
+    its step counts on the device, so a CUDA graph can replay the update."""
     t = cfg.training
     expert_params: set[int] = set()
     groups: list[dict[str, Any]] = []
@@ -107,7 +110,8 @@ def make_optimizer(system: MultiTaskSystem, cfg: TrainConfig, fused: bool = Fals
                            "weight_decay": spec.get("weight_decay", t.weight_decay), "name": name})
     rest = [p for p in system.parameters() if p.requires_grad and id(p) not in expert_params]
     groups.insert(0, {"params": rest, "lr": t.learning_rate, "weight_decay": t.weight_decay, "name": "default"})
-    return torch.optim.AdamW(groups, lr=t.learning_rate, weight_decay=t.weight_decay, fused=fused or None)
+    return torch.optim.AdamW(groups, lr=t.learning_rate, weight_decay=t.weight_decay, fused=fused or None,
+                             capturable=capturable)
 
 
 def make_scheduler(opt: torch.optim.Optimizer, cfg: TrainConfig, warmup_epochs: int) -> Any:
@@ -208,6 +212,13 @@ class StepLosses(NamedTuple):
     pending: tuple[list[Tensor], Any] | None = None
 
 
+def _step_out(step: StepLosses, finite: Tensor) -> StepOut:
+    lo = step.losses
+    weights = step.weights.detach() if step.weights is not None else None
+    return StepOut(lo.raw.detach() * lo.present, lo.present.to(lo.raw.dtype), step.enhanced.detach(),
+                   lo.weighted.detach(), step.total.detach(), finite, weights)
+
+
 # -------------------------------------------------------------------------------- trainer
 
 
@@ -234,6 +245,14 @@ class Trainer:
         if device.type == "cuda":  # seed 12.3: TF32
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
+        # whole-step CUDA graphs (step_graphs.py); tests may put a stand-in backend here
+        self.graph_backend: GraphBackend | None = None
+        self.step_graphs: StepGraphs | None = None
+        if cfg.training.cuda_graph:
+            if device.type == "cuda":
+                self.graph_backend = CudaGraphBackend()
+            else:
+                log(f"  note: training.cuda_graph needs CUDA; on {device.type} every step runs eagerly")
         if cfg.training.compile:
             # the seed turned compile off for 30-minute first epochs; here the trunk, the heads
             # and the losses compile once per batch shape (about 45 s cold on a 2-core CPU)
@@ -252,7 +271,8 @@ class Trainer:
         if self.device.type != "cuda" or not t.use_amp:
             return contextlib.nullcontext()
         dtype = torch.bfloat16 if t.amp_dtype == "bfloat16" else torch.float16
-        return torch.autocast("cuda", dtype=dtype)
+        # a graph must not reuse weight casts cached outside it (PyTorch's CUDA-graph recipe)
+        return torch.autocast("cuda", dtype=dtype, cache_enabled=self.graph_backend is None)
 
     def make_scaler(self) -> torch.amp.GradScaler:
         """fp16 needs loss scaling; the sync-free loop also uses the scaler's on-device inf check
@@ -279,9 +299,17 @@ class Trainer:
             model.set_cgc_frozen(True)
             self._event("cgc_frozen_epoch", phase, epoch)
 
-    def forward_losses(self, b: TensorData, epoch: int, use_cluster_heads: bool) -> StepLosses:
-        """Forward, weighted task losses, per-task gradients (every ``grad_interval`` steps, or
-        every step for gradient methods), task transfer, CGC entropy regularisation."""
+    def measure_now(self) -> bool:
+        """Whether this step measures per-task gradients: every ``grad_interval`` steps, every
+        step for the gradient methods."""
+        tr = self.system.transfer
+        return tr is not None and (getattr(tr, "needs_gradients_every_step", False)
+                                   or self.global_step % self.cfg.transfer.grad_interval == 0)
+
+    def forward_losses(self, b: TensorData, epoch: int, use_cluster_heads: bool,
+                       measure: bool | None = None) -> StepLosses:
+        """Forward, weighted task losses, per-task gradients (when ``measure``; by default
+        :meth:`measure_now`), task transfer, CGC entropy regularisation."""
         system, model, cfg = self.system, self.system.model, self.cfg
         tr = system.transfer
         with self._autocast():
@@ -291,8 +319,7 @@ class Trainer:
         if tr is None:
             enhanced, weights = lo.weighted, None
         else:
-            measure = (getattr(tr, "needs_gradients_every_step", False)
-                       or self.global_step % cfg.transfer.grad_interval == 0)
+            measure = self.measure_now() if measure is None else measure
             if measure and self._measure_in_backward(tr) and out.cgc_out.requires_grad:
                 caught: list[Tensor] = []  # dTotal/dcgc = c_t * dL_t/dcgc_t with c_t >= 1
                 out.cgc_out.register_hook(caught.append)
@@ -357,18 +384,54 @@ class Trainer:
         scaler.update()
         opt.zero_grad(set_to_none=True)
 
+    def train_step(self, b: TensorData, epoch: int, use_cluster_heads: bool, opt: torch.optim.Optimizer,
+                   scaler: torch.amp.GradScaler, measure: bool | None = None) -> StepOut:
+        """One whole sync-free update on one batch: forward, backward, optimizer step. What a
+        CUDA graph captures (:class:`StepGraphs`); also the bench's step."""
+        step = self.forward_losses(b, epoch, use_cluster_heads, measure)
+        finite = torch.isfinite(step.total)
+        self.backward(step, scaler, 1, finite)
+        self.optimizer_step(opt, scaler)
+        return _step_out(step, finite)
+
+    def _eager_step(self, idx: Tensor, i: int, last: bool, phase: str, epoch: int, use_cluster_heads: bool,
+                    opt: torch.optim.Optimizer, scaler: torch.amp.GradScaler) -> StepOut | None:
+        """One micro-batch without graphs: gradient accumulation, and on the CPU a host check
+        that skips a non-finite batch; None when the batch was skipped."""
+        accum = self.cfg.training.gradient_accumulation_steps
+        try:
+            # forward (+ per-task gradients and task transfer)
+            step = self.forward_losses(self.train_data.subset(idx), epoch, use_cluster_heads)
+            finite = torch.isfinite(step.total)
+            if not self.sync_free and not finite:  # a non-finite loss skips the batch
+                opt.zero_grad(set_to_none=True)
+                self._event("nonfinite_loss_skipped", phase, epoch, batch=i)
+                return None
+            self.backward(step, scaler, accum, finite)
+        except torch.cuda.OutOfMemoryError:  # CUDA OOM skips the batch
+            opt.zero_grad(set_to_none=True)
+            torch.cuda.empty_cache()
+            self._event("cuda_oom_skipped", phase, epoch, batch=i)
+            return None
+        # clip -> step
+        if (i + 1) % accum == 0 or last:
+            self.optimizer_step(opt, scaler)
+        return _step_out(step, finite)
+
     # ------------------------------------------------------------------------- the loop
 
     def _fit(self, phase: str, max_epochs: int, warmup_epochs: int, use_cluster_heads: bool) -> None:
         cfg, t = self.cfg, self.cfg.training
         system, model = self.system, self.system.model
-        opt = make_optimizer(system, cfg, fused=self.sync_free)
+        graphed = self.graph_backend is not None
+        opt = make_optimizer(system, cfg, fused=self.sync_free, capturable=graphed)
         sched = make_scheduler(opt, cfg, warmup_epochs)
         scaler = self.make_scaler()
+        graphs = StepGraphs(self, opt, scaler, t.batch_size, self.graph_backend) if graphed else None
+        self.step_graphs = graphs  # the current phase's graphs, for logs and tests
         best, patience = math.inf, 0
         T = model.num_tasks
         names = model.task_names
-        accum = t.gradient_accumulation_steps
         for epoch in range(max_epochs):
             t0 = time.perf_counter()
             transfer_phase = self._transfer_phase(epoch)  # the phase this epoch runs in
@@ -383,44 +446,33 @@ class Trainer:
             opt.zero_grad(set_to_none=True)
             batches = self._batches(len(self.train_data), t.batch_size)
             for i, idx in enumerate(batches):
-                b = self.train_data.subset(idx)
-                try:
-                    # forward (+ per-task gradients and task transfer)
-                    step = self.forward_losses(b, epoch, use_cluster_heads)
-                    lo, enhanced, total = step.losses, step.enhanced, step.total
-                    weights_used = step.weights if step.weights is not None else weights_used
-                    finite = torch.isfinite(total)
-                    if self.sync_free:  # NaN gradients make the scaler skip this update on the device
-                        nonfinite += ~finite
-                    elif not finite:  # a non-finite loss skips the batch
-                        skipped += 1
-                        opt.zero_grad(set_to_none=True)
-                        self._event("nonfinite_loss_skipped", phase, epoch, batch=i)
-                        self.global_step += 1
-                        continue
-                    self.backward(step, scaler, accum, finite)
-                except torch.cuda.OutOfMemoryError:  # CUDA OOM skips the batch
+                if graphs is not None and len(idx) == t.batch_size:
+                    so = graphs.step(idx, epoch, use_cluster_heads, self.measure_now())
+                else:
+                    so = self._eager_step(idx, i, i + 1 == len(batches), phase, epoch, use_cluster_heads,
+                                          opt, scaler)
+                if so is None:
                     skipped += 1
-                    opt.zero_grad(set_to_none=True)
-                    torch.cuda.empty_cache()
-                    self._event("cuda_oom_skipped", phase, epoch, batch=i)
                     self.global_step += 1
                     continue
-                # clip -> step
-                if (i + 1) % accum == 0 or i + 1 == len(batches):
-                    self.optimizer_step(opt, scaler)
+                weights_used = so.weights if so.weights is not None else weights_used
                 # log (device-side sums; the host reads them every log_every steps)
                 with torch.no_grad():  # a skipped batch adds nothing (where, not *: NaN * 0 is NaN)
-                    sum_raw += torch.where(finite, lo.raw.detach() * lo.present, 0.0)
-                    sum_enh += torch.where(finite, enhanced.detach(), 0.0)
-                    sum_w += torch.where(finite, lo.weighted.detach(), 0.0)
-                    n_present += lo.present * finite
+                    if self.sync_free:  # NaN gradients made the scaler skip this update on the device
+                        nonfinite += ~so.finite
+                    sum_raw += torch.where(so.finite, so.raw, 0.0)
+                    sum_enh += torch.where(so.finite, so.enhanced, 0.0)
+                    sum_w += torch.where(so.finite, so.weighted, 0.0)
+                    n_present += so.present * so.finite
                 self.global_step += 1
                 if self.global_step % t.log_every == 0:
-                    self.log(f"    {phase} epoch {epoch} step {self.global_step} loss {float(total):.4f}")
+                    self.log(f"    {phase} epoch {epoch} step {self.global_step} loss {float(so.total):.4f}")
             if self.sync_free and (n_bad := int(nonfinite)):  # one read per epoch
                 skipped += n_bad
                 self._event("nonfinite_loss_skipped", phase, epoch, count=n_bad)
+            if graphs is not None and epoch == 0:
+                self.log(f"    {phase}: {graphs.captures} CUDA graph(s) captured in epoch 1 "
+                         "(captured again every epoch; a smaller last batch runs eagerly)")
             # eval -> schedule -> checkpointable state
             sched.step()
             val = evaluate(system, self.val_data, use_cluster_heads=use_cluster_heads,

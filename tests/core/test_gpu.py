@@ -109,3 +109,32 @@ def test_training_steps_never_wait_for_the_device(strategy):
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert all(torch.isfinite(p).all() for p in system.parameters())
+
+
+@pytest.mark.parametrize("amp", [False, True])
+def test_cuda_graph_steps_train_like_eager_steps(amp):
+    """Real CUDA graphs (training.cuda_graph) against eager steps; test_step_graphs.py runs the
+    same comparison on the CPU with emulated replays."""
+    cfg = load_train_config(ROOT / "configs/train/cpu_small.yaml", [
+        "device=cuda", f"training.use_amp={'true' if amp else 'false'}", "training.batch_size=128",
+        "training.shared_expert_epochs=3", "transfer.adatt.warmup_epochs=1", "transfer.adatt.freeze_epoch=2",
+        "training.early_stopping_patience=10"])
+    finals, trainers = [], []
+    for graphed in (False, True):
+        torch.manual_seed(1)
+        system = build_system(cfg, SPECS, 5, [4, 4], 3)
+        trainer = Trainer(system, make_batch(1056), make_batch(128, seed=1), cfg, torch.device("cuda"),
+                          log=lambda m: None)
+        if graphed:
+            from ple_adatt.step_graphs import CudaGraphBackend
+
+            trainer.graph_backend = CudaGraphBackend()
+        trainer.run_phase1()
+        trainers.append(trainer)
+        finals.append({k: v.detach().float().clone() for k, v in system.state_dict().items()})
+    assert trainers[1].step_graphs.captures == 6  # measuring and plain steps, 3 epochs
+    tol = dict(rtol=2e-2, atol=2e-3) if amp else dict(rtol=1e-3, atol=1e-4)
+    for k in finals[0]:
+        assert torch.allclose(finals[0][k], finals[1][k], **tol), k
+    for re, rg in zip(*(t.history for t in trainers)):
+        assert rg.val["val_loss"] == pytest.approx(re.val["val_loss"], rel=tol["rtol"])
