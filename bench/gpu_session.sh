@@ -6,8 +6,9 @@
 #   bash bench/gpu_session.sh [OUTDIR]        # OUTDIR defaults to $OUT, else runs/gpu-session
 #
 # Writes session.txt (device, versions, GPU tests), bench_eager.txt (runs a-e with the
-# per-task gradient check), bench_compile.txt (torch.compile default and reduce-overhead)
-# and prof/profile_*.txt (kernel-time tables of the eager runs).
+# per-task gradient check), bench_graphs.txt (whole-step CUDA graphs, eager and with
+# torch.compile default; torch.compile reduce-overhead) and prof/profile_*.txt (kernel-time
+# tables of the eager runs).
 set -u
 out=${1:-${OUT:-runs/gpu-session}}
 mkdir -p "$out"
@@ -20,6 +21,7 @@ bench=(python3 bench/train_throughput.py --shape seed --device cuda --steps 30)
   python3 -m pytest -q -p no:cacheprovider -m gpu tests/core/test_gpu.py tests/core/test_compile.py 2>&1 | tail -15
 } 2>&1 | tee "$out/session.txt"
 "${bench[@]}" --only abcde --grads --profile "$out/prof" 2>&1 | grep -v -i warn | tee "$out/bench_eager.txt"
-for mode in default reduce-overhead; do
-  "${bench[@]}" --only bcd --compile "$mode" 2>&1 | grep -v -i warn | tail -5
-done | tee "$out/bench_compile.txt"
+for extra in "--cuda-graph" "--cuda-graph --compile default" "--compile reduce-overhead"; do
+  # shellcheck disable=SC2086  # $extra holds several arguments
+  "${bench[@]}" --only bcd $extra 2>&1 | grep -v -i warn | tail -5
+done | tee "$out/bench_graphs.txt"

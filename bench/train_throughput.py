@@ -11,6 +11,8 @@ Prints samples/s, step time and peak memory of
   (c) adaTT on, grad_interval 10 (batched per-task gradients);
   (d) adaTT on, grad_interval 1 (exact per-task gradients every step);
   (e) with ``--only ...e``: (d) with the seed's separate backward (measure_in_backward=false);
+``--cuda-graph`` replays each whole project step as a CUDA graph (training.cuda_graph),
+``--compile [MODE]`` compiles the trunk, heads and losses (training.compile);
 and the ratios between them. Needs torch and numpy only (no polars / MLflow / KFP), so it
 runs on a bare GPU box. The training data lives on the device, shuffled and sliced there;
 the timed loop never reads a value back to the host.
@@ -39,6 +41,7 @@ from ple_adatt.config import (  # noqa: E402
     TransferConfig,
 )
 from ple_adatt.data.dataset import TensorData  # noqa: E402
+from ple_adatt.step_graphs import StepGraphs  # noqa: E402
 from ple_adatt.training import Trainer, build_system, make_optimizer  # noqa: E402
 
 SHAPES = {
@@ -119,7 +122,7 @@ def project_config(s: dict, interval: int, amp: bool, in_backward: bool = True) 
         transfer=TransferConfig(strategy="adatt", grad_interval=interval, measure_in_backward=in_backward,
                                 adatt=AdaTTConfig(warmup_epochs=0, freeze_epoch=100), task_groups=groups),
         training=TrainingConfig(batch_size=s["batch"], use_amp=amp, compile=COMPILE is not None,
-                                compile_mode=COMPILE or "default"),
+                                compile_mode=COMPILE or "default", cuda_graph=CUDA_GRAPH),
     )
 
 
@@ -155,18 +158,25 @@ def run_project(s: dict, data: TensorData, device: torch.device, adatt: bool, in
     if not adatt:
         system.transfer = None
     trainer = Trainer(system, data, data.subset(torch.arange(8, device=device)), cfg, device, log=lambda m: None)
-    opt = make_optimizer(system, cfg, fused=trainer.sync_free)  # what Trainer._fit uses
+    graphed = trainer.graph_backend is not None
+    # what Trainer._fit uses
+    opt = make_optimizer(system, cfg, fused=trainer.sync_free, capturable=graphed)
     scaler = trainer.make_scaler()
+    graphs = StepGraphs(trainer, opt, scaler, s["batch"], trainer.graph_backend) if graphed else None
     perm = torch.randperm(len(data), device=device)
     n_batches = len(data) // s["batch"]
 
-    def step() -> None:  # the trainer's own step functions, as in Trainer._fit
+    def step() -> None:  # the trainer's own step, as in Trainer._fit
         i = trainer.global_step % n_batches
-        b = data.subset(perm[i * s["batch"]:(i + 1) * s["batch"]])
-        trainer.backward(trainer.forward_losses(b, epoch=1, use_cluster_heads=False), scaler)
-        trainer.optimizer_step(opt, scaler)
+        idx = perm[i * s["batch"]:(i + 1) * s["batch"]]
+        if graphs is not None:
+            graphs.step(idx, 1, False, trainer.measure_now())
+        else:
+            trainer.train_step(data.subset(idx), 1, False, opt, scaler)
         trainer.global_step += 1
 
+    if graphs is not None:  # each kind of step: warm-up runs, then its capture, before timing
+        warmup = max(warmup, (graphs.warmup_steps + 1) * (interval if adatt else 1) + 1)
     dt, peak = time_steps(step, steps, warmup, device)
     if PROFILE_DIR is not None:
         profile_steps(step, device, label)
@@ -175,6 +185,7 @@ def run_project(s: dict, data: TensorData, device: torch.device, adatt: bool, in
 
 PROFILE_DIR: Path | None = None
 COMPILE: str | None = None  # a torch.compile mode, or None for eager
+CUDA_GRAPH = False  # --cuda-graph
 WARMUP_SECONDS: list[float] = []  # warm-up time of each run (includes torch.compile's compilation)
 
 
@@ -280,14 +291,19 @@ def main() -> None:
     ap.add_argument("--compile", nargs="?", const="default", default=None, metavar="MODE",
                     help="training.compile: torch.compile trunk, heads, losses (MODE: default, reduce-overhead "
                          "= CUDA graphs, max-autotune, max-autotune-no-cudagraphs)")
+    ap.add_argument("--cuda-graph", action="store_true",
+                    help="training.cuda_graph: capture each whole project step as a CUDA graph and replay it")
     ap.add_argument("--grads", action="store_true", help="also time the per-task gradient methods and compare "
                                                          "their affinity with the loop reference")
     args = ap.parse_args()
-    global PROFILE_DIR, COMPILE
+    global PROFILE_DIR, COMPILE, CUDA_GRAPH
     PROFILE_DIR = args.profile
     COMPILE = args.compile
+    CUDA_GRAPH = args.cuda_graph
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                           ("cpu" if args.device == "auto" else args.device))
+    if CUDA_GRAPH and device.type != "cuda":
+        ap.error("--cuda-graph needs a CUDA device (this run is on the CPU)")
     s = dict(SHAPES[args.shape])
     if args.batch:
         s["batch"] = args.batch
@@ -297,7 +313,7 @@ def main() -> None:
     print(f"shape {args.shape}: {s['tasks']} tasks, batch {s['batch']}, device {device}"
           f"{' (' + torch.cuda.get_device_name() + ')' if device.type == 'cuda' else ''}, "
           f"torch {torch.__version__}, threads {torch.get_num_threads()}, amp {'bf16' if amp and device.type == 'cuda' else 'off'}"
-          f"{', compile ' + COMPILE if COMPILE else ''}")
+          f"{', compile ' + COMPILE if COMPILE else ''}{', CUDA graphs' if CUDA_GRAPH else ''}")
     if args.grads:
         task_gradient_check(s, data, device, amp)
     runs = {
