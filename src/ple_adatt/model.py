@@ -296,19 +296,19 @@ class PLEClusterModel(nn.Module):
         """Embeddings, shared and task experts, CGC gates: (gates, cgc, shared-expert cache)."""
         x = self.encode(x_num, x_cat)  # (B, d_in)
         shared, cache = self.shared_experts(x)  # (E_s, B, d)
-        e_s = shared.shape[0]
         gates = torch.softmax(self.task_expert_attention(x), dim=-1)  # (T, B, E_s + E_t)
         # gated mixture: the contraction over K is too short for a GEMM
         # (a per-sample bmm runs a slow tiny-matrix kernel on the GPU, and one broadcast
-        # product over all K materialises T*B*K*d values): one fused multiply-add per expert
-        cgc = gates[..., :1] * shared[0]  # (T, B, d)
-        for k in range(1, e_s):
-            cgc = torch.addcmul(cgc, gates[..., k:k + 1], shared[k])
+        # product over all K materialises T*B*K*d values): one fused multiply-add per expert.
+        # unbind, not indexing: its backward writes the experts' gradient once (one stack), where
+        # each index's backward writes a zero-filled full-size gradient to be summed
+        experts = shared.unbind(0)
         if self.e_t:
             te = self.task_expert_out(F.relu(self.task_expert_in(x)))  # (T*E_t, B, d)
-            te = te.view(self.num_tasks, self.e_t, *te.shape[1:])  # (T, E_t, B, d)
-            for j in range(self.e_t):
-                cgc = torch.addcmul(cgc, gates[..., e_s + j:e_s + j + 1], te[:, j])
+            experts += te.view(self.num_tasks, self.e_t, *te.shape[1:]).unbind(1)  # E_t x (T, B, d)
+        cgc = gates[..., :1] * experts[0]  # (T, B, d)
+        for k in range(1, len(experts)):
+            cgc = torch.addcmul(cgc, gates[..., k:k + 1], experts[k])
         return gates, cgc, cache
 
     def heads_forward(self, cgc: Tensor, cluster: Tensor | None, use_cluster_heads: bool) -> Tensor:
