@@ -1,0 +1,139 @@
+"""Where a training step's time must go: a per-op roofline estimate, computed on any machine.
+
+    .venv/bin/python bench/roofline.py --shape seed           # the seed's shape, bf16 as on a GPU
+    .venv/bin/python bench/roofline.py --shape seed --top 30 --gpu h100
+
+Runs one plain step and one measuring step (adaTT per-task gradients) of the project's
+trainer on the CPU -- under bf16 autocast unless ``--fp32``, the precision of the GPU runs --
+and records every aten op the step dispatches, backward and optimizer included. For each op
+it counts FLOPs (torch's flop formulas for matrix products) and bytes read and written
+(every tensor argument and result; views move nothing), and estimates its time on a GPU as
+``max(FLOPs / peak, bytes / bandwidth)`` plus a launch cost when run eagerly. These are
+estimates, not measurements (bench/train_throughput.py measures); they say which ops move
+the most memory, how far a step is from its floor, and what a CUDA graph can save. The same
+op count is what ``training.cuda_graph`` replays with one launch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
+from torch.utils.flop_counter import flop_registry
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+sys.path.insert(0, str(ROOT / "bench"))
+
+import train_throughput as tt  # noqa: E402
+
+from ple_adatt.config import TaskSpec  # noqa: E402
+from ple_adatt.training import Trainer, build_system, make_optimizer  # noqa: E402
+
+# dense bf16 tensor-core FLOP/s (as sustained by large GEMMs) and HBM bytes/s, per GPU
+GPUS = {"h100": (600e12, 3.0e12), "h200": (600e12, 4.2e12)}
+LAUNCH_S = 4e-6  # eager launch cost per kernel (CPU-side dispatch + launch)
+VIEWS = {"view", "_unsafe_view", "t", "transpose", "permute", "expand", "select", "slice", "unsqueeze", "squeeze",
+         "detach", "alias", "as_strided", "split", "split_with_sizes", "unbind", "chunk", "narrow", "diagonal",
+         "lift_fresh", "unflatten", "_reshape_alias", "reshape", "view_as"}
+
+
+class OpRecorder(TorchDispatchMode):
+    """Per aten op: calls, FLOPs, bytes read + written, and the estimated time on ``gpu``
+    (the roofline of each call, summed)."""
+
+    def __init__(self, gpu: str) -> None:
+        super().__init__()
+        self.peak, self.bw = GPUS[gpu]
+        self.est: dict[str, float] = defaultdict(float)
+        self.calls: dict[str, int] = defaultdict(int)
+        self.flops: dict[str, float] = defaultdict(float)
+        self.bytes: dict[str, float] = defaultdict(float)
+        self.kernels = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        name = func.overloadpacket.__name__
+        if name in VIEWS:
+            return out
+        tensors = {id(t): t for t in tree_leaves((args, kwargs, out)) if isinstance(t, torch.Tensor)}
+        self.calls[name] += 1
+        self.kernels += 1
+        moved = sum(t.numel() * t.element_size() for t in tensors.values())
+        flops = flop_registry[func.overloadpacket](*args, **kwargs, out_val=out) \
+            if func.overloadpacket in flop_registry else 0
+        self.bytes[name] += moved
+        self.flops[name] += flops
+        self.est[name] += max(flops / self.peak, moved / self.bw)
+        return out
+
+
+def record_step(s: dict, adatt: bool, measure: bool, bf16: bool, gpu: str) -> OpRecorder:
+    cfg = tt.project_config(s, 1, False)
+    specs = [TaskSpec(f"t{i}", f"y{i}", "binary") for i in range(s["tasks"])]
+    torch.manual_seed(0)
+    data = tt.make_data(s, s["batch"], torch.device("cpu"))
+    system = build_system(cfg, specs, s["numeric"], [s["card"]] * s["cats"], 8)
+    if not adatt:
+        system.transfer = None
+    trainer = Trainer(system, data, data.subset(torch.arange(8)), cfg, torch.device("cpu"), log=lambda m: None)
+    trainer.sync_free = True  # the GPU step
+    if bf16:  # the autocast of the GPU runs
+        trainer._autocast = lambda: torch.autocast("cpu", dtype=torch.bfloat16)
+    opt, scaler = make_optimizer(system, cfg, fused=True), trainer.make_scaler()
+    trainer.train_step(data, 1, False, opt, scaler, measure=measure)  # optimizer state
+    rec = OpRecorder(gpu)
+    with rec:
+        trainer.train_step(data, 1, False, opt, scaler, measure=measure)
+    return rec
+
+
+def report(label: str, rec: OpRecorder, gpu: str, top: int) -> None:
+    peak, bw = GPUS[gpu]
+    est = rec.est
+    flops, moved = sum(rec.flops.values()), sum(rec.bytes.values())
+    busy = sum(est.values())
+    print(f"\n{label}: {rec.kernels} kernels, {flops / 1e9:.0f} GFLOP, {moved / 1e9:.2f} GB moved")
+    print(f"  estimate on {gpu}: {busy * 1e3:.2f} ms of device work; eager adds about "
+          f"{rec.kernels * LAUNCH_S * 1e3:.1f} ms of launches where they do not overlap "
+          f"(a CUDA graph: one); floors {flops / peak * 1e3:.2f} ms (FLOPs) / {moved / bw * 1e3:.2f} ms (bytes)")
+    print(f"  {'op':<44}{'calls':>6}{'GFLOP':>9}{'GB':>8}{'est ms':>8}  bound")
+    for n in sorted(est, key=est.get, reverse=True)[:top]:
+        bound = "compute" if rec.flops[n] / peak > rec.bytes[n] / bw else "memory"  # of the op's total
+        print(f"  {n:<44}{rec.calls[n]:>6}{rec.flops[n] / 1e9:>9.1f}{rec.bytes[n] / 1e9:>8.2f}"
+              f"{est[n] * 1e3:>8.3f}  {bound}")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--shape", choices=sorted(tt.SHAPES), default="seed")
+    ap.add_argument("--batch", type=int, default=None, help="override the shape's batch size")
+    ap.add_argument("--gpu", choices=sorted(GPUS), default="h100")
+    ap.add_argument("--top", type=int, default=15, help="ops to list per step")
+    ap.add_argument("--only", default="bd", help="which steps: b (plain, adaTT off), d (measuring, adaTT on)")
+    ap.add_argument("--fp32", action="store_true", help="record without bf16 autocast")
+    args = ap.parse_args()
+    s = dict(tt.SHAPES[args.shape])
+    if args.batch:
+        s["batch"] = args.batch
+    print(f"shape {args.shape}: {s['tasks']} tasks, batch {s['batch']}, {'fp32' if args.fp32 else 'bf16 autocast'}; "
+          f"recorded on the CPU, estimated for {args.gpu} ({GPUS[args.gpu][0] / 1e12:.0f} TFLOP/s, "
+          f"{GPUS[args.gpu][1] / 1e12:.1f} TB/s)", flush=True)
+    for key, label, adatt, measure in [("b", "(b) plain step, adaTT off", False, False),
+                                       ("d", "(d) measuring step, adaTT on", True, True)]:
+        if key not in args.only:
+            continue
+        t0 = time.perf_counter()
+        rec = record_step(s, adatt, measure, not args.fp32, args.gpu)
+        report(f"{label} [recorded in {time.perf_counter() - t0:.0f} s]", rec, args.gpu, args.top)
+
+
+if __name__ == "__main__":
+    main()
