@@ -1,0 +1,45 @@
+"""The benchmarks run (their numbers are not checked here: speed targets live in bench/).
+
+A bench that no longer matches the trainer's API fails here rather than on the next GPU."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _run(*args: str) -> str:
+    res = subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    return res.stdout
+
+
+def test_train_throughput_prints_every_run_and_the_ratios():
+    out = _run("bench/train_throughput.py", "--steps", "2", "--warmup", "1", "--only", "abcde", "--grads")
+    for label in ("(a) naive reference", "(b) project model, adaTT off", "(c) project model, adaTT interval 10",
+                  "(d) project model, adaTT interval 1", "(e) interval 1, separate backward"):
+        line = next(ln for ln in out.splitlines() if ln.startswith(label))
+        assert float(re.search(r"([\d.]+) ms/step", line).group(1)) > 0
+    assert re.search(r"\(c\) vs \(a\) [\d.]+x faster", out)
+    diff = float(re.search(r"max \|affinity - loop\|: einsum ([\d.e+-]+)", out).group(1))
+    assert diff < 1e-3
+
+
+def test_train_throughput_refuses_cuda_graphs_without_cuda():
+    res = subprocess.run([sys.executable, "bench/train_throughput.py", "--cuda-graph", "--device", "cpu"], cwd=ROOT,
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 2 and "--cuda-graph needs a CUDA device" in res.stderr
+
+
+def test_roofline_counts_the_steps_kernels_flops_and_bytes():
+    out = _run("bench/roofline.py", "--shape", "small", "--top", "3")
+    steps = re.findall(r"\]: (\d+) kernels, (\d+) GFLOP, ([\d.]+) GB moved", out)
+    assert len(steps) == 2
+    (kb, _, gb_b), (kd, _, gb_d) = steps
+    assert int(kd) > int(kb) > 50  # the measuring step adds the per-task gradient kernels
+    assert float(gb_d) > float(gb_b) > 0
+    assert "estimate on h100" in out
