@@ -14,7 +14,7 @@ TRAIN_CONFIG ?= configs/train/cpu_small.yaml
 ROWS ?= 20000
 OUT ?= runs/train
 
-.PHONY: help setup test test-all lint data validate train bench bench-validate adult clean report \
+.PHONY: help setup test test-all lint data validate train bench roofline bench-validate adult clean report \
 	components compile submit run stage images mlflow-ui compare
 
 help:  ## list the commands
@@ -66,6 +66,10 @@ validate: setup $(DATA)  ## check per-task target availability of DATA against D
 BENCH_ARGS ?=
 bench: setup  ## Phase 1 throughput: naive reference vs this model, adaTT off / interval 10 / 1 (BENCH_ARGS="--shape seed --device cuda --grads")
 	$(BIN)/python bench/train_throughput.py $(BENCH_ARGS)
+
+ROOFLINE_ARGS ?= --shape seed
+roofline: setup  ## per-op FLOPs, bytes and H100 time estimate of a training step, recorded on the CPU (ROOFLINE_ARGS="--top 25")
+	$(BIN)/python bench/roofline.py $(ROOFLINE_ARGS)
 
 bench-validate: setup  ## time the validate stage on 10M rows x 16 targets x 40 features (cached in data/bench/)
 	$(BIN)/python bench/bench_validate.py --rows 10000000
