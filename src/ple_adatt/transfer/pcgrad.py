@@ -22,8 +22,12 @@ _EPS = 1e-20
 
 def random_orders(n: int, generator: torch.Generator | None, device: torch.device) -> Tensor:
     """One random order of the ``n`` tasks per task, (n, n): drawn on the host generator
-    (reproducible from the strategy's seed, no read from the device), then moved there."""
-    return torch.stack([torch.randperm(n, generator=generator) for _ in range(n)]).to(device, non_blocking=True)
+    (reproducible from the strategy's seed, no read from the device), then moved there. On
+    CUDA through pinned memory: a copy from pageable memory may wait for the stream."""
+    orders = torch.stack([torch.randperm(n, generator=generator) for _ in range(n)])
+    if device.type == "cuda":
+        orders = orders.pin_memory()
+    return orders.to(device, non_blocking=True)
 
 
 def pcgrad_combine(grads: Tensor, present: Tensor, generator: torch.Generator | None = None) -> Tensor:
