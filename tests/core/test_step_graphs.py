@@ -42,8 +42,11 @@ def _state(trainer: Trainer) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in trainer.system.state_dict().items()}
 
 
-@pytest.mark.parametrize("strategy,extra", [("adatt", []), ("adatt", ["transfer.measure_in_backward=false"]),
-                                            ("equal", []), ("uncertainty", [])])
+@pytest.mark.parametrize("strategy,extra", [
+    ("adatt", []), ("adatt", ["transfer.measure_in_backward=false"]), ("equal", []), ("uncertainty", []),
+    # dropout draws from the generator inside the graph; two parameter groups in the fused AdamW
+    ("adatt", ["model.tower_dropout=0.2", "training.expert_lr={expert_0: {lr: 0.01}}"]),
+])
 def test_emulated_graph_replays_train_exactly_like_eager_steps(strategy, extra):
     torch.manual_seed(1)
     eager = _trainer(strategy, None, extra)
