@@ -261,7 +261,11 @@ def task_gradient_check(s: dict, data: TensorData, device: torch.device, amp: bo
             out = system.model(b.x_num, b.x_cat, b.cluster)
             lo = system.losses(out.out, b.y)
         cos, line = {}, []
-        for m in methods:
+        # the kernel's two tile layouts on their own, then autotuned between them ("fused")
+        runs = [(f"fused[{lay}]", "fused", (lay,)) for lay in kernels.LAYOUTS if "fused" in methods]
+        runs += [(m, m, kernels.LAYOUTS) for m in methods]
+        for label, m, layouts in runs:
+            kernels.DEFAULT_LAYOUTS = layouts
             g = system.model.shared_task_gradients(lo.weighted, lo.present, out, m)
             sync(device)
             t0 = time.perf_counter()
@@ -269,9 +273,12 @@ def task_gradient_check(s: dict, data: TensorData, device: torch.device, amp: bo
                 g = system.model.shared_task_gradients(lo.weighted, lo.present, out, m)
             sync(device)
             n = F.normalize(g.float(), dim=1)
-            cos[m] = n @ n.T
-            line.append(f"{m} {(time.perf_counter() - t0) / reps * 1e3:.2f} ms")
-        diffs = [f"{m} {float((cos[m] - cos['loop']).abs().max()):.1e}" for m in methods if m != "loop"]
+            cos[label] = n @ n.T
+            line.append(f"{label} {(time.perf_counter() - t0) / reps * 1e3:.2f} ms")
+        kernels.DEFAULT_LAYOUTS = kernels.LAYOUTS
+        if "fused" in methods:
+            line.append(f"autotuned: {kernels.tuned_config()}")
+        diffs = [f"{m} {float((cos[m] - cos['loop']).abs().max()):.1e}" for m in cos if m != "loop"]
         print(f"per-task gradients ({'bf16' if use_amp and device.type == 'cuda' else 'fp32'}): "
               f"{', '.join(line)}; max |affinity - loop|: {', '.join(diffs)}", flush=True)
         del system, out, lo

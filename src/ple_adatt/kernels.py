@@ -15,6 +15,11 @@ two), so ``dh`` never reaches device memory. Programs of one (expert, block) for
 run side by side and share the ``pre``/``x`` tiles through L2. The result is written
 straight into the (T, P) gradient matrix, in the order of ``SharedExperts.parameters()``.
 
+Two tile layouts compete in the autotuner, so the faster on the GPU at hand wins: ``HROWS``
+(the hidden block as rows: both register tiles feed the next product as its left operand,
+as P does in flash attention) and the batch tile as rows (the first layout, measured on an
+H100 at about 90 TFLOP/s). :func:`tuned_config` says which won.
+
 Triton is optional: :func:`available` says whether the kernel can run (CUDA tensors and an
 importable triton); the model falls back to the PyTorch form otherwise. On the CPU the
 kernel runs under Triton's interpreter (``TRITON_INTERPRET=1``), which the tests use.
@@ -29,7 +34,11 @@ import os
 import torch
 from torch import Tensor
 
-__all__ = ["available", "preferred", "check_once", "checked", "failed", "shared_task_grads", "shared_task_grads_or_none"]
+__all__ = ["available", "preferred", "check_once", "checked", "failed", "shared_task_grads", "shared_task_grads_or_none",
+           "tuned_config", "LAYOUTS"]
+
+LAYOUTS = ("hrows", "brows")  # hidden block as rows / batch tile as rows
+DEFAULT_LAYOUTS = LAYOUTS  # what the autotuner chooses among (the bench times each on its own)
 
 logger = logging.getLogger(__name__)
 _FAILURE: list[str] = []  # the first compile/launch error, if any: batched then stays on einsum
@@ -58,18 +67,17 @@ def available(device: torch.device) -> bool:
 
 
 @functools.cache
-def _kernel():
+def _kernel(layouts: tuple[str, ...]):
     triton, tl = _triton()
 
-    configs = [
-        triton.Config({"BB": 64, "BH": 64}, num_warps=4, num_stages=3),
-        triton.Config({"BB": 128, "BH": 64}, num_warps=4, num_stages=2),
-        triton.Config({"BB": 64, "BH": 64}, num_warps=8, num_stages=3),
-        triton.Config({"BB": 128, "BH": 64}, num_warps=8, num_stages=3),
-        triton.Config({"BB": 64, "BH": 128}, num_warps=8, num_stages=2),
-    ]
-    if interpreted():  # one config: the interpreter is for correctness, not speed
-        configs = [triton.Config({"BB": 16, "BH": 16}, num_warps=1)]
+    tiles = {  # (BB, BH, warps, stages)
+        "hrows": [(64, 64, 4, 3), (128, 64, 4, 2), (64, 64, 8, 3), (128, 64, 8, 3), (64, 128, 8, 2)],
+        "brows": [(64, 64, 8, 3), (64, 128, 8, 2), (128, 64, 8, 2), (32, 128, 4, 3)],  # the first layout's
+    }
+    if interpreted():  # one config (the first layout asked for): the interpreter cannot time them
+        tiles, layouts = {k: [(16, 16, 1, 1)] for k in tiles}, layouts[:1]
+    configs = [triton.Config({"BB": bb, "BH": bh, "HROWS": lay == "hrows"}, num_warps=w, num_stages=st)
+               for lay in layouts for bb, bh, w, st in tiles[lay]]
 
     @triton.autotune(configs=configs, key=["B", "IN", "H", "D", "BI", "BD"])
     @triton.jit
@@ -77,7 +85,7 @@ def _kernel():
                B, IN, H, D, P, PE,
                s_xb, s_pe, s_pb, s_dt, s_db, s_gt, s_gb, s_gk,
                BI: tl.constexpr, BD: tl.constexpr, PREC: tl.constexpr,
-               BB: tl.constexpr, BH: tl.constexpr):
+               BB: tl.constexpr, BH: tl.constexpr, HROWS: tl.constexpr):
         t = tl.program_id(0).to(tl.int64)
         hb = tl.program_id(1)
         e = tl.program_id(2).to(tl.int64)
@@ -85,11 +93,12 @@ def _kernel():
         offs_i = tl.arange(0, BI)
         offs_d = tl.arange(0, BD)
         mh, mi, md = offs_h < H, offs_i < IN, offs_d < D
-        # every product keeps the hidden block as rows, so the two register tiles (dh^T,
-        # hid^T) feed the next product directly as its left operand (as in flash attention)
         w2 = tl.load(w2_ptr + e * H * D + offs_h[:, None] * D + offs_d[None, :],
                      mask=mh[:, None] & md[None, :], other=0.0)  # (BH, BD)
-        acc_w1 = tl.zeros((BH, BI), dtype=tl.float32)  # gW1^T block
+        if HROWS:
+            acc_w1 = tl.zeros((BH, BI), dtype=tl.float32)  # gW1^T block
+        else:
+            acc_w1 = tl.zeros((BI, BH), dtype=tl.float32)
         acc_w2 = tl.zeros((BH, BD), dtype=tl.float32)
         acc_b1 = tl.zeros((BH,), dtype=tl.float32)
         acc_b2 = tl.zeros((BD,), dtype=tl.float32)
@@ -101,18 +110,33 @@ def _kernel():
                          mask=mb[:, None] & md[None, :], other=0.0).to(tl.float32)
             ds = (dc * gate[:, None]).to(w2.dtype)  # (BB, BD): dL_t/ds_e on this tile
             acc_b2 += tl.sum(ds.to(tl.float32), axis=0)
-            pre_t = tl.load(pre_ptr + e * s_pe + offs_b[None, :] * s_pb + offs_h[:, None],
-                            mask=mh[:, None] & mb[None, :], other=0.0)  # (BH, BB)
-            dh_t = tl.dot(w2, tl.trans(ds), input_precision=PREC)  # (BH, BB)
-            dh_t = tl.where(pre_t > 0, dh_t, 0.0)
-            acc_b1 += tl.sum(dh_t, axis=1)
             xt = tl.load(x_ptr + offs_b[:, None] * s_xb + offs_i[None, :],
                          mask=mb[:, None] & mi[None, :], other=0.0)  # (BB, BI)
-            acc_w1 = tl.dot(dh_t.to(xt.dtype), xt, acc_w1, input_precision=PREC)
-            hid_t = tl.maximum(pre_t, 0.0).to(ds.dtype)
-            acc_w2 = tl.dot(hid_t, ds, acc_w2, input_precision=PREC)
+            if HROWS:
+                # the hidden block as rows: the two register tiles (dh^T, hid^T) feed the next
+                # product directly as its left operand
+                pre_t = tl.load(pre_ptr + e * s_pe + offs_b[None, :] * s_pb + offs_h[:, None],
+                                mask=mh[:, None] & mb[None, :], other=0.0)  # (BH, BB)
+                dh_t = tl.dot(w2, tl.trans(ds), input_precision=PREC)  # (BH, BB)
+                dh_t = tl.where(pre_t > 0, dh_t, 0.0)
+                acc_b1 += tl.sum(dh_t, axis=1)
+                acc_w1 = tl.dot(dh_t.to(xt.dtype), xt, acc_w1, input_precision=PREC)
+                hid_t = tl.maximum(pre_t, 0.0).to(ds.dtype)
+                acc_w2 = tl.dot(hid_t, ds, acc_w2, input_precision=PREC)
+            else:
+                # the batch tile as rows: the register tiles are the right operand
+                pre = tl.load(pre_ptr + e * s_pe + offs_b[:, None] * s_pb + offs_h[None, :],
+                              mask=mb[:, None] & mh[None, :], other=0.0)  # (BB, BH)
+                dh = tl.dot(ds, tl.trans(w2), input_precision=PREC)  # (BB, BH)
+                dh = tl.where(pre > 0, dh, 0.0)
+                acc_b1 += tl.sum(dh, axis=0)
+                acc_w1 = tl.dot(tl.trans(xt), dh.to(xt.dtype), acc_w1, input_precision=PREC)
+                acc_w2 = tl.dot(tl.trans(tl.maximum(pre, 0.0).to(ds.dtype)), ds, acc_w2, input_precision=PREC)
         base = out_ptr + t * P + e * PE
-        tl.store(base + offs_i[None, :] * H + offs_h[:, None], acc_w1, mask=mh[:, None] & mi[None, :])
+        if HROWS:
+            tl.store(base + offs_i[None, :] * H + offs_h[:, None], acc_w1, mask=mh[:, None] & mi[None, :])
+        else:
+            tl.store(base + offs_i[:, None] * H + offs_h[None, :], acc_w1, mask=mi[:, None] & mh[None, :])
         tl.store(base + IN * H + offs_h, acc_b1, mask=mh)
         tl.store(base + IN * H + H + offs_h[:, None] * D + offs_d[None, :], acc_w2, mask=mh[:, None] & md[None, :])
         if hb == 0:
@@ -176,14 +200,32 @@ def _pow2(n: int) -> int:
     return max(16, 1 << (int(n) - 1).bit_length())
 
 
-def shared_task_grads(x: Tensor, pre: Tensor, w2: Tensor, d_cgc: Tensor, gates: Tensor) -> Tensor:
+def tuned_config() -> str | None:
+    """The layout and tiles the autotuner picked for the last shape it tuned, if any."""
+    if _triton() is None or _kernel.cache_info().currsize == 0:
+        return None
+    best = getattr(_kernel(tuple(DEFAULT_LAYOUTS)), "best_config", None)
+    if best is None:
+        return None
+    kw = dict(best.kwargs)
+    layout = "hrows" if kw.pop("HROWS") else "brows"
+    return f"{layout} {' '.join(f'{k}={v}' for k, v in kw.items())} warps={best.num_warps} stages={best.num_stages}"
+
+
+def shared_task_grads(x: Tensor, pre: Tensor, w2: Tensor, d_cgc: Tensor, gates: Tensor,
+                      layouts: tuple[str, ...] | None = None) -> Tensor:
     """Per-task gradients on every shared expert's (w1, b1, w2, b2), flattened: (T, P) float32.
 
     ``x`` (B, i) expert input, ``pre`` (E, B, h) first-layer pre-activation (any strides with
     a unit last stride), ``w2`` (E, h, d), ``d_cgc`` (T, B, d) dL_t/dcgc_t, ``gates`` (T, B, K)
     whose first E columns weight the shared experts. Matrix products run in ``pre``'s dtype
     (bf16 under autocast) with float32 accumulation; float32 inputs use exact float32 products.
+    ``layouts`` limits the autotuner to some of :data:`LAYOUTS` (default :data:`DEFAULT_LAYOUTS`).
     """
+    layouts = tuple(DEFAULT_LAYOUTS if layouts is None else layouts)
+    unknown = set(layouts) - set(LAYOUTS)
+    if unknown or not layouts:
+        raise ValueError(f"unknown kernel layouts {sorted(unknown)}; valid: {', '.join(LAYOUTS)}")
     if _triton() is None:
         raise RuntimeError("transfer.grad_method: fused needs triton (pip install triton); "
                            "use grad_method: batched, which falls back to einsum without it")
@@ -202,7 +244,7 @@ def shared_task_grads(x: Tensor, pre: Tensor, w2: Tensor, d_cgc: Tensor, gates: 
         d_cgc = d_cgc.contiguous()
     PE = IN * H + H + H * D + D
     out = torch.empty(T, E * PE, device=pre.device, dtype=torch.float32)
-    kernel = _kernel()
+    kernel = _kernel(layouts)
 
     def grid(meta):
         return (T, -(-H // meta["BH"]), E)

@@ -31,8 +31,9 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.double() - b.double()).norm() / b.double().norm())
 
 
+@pytest.mark.parametrize("layout", kernels.LAYOUTS)
 @pytest.mark.parametrize("B,IN,H,D,E,T,K", [(50, 7, 24, 10, 3, 4, 5), (33, 16, 40, 17, 2, 3, 2)])
-def test_fused_kernel_equals_the_closed_form_on_odd_shapes(interpreter, B, IN, H, D, E, T, K):
+def test_fused_kernel_equals_the_closed_form_on_odd_shapes(interpreter, B, IN, H, D, E, T, K, layout):
     torch.manual_seed(B)
     experts = SharedExperts([f"e{i}" for i in range(E)], IN, H, D)
     x = torch.randn(B, IN)
@@ -43,7 +44,7 @@ def test_fused_kernel_equals_the_closed_form_on_odd_shapes(interpreter, B, IN, H
     d_s = gates[..., :E].permute(0, 2, 1).unsqueeze(-1) * d_cgc.unsqueeze(1)
     ref = experts.per_task_grads((x_, pre, hid), d_s)
     w2 = torch.stack([e.w2 for e in experts.experts.values()]).detach()
-    out = kernels.shared_task_grads(x, pre.detach(), w2, d_cgc, gates)
+    out = kernels.shared_task_grads(x, pre.detach(), w2, d_cgc, gates, layouts=(layout,))
     assert out.shape == ref.shape == (T, sum(p.numel() for p in experts.parameters()))
     assert torch.isfinite(out).all()
     assert _rel(out, ref) < 1e-5
