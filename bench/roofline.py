@@ -12,6 +12,11 @@ it counts FLOPs (torch's flop formulas for matrix products) and bytes read and w
 estimates, not measurements (bench/train_throughput.py measures); they say which ops move
 the most memory, how far a step is from its floor, and what a CUDA graph can save. The same
 op count is what ``training.cuda_graph`` replays with one launch.
+
+On the CPU the per-task gradients run as einsums; on CUDA under autocast the fused Triton
+kernel (``ple_adatt.kernels``) does that work without writing ``dh``. Unless
+``--einsum-grads``, the measuring step's einsums are left out and the kernel is costed
+instead, from its FLOPs and the bytes it must read and write once (its ideal).
 """
 
 from __future__ import annotations
@@ -56,26 +61,51 @@ class OpRecorder(TorchDispatchMode):
         self.flops: dict[str, float] = defaultdict(float)
         self.bytes: dict[str, float] = defaultdict(float)
         self.kernels = 0
+        self.paused = False
+
+    def add(self, name: str, flops: float, moved: float) -> None:
+        self.calls[name] += 1
+        self.kernels += 1
+        self.flops[name] += flops
+        self.bytes[name] += moved
+        self.est[name] += max(flops / self.peak, moved / self.bw)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
         name = func.overloadpacket.__name__
-        if name in VIEWS:
+        if name in VIEWS or self.paused:
             return out
         tensors = {id(t): t for t in tree_leaves((args, kwargs, out)) if isinstance(t, torch.Tensor)}
-        self.calls[name] += 1
-        self.kernels += 1
         moved = sum(t.numel() * t.element_size() for t in tensors.values())
         flops = flop_registry[func.overloadpacket](*args, **kwargs, out_val=out) \
             if func.overloadpacket in flop_registry else 0
-        self.bytes[name] += moved
-        self.flops[name] += flops
-        self.est[name] += max(flops / self.peak, moved / self.bw)
+        self.add(name, flops, moved)
         return out
 
 
-def record_step(s: dict, adatt: bool, measure: bool, bf16: bool, gpu: str) -> OpRecorder:
+def cost_fused_kernel(model, rec: OpRecorder) -> None:
+    """Cost the per-task gradients as the fused kernel instead of the CPU's einsums."""
+    einsums = model.task_gradients_from_cgc
+
+    def modelled(d_cgc, output, method="batched"):
+        rec.paused = True
+        try:
+            grads = einsums(d_cgc, output, "einsum")
+        finally:
+            rec.paused = False
+        x, pre, _ = output.shared_cache
+        (E, B, H), (T, _, D), IN = pre.shape, d_cgc.shape, x.shape[1]
+        half = 2  # bf16 operands
+        flops = 2 * B * T * E * (IN * H + 2 * H * D)  # dh, gW1, gW2 per task and expert
+        moved = (B * IN + E * B * H + T * B * D + E * H * D) * half + output.gates.numel() * half + grads.numel() * 4
+        rec.add("fused_task_grads (Triton, modelled)", flops, moved)
+        return grads
+
+    model.task_gradients_from_cgc = modelled
+
+
+def record_step(s: dict, adatt: bool, measure: bool, bf16: bool, gpu: str, kernel: bool = True) -> OpRecorder:
     cfg = tt.project_config(s, 1, False)
     specs = [TaskSpec(f"t{i}", f"y{i}", "binary") for i in range(s["tasks"])]
     torch.manual_seed(0)
@@ -90,6 +120,8 @@ def record_step(s: dict, adatt: bool, measure: bool, bf16: bool, gpu: str) -> Op
     opt, scaler = make_optimizer(system, cfg, fused=True), trainer.make_scaler()
     trainer.train_step(data, 1, False, opt, scaler, measure=measure)  # optimizer state
     rec = OpRecorder(gpu)
+    if kernel:
+        cost_fused_kernel(system.model, rec)
     with rec:
         trainer.train_step(data, 1, False, opt, scaler, measure=measure)
     return rec
@@ -118,6 +150,8 @@ def main() -> None:
     ap.add_argument("--gpu", choices=sorted(GPUS), default="h100")
     ap.add_argument("--top", type=int, default=15, help="ops to list per step")
     ap.add_argument("--only", default="bd", help="which steps: b (plain, adaTT off), d (measuring, adaTT on)")
+    ap.add_argument("--einsum-grads", action="store_true",
+                    help="cost the per-task gradients as the CPU's einsums, not as the fused GPU kernel")
     ap.add_argument("--fp32", action="store_true", help="record without bf16 autocast")
     args = ap.parse_args()
     s = dict(tt.SHAPES[args.shape])
@@ -131,7 +165,7 @@ def main() -> None:
         if key not in args.only:
             continue
         t0 = time.perf_counter()
-        rec = record_step(s, adatt, measure, not args.fp32, args.gpu)
+        rec = record_step(s, adatt, measure, not args.fp32, args.gpu, kernel=not args.einsum_grads)
         report(f"{label} [recorded in {time.perf_counter() - t0:.0f} s]", rec, args.gpu, args.top)
 
 

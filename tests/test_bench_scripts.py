@@ -36,10 +36,13 @@ def test_train_throughput_refuses_cuda_graphs_without_cuda():
 
 
 def test_roofline_counts_the_steps_kernels_flops_and_bytes():
-    out = _run("bench/roofline.py", "--shape", "small", "--top", "3")
+    out = _run("bench/roofline.py", "--shape", "small", "--top", "100")
     steps = re.findall(r"\]: (\d+) kernels, (\d+) GFLOP, ([\d.]+) GB moved", out)
     assert len(steps) == 2
     (kb, _, gb_b), (kd, _, gb_d) = steps
     assert int(kd) > int(kb) > 50  # the measuring step adds the per-task gradient kernels
     assert float(gb_d) > float(gb_b) > 0
     assert "estimate on h100" in out
+    assert out.count("fused_task_grads (Triton, modelled)") == 1  # (d) costs the GPU kernel, (b) has none
+    einsum = _run("bench/roofline.py", "--shape", "small", "--only", "d", "--einsum-grads", "--top", "100")
+    assert "fused_task_grads" not in einsum
