@@ -261,11 +261,12 @@ def task_gradient_check(s: dict, data: TensorData, device: torch.device, amp: bo
             out = system.model(b.x_num, b.x_cat, b.cluster)
             lo = system.losses(out.out, b.y)
         cos, line = {}, []
-        # the kernel's two tile layouts on their own, then autotuned between them ("fused")
-        runs = [(f"fused[{lay}]", "fused", (lay,)) for lay in kernels.LAYOUTS if "fused" in methods]
-        runs += [(m, m, kernels.LAYOUTS) for m in methods]
-        for label, m, layouts in runs:
-            kernels.DEFAULT_LAYOUTS = layouts
+        # each kernel variant and tile layout on its own, then the default choice ("fused")
+        runs = [(f"fused[{v},{lay}]", "fused", (lay,), v) for v in kernels.VARIANTS for lay in kernels.LAYOUTS
+                if "fused" in methods]
+        runs += [(m, m, kernels.LAYOUTS, None) for m in methods]
+        for label, m, layouts, variant in runs:
+            kernels.DEFAULT_LAYOUTS, kernels.DEFAULT_VARIANT = layouts, variant
             g = system.model.shared_task_gradients(lo.weighted, lo.present, out, m)
             sync(device)
             t0 = time.perf_counter()
@@ -275,9 +276,9 @@ def task_gradient_check(s: dict, data: TensorData, device: torch.device, amp: bo
             n = F.normalize(g.float(), dim=1)
             cos[label] = n @ n.T
             line.append(f"{label} {(time.perf_counter() - t0) / reps * 1e3:.2f} ms")
-        kernels.DEFAULT_LAYOUTS = kernels.LAYOUTS
+        kernels.DEFAULT_LAYOUTS, kernels.DEFAULT_VARIANT = kernels.LAYOUTS, None
         if "fused" in methods:
-            line.append(f"autotuned: {kernels.tuned_config()}")
+            line.append(f"fused chose: {kernels.tuned_config()}")
         diffs = [f"{m} {float((cos[m] - cos['loop']).abs().max()):.1e}" for m in cos if m != "loop"]
         print(f"per-task gradients ({'bf16' if use_amp and device.type == 'cuda' else 'fp32'}): "
               f"{', '.join(line)}; max |affinity - loop|: {', '.join(diffs)}", flush=True)

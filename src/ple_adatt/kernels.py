@@ -20,6 +20,13 @@ Two tile layouts compete in the autotuner, so the faster on the GPU at hand wins
 as P does in flash attention) and the batch tile as rows (the first layout, measured on an
 H100 at about 90 TFLOP/s). :func:`tuned_config` says which won.
 
+Two variants split the work differently (:data:`VARIANTS`): ``fused`` does all of it in the
+kernel; ``split`` leaves ``gW2`` (a third of the FLOPs) to one cuBLAS GEMM per expert over
+all tasks, ``hid^T @ [ds_1 .. ds_T]`` (B x T*d, materialised: 0.27 GB in bf16 at the seed's
+shape), and keeps the kernel to the chained ``dh -> gW1`` pair, with half the accumulator
+registers per program. On CUDA the first call for a shape times both once and keeps the
+faster (:func:`chosen_variant`).
+
 Triton is optional: :func:`available` says whether the kernel can run (CUDA tensors and an
 importable triton); the model falls back to the PyTorch form otherwise. On the CPU the
 kernel runs under Triton's interpreter (``TRITON_INTERPRET=1``), which the tests use.
@@ -35,10 +42,12 @@ import torch
 from torch import Tensor
 
 __all__ = ["available", "preferred", "check_once", "checked", "failed", "shared_task_grads", "shared_task_grads_or_none",
-           "tuned_config", "LAYOUTS"]
+           "tuned_config", "chosen_variant", "LAYOUTS", "VARIANTS"]
 
 LAYOUTS = ("hrows", "brows")  # hidden block as rows / batch tile as rows
+VARIANTS = ("fused", "split")  # all in the kernel / gW2 as a cuBLAS GEMM
 DEFAULT_LAYOUTS = LAYOUTS  # what the autotuner chooses among (the bench times each on its own)
+DEFAULT_VARIANT: str | None = None  # None: the faster, timed once per shape (the bench forces each)
 
 logger = logging.getLogger(__name__)
 _FAILURE: list[str] = []  # the first compile/launch error, if any: batched then stays on einsum
@@ -67,7 +76,7 @@ def available(device: torch.device) -> bool:
 
 
 @functools.cache
-def _kernel(layouts: tuple[str, ...]):
+def _kernel(layouts: tuple[str, ...], with_w2: bool = True):
     triton, tl = _triton()
 
     tiles = {  # (BB, BH, warps, stages)
@@ -84,7 +93,7 @@ def _kernel(layouts: tuple[str, ...]):
     def kernel(x_ptr, pre_ptr, w2_ptr, dc_ptr, g_ptr, out_ptr,
                B, IN, H, D, P, PE,
                s_xb, s_pe, s_pb, s_dt, s_db, s_gt, s_gb, s_gk,
-               BI: tl.constexpr, BD: tl.constexpr, PREC: tl.constexpr,
+               BI: tl.constexpr, BD: tl.constexpr, PREC: tl.constexpr, WITH_W2: tl.constexpr,
                BB: tl.constexpr, BH: tl.constexpr, HROWS: tl.constexpr):
         t = tl.program_id(0).to(tl.int64)
         hb = tl.program_id(1)
@@ -109,7 +118,8 @@ def _kernel(layouts: tuple[str, ...]):
             dc = tl.load(dc_ptr + t * s_dt + offs_b[:, None] * s_db + offs_d[None, :],
                          mask=mb[:, None] & md[None, :], other=0.0).to(tl.float32)
             ds = (dc * gate[:, None]).to(w2.dtype)  # (BB, BD): dL_t/ds_e on this tile
-            acc_b2 += tl.sum(ds.to(tl.float32), axis=0)
+            if WITH_W2:
+                acc_b2 += tl.sum(ds.to(tl.float32), axis=0)
             xt = tl.load(x_ptr + offs_b[:, None] * s_xb + offs_i[None, :],
                          mask=mb[:, None] & mi[None, :], other=0.0)  # (BB, BI)
             if HROWS:
@@ -121,8 +131,9 @@ def _kernel(layouts: tuple[str, ...]):
                 dh_t = tl.where(pre_t > 0, dh_t, 0.0)
                 acc_b1 += tl.sum(dh_t, axis=1)
                 acc_w1 = tl.dot(dh_t.to(xt.dtype), xt, acc_w1, input_precision=PREC)
-                hid_t = tl.maximum(pre_t, 0.0).to(ds.dtype)
-                acc_w2 = tl.dot(hid_t, ds, acc_w2, input_precision=PREC)
+                if WITH_W2:
+                    hid_t = tl.maximum(pre_t, 0.0).to(ds.dtype)
+                    acc_w2 = tl.dot(hid_t, ds, acc_w2, input_precision=PREC)
             else:
                 # the batch tile as rows: the register tiles are the right operand
                 pre = tl.load(pre_ptr + e * s_pe + offs_b[:, None] * s_pb + offs_h[None, :],
@@ -131,16 +142,19 @@ def _kernel(layouts: tuple[str, ...]):
                 dh = tl.where(pre > 0, dh, 0.0)
                 acc_b1 += tl.sum(dh, axis=0)
                 acc_w1 = tl.dot(tl.trans(xt), dh.to(xt.dtype), acc_w1, input_precision=PREC)
-                acc_w2 = tl.dot(tl.trans(tl.maximum(pre, 0.0).to(ds.dtype)), ds, acc_w2, input_precision=PREC)
+                if WITH_W2:
+                    acc_w2 = tl.dot(tl.trans(tl.maximum(pre, 0.0).to(ds.dtype)), ds, acc_w2, input_precision=PREC)
         base = out_ptr + t * P + e * PE
         if HROWS:
             tl.store(base + offs_i[None, :] * H + offs_h[:, None], acc_w1, mask=mh[:, None] & mi[None, :])
         else:
             tl.store(base + offs_i[:, None] * H + offs_h[None, :], acc_w1, mask=mi[:, None] & mh[None, :])
         tl.store(base + IN * H + offs_h, acc_b1, mask=mh)
-        tl.store(base + IN * H + H + offs_h[:, None] * D + offs_d[None, :], acc_w2, mask=mh[:, None] & md[None, :])
-        if hb == 0:
-            tl.store(base + IN * H + H + H * D + offs_d, acc_b2, mask=md)
+        if WITH_W2:
+            tl.store(base + IN * H + H + offs_h[:, None] * D + offs_d[None, :], acc_w2,
+                     mask=mh[:, None] & md[None, :])
+            if hb == 0:
+                tl.store(base + IN * H + H + H * D + offs_d, acc_b2, mask=md)
 
     return kernel
 
@@ -156,12 +170,12 @@ def failed() -> bool:
     return bool(_FAILURE)
 
 
-def shared_task_grads_or_none(*args: Tensor) -> Tensor | None:
+def shared_task_grads_or_none(*args: Tensor, **kwargs: Tensor) -> Tensor | None:
     """:func:`shared_task_grads`, or None (with one warning) if Triton cannot build or launch it
     here, so ``grad_method: batched`` keeps training on the einsum path instead of failing.
     ``grad_method: fused`` calls :func:`shared_task_grads` and lets the error through."""
     try:
-        return shared_task_grads(*args)
+        return shared_task_grads(*args, **kwargs)
     except Exception as exc:  # noqa: BLE001 - any Triton/driver failure means: use einsum
         _FAILURE.append(f"{type(exc).__name__}: {exc}")
         logger.warning("fused per-task gradient kernel unavailable (%s); using the einsum path "
@@ -201,31 +215,65 @@ def _pow2(n: int) -> int:
 
 
 def tuned_config() -> str | None:
-    """The layout and tiles the autotuner picked for the last shape it tuned, if any."""
-    if _triton() is None or _kernel.cache_info().currsize == 0:
+    """The variant, layout and tiles chosen for the last shape tuned, if any."""
+    if _triton() is None or _kernel.cache_info().currsize == 0 or not _CHOSEN:
         return None
-    best = getattr(_kernel(tuple(DEFAULT_LAYOUTS)), "best_config", None)
+    variant = list(_CHOSEN.values())[-1]
+    best = getattr(_kernel(tuple(DEFAULT_LAYOUTS), variant == "fused"), "best_config", None)
     if best is None:
-        return None
+        return variant
     kw = dict(best.kwargs)
     layout = "hrows" if kw.pop("HROWS") else "brows"
-    return f"{layout} {' '.join(f'{k}={v}' for k, v in kw.items())} warps={best.num_warps} stages={best.num_stages}"
+    return (f"{variant}: {layout} {' '.join(f'{k}={v}' for k, v in kw.items())} "
+            f"warps={best.num_warps} stages={best.num_stages}")
+
+
+_CHOSEN: dict[tuple, str] = {}  # shape key -> variant, timed once per process
+
+
+def chosen_variant(key: tuple) -> str | None:
+    return _CHOSEN.get(key)
+
+
+def _time_variants(run) -> str:
+    """Time each variant on the device (after one untimed call, which also autotunes) and
+    return the fastest. Host synchronisation here, once per shape and process."""
+    times = {}
+    for v in VARIANTS:
+        run(v)
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(3):
+            run(v)
+        end.record()
+        end.synchronize()
+        times[v] = start.elapsed_time(end)
+    best = min(times, key=times.get)
+    logger.info("fused per-task gradients: %s (ms per 3 calls: %s)", best,
+                ", ".join(f"{v} {t:.2f}" for v, t in times.items()))
+    return best
 
 
 def shared_task_grads(x: Tensor, pre: Tensor, w2: Tensor, d_cgc: Tensor, gates: Tensor,
-                      layouts: tuple[str, ...] | None = None) -> Tensor:
+                      layouts: tuple[str, ...] | None = None, variant: str | None = None,
+                      hid: Tensor | None = None) -> Tensor:
     """Per-task gradients on every shared expert's (w1, b1, w2, b2), flattened: (T, P) float32.
 
     ``x`` (B, i) expert input, ``pre`` (E, B, h) first-layer pre-activation (any strides with
     a unit last stride), ``w2`` (E, h, d), ``d_cgc`` (T, B, d) dL_t/dcgc_t, ``gates`` (T, B, K)
     whose first E columns weight the shared experts. Matrix products run in ``pre``'s dtype
     (bf16 under autocast) with float32 accumulation; float32 inputs use exact float32 products.
-    ``layouts`` limits the autotuner to some of :data:`LAYOUTS` (default :data:`DEFAULT_LAYOUTS`).
+    ``layouts`` limits the autotuner to some of :data:`LAYOUTS` (default :data:`DEFAULT_LAYOUTS`);
+    ``variant`` forces one of :data:`VARIANTS` (default: on CUDA the faster, timed on the first
+    call per shape; ``fused`` elsewhere). ``hid`` (E, B, h), relu(pre), saves ``split`` a pass.
     """
     layouts = tuple(DEFAULT_LAYOUTS if layouts is None else layouts)
     unknown = set(layouts) - set(LAYOUTS)
     if unknown or not layouts:
         raise ValueError(f"unknown kernel layouts {sorted(unknown)}; valid: {', '.join(LAYOUTS)}")
+    variant = DEFAULT_VARIANT if variant is None else variant
+    if variant is not None and variant not in VARIANTS:
+        raise ValueError(f"unknown kernel variant {variant!r}; valid: {', '.join(VARIANTS)}")
     if _triton() is None:
         raise RuntimeError("transfer.grad_method: fused needs triton (pip install triton); "
                            "use grad_method: batched, which falls back to einsum without it")
@@ -243,15 +291,43 @@ def shared_task_grads(x: Tensor, pre: Tensor, w2: Tensor, d_cgc: Tensor, gates: 
     if d_cgc.stride(2) != 1:
         d_cgc = d_cgc.contiguous()
     PE = IN * H + H + H * D + D
-    out = torch.empty(T, E * PE, device=pre.device, dtype=torch.float32)
-    kernel = _kernel(layouts)
 
-    def grid(meta):
-        return (T, -(-H // meta["BH"]), E)
+    def run(v: str) -> Tensor:
+        out = torch.empty(T, E * PE, device=pre.device, dtype=torch.float32)
 
-    kernel[grid](x, pre, w2, d_cgc, gates, out,
-                 B, IN, H, D, E * PE, PE,
-                 x.stride(0), pre.stride(0), pre.stride(1), d_cgc.stride(0), d_cgc.stride(1),
-                 gates.stride(0), gates.stride(1), gates.stride(2),
-                 BI=_pow2(IN), BD=_pow2(D), PREC="ieee" if dtype == torch.float32 else "tf32")
-    return out
+        def grid(meta):
+            return (T, -(-H // meta["BH"]), E)
+
+        _kernel(layouts, v == "fused")[grid](
+            x, pre, w2, d_cgc, gates, out, B, IN, H, D, E * PE, PE,
+            x.stride(0), pre.stride(0), pre.stride(1), d_cgc.stride(0), d_cgc.stride(1),
+            gates.stride(0), gates.stride(1), gates.stride(2),
+            BI=_pow2(IN), BD=_pow2(D), PREC="ieee" if dtype == torch.float32 else "tf32", WITH_W2=v == "fused")
+        if v == "split":
+            _w2_grads_by_gemm(out.view(T, E, PE), pre.clamp_min(0) if hid is None else hid, d_cgc, gates, IN)
+        return out
+
+    if variant is None:
+        key = (IN, H, D, E, T, dtype, layouts)
+        variant = _CHOSEN.get(key)
+        if variant is None:
+            variant = _time_variants(run) if pre.device.type == "cuda" else "fused"
+            _CHOSEN[key] = variant
+    return run(variant)
+
+
+def _w2_grads_by_gemm(out: Tensor, hid: Tensor, d_cgc: Tensor, gates: Tensor, IN: int) -> None:
+    """The ``split`` variant's second layer: gW2 of every task and expert as one batched GEMM
+    over all tasks, ``hid_e^T @ [ds_1e .. ds_Te]``, and gb2 as a small one; written into
+    ``out`` (T, E, PE) where the kernel left them out."""
+    E, B, H = hid.shape
+    T, _, D = d_cgc.shape
+    dtype = hid.dtype
+    g = gates[..., :E].to(dtype)  # (T, B, E)
+    dc = d_cgc.to(dtype)
+    ds = g.permute(2, 1, 0).unsqueeze(-1) * dc.transpose(0, 1).unsqueeze(0)  # (E, B, T, D)
+    gw2 = torch.bmm(hid.transpose(1, 2), ds.reshape(E, B, T * D))  # (E, H, T*D)
+    gb2 = torch.bmm(g.transpose(1, 2).float(), dc.float())  # (T, E, D)
+    o = IN * H + H
+    out[:, :, o:o + H * D].copy_(gw2.view(E, H, T, D).permute(2, 0, 1, 3).reshape(T, E, H * D))
+    out[:, :, o + H * D:].copy_(gb2)

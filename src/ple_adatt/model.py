@@ -364,11 +364,11 @@ class PLEClusterModel(nn.Module):
                                                                                  output.shared_cache[1].dtype))
         with torch.no_grad():  # a measurement: no graph through the experts' weights
             if fused:
-                x, pre, _ = output.shared_cache
+                x, pre, hid = output.shared_cache
                 _, _, w2, _ = self.shared_experts.stacked()
                 if method == "fused":
-                    return kernels.shared_task_grads(x, pre, w2, d_cgc, output.gates)
-                grads = kernels.shared_task_grads_or_none(x, pre, w2, d_cgc, output.gates)
+                    return kernels.shared_task_grads(x, pre, w2, d_cgc, output.gates, hid=hid)
+                grads = kernels.shared_task_grads_or_none(x, pre, w2, d_cgc, output.gates, hid=hid)
                 if grads is not None and not kernels.checked():
                     grads = kernels.check_once(grads, self._einsum_task_gradients(d_cgc, output))
                 if grads is not None:

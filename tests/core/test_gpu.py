@@ -41,12 +41,14 @@ def test_training_runs_on_cuda_with_amp_and_data_on_the_device():
     assert all(torch.isfinite(p).all() for p in system.parameters())
 
 
+@pytest.mark.parametrize("variant", ["fused", "split"])
 @pytest.mark.parametrize("layout", ["hrows", "brows"])
 @pytest.mark.parametrize("amp", [False, True])
-def test_fused_kernel_matches_the_loop_on_cuda(amp, layout, monkeypatch):
+def test_fused_kernel_matches_the_loop_on_cuda(amp, layout, variant, monkeypatch):
     from ple_adatt import kernels
 
     monkeypatch.setattr(kernels, "DEFAULT_LAYOUTS", (layout,))  # each tile layout compiled on its own
+    monkeypatch.setattr(kernels, "DEFAULT_VARIANT", variant)
     monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)  # an fp32 reference, not TF32
     system, out, lo = forward_with_distinct_heads(1000, "cuda", amp=amp)
     grads = {m: system.model.shared_task_gradients(lo.weighted, lo.present, out, m) for m in ("fused", "einsum", "loop")}

@@ -31,9 +31,10 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.double() - b.double()).norm() / b.double().norm())
 
 
+@pytest.mark.parametrize("variant", kernels.VARIANTS)
 @pytest.mark.parametrize("layout", kernels.LAYOUTS)
 @pytest.mark.parametrize("B,IN,H,D,E,T,K", [(50, 7, 24, 10, 3, 4, 5), (33, 16, 40, 17, 2, 3, 2)])
-def test_fused_kernel_equals_the_closed_form_on_odd_shapes(interpreter, B, IN, H, D, E, T, K, layout):
+def test_fused_kernel_equals_the_closed_form_on_odd_shapes(interpreter, B, IN, H, D, E, T, K, layout, variant):
     torch.manual_seed(B)
     experts = SharedExperts([f"e{i}" for i in range(E)], IN, H, D)
     x = torch.randn(B, IN)
@@ -44,7 +45,8 @@ def test_fused_kernel_equals_the_closed_form_on_odd_shapes(interpreter, B, IN, H
     d_s = gates[..., :E].permute(0, 2, 1).unsqueeze(-1) * d_cgc.unsqueeze(1)
     ref = experts.per_task_grads((x_, pre, hid), d_s)
     w2 = torch.stack([e.w2 for e in experts.experts.values()]).detach()
-    out = kernels.shared_task_grads(x, pre.detach(), w2, d_cgc, gates, layouts=(layout,))
+    out = kernels.shared_task_grads(x, pre.detach(), w2, d_cgc, gates, layouts=(layout,), variant=variant,
+                                    hid=hid.detach() if variant == "split" else None)
     assert out.shape == ref.shape == (T, sum(p.numel() for p in experts.parameters()))
     assert torch.isfinite(out).all()
     assert _rel(out, ref) < 1e-5
@@ -57,6 +59,14 @@ def test_fused_method_gives_the_loop_reference_affinity(interpreter):
     assert _rel(fused, loop) < 1e-5
     cos_f, cos_l = (F.normalize(g, dim=1) @ F.normalize(g, dim=1).T for g in (fused, loop))
     assert float((cos_f - cos_l).abs().max()) < 1e-3
+
+
+@pytest.mark.parametrize("kwargs,message", [({"variant": "tiled"}, "unknown kernel variant 'tiled'"),
+                                            ({"layouts": ("cols",)}, "unknown kernel layouts \\['cols'\\]")])
+def test_an_unknown_kernel_variant_or_layout_is_named(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        kernels.shared_task_grads(torch.zeros(4, 3), torch.zeros(1, 4, 16), torch.zeros(1, 16, 8),
+                                  torch.zeros(2, 4, 8), torch.zeros(2, 4, 1), **kwargs)
 
 
 def test_batched_uses_einsum_on_the_cpu_and_fused_refuses_without_the_interpreter(monkeypatch):
@@ -90,7 +100,7 @@ def test_a_kernel_that_computes_wrong_gradients_is_switched_off_after_its_first_
     monkeypatch.setattr(kernels, "preferred", lambda device, dtype: not kernels.failed())  # CPU, float32 admitted
     calls = []
 
-    def scrambled(x, pre, w2, d_cgc, gates):
+    def scrambled(x, pre, w2, d_cgc, gates, **kwargs):
         calls.append(1)
         return torch.randn(d_cgc.shape[0], sum(p.numel() for p in system.model.shared_parameters()))
 
