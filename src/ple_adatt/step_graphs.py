@@ -137,7 +137,14 @@ class StepGraphs:
                 self._runs[measure] += 1
                 self._epoch_runs[measure] += 1
             else:
-                replay = self.backend.capture(fn)
+                try:
+                    replay = self.backend.capture(fn)
+                except Exception as exc:
+                    kind = "measuring" if measure else "plain"
+                    raise RuntimeError(
+                        f"training.cuda_graph: capturing the {kind} training step failed (epoch {epoch + 1}): "
+                        f"{type(exc).__name__}: {exc}. Set training.cuda_graph: false to train without graphs"
+                    ) from exc
                 self._graphs[measure] = replay
                 self._ever_captured.add(measure)
                 self.captures += 1
