@@ -272,7 +272,7 @@ class TrainingConfig:
     compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = "default"
     # capture each whole training step (forward, backward, optimizer) as a CUDA graph and
     # replay it: no per-kernel launch cost. CUDA only (elsewhere the step runs eagerly);
-    # strategies whose gradients only feed the affinity (adatt, equal, uncertainty)
+    # every strategy but mgda (whose solver runs on the host)
     cuda_graph: bool = False
     amp_dtype: Literal["bfloat16", "float16"] = "bfloat16"
     cosine_t0: int = 10
@@ -619,7 +619,7 @@ def _check_transfer(cfg: TransferConfig, weighting: str, src: str) -> None:
         )
 
 
-GRAPH_STRATEGIES = ("adatt", "equal", "uncertainty")
+GRAPH_STRATEGIES = ("adatt", "equal", "uncertainty", "pcgrad", "mocograd", "gradnorm")
 
 
 def _check_cuda_graph(cfg: TrainConfig, src: str) -> None:
@@ -635,7 +635,7 @@ def _check_cuda_graph(cfg: TrainConfig, src: str) -> None:
                           "or max-autotune-no-cudagraphs")
     if cfg.transfer.strategy not in GRAPH_STRATEGIES:
         raise ConfigError(f"{src}: key `training.cuda_graph` supports `transfer.strategy` {list(GRAPH_STRATEGIES)}, "
-                          f"not {cfg.transfer.strategy!r} (its gradient surgery draws or solves on the host per step)")
+                          f"not {cfg.transfer.strategy!r} (its min-norm solver runs on the host every step)")
 
 
 def validate_train_config(cfg: TrainConfig, src: str, data: DataConfig | None = None) -> TrainConfig:

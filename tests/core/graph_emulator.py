@@ -7,7 +7,8 @@ produced at capture. Like a CUDA graph replay, no Python of the step runs again:
 are baked in, and state that the step *rebinds* (``self.x = new``) instead of updating in
 place is never seen again, so a replayed step that diverges from eager training points at
 exactly the bugs a CUDA graph would have. A host read during capture raises, as it does
-under ``torch.cuda.graph``.
+under ``torch.cuda.graph``. What the CPU cannot show: host-to-device copies (a CUDA graph
+replays the copy from the same host address), so the step must make none.
 """
 
 from __future__ import annotations
@@ -45,6 +46,9 @@ def _replay(ops: list[tuple[Any, tuple, dict, Any]]) -> None:
                     continue
                 if fresh.data_ptr() == old.data_ptr() and fresh.stride() == old.stride():
                     continue  # a view of the same memory (detach, expand, t, ...)
+                if fresh.shape != old.shape:  # the step reshaped the output in place later
+                    # (matmul's squeeze_): write the memory in the layout the op produced
+                    old = old.as_strided(fresh.shape, fresh.stride(), old.storage_offset())
                 old.copy_(fresh)
 
 

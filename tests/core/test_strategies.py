@@ -26,6 +26,7 @@ from ple_adatt.transfer import (
     STRATEGIES,
     GradNorm,
     MoCoGrad,
+    PCGrad,
     build_strategy,
 )
 from ple_adatt.transfer.gradnorm import gradnorm_step
@@ -92,11 +93,15 @@ def test_pcgrad_leaves_agreeing_gradients_alone():
 def test_pcgrad_ignores_absent_tasks_and_uses_a_random_order_for_three():
     g = t([1.0, 0.0], [-1.0, 1.0], [-1.0, -1.0])
     torch.testing.assert_close(pcgrad_combine(g, torch.tensor([True, True, False])), t(0.5, 1.5))
-    # with three tasks the order matters; over seeds both orders of task 0's partners show up
-    outs = {tuple(round(v, 4) for v in pcgrad_combine(g, torch.ones(3, dtype=torch.bool),
-                                                       torch.Generator().manual_seed(s)).tolist())
-            for s in range(12)}
+    # with three tasks the order matters; over draws both orders of task 0's partners show up
+    outs = {tuple(round(v, 4) for v in pcgrad_combine(g, torch.ones(3, dtype=torch.bool), 0, d).tolist())
+            for d in range(12)}
     assert len(outs) > 1
+    # the strategy draws new orders every step, on its own counter
+    s = PCGrad(["a", "b", "c"], seed=0)
+    outs = {tuple(round(v, 4) for v in s.shared_gradient(g, torch.ones(3, dtype=torch.bool)).tolist())
+            for _ in range(12)}
+    assert len(outs) > 1 and int(s.draws) == 12
 
 
 # ---------------------------------------------------------------------------- MoCoGrad
@@ -324,12 +329,32 @@ def test_gram_space_pcgrad_and_mocograd_equal_the_explicit_loops(seed):
     g = torch.randn(7, 40, generator=gen)  # random directions: about half the pairs conflict
     m = torch.randn(7, 40, generator=gen)
     present = torch.tensor([True, True, False, True, True, True, False])
-    orders = random_orders(7, torch.Generator().manual_seed(100 + seed), torch.device("cpu"))
-    fast = pcgrad_combine(g, present, torch.Generator().manual_seed(100 + seed))
+    orders = random_orders(7, 100 + seed, 3, torch.device("cpu"))
+    fast = pcgrad_combine(g, present, 100 + seed, 3)
     torch.testing.assert_close(fast.double(), _pcgrad_loop(g, present, orders), rtol=1e-4, atol=1e-4)
-    fast = mocograd_combine(g, m, present, 0.5, torch.Generator().manual_seed(100 + seed))
+    fast = mocograd_combine(g, m, present, 0.5, 100 + seed, 3)
     torch.testing.assert_close(fast.double(), _mocograd_loop(g, m, present, orders, 0.5), rtol=1e-4, atol=1e-4)
-    assert not torch.allclose(pcgrad_combine(g, present, torch.Generator().manual_seed(1)), g[present].sum(0))
+    assert not torch.allclose(pcgrad_combine(g, present, 1), g[present].sum(0))
+
+
+def test_random_orders_are_uniform_permutations_that_change_with_every_draw():
+    from ple_adatt.transfer.pcgrad import random_orders
+
+    n, draws = 6, 3000
+    orders = torch.stack([random_orders(n, 7, d, torch.device("cpu")) for d in range(draws)])  # (draws, n, n)
+    assert torch.equal(orders.sort(dim=2).values, torch.arange(n).expand(draws, n, n))  # every row a permutation
+    assert torch.equal(random_orders(n, 7, 11, torch.device("cpu")), orders[11])  # (seed, draw) fixes them
+    assert not torch.equal(random_orders(n, 8, 11, torch.device("cpu")), orders[11])
+    assert len({tuple(o.flatten().tolist()) for o in orders}) == draws
+    # each task comes first in a row about equally often: chi-square with n - 1 = 5 degrees of freedom
+    counts = torch.bincount(orders[:, :, 0].flatten(), minlength=n).double()
+    expected = draws * n / n
+    chi2 = float(((counts - expected) ** 2 / expected).sum())
+    assert chi2 < 20.5  # p < 0.001 for 5 degrees of freedom
+    # and the position of task 0 in row 1 is uniform too (no bias from the row index)
+    pos = (orders[:, 1, :] == 0).double().argmax(dim=1)
+    counts = torch.bincount(pos, minlength=n).double()
+    assert float(((counts - draws / n) ** 2 / (draws / n)).sum()) < 20.5
 
 
 def test_gradnorm_step_without_present_tasks_keeps_the_weights():

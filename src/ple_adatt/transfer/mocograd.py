@@ -31,7 +31,7 @@ _EPS = 1e-12
 
 
 def mocograd_combine(grads: Tensor, momentum: Tensor, present: Tensor, strength: float,
-                     generator: torch.Generator | None = None) -> Tensor:
+                     seed: int = 0, draw: Tensor | int = 0) -> Tensor:
     """Sum of the momentum-calibrated task gradients, (T, P), (T, P), (T,) -> (P,).
 
     For each present task ``i`` and each other present task ``j`` in random order: if
@@ -48,7 +48,7 @@ def mocograd_combine(grads: Tensor, momentum: Tensor, present: Tensor, strength:
     rows = torch.arange(T, device=dev)
     usable = present.to(torch.bool) & (m_norm > _EPS)
     coef = torch.cat([torch.eye(T, device=dev), torch.zeros(T, T, device=dev)], dim=1)  # g_i' = coef[i] @ basis
-    orders = random_orders(T, generator, dev)
+    orders = random_orders(T, seed, draw, dev)
     for k in range(T):
         j = orders[:, k]
         dot = (coef * gram[:, j].t()).sum(1)  # g_i' . g_j
@@ -77,7 +77,9 @@ class MoCoGrad(MeasuredStrategy):
             raise ValueError(f"mocograd beta must be in [0, 1), got {beta}")
         self.beta = float(beta)
         self.strength = float(strength)
-        self.generator = torch.Generator().manual_seed(int(seed))
+        self.seed = int(seed)
+        # the random orders' draw counter, on the model's device (not in checkpoints)
+        self.register_buffer("draws", torch.zeros((), dtype=torch.long), persistent=False)
         self.register_buffer("momentum", torch.zeros(self.n_tasks, 0))
         self.register_buffer("momentum_count", torch.zeros(self.n_tasks, dtype=torch.long))
 
@@ -100,4 +102,6 @@ class MoCoGrad(MeasuredStrategy):
 
     def shared_gradient(self, task_grads: Tensor, present: Tensor, representation: Tensor | None = None) -> Tensor:
         self.update_momentum(task_grads, present)
-        return mocograd_combine(task_grads, self.momentum, present, self.strength, self.generator)
+        out = mocograd_combine(task_grads, self.momentum, present, self.strength, self.seed, self.draws)
+        self.draws.add_(1)
+        return out
