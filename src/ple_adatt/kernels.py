@@ -325,7 +325,8 @@ def _w2_grads_by_gemm(out: Tensor, hid: Tensor, d_cgc: Tensor, gates: Tensor, IN
     dtype = hid.dtype
     g = gates[..., :E].to(dtype)  # (T, B, E)
     dc = d_cgc.to(dtype)
-    ds = g.permute(2, 1, 0).unsqueeze(-1) * dc.transpose(0, 1).unsqueeze(0)  # (E, B, T, D)
+    ds = torch.empty(E, B, T, D, dtype=dtype, device=hid.device)  # contiguous: the GEMM's (B, T*D) operand
+    torch.mul(g.permute(2, 1, 0).unsqueeze(-1), dc.transpose(0, 1).unsqueeze(0), out=ds)
     gw2 = torch.bmm(hid.transpose(1, 2), ds.reshape(E, B, T * D))  # (E, H, T*D)
     gb2 = torch.bmm(g.transpose(1, 2).float(), dc.float())  # (T, E, D)
     o = IN * H + H
