@@ -330,5 +330,5 @@ def _w2_grads_by_gemm(out: Tensor, hid: Tensor, d_cgc: Tensor, gates: Tensor, IN
     gw2 = torch.bmm(hid.transpose(1, 2), ds.reshape(E, B, T * D))  # (E, H, T*D)
     gb2 = torch.bmm(g.transpose(1, 2).float(), dc.float())  # (T, E, D)
     o = IN * H + H
-    out[:, :, o:o + H * D].copy_(gw2.view(E, H, T, D).permute(2, 0, 1, 3).reshape(T, E, H * D))
+    out[:, :, o:o + H * D].view(T, E, H, D).copy_(gw2.view(E, H, T, D).permute(2, 0, 1, 3))  # one pass
     out[:, :, o + H * D:].copy_(gb2)
