@@ -42,7 +42,7 @@ import torch
 from torch import Tensor
 
 __all__ = ["available", "preferred", "check_once", "checked", "failed", "shared_task_grads", "shared_task_grads_or_none",
-           "tuned_config", "chosen_variant", "LAYOUTS", "VARIANTS"]
+           "tuned_config", "LAYOUTS", "VARIANTS"]
 
 LAYOUTS = ("hrows", "brows")  # hidden block as rows / batch tile as rows
 VARIANTS = ("fused", "split")  # all in the kernel / gW2 as a cuBLAS GEMM
@@ -231,10 +231,6 @@ def tuned_config() -> str | None:
 _CHOSEN: dict[tuple, str] = {}  # shape key -> variant, timed once per process
 
 
-def chosen_variant(key: tuple) -> str | None:
-    return _CHOSEN.get(key)
-
-
 def _time_variants(run) -> str:
     """Time each variant on the device (after one untimed call, which also autotunes) and
     return the fastest. Host synchronisation here, once per shape and process."""
@@ -328,7 +324,7 @@ def _w2_grads_by_gemm(out: Tensor, hid: Tensor, d_cgc: Tensor, gates: Tensor, IN
     ds = torch.empty(E, B, T, D, dtype=dtype, device=hid.device)  # contiguous: the GEMM's (B, T*D) operand
     torch.mul(g.permute(2, 1, 0).unsqueeze(-1), dc.transpose(0, 1).unsqueeze(0), out=ds)
     gw2 = torch.bmm(hid.transpose(1, 2), ds.reshape(E, B, T * D))  # (E, H, T*D)
-    gb2 = torch.bmm(g.transpose(1, 2).float(), dc.float())  # (T, E, D)
+    gb2 = torch.bmm(g.transpose(1, 2), dc)  # (T, E, D), in the products' dtype like gW2
     o = IN * H + H
     out[:, :, o:o + H * D].view(T, E, H, D).copy_(gw2.view(E, H, T, D).permute(2, 0, 1, 3))  # one pass
     out[:, :, o + H * D:].copy_(gb2)
