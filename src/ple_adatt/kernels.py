@@ -25,7 +25,7 @@ kernel; ``split`` leaves ``gW2`` (a third of the FLOPs) to one cuBLAS GEMM per e
 all tasks, ``hid^T @ [ds_1 .. ds_T]`` (B x T*d, materialised: 0.27 GB in bf16 at the seed's
 shape), and keeps the kernel to the chained ``dh -> gW1`` pair, with half the accumulator
 registers per program. On CUDA the first call for a shape times both once and keeps the
-faster (:func:`chosen_variant`).
+faster (:func:`tuned_config` says which).
 
 Triton is optional: :func:`available` says whether the kernel can run (CUDA tensors and an
 importable triton); the model falls back to the PyTorch form otherwise. On the CPU the
