@@ -6,7 +6,8 @@
 #
 # PARTS (default "tests eager graphs", about 10-12 minutes on an H100 in all) picks what runs;
 # where one device call is limited to 10 minutes, run "tests eager" and "graphs" as two calls.
-#   tests   session.txt: device, versions, the GPU tests (test_gpu.py, test_compile.py)
+#   tests   session.txt: device, versions, the GPU tests' summary (test_gpu.py, test_compile.py);
+#           gpu_tests.log: their whole output
 #   eager   bench_eager.txt: runs a-e with the per-task gradient check; prof/profile_*.txt:
 #           kernel-time tables of the eager runs
 #   graphs  bench_graphs.txt: runs b-d with whole-step CUDA graphs, eager and with
@@ -23,8 +24,10 @@ if [[ " $parts " == *" tests "* ]]; then
     date -u
     nvidia-smi -L
     python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
-    timeout 400 python3 -m pytest -q -p no:cacheprovider -m gpu tests/core/test_gpu.py tests/core/test_compile.py 2>&1 \
-      | tail -25
+    # the whole log (tracebacks included) in gpu_tests.log, its end here
+    timeout 400 python3 -m pytest -q -p no:cacheprovider -m gpu tests/core/test_gpu.py tests/core/test_compile.py \
+      > "$out/gpu_tests.log" 2>&1
+    tail -25 "$out/gpu_tests.log"
   } 2>&1 | tee "$out/session.txt"
 fi
 if [[ " $parts " == *" eager "* ]]; then
