@@ -4,8 +4,8 @@
 #
 #   bash bench/gpu_session.sh [OUTDIR] [PARTS]   # OUTDIR defaults to $OUT, else runs/gpu-session
 #
-# PARTS (default "tests eager graphs", about 10-12 minutes on an H100 in all) picks what runs;
-# where one device call is limited to 10 minutes, run "tests eager" and "graphs" as two calls.
+# PARTS (default "tests eager graphs", about 10-15 minutes on an H100 in all) picks what runs;
+# where one device call is limited to 10 minutes, run the three parts as three calls.
 #   tests   session.txt: device, versions, the GPU tests' summary (test_gpu.py, test_compile.py);
 #           gpu_tests.log: their whole output
 #   eager   bench_eager.txt: runs a-e with the per-task gradient check; prof/profile_*.txt:

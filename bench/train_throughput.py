@@ -244,11 +244,13 @@ def run_naive(s: dict, data: TensorData, device: torch.device, interval: int, am
 
 def task_gradient_check(s: dict, data: TensorData, device: torch.device, amp: bool, reps: int = 10) -> None:
     """Time one per-task gradient extraction per method and compare each method's affinity
-    (cosine matrix) with the seed's loop, in float32 and under the run's autocast."""
+    (cosine matrix) with the seed's loop, in float32 and under the run's autocast. The kernel
+    runs under autocast only (in float32 ``batched`` takes the einsums: exact float32 products
+    made the kernel 10x slower), there in each variant and layout."""
     from ple_adatt import kernels
 
-    methods = ["einsum", "loop"] + (["fused"] if kernels.available(device) else [])
     for use_amp in sorted({False, amp and device.type == "cuda"}):
+        methods = ["einsum", "loop"] + (["fused"] if use_amp and kernels.available(device) else [])
         cfg = project_config(s, 1, use_amp)
         specs = [TaskSpec(f"t{i}", f"y{i}", "binary") for i in range(s["tasks"])]
         torch.manual_seed(0)
