@@ -9,6 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -46,3 +48,14 @@ def test_roofline_counts_the_steps_kernels_flops_and_bytes():
     assert out.count("fused_task_grads (Triton, modelled)") == 1  # (d) costs the GPU kernel, (b) has none
     einsum = _run("bench/roofline.py", "--shape", "small", "--only", "d", "--einsum-grads", "--top", "100")
     assert "fused_task_grads" not in einsum
+
+
+def test_every_autotune_config_of_the_kernel_compiles_for_hopper_without_spills():
+    """kernels.TILES lists only configs that ptxas compiles for sm_90 with warpgroup MMAs and
+    no register spills (compiled here, ahead of time, with the ptxas triton ships)."""
+    pytest.importorskip("triton", reason="triton is not installed (make setup installs it)")
+    out = _run("bench/kernel_report.py", "--check")
+    rows = [ln for ln in out.splitlines() if ln.startswith(("fused ", "split "))]
+    from ple_adatt import kernels
+
+    assert len(rows) == sum(len(v) for v in kernels.TILES.values())

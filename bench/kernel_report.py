@@ -1,0 +1,114 @@
+"""The fused kernel's resource report for Hopper, compiled here without a GPU.
+
+    .venv/bin/python bench/kernel_report.py              # the autotuner's configs (kernels.TILES)
+    .venv/bin/python bench/kernel_report.py --tiles 64x64x4x3,128x64x8x2   # others, for every variant/layout
+    .venv/bin/python bench/kernel_report.py --check      # exit 1 if a listed config spills or has no HGMMA
+
+Triton compiles the kernel ahead of time for a GPU target (``sm_90`` = H100/H200 by default)
+with the ptxas it ships; no device is needed. For each variant (``fused``, ``split``), tile
+layout (``hrows``, ``brows``) and tile configuration (BB x BH x warps x stages) it prints the
+registers per thread, the stack frame, the spill instructions in the SASS (``STL``/``LDL``:
+registers that went to local memory, much slower), the shared memory, and the matrix
+instructions (``HGMMA`` is Hopper's warpgroup MMA; ``HMMA`` alone is the older, slower path).
+These are the compiler's facts, not timings: a config that spills is slow on any H100, and
+the autotuner's list should not need to find that out on the device.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from collections import Counter
+from pathlib import Path
+
+os.environ.pop("TRITON_INTERPRET", None)  # compile for the GPU, not the interpreter
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+
+from ple_adatt import kernels  # noqa: E402
+
+# the seed's shape: shared experts 100 -> 1024 -> 128
+IN, D = 100, 128
+INT_ARGS = ["B", "IN", "H", "D", "P", "PE", "s_xb", "s_pe", "s_pb", "s_dt", "s_db", "s_gt", "s_gb", "s_gk"]
+# under bf16 autocast: x, pre, w2, dL/dcgc in bf16; the gates come out of a float32 softmax
+POINTERS = {"x_ptr": "*bf16", "pre_ptr": "*bf16", "w2_ptr": "*bf16", "dc_ptr": "*bf16", "g_ptr": "*fp32",
+            "out_ptr": "*fp32"}
+
+
+def tools() -> Path:
+    import triton
+
+    return Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
+
+
+def compile_one(variant: str, layout: str, bb: int, bh: int, warps: int, stages: int, arch: int) -> dict:
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    fn = kernels._kernel((layout,), variant == "fused").fn
+    consts = dict(BI=kernels._pow2(IN), BD=kernels._pow2(D), PREC="tf32", WITH_W2=variant == "fused",
+                  BB=bb, BH=bh, HROWS=layout == "hrows")
+    sig = {**POINTERS, **{k: "i32" for k in INT_ARGS}, **{k: "constexpr" for k in consts}}
+    src = ASTSource(fn=fn, signature=sig, constexprs={(fn.arg_names.index(k),): v for k, v in consts.items()})
+    ck = triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": warps, "num_stages": stages})
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(ck.asm["cubin"])
+        f.flush()
+        usage = subprocess.run([tools() / "cuobjdump", "--dump-resource-usage", f.name], capture_output=True,
+                               text=True, check=True).stdout
+        sass = subprocess.run([tools() / "cuobjdump", "-sass", f.name], capture_output=True, text=True,
+                              check=True).stdout
+    regs = int(re.search(r"REG:(\d+)", usage).group(1))
+    stack = int(re.search(r"STACK:(\d+)", usage).group(1))
+    ops = Counter(re.findall(r"\b(HGMMA|HMMA|STL|LDL)\b", sass))
+    return dict(regs=regs, stack=stack, spill_st=ops["STL"], spill_ld=ops["LDL"], hgmma=ops["HGMMA"],
+                hmma=ops["HMMA"], shared=ck.metadata.shared)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--arch", type=int, default=90, help="compute capability x 10 (90: H100/H200)")
+    ap.add_argument("--tiles", default=None,
+                    help="BBxBHxWARPSxSTAGES,... (default: the autotuner's lists for each layout)")
+    ap.add_argument("--variants", default=",".join(kernels.VARIANTS))
+    ap.add_argument("--check", action="store_true",
+                    help="exit 1 unless every config compiles without spills and with warpgroup MMAs")
+    args = ap.parse_args()
+    if args.tiles:
+        given = [tuple(int(v) for v in t.split("x")) for t in args.tiles.split(",")]
+        tiles = {(v, lay): given for v in kernels.VARIANTS for lay in kernels.LAYOUTS}
+    else:
+        tiles = kernels.TILES
+    bad = []
+    print(f"sm_{args.arch}, shared experts {IN} -> H -> {D}, bf16 products; registers per thread (255 = the cap), "
+          "stack bytes, spill stores/loads in the SASS, warpgroup MMAs (HGMMA) and older MMAs (HMMA)", flush=True)
+    print(f"{'variant':<7} {'layout':<6} {'BB':>4} {'BH':>4} {'warps':>5} {'stages':>6} {'regs':>5} {'stack':>6} "
+          f"{'STL':>4} {'LDL':>4} {'HGMMA':>6} {'HMMA':>5} {'smem KB':>8}")
+    for variant in args.variants.split(","):
+        for layout in kernels.LAYOUTS:
+            for bb, bh, warps, stages in tiles[variant, layout]:
+                name = f"{variant:<7} {layout:<6} {bb:>4} {bh:>4} {warps:>5} {stages:>6}"
+                try:
+                    r = compile_one(variant, layout, bb, bh, warps, stages, args.arch)
+                except Exception as exc:  # noqa: BLE001 - report the config, go on with the others
+                    print(f"{name}  does not compile: {str(exc).splitlines()[0][:80]}", flush=True)
+                    bad.append(name)
+                    continue
+                print(f"{name} {r['regs']:>5} {r['stack']:>6} {r['spill_st']:>4} {r['spill_ld']:>4} {r['hgmma']:>6} "
+                      f"{r['hmma']:>5} {r['shared'] / 1024:>8.0f}", flush=True)
+                if r["spill_st"] or r["spill_ld"] or not r["hgmma"]:
+                    bad.append(name)
+    if args.check and bad:
+        print(f"{len(bad)} config(s) spill, lack warpgroup MMAs or do not compile:")
+        for name in bad:
+            print("  " + " ".join(name.split()))
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()
