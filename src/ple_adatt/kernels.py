@@ -242,10 +242,19 @@ _CHOSEN: dict[tuple, str] = {}  # shape key -> variant, timed once per process
 
 def _time_variants(run) -> str:
     """Time each variant on the device (after one untimed call, which also autotunes) and
-    return the fastest. Host synchronisation here, once per shape and process."""
-    times = {}
+    return the fastest. Host synchronisation here, once per shape and process. A variant
+    that fails to build or launch is left out with a warning; if both fail, the first error
+    is raised (and ``batched`` falls back to the einsums)."""
+    times: dict[str, float] = {}
+    errors: list[Exception] = []
     for v in VARIANTS:
-        run(v)
+        try:
+            run(v)
+        except Exception as exc:  # noqa: BLE001 - any Triton/driver failure: try the other variant
+            logger.warning("fused per-task gradient kernel, variant %s unavailable: %s", v,
+                           str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+            errors.append(exc)
+            continue
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
         for _ in range(3):
@@ -253,6 +262,8 @@ def _time_variants(run) -> str:
         end.record()
         end.synchronize()
         times[v] = start.elapsed_time(end)
+    if not times:
+        raise errors[0]
     best = min(times, key=times.get)
     logger.info("fused per-task gradients: %s (ms per 3 calls: %s)", best,
                 ", ".join(f"{v} {t:.2f}" for v, t in times.items()))

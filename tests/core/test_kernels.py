@@ -120,3 +120,43 @@ def test_a_correct_kernel_result_passes_the_first_use_check(monkeypatch):
     monkeypatch.setattr(kernels, "_CHECKED", [])
     g = torch.randn(4, 30)
     assert kernels.check_once(g * 1.001, g) is not None and kernels.checked() and not kernels.failed()
+
+
+class _StandInEvent:
+    """Stand-in for torch.cuda.Event (no CUDA here): elapsed_time reads a host clock."""
+
+    def __init__(self, enable_timing: bool = False):
+        self.t = 0.0
+
+    def record(self) -> None:
+        import time
+
+        self.t = time.perf_counter()
+
+    def synchronize(self) -> None:
+        pass
+
+    def elapsed_time(self, end: _StandInEvent) -> float:
+        return (end.t - self.t) * 1e3
+
+
+def test_variant_timing_with_stand_in_cuda_events_skips_a_variant_that_fails(monkeypatch, caplog):
+    monkeypatch.setattr(torch.cuda, "Event", _StandInEvent)
+    calls = []
+
+    def run(v):
+        calls.append(v)
+        if v == "split":
+            raise RuntimeError("PassManager::run failed")
+        return torch.zeros(1)
+
+    with caplog.at_level("WARNING"):
+        assert kernels._time_variants(run) == "fused"
+    assert "variant split unavailable: PassManager::run failed" in caplog.text
+    assert calls.count("fused") == 4  # one untimed call, three timed
+
+    def broken(v):
+        raise RuntimeError(f"{v} broke")
+
+    with pytest.raises(RuntimeError, match="fused broke"):
+        kernels._time_variants(broken)
