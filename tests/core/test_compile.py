@@ -57,3 +57,28 @@ def test_compiled_training_matches_eager_on_cuda(mode):
     assert compiled[0] == pytest.approx(eager[0], rel=1e-3, abs=1e-4)  # TF32 on both sides
     assert float((compiled[1] - eager[1]).abs().max()) < 1e-3
     assert float((compiled[2] - eager[2]).abs().max()) < 1e-3
+
+
+@pytest.mark.parametrize("use_cluster_heads", [False, True])
+def test_the_compiled_parts_trace_as_one_graph_each(use_cluster_heads):
+    """A graph break (a host read, data-dependent Python control flow) splits a compiled part
+    and costs its fusion on the GPU without failing anything: dynamo's own report must show
+    one graph and no break for the trunk, the heads and the losses (all five loss kinds)."""
+    import torch._dynamo
+
+    cfg = load_train_config(ROOT / "configs/train/cpu_small.yaml")
+    torch.manual_seed(0)
+    system = build_system(cfg, SPECS, 5, [4, 4], 3)
+    model = system.model
+    b = make_batch(64)
+    gates, cgc, _ = model.trunk(b.x_num, b.x_cat)
+    out = model.heads_forward(cgc, b.cluster, use_cluster_heads)
+    parts = {
+        "trunk": (model.trunk, (b.x_num, b.x_cat)),
+        "heads": (model.heads_forward, (cgc, b.cluster, use_cluster_heads)),
+        "losses": (system.criterion.forward, (out, b.y, model.target_loc, model.target_scale, model.item_embeddings)),
+    }
+    for name, (fn, args) in parts.items():
+        torch._dynamo.reset()
+        report = torch._dynamo.explain(fn)(*args)
+        assert (report.graph_count, report.graph_break_count) == (1, 0), (name, report.break_reasons)
