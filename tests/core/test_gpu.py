@@ -17,6 +17,15 @@ ROOT = Path(__file__).resolve().parents[2]
 SPECS = BATCH_SPECS
 
 
+def _cuda_trainer(overrides: list[str], train_rows: int, val_rows: int, seed: int = 0) -> Trainer:
+    """The cpu_small system on BATCH_SPECS, trained on CUDA (overrides on top of device=cuda)."""
+    cfg = load_train_config(ROOT / "configs/train/cpu_small.yaml", ["device=cuda", *overrides])
+    torch.manual_seed(seed)
+    system = build_system(cfg, SPECS, 5, [4, 4], 3)
+    return Trainer(system, make_batch(train_rows), make_batch(val_rows, seed=1), cfg, torch.device("cuda"),
+                   log=lambda m: None)
+
+
 def test_batched_task_gradients_match_the_loop_under_bf16_autocast():
     system, out, lo = forward_with_distinct_heads(256, "cuda", amp=True)
     assert isinstance(system.criterion, MultiTaskLoss)
@@ -27,14 +36,10 @@ def test_batched_task_gradients_match_the_loop_under_bf16_autocast():
 
 
 def test_training_runs_on_cuda_with_amp_and_data_on_the_device():
-    cfg = load_train_config(ROOT / "configs/train/cpu_small.yaml",
-                            ["device=cuda", "training.use_amp=true", "training.shared_expert_epochs=2",
+    trainer = _cuda_trainer(["training.use_amp=true", "training.shared_expert_epochs=2",
                              "transfer.adatt.warmup_epochs=0", "transfer.adatt.freeze_epoch=1",
-                             "training.batch_size=64"])
-    torch.manual_seed(0)
-    system = build_system(cfg, SPECS, 5, [4, 4], 3)
-    trainer = Trainer(system, make_batch(512), make_batch(128, seed=1), cfg, torch.device("cuda"),
-                      log=lambda m: None)
+                             "training.batch_size=64"], 512, 128)
+    system = trainer.system
     assert trainer.train_data.y.is_cuda
     trainer.run_phase1()
     assert trainer.history[-1].val["val_loss"] < trainer.history[0].val["val_loss"] * 1.5
@@ -86,14 +91,9 @@ def test_compiled_training_step_matches_eager():
 def test_training_steps_never_wait_for_the_device(strategy):
     """The hot loop's promise: no device-to-host synchronisation per step (MGDA's host solver
     excepted). Warm-up steps first (Triton's autotuning times its configs)."""
-    cfg = load_train_config(ROOT / "configs/train/cpu_small.yaml",
-                            ["device=cuda", "training.use_amp=true", f"transfer.strategy={strategy}",
-                             "transfer.grad_interval=1", "transfer.adatt.warmup_epochs=0",
-                             "transfer.adatt.freeze_epoch=5"])
-    torch.manual_seed(0)
-    system = build_system(cfg, SPECS, 5, [4, 4], 3)
-    trainer = Trainer(system, make_batch(512), make_batch(64, seed=1), cfg, torch.device("cuda"),
-                      log=lambda m: None)
+    trainer = _cuda_trainer(["training.use_amp=true", f"transfer.strategy={strategy}", "transfer.grad_interval=1",
+                             "transfer.adatt.warmup_epochs=0", "transfer.adatt.freeze_epoch=5"], 512, 64)
+    system, cfg = trainer.system, trainer.cfg
     from ple_adatt.training import make_optimizer
 
     opt, scaler = make_optimizer(system, cfg, fused=True), trainer.make_scaler()
@@ -122,17 +122,13 @@ def test_training_steps_never_wait_for_the_device(strategy):
 def test_cuda_graph_steps_train_like_eager_steps(amp, strategy):
     """Real CUDA graphs (training.cuda_graph) against eager steps; test_step_graphs.py runs the
     same comparison on the CPU with emulated replays."""
-    cfg = load_train_config(ROOT / "configs/train/cpu_small.yaml", [
-        f"transfer.strategy={strategy}",
-        "device=cuda", f"training.use_amp={'true' if amp else 'false'}", "training.batch_size=128",
-        "training.shared_expert_epochs=3", "transfer.adatt.warmup_epochs=1", "transfer.adatt.freeze_epoch=2",
-        "training.early_stopping_patience=10"])
+    overrides = [f"transfer.strategy={strategy}", f"training.use_amp={'true' if amp else 'false'}",
+                 "training.batch_size=128", "training.shared_expert_epochs=3", "transfer.adatt.warmup_epochs=1",
+                 "transfer.adatt.freeze_epoch=2", "training.early_stopping_patience=10"]
     finals, trainers = [], []
     for graphed in (False, True):
-        torch.manual_seed(1)
-        system = build_system(cfg, SPECS, 5, [4, 4], 3)
-        trainer = Trainer(system, make_batch(1056), make_batch(128, seed=1), cfg, torch.device("cuda"),
-                          log=lambda m: None)
+        trainer = _cuda_trainer(overrides, 1056, 128, seed=1)
+        system = trainer.system
         if graphed:
             from ple_adatt.step_graphs import CudaGraphBackend
 
