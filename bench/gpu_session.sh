@@ -8,8 +8,9 @@
 # where one device call is limited to 10 minutes, run the three parts as three calls.
 #   tests   session.txt: device, versions, the GPU tests' summary (test_gpu.py, test_compile.py);
 #           gpu_tests.log: their whole output
-#   eager   bench_eager.txt: runs a-e with the per-task gradient check; prof/profile_*.txt:
-#           kernel-time tables of the eager runs
+#   eager   bench_eager.txt: runs a-e with the per-task gradient check, then b and d with the
+#           CGC mixture in PyTorch (--no-fused-mixture); prof/profile_*.txt: kernel-time
+#           tables of the eager runs
 #   graphs  bench_graphs.txt: runs b-d with whole-step CUDA graphs, eager and with
 #           torch.compile default, and with torch.compile reduce-overhead
 # Each command has its own time limit, so a hang in one still leaves the others' output.
@@ -32,6 +33,8 @@ if [[ " $parts " == *" tests "* ]]; then
 fi
 if [[ " $parts " == *" eager "* ]]; then
   "${bench[@]}" --only abcde --grads --profile "$out/prof" 2>&1 | grep -v -i warn | tee "$out/bench_eager.txt"
+  # the plain and measuring steps with the CGC mixture in PyTorch, against the fused kernels above
+  "${bench[@]}" --only bd --no-fused-mixture 2>&1 | grep -v -i warn | tail -4 | tee -a "$out/bench_eager.txt"
 fi
 if [[ " $parts " == *" graphs "* ]]; then
   for extra in "--cuda-graph" "--cuda-graph --compile default" "--compile reduce-overhead"; do

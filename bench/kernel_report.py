@@ -12,6 +12,10 @@ registers that went to local memory, much slower), the shared memory, and the ma
 instructions (``HGMMA`` is Hopper's warpgroup MMA; ``HMMA`` alone is the older, slower path).
 These are the compiler's facts, not timings: a config that spills is slow on any H100, and
 the autotuner's list should not need to find that out on the device.
+
+The CGC mixture's three kernels (``ple_adatt.mixture``: forward, backward over the shared
+experts, backward over the task experts) are elementwise, with no matrix instructions; they
+are listed with their registers and spills, and ``--check`` fails on a spill there too.
 """
 
 from __future__ import annotations
@@ -29,7 +33,7 @@ os.environ.pop("TRITON_INTERPRET", None)  # compile for the GPU, not the interpr
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
-from ple_adatt import kernels  # noqa: E402
+from ple_adatt import kernels, mixture  # noqa: E402
 
 # the seed's shape: shared experts 100 -> 1024 -> 128
 IN, D = 100, 128
@@ -56,6 +60,11 @@ def compile_one(variant: str, layout: str, bb: int, bh: int, warps: int, stages:
     sig = {**POINTERS, **{k: "i32" for k in INT_ARGS}, **{k: "constexpr" for k in consts}}
     src = ASTSource(fn=fn, signature=sig, constexprs={(fn.arg_names.index(k),): v for k, v in consts.items()})
     ck = triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": warps, "num_stages": stages})
+    return _resources(ck)
+
+
+def _resources(ck) -> dict:
+    """Registers, stack, spill and MMA instruction counts, shared memory of a compiled kernel."""
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(ck.asm["cubin"])
         f.flush()
@@ -68,6 +77,27 @@ def compile_one(variant: str, layout: str, bb: int, bh: int, warps: int, stages:
     ops = Counter(re.findall(r"\b(HGMMA|HMMA|STL|LDL)\b", sass))
     return dict(regs=regs, stack=stack, spill_st=ops["STL"], spill_ld=ops["LDL"], hgmma=ops["HGMMA"],
                 hmma=ops["HMMA"], shared=ck.metadata.shared)
+
+
+# the mixture kernels' pointers under bf16 autocast: float32 gates (the softmax) and their gradient
+MIXTURE_FP32 = ("g_ptr", "dg_ptr")
+
+
+def compile_mixture(arch: int) -> dict[str, dict]:
+    """Each CGC mixture kernel, at the block size and warps it launches with, for sm_<arch>."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    found = {}
+    for jit in mixture._kernels():
+        consts = dict(BB=mixture.BLOCK_ROWS, BD=kernels._pow2(D))
+        sig = {a: ("constexpr" if a in consts else "*fp32" if a in MIXTURE_FP32 else
+                   "*bf16" if a.endswith("_ptr") else "i32") for a in jit.arg_names}
+        src = ASTSource(fn=jit, signature=sig, constexprs={(jit.arg_names.index(k),): v for k, v in consts.items()})
+        ck = triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": mixture.NUM_WARPS, "num_stages": 1})
+        found[jit.__name__] = _resources(ck)
+    return found
 
 
 def main() -> None:
@@ -103,6 +133,17 @@ def main() -> None:
                       f"{r['hmma']:>5} {r['shared'] / 1024:>8.0f}", flush=True)
                 if r["spill_st"] or r["spill_ld"] or not r["hgmma"]:
                     bad.append(name)
+    print(f"\nCGC mixture kernels (block {mixture.BLOCK_ROWS} x {kernels._pow2(D)}, {mixture.NUM_WARPS} warps; "
+          "elementwise, no MMAs)")
+    print(f"{'kernel':<22} {'regs':>5} {'stack':>6} {'STL':>4} {'LDL':>4}")
+    try:
+        for name, r in compile_mixture(args.arch).items():
+            print(f"{name:<22} {r['regs']:>5} {r['stack']:>6} {r['spill_st']:>4} {r['spill_ld']:>4}", flush=True)
+            if r["spill_st"] or r["spill_ld"]:
+                bad.append(f"mixture {name}")
+    except Exception as exc:  # noqa: BLE001 - report it, and fail --check
+        print(f"CGC mixture kernels do not compile: {str(exc).splitlines()[0][:100]}")
+        bad.append("mixture kernels")
     if args.check and bad:
         print(f"{len(bad)} config(s) spill, lack warpgroup MMAs or do not compile:")
         for name in bad:

@@ -17,6 +17,11 @@ On the CPU the per-task gradients run as einsums; on CUDA under autocast the fus
 kernel (``ple_adatt.kernels``) does that work without writing ``dh``. Unless
 ``--einsum-grads``, the measuring step's einsums are left out and the kernel is costed
 instead, from its FLOPs and the bytes it must read and write once (its ideal).
+
+The CGC mixture likewise: on CUDA it runs as fused Triton kernels (``ple_adatt.mixture``),
+costed here from the bytes they read and write once. ``--no-fused-mixture`` records the
+PyTorch form instead, with the gates in float32 as CUDA's autocast leaves them (its softmax
+runs in float32; the CPU's autocast keeps it in bf16).
 """
 
 from __future__ import annotations
@@ -38,6 +43,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 import train_throughput as tt  # noqa: E402
 
+from ple_adatt import mixture  # noqa: E402
 from ple_adatt.config import TaskSpec  # noqa: E402
 from ple_adatt.training import Trainer, build_system, make_optimizer  # noqa: E402
 
@@ -105,7 +111,59 @@ def cost_fused_kernel(model, rec: OpRecorder) -> None:
     model.task_gradients_from_cgc = modelled
 
 
-def record_step(s: dict, adatt: bool, measure: bool, bf16: bool, gpu: str, kernel: bool = True) -> OpRecorder:
+def cost_fused_mixture(rec: OpRecorder, fused: bool) -> None:
+    """Cost the CGC mixture as the fused kernels (their ideal traffic), or record the PyTorch
+    form with CUDA autocast's float32 gates. Undone by :func:`restore_mixture`."""
+
+    class Modelled(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, gates, shared, task):
+            rec.paused = True
+            try:
+                out = mixture.reference_mixture(gates, shared, task)
+            finally:
+                rec.paused = False
+            ctx.save_for_backward(gates, shared, task)
+            T, B, K = gates.shape
+            experts = shared.numel() + (0 if task is None else task.numel())
+            rec.add("fused_cgc_mixture (Triton, modelled)", 2 * T * B * K * shared.shape[-1],
+                    T * B * K * 4 + (experts + out.numel()) * shared.element_size())
+            return out
+
+        @staticmethod
+        def backward(ctx, d_out):
+            gates, shared, task = ctx.saved_tensors
+            ins = [t.detach().requires_grad_() for t in (gates, shared, task) if t is not None]
+            rec.paused = True
+            try:
+                with torch.enable_grad():
+                    out = mixture.reference_mixture(ins[0], ins[1], ins[2] if task is not None else None)
+                    grads = torch.autograd.grad(out, ins, d_out)
+            finally:
+                rec.paused = False
+            T, B, K = gates.shape
+            experts = shared.numel() + (0 if task is None else task.numel())
+            # both kernels read dL/dcgc; each reads its experts and gates and writes their gradients
+            moved = (2 * d_out.numel() + 2 * experts) * shared.element_size() + 2 * T * B * K * 4
+            rec.add("fused_cgc_mixture backward (Triton, modelled)", 4 * T * B * K * shared.shape[-1], moved)
+            return grads[0], grads[1], grads[2] if task is not None else None
+
+    if fused:
+        mixture.gated_mixture = lambda gates, shared, task, fused=True: Modelled.apply(gates, shared, task)
+    else:
+        mixture.gated_mixture = lambda gates, shared, task, fused=True: mixture.reference_mixture(
+            gates.float(), shared, task)
+
+
+_GATED_MIXTURE = mixture.gated_mixture
+
+
+def restore_mixture() -> None:
+    mixture.gated_mixture = _GATED_MIXTURE
+
+
+def record_step(s: dict, adatt: bool, measure: bool, bf16: bool, gpu: str, kernel: bool = True,
+                fused_mixture: bool = True) -> OpRecorder:
     cfg = tt.project_config(s, 1, False)
     specs = [TaskSpec(f"t{i}", f"y{i}", "binary") for i in range(s["tasks"])]
     torch.manual_seed(0)
@@ -122,8 +180,12 @@ def record_step(s: dict, adatt: bool, measure: bool, bf16: bool, gpu: str, kerne
     rec = OpRecorder(gpu)
     if kernel:
         cost_fused_kernel(system.model, rec)
-    with rec:
-        trainer.train_step(data, 1, False, opt, scaler, measure=measure)
+    cost_fused_mixture(rec, fused_mixture)
+    try:
+        with rec:
+            trainer.train_step(data, 1, False, opt, scaler, measure=measure)
+    finally:
+        restore_mixture()
     return rec
 
 
@@ -152,6 +214,9 @@ def main() -> None:
     ap.add_argument("--only", default="bd", help="which steps: b (plain, adaTT off), d (measuring, adaTT on)")
     ap.add_argument("--einsum-grads", action="store_true",
                     help="cost the per-task gradients as the CPU's einsums, not as the fused GPU kernel")
+    ap.add_argument("--no-fused-mixture", action="store_true",
+                    help="record the CGC mixture in PyTorch (float32 gates, as under CUDA autocast), "
+                         "not costed as the fused kernels")
     ap.add_argument("--fp32", action="store_true", help="record without bf16 autocast")
     args = ap.parse_args()
     s = dict(tt.SHAPES[args.shape])
@@ -165,7 +230,8 @@ def main() -> None:
         if key not in args.only:
             continue
         t0 = time.perf_counter()
-        rec = record_step(s, adatt, measure, not args.fp32, args.gpu, kernel=not args.einsum_grads)
+        rec = record_step(s, adatt, measure, not args.fp32, args.gpu, kernel=not args.einsum_grads,
+                          fused_mixture=not args.no_fused_mixture)
         report(f"{label} [recorded in {time.perf_counter() - t0:.0f} s]", rec, args.gpu, args.top)
 
 

@@ -12,7 +12,9 @@ Prints samples/s, step time and peak memory of
   (d) adaTT on, grad_interval 1 (exact per-task gradients every step);
   (e) with ``--only ...e``: (d) with the seed's separate backward (measure_in_backward=false);
 ``--cuda-graph`` replays each whole project step as a CUDA graph (training.cuda_graph),
-``--compile [MODE]`` compiles the trunk, heads and losses (training.compile);
+``--compile [MODE]`` compiles the trunk, heads and losses (training.compile),
+``--no-fused-mixture`` mixes the CGC experts in PyTorch, not in the Triton kernels
+(training.fused_mixture: false);
 and the ratios between them. Needs torch and numpy only (no polars / MLflow / KFP), so it
 runs on a bare GPU box. The training data lives on the device, shuffled and sliced there;
 the timed loop never reads a value back to the host.
@@ -122,7 +124,8 @@ def project_config(s: dict, interval: int, amp: bool, in_backward: bool = True) 
         transfer=TransferConfig(strategy="adatt", grad_interval=interval, measure_in_backward=in_backward,
                                 adatt=AdaTTConfig(warmup_epochs=0, freeze_epoch=100), task_groups=groups),
         training=TrainingConfig(batch_size=s["batch"], use_amp=amp, compile=COMPILE is not None,
-                                compile_mode=COMPILE or "default", cuda_graph=CUDA_GRAPH),
+                                compile_mode=COMPILE or "default", cuda_graph=CUDA_GRAPH,
+                                fused_mixture=FUSED_MIXTURE),
     )
 
 
@@ -186,6 +189,7 @@ def run_project(s: dict, data: TensorData, device: torch.device, adatt: bool, in
 PROFILE_DIR: Path | None = None
 COMPILE: str | None = None  # a torch.compile mode, or None for eager
 CUDA_GRAPH = False  # --cuda-graph
+FUSED_MIXTURE = True  # --no-fused-mixture turns it off
 WARMUP_SECONDS: list[float] = []  # warm-up time of each run (includes torch.compile's compilation)
 
 
@@ -303,13 +307,16 @@ def main() -> None:
                          "= CUDA graphs, max-autotune, max-autotune-no-cudagraphs)")
     ap.add_argument("--cuda-graph", action="store_true",
                     help="training.cuda_graph: capture each whole project step as a CUDA graph and replay it")
+    ap.add_argument("--no-fused-mixture", action="store_true",
+                    help="training.fused_mixture: false: the CGC mixture in PyTorch, not in the Triton kernels")
     ap.add_argument("--grads", action="store_true", help="also time the per-task gradient methods and compare "
                                                          "their affinity with the loop reference")
     args = ap.parse_args()
-    global PROFILE_DIR, COMPILE, CUDA_GRAPH
+    global PROFILE_DIR, COMPILE, CUDA_GRAPH, FUSED_MIXTURE
     PROFILE_DIR = args.profile
     COMPILE = args.compile
     CUDA_GRAPH = args.cuda_graph
+    FUSED_MIXTURE = not args.no_fused_mixture
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                           ("cpu" if args.device == "auto" else args.device))
     if CUDA_GRAPH and device.type != "cuda":
@@ -357,6 +364,20 @@ def main() -> None:
             ratios.append(text.format(times[num] / times[den]))
     if ratios:
         print("ratios: " + "; ".join(ratios))
+    print(f"CGC mixture: {mixture_path(device)}")
+
+
+def mixture_path(device: torch.device) -> str:
+    """Which CGC mixture the project runs took (ple_adatt.mixture), and why."""
+    from ple_adatt import mixture
+
+    if not FUSED_MIXTURE:
+        return "PyTorch (--no-fused-mixture)"
+    if mixture.failed():
+        return f"PyTorch: the fused kernels were switched off ({mixture._FAILURE[0]})"
+    if COMPILE is not None:
+        return "PyTorch, fused by torch.compile"
+    return "fused Triton kernels" if mixture.fused_available(device) else f"PyTorch (no fused kernels on {device.type})"
 
 
 if __name__ == "__main__":

@@ -274,6 +274,9 @@ class TrainingConfig:
     # replay it: no per-kernel launch cost. CUDA only (elsewhere the step runs eagerly);
     # every strategy but mgda (whose solver runs on the host)
     cuda_graph: bool = False
+    # the CGC mixture as fused Triton kernels on CUDA (ple_adatt.mixture): each input read
+    # once, each result written once; checked against the PyTorch form on first use
+    fused_mixture: bool = True
     amp_dtype: Literal["bfloat16", "float16"] = "bfloat16"
     cosine_t0: int = 10
     cosine_t_mult: int = 2

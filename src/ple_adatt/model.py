@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import kernels
+from . import kernels, mixture
 from .config import ModelConfig, TaskSpec
 
 __all__ = ["GRAD_METHODS", "HeadSpec", "ModelOutput", "PLEClusterModel", "build_model"]
@@ -275,6 +275,8 @@ class PLEClusterModel(nn.Module):
     # between two autograd nodes, not an intermediate inside one compiled graph.
     _trunk_fn = None
     _heads_fn = None
+    # the CGC mixture as fused Triton kernels on CUDA (ple_adatt.mixture); training.fused_mixture
+    fused_mixture = True
 
     def _trunk(self, x_num: Tensor, x_cat: Tensor) -> tuple[Tensor, Tensor, tuple[Tensor, Tensor, Tensor]]:
         return (self._trunk_fn or self.trunk)(x_num, x_cat)
@@ -297,18 +299,11 @@ class PLEClusterModel(nn.Module):
         x = self.encode(x_num, x_cat)  # (B, d_in)
         shared, cache = self.shared_experts(x)  # (E_s, B, d)
         gates = torch.softmax(self.task_expert_attention(x), dim=-1)  # (T, B, E_s + E_t)
-        # gated mixture: the contraction over K is too short for a GEMM
-        # (a per-sample bmm runs a slow tiny-matrix kernel on the GPU, and one broadcast
-        # product over all K materialises T*B*K*d values): one fused multiply-add per expert.
-        # unbind, not indexing: its backward writes the experts' gradient once (one stack), where
-        # each index's backward writes a zero-filled full-size gradient to be summed
-        experts = shared.unbind(0)
+        te = None
         if self.e_t:
             te = self.task_expert_out(F.relu(self.task_expert_in(x)))  # (T*E_t, B, d)
-            experts += te.view(self.num_tasks, self.e_t, *te.shape[1:]).unbind(1)  # E_t x (T, B, d)
-        cgc = gates[..., :1] * experts[0]  # (T, B, d)
-        for k in range(1, len(experts)):
-            cgc = torch.addcmul(cgc, gates[..., k:k + 1], experts[k])
+            te = te.view(self.num_tasks, self.e_t, *te.shape[1:])  # (T, E_t, B, d)
+        cgc = mixture.gated_mixture(gates, shared, te, self.fused_mixture)  # (T, B, d)
         return gates, cgc, cache
 
     def heads_forward(self, cgc: Tensor, cluster: Tensor | None, use_cluster_heads: bool) -> Tensor:

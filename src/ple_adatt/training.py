@@ -253,6 +253,7 @@ class Trainer:
                 self.graph_backend = CudaGraphBackend()
             else:
                 log(f"  note: training.cuda_graph needs CUDA; on {device.type} every step runs eagerly")
+        system.model.fused_mixture = cfg.training.fused_mixture
         if cfg.training.compile:
             # the seed turned compile off for 30-minute first epochs; here the trunk, the heads
             # and the losses compile once per batch shape (about 45 s cold on a 2-core CPU)

@@ -1,0 +1,154 @@
+"""The CGC mixture (ple_adatt.mixture): the fused Triton kernels against the PyTorch form.
+
+On the CPU the kernels run under Triton's interpreter (switched on by tests/conftest.py);
+tests/core/test_gpu.py runs them compiled, in bf16. Skipped where triton is not installed
+(make setup installs it)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ple_adatt import mixture
+
+pytest.importorskip("triton", reason="triton is not installed (make setup installs it for the interpreter test)")
+
+
+@pytest.fixture
+def interpreter():
+    from ple_adatt import kernels
+
+    if torch.cuda.is_available() or not kernels.interpreted():
+        pytest.skip("interpreter test (CPU only); tests/core/test_gpu.py runs the compiled kernels")
+
+
+def _inputs(T, B, D, E, ET, dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    gates = torch.softmax(torch.randn(T, B, E + ET, generator=g), -1).requires_grad_()
+    shared = torch.randn(E, B, D, generator=g).to(dtype).requires_grad_()
+    task = torch.randn(T, ET, B, D, generator=g).to(dtype).requires_grad_() if ET else None
+    return gates, shared, task
+
+
+def _run(fn, gates, shared, task, grad):
+    ins = [t for t in (gates, shared, task) if t is not None]
+    out = fn(gates, shared, task)
+    return (out, *torch.autograd.grad(out, ins, grad))
+
+
+# odd shapes: rows not a multiple of the block, d not a power of two, no task experts
+@pytest.mark.parametrize("T,B,D,E,ET", [(4, 70, 24, 3, 2), (3, 33, 17, 2, 0), (1, 5, 128, 1, 1)])
+def test_fused_mixture_equals_the_pytorch_form_forward_and_backward(interpreter, T, B, D, E, ET):
+    gates, shared, task = _inputs(T, B, D, E, ET)
+    grad = torch.randn(T, B, D, generator=torch.Generator().manual_seed(1))
+    fused = _run(mixture.fused_mixture, gates, shared, task, grad)
+    ref = _run(mixture.reference_mixture, gates, shared, task, grad)
+    assert fused[0].shape == (T, B, D) and len(fused) == len(ref)
+    for a, b in zip(fused, ref):
+        assert a.dtype == b.dtype and a.shape == b.shape
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_the_mixture_is_the_gate_weighted_sum_of_experts(interpreter):
+    """Against the formula itself, not the other implementation: one-hot gates pick an expert."""
+    T, B, D, E, ET = 2, 40, 8, 2, 1
+    _, shared, task = _inputs(T, B, D, E, ET)
+    pick = torch.tensor([1, 2])  # task 0 takes shared expert 1, task 1 its own task expert
+    gates = torch.nn.functional.one_hot(pick, E + ET).float()[:, None, :].expand(T, B, E + ET).contiguous()
+    out = mixture.fused_mixture(gates, shared.detach(), task.detach())
+    torch.testing.assert_close(out[0], shared[1].detach())
+    torch.testing.assert_close(out[1], task[1, 0].detach())
+
+
+def test_bf16_experts_give_a_bf16_mixture_from_float32_gates(interpreter):
+    """As on CUDA under autocast: float32 gates (softmax), bf16 experts, a bf16 result."""
+    gates, shared, task = _inputs(3, 50, 16, 2, 2, dtype=torch.bfloat16)
+    grad = torch.randn(3, 50, 16).bfloat16()
+    fused = _run(mixture.fused_mixture, gates, shared, task, grad)
+    ref = _run(mixture.reference_mixture, gates, shared, task, grad)
+    assert [t.dtype for t in fused] == [torch.bfloat16, torch.float32, torch.bfloat16, torch.bfloat16]
+    for a, b in zip(fused, ref):
+        assert a.dtype == b.dtype
+        torch.testing.assert_close(a.float(), b.float(), rtol=2e-2, atol=2e-2)
+
+
+def test_gated_mixture_takes_pytorch_on_the_cpu_and_where_switched_off(monkeypatch):
+    calls = []
+    monkeypatch.setattr(mixture, "fused_mixture", lambda *a: calls.append(1))
+    gates, shared, task = _inputs(2, 8, 4, 2, 1)
+    out = mixture.gated_mixture(gates, shared, task)  # CPU: not available
+    monkeypatch.setattr(mixture, "fused_available", lambda device: True)
+    mixture.gated_mixture(gates, shared, task, fused=False)  # training.fused_mixture: false
+    assert calls == [] and out.shape == (2, 8, 4)
+
+
+def test_a_wrong_or_failing_kernel_is_switched_off_after_its_first_use(monkeypatch, caplog):
+    """Where the kernel runs (made 'available' here), its first result is checked against the
+    PyTorch form; a mismatch or an error costs speed, never a wrong model."""
+    monkeypatch.setattr(mixture, "_FAILURE", [])
+    monkeypatch.setattr(mixture, "_CHECKED", [])
+    monkeypatch.setattr(mixture, "fused_available", lambda device: not mixture.failed())
+    calls = []
+
+    def wrong(gates, shared, task):
+        calls.append(1)
+        return mixture.reference_mixture(gates, shared.flip(1), task)  # rows scrambled
+
+    monkeypatch.setattr(mixture, "fused_mixture", wrong)
+    gates, shared, task = _inputs(2, 8, 4, 2, 1)
+    with caplog.at_level("WARNING"):
+        out = mixture.gated_mixture(gates, shared, task)
+    torch.testing.assert_close(out, mixture.reference_mixture(gates, shared, task))
+    assert mixture.failed() and "differs from the PyTorch form" in caplog.text
+    mixture.gated_mixture(gates, shared, task)
+    assert len(calls) == 1  # checked once, then off
+
+    monkeypatch.setattr(mixture, "_FAILURE", [])
+    monkeypatch.setattr(mixture, "_CHECKED", [True])
+
+    def broken(*args):
+        raise RuntimeError("PTX assembly failed")
+
+    monkeypatch.setattr(mixture, "fused_mixture", broken)
+    with caplog.at_level("WARNING"):
+        out = mixture.gated_mixture(gates, shared, task)
+    torch.testing.assert_close(out, mixture.reference_mixture(gates, shared, task))
+    assert mixture.failed() and "PTX assembly failed" in caplog.text
+
+
+def test_a_correct_kernel_passes_the_first_use_check(interpreter, monkeypatch):
+    monkeypatch.setattr(mixture, "_FAILURE", [])
+    monkeypatch.setattr(mixture, "_CHECKED", [])
+    monkeypatch.setattr(mixture, "fused_available", lambda device: not mixture.failed())
+    gates, shared, task = _inputs(3, 40, 12, 2, 2)
+    out = mixture.gated_mixture(gates, shared, task)
+    assert mixture._CHECKED and not mixture.failed()
+    assert out.grad_fn is not None and "FusedMixture" in type(out.grad_fn).__name__
+    torch.testing.assert_close(out, mixture.reference_mixture(gates, shared, task))
+
+
+def test_a_gate_count_that_does_not_match_the_experts_is_named(interpreter):
+    gates, shared, task = _inputs(2, 8, 4, 2, 1)
+    with pytest.raises(ValueError, match="gates have 3 columns for 3 shared and 1 task experts"):
+        mixture.fused_mixture(gates, torch.cat([shared, shared[:1]]), task)
+
+
+def test_the_model_trains_the_same_through_the_fused_mixture(interpreter, monkeypatch):
+    """The model's trunk through the kernels (made 'available' on the CPU, interpreted) gives
+    the PyTorch trunk's outputs and parameter gradients."""
+    from corehelpers import forward_with_distinct_heads
+
+    monkeypatch.setattr(mixture, "_FAILURE", [])
+    monkeypatch.setattr(mixture, "_CHECKED", [True])  # no first-use check: compare directly
+    results = []
+    for fused in (True, False):
+        monkeypatch.setattr(mixture, "fused_available", lambda device, fused=fused: fused)
+        system, out, lo = forward_with_distinct_heads(70)
+        assert ("FusedMixture" in type(out.cgc_out.grad_fn).__name__) == fused
+        lo.weighted.sum().backward()
+        results.append((out.out.detach(), {n: p.grad for n, p in system.named_parameters() if p.grad is not None}))
+    (out_f, grads_f), (out_r, grads_r) = results
+    torch.testing.assert_close(out_f, out_r, rtol=1e-5, atol=1e-6)
+    assert grads_f.keys() == grads_r.keys() and any("task_expert_attention" in n for n in grads_f)
+    for name in grads_r:
+        torch.testing.assert_close(grads_f[name], grads_r[name], rtol=1e-4, atol=1e-6, msg=name)
