@@ -22,8 +22,9 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor, nn
 
-from .config import TaskSpec, TrainConfig
+from .config import ConfigError, TaskSpec, TrainConfig
 from .data.dataset import TensorData
+from .errors import TrainingError
 from .losses import LossOutput, MultiTaskLoss, gate_entropy
 from .metrics import PRIMARY_METRIC, task_metrics
 from .model import PLEClusterModel, build_model
@@ -69,7 +70,7 @@ def resolve_device(name: str) -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dev = torch.device(name)
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {name!r} requested but CUDA is not available; use device: auto or cpu")
+        raise ConfigError(f"key `device` is {name!r} but CUDA is not available here; use device: auto or cpu")
     return dev
 
 
@@ -168,7 +169,8 @@ def evaluate(system: MultiTaskSystem, data: TensorData, *, use_cluster_heads: bo
         metrics[h.name] = m
     weights = system.criterion.weights.cpu()
     present = count_sum.cpu() > 0
-    val_loss = float((weights * torch.nan_to_num(task_loss.float()) * present).sum())
+    # a non-finite loss of a task with rows stays non-finite: a diverged run must not look perfect
+    val_loss = float((weights * torch.where(present, task_loss.float(), 0.0)).sum())
     return {"val_loss": val_loss, "tasks": metrics}
 
 
@@ -228,6 +230,9 @@ class Trainer:
     def __init__(self, system: MultiTaskSystem, train: TensorData, val: TensorData, cfg: TrainConfig,
                  device: torch.device, *, log: Log = print,
                  on_epoch: Callable[[EpochRecord], None] | None = None):
+        if len(train) == 0:
+            raise TrainingError("the training split has no rows: check `max_rows`, the split fractions and the "
+                                "data file")
         self.system = system.to(device)
         self.cfg = cfg
         self.device = device
@@ -508,6 +513,7 @@ class Trainer:
             )
             self.history.append(rec)
             self._print_epoch(rec, max_epochs)
+            self._check_diverged(rec, len(batches))
             if self.on_epoch is not None:
                 self.on_epoch(rec)
             # early stopping on the weighted validation loss
@@ -536,6 +542,24 @@ class Trainer:
         )
 
     # ------------------------------------------------------------------------- phases
+
+    def _check_diverged(self, rec: EpochRecord, n_batches: int) -> None:
+        """Stop a run that no longer trains: parameters that are not finite, a validation loss
+        that is not, or an epoch whose every batch was skipped for a non-finite loss. One host
+        read per epoch. Nothing is written: the stage fails, and no checkpoint or model is kept."""
+        bad = [n for n, p in self.system.named_parameters() if not bool(torch.isfinite(p).all())]
+        why = ""
+        if bad:
+            why = f"{len(bad)} parameter tensor(s) are not finite (first: {bad[0]})"
+        elif not math.isfinite(rec.val["val_loss"]):
+            why = f"the validation loss is {rec.val['val_loss']}"
+        elif n_batches and rec.skipped_batches >= n_batches:
+            why = f"all {n_batches} batches were skipped for a non-finite loss"
+        if why:
+            self._event("diverged", rec.phase, rec.epoch, reason=why)
+            raise TrainingError(f"training diverged in {rec.phase} epoch {rec.epoch + 1}: {why}; lower "
+                                f"`training.learning_rate` (now {self.cfg.training.learning_rate:g}) or check the "
+                                "data and the losses' settings")
 
     def run_phase1(self) -> None:
         t = self.cfg.training

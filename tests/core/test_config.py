@@ -104,3 +104,62 @@ def test_missing_and_unparsable_files(tmp_path):
         load_train_config(tmp_path / "nope.yaml")
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_train_config(write(tmp_path, "a: [1,\n"))
+
+
+SMALL = ROOT / "configs/train/cpu_small.yaml"
+
+
+@pytest.mark.parametrize("override,message", [
+    ("training.learning_rate=.nan", "`training.learning_rate`: expected a finite number, got nan"),
+    ("registry.tolerance=.inf", "`registry.tolerance`: expected a finite number, got inf"),
+    ("training.gradient_clip_norm=-1", "`training.gradient_clip_norm` must be > 0, got -1.0"),
+    ("training.gradient_clip_norm=0", "`training.gradient_clip_norm` must be > 0"),
+    ("training.weight_decay=-1", "`training.weight_decay` must be >= 0"),
+    ("training.early_stopping_patience=-1", "`training.early_stopping_patience` must be >= 1"),
+    ("training.phase2_trainable=[]", "`training.phase2_trainable` must be a non-empty list"),
+    ("training.expert_lr={expert_0: {lr: -1}}", "`training.expert_lr.expert_0.lr` must be > 0"),
+    ("training.expert_lr={expert_0: {learning_rate: 0.1}}", "`training.expert_lr.expert_0.learning_rate` must be one of"),
+    ("tasks.ctr.weight=-1", "`tasks.ctr.weight` must be >= 0"),
+    ("tasks.ctr.alpha=2", "`tasks.ctr.alpha` must be in [0, 1]"),
+    ("tasks.ltv.delta=0", "`tasks.ltv.delta` must be > 0"),
+    ("tasks.brand_prediction.temperature=0", "`tasks.brand_prediction.temperature` must be > 0"),
+    ("model.transfer_strength=-5", "`model.transfer_strength` must be >= 0"),
+    ("model.cgc_entropy_weight=-1", "`model.cgc_entropy_weight` must be >= 0"),
+    ("model.tower_dropout=1.5", "`model.tower_dropout` must be in [0, 1)"),
+    ("model.shared_expert_names=[a, a, b, c]", "`model.shared_expert_names` must be distinct names (repeated: a)"),
+    ("model.logit_transfer_edges=[[ctr, cvr], [cvr, ctr]]", "has a cycle (ctr -> cvr -> ctr)"),
+    ("transfer.adatt.max_transfer_ratio=-1", "`transfer.adatt.max_transfer_ratio` must be in [0, 1]"),
+    ("transfer.adatt.warmup_epochs=-3", "`transfer.adatt.warmup_epochs` must be >= 0"),
+    ("max_rows=0", "`max_rows` must be null or >= 1"),
+    ("seed=-1", "`seed` must be in [0, 2**32 - 1]"),
+    ("seed=99999999999", "`seed` must be in [0, 2**32 - 1]"),
+    ("device=gpu", "`device` must be auto, cpu, cuda or cuda:N, got 'gpu'"),
+    ("registry.tolerance=-1", "`registry.tolerance` must be >= 0"),
+    ("registry.candidate_alias=champion", "`registry.candidate_alias` must be different from `registry.champion_alias`"),
+    ("registry.champion_alias=latest", "`registry.champion_alias` must be letters, digits"),
+    ("registry.model_name=' '", "`registry.model_name` must be a non-empty name"),
+])
+def test_values_training_cannot_use_are_config_errors_naming_the_key(override, message):
+    with pytest.raises(ConfigError) as e:
+        load_train_config(SMALL, [override])
+    assert str(SMALL) in str(e.value) and message in str(e.value)
+
+
+def test_numbers_in_exponent_notation_are_numbers():
+    """YAML 1.1 reads 3e-3 (no dot) as a string; a config means the number."""
+    assert load_train_config(SMALL, ["training.learning_rate=3e-3"]).training.learning_rate == 0.003
+    assert load_train_config(SMALL, ["training.learning_rate=1E-7"]).training.learning_rate == 1e-7
+    with pytest.raises(ConfigError, match="expected a number, got 'fast'"):
+        load_train_config(SMALL, ["training.learning_rate=fast"])
+
+
+def test_a_misspelt_task_in_groups_or_edges_is_an_error_and_an_absent_one_a_warning(caplog):
+    data = load_data_config(ROOT / "configs/data/synthetic.yaml")
+    for override, key in (("transfer.task_groups.engagement.members=[ctrr, cvr]", "transfer.task_groups.engagement"),
+                          ("model.logit_transfer_edges=[[ctr, cvrr]]", "model.logit_transfer_edges")):
+        with pytest.raises(ConfigError, match=f"`{key}.*names task '(ctrr|cvrr)'.*did you mean '(ctr|cvr)'"):
+            load_train_config(SMALL, [override], data=data)
+    # the seed's groups list `uplift`, which this data lacks: left out with a warning
+    with caplog.at_level("WARNING"):
+        load_train_config(SMALL, data=data)
+    assert "'uplift' is not a task of this data" in caplog.text

@@ -231,3 +231,52 @@ def test_sync_free_loop_trains_like_the_checked_loop_on_clean_data():
         finals.append([p.detach().clone() for p in system.parameters()])
     for a, b in zip(*finals):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def _tiny_trainer(overrides, train):
+    from corehelpers import BATCH_SPECS, make_batch
+
+    from ple_adatt.training import Trainer, build_system
+
+    cfg = load_train_config(TRAIN_CFG, ["training.batch_size=32", "training.shared_expert_epochs=3",
+                                        "transfer.adatt.warmup_epochs=0", "transfer.adatt.freeze_epoch=2",
+                                        *overrides])
+    torch.manual_seed(0)
+    system = build_system(cfg, BATCH_SPECS, 5, [4, 4], 3)
+    return Trainer(system, train, make_batch(64, seed=1), cfg, torch.device("cpu"), log=lambda m: None)
+
+
+def test_a_run_that_diverges_stops_with_an_error_naming_the_cause():
+    """A learning rate that blows the weights up must not end as a finished run with NaN
+    weights and a validation loss that reads 0."""
+    from corehelpers import make_batch
+
+    from ple_adatt.errors import TrainingError
+
+    trainer = _tiny_trainer(["training.learning_rate=1e30"], make_batch(128))
+    with pytest.raises(TrainingError, match=r"training diverged in phase1 epoch 1: (.*not finite|the validation loss is nan)"
+                                            r".*learning_rate` \(now 1e\+30\)"):
+        trainer.run_phase1()
+    assert trainer.events[-1]["event"] == "diverged"
+
+
+def test_an_epoch_whose_every_batch_is_skipped_stops_the_run():
+    from corehelpers import make_batch
+
+    from ple_adatt.errors import TrainingError
+
+    train = make_batch(128)
+    train.x_num[:] = float("nan")  # every batch's loss is NaN: every update is skipped
+    trainer = _tiny_trainer([], train)
+    with pytest.raises(TrainingError, match="all 4 batches were skipped for a non-finite loss"):
+        trainer.run_phase1()
+    assert len(trainer.history) == 1
+
+
+def test_no_training_rows_is_an_error_before_anything_runs():
+    from corehelpers import make_batch
+
+    from ple_adatt.errors import TrainingError
+
+    with pytest.raises(TrainingError, match="the training split has no rows"):
+        _tiny_trainer([], make_batch(128).subset(torch.arange(0)))
