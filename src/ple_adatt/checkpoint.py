@@ -7,6 +7,14 @@ target statistics, the loss weighting, and the task-transfer buffers (for adaTT:
 ``transfer_weights``; MoCoGrad: ``momentum``; GradNorm: ``loss_weights``; uncertainty
 weighting: ``criterion.log_vars``). The manifest holds what is needed to rebuild and judge the model:
 tasks, both configs, phase, epochs, per-task validation metrics and the affinity history.
+
+The manifest's ``files`` holds the content hash of ``checkpoint.pt`` and of
+``preprocessing.json``; :func:`load_checkpoint` refuses a file whose bytes do not match. A
+checkpoint written before ``preprocessing.json`` was hashed has no such entry: it still loads,
+and its vocabularies and numeric statistics are checked against the manifest's model shape
+(categorical features, cardinalities, numeric features), which is what an edited or swapped
+file would break. Every malformed manifest or preprocessing file is an :class:`ArtifactError`
+naming the file and the key.
 """
 
 from __future__ import annotations
@@ -121,7 +129,8 @@ def save_checkpoint(
             if transfer is not None and hasattr(transfer, "detect_negative_transfer") else {},
             "transfer_matrix": transfer.get_transfer_matrix().cpu().tolist()
             if transfer is not None and hasattr(transfer, "get_transfer_matrix") else None,
-            "files": {STATE_FILE: path_sha256(out_dir / STATE_FILE)},
+            "files": {STATE_FILE: path_sha256(out_dir / STATE_FILE),
+                      PREPROCESSING_FILE: path_sha256(out_dir / PREPROCESSING_FILE)},
         },
     )
     write_json(out_dir / "manifest.json", manifest)
@@ -145,28 +154,125 @@ class LoadedCheckpoint:
     path: Path
 
 
+def _check_hash(path: Path, expected: Any) -> None:
+    if expected and path_sha256(path) != expected:
+        raise ArtifactError(f"{path}: content hash does not match its manifest; the file was changed or truncated")
+
+
+def _manifest_fields(man: dict[str, Any], where: str) -> dict[str, Any]:
+    """The keys of a checkpoint manifest that rebuilding the model needs, type-checked."""
+
+    def need(key: str, ok: Any, what: str) -> Any:
+        if key not in man:
+            raise ArtifactError(f"{where}: key `{key}` is missing; the manifest is incomplete or was edited "
+                                "(rerun the stage that wrote this checkpoint)")
+        if not ok(man[key]):
+            raise ArtifactError(f"{where}: key `{key}` must be {what}, got {type(man[key]).__name__}")
+        return man[key]
+
+    tasks = need("tasks", lambda v: isinstance(v, list) and v and all(isinstance(t, str) for t in v),
+                 "a non-empty list of task names")
+    need("data_config", lambda v: isinstance(v, dict), "a mapping (the data config)")
+    need("train_config", lambda v: isinstance(v, dict), "a mapping (the train config)")
+    model = need("model", lambda v: isinstance(v, dict), "a mapping")
+    files = need("files", lambda v: isinstance(v, dict), "a mapping of file name to sha256")
+    if not isinstance(files.get(STATE_FILE), str):  # later stages record it as their input
+        raise ArtifactError(f"{where}: key `files.{STATE_FILE}` (the sha256 of the state_dict) is missing")
+    for key, ok, what in (
+        ("num_numeric", lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0, "an integer >= 0"),
+        ("cardinalities", lambda v: isinstance(v, list) and all(isinstance(c, int) and c >= 1 for c in v),
+         "a list of integers >= 1"),
+        ("num_clusters", lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1, "an integer >= 1"),
+    ):
+        if key not in model:
+            raise ArtifactError(f"{where}: key `model.{key}` is missing; the manifest is incomplete or was edited")
+        if not ok(model[key]):
+            raise ArtifactError(f"{where}: key `model.{key}` must be {what}, got {model[key]!r}")
+    return {"tasks": tasks, "model": model, "files": files}
+
+
+def _load_preprocessing(path: Path, data_cfg: DataConfig, model: dict[str, Any]) -> Preprocessor:
+    """Read ``preprocessing.json`` and check that it fits the model the manifest describes."""
+    from .data.dataset import DataError
+
+    if not path.exists():
+        raise ArtifactError(f"{path}: {PREPROCESSING_FILE} is missing; the checkpoint is incomplete")
+    try:
+        raw = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ArtifactError(f"{path}: not valid JSON ({e}); the file was changed or truncated") from e
+    if not isinstance(raw, dict):
+        raise ArtifactError(f"{path}: expected a JSON object, got {type(raw).__name__}")
+    for key, kind in (("vocabularies", dict), ("numeric", dict), ("train_rows", int), ("data_config", str)):
+        if key not in raw:
+            raise ArtifactError(f"{path}: key `{key}` is missing; the file is incomplete or was edited")
+        if not isinstance(raw[key], kind):
+            raise ArtifactError(f"{path}: key `{key}` must be a {kind.__name__}, got {type(raw[key]).__name__}")
+    for col, vocab in raw["vocabularies"].items():
+        if not isinstance(vocab, list):
+            raise ArtifactError(f"{path}: key `vocabularies.{col}` must be a list of values")
+    for col, stats in raw["numeric"].items():
+        if not (isinstance(stats, dict) and all(isinstance(stats.get(k), (int, float)) for k in ("mean", "std"))):
+            raise ArtifactError(f"{path}: key `numeric.{col}` must be {{mean: number, std: number}}, got {stats!r}")
+    try:
+        pre = Preprocessor.load(path)
+    except DataError as e:  # schema version; already names the file
+        raise ArtifactError(str(e)) from e
+    absent = [c for c in data_cfg.categorical_features if c not in pre.vocabularies]
+    if absent:
+        raise ArtifactError(f"{path}: key `vocabularies` lacks the categorical features {absent} of the "
+                            "checkpoint's data config")
+    absent = [c for c in data_cfg.numeric_features if c not in pre.numeric_mean]
+    if absent:
+        raise ArtifactError(f"{path}: key `numeric` lacks the numeric features {absent} of the checkpoint's data config")
+    cards = pre.cardinalities(data_cfg)
+    expected = list(model["cardinalities"])
+    if cards != expected:
+        bad = [f"{c}: {n - 1} values, the model embeds {m - 1}"
+               for c, n, m in zip(data_cfg.categorical_features, cards, expected, strict=False) if n != m]
+        raise ArtifactError(f"{path}: key `vocabularies` does not fit the model in the manifest "
+                            f"({'; '.join(bad) or f'{len(cards)} features, the model has {len(expected)}'}); "
+                            "the file was changed or belongs to another checkpoint")
+    return pre
+
+
 def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> LoadedCheckpoint:
-    """Rebuild the system from a checkpoint directory; refuse incomplete or unknown ones."""
+    """Rebuild the system from a checkpoint directory; refuse incomplete, edited or unknown ones.
+
+    Raises :class:`ArtifactError` (or ``ConfigError`` for a config in the manifest that no longer
+    validates) naming the file and key; never a bare KeyError / JSONDecodeError.
+    """
     d = Path(path)
     man = read_manifest(d, KIND, (CHECKPOINT_SCHEMA_VERSION,))
+    where = f"{d / 'manifest.json'}"
+    fields = _manifest_fields(man, where)
     state_path = d / STATE_FILE
     if not state_path.exists():
         raise ArtifactError(f"{d}: {STATE_FILE} is missing; the checkpoint is incomplete")
-    expected = man.get("files", {}).get(STATE_FILE)
-    if expected and path_sha256(state_path) != expected:
-        raise ArtifactError(f"{state_path}: content hash does not match its manifest; the file was changed or truncated")
+    _check_hash(state_path, fields["files"].get(STATE_FILE))
+    pre_path = d / PREPROCESSING_FILE
+    if pre_path.exists():  # hashed since preprocessing.json joined `files`; older checkpoints: checked below
+        _check_hash(pre_path, fields["files"].get(PREPROCESSING_FILE))
     try:
         state = torch.load(state_path, map_location="cpu", weights_only=True)
     except Exception as e:
         raise ArtifactError(f"{state_path}: cannot load the state_dict ({e})") from e
-    missing = [k for k in required_state_keys(man.get("strategy", "adatt")) if k not in state]
+    strategy = man.get("strategy", "adatt")
+    missing = [k for k in required_state_keys(strategy if isinstance(strategy, str) else "adatt") if k not in state]
     if missing:
         raise ArtifactError(f"{state_path}: checkpoint lacks required buffers {missing}; refusing it")
-    data_cfg = data_config_from_dict(man["data_config"], f"{d}/manifest.json")
-    train_cfg = train_config_from_dict(man["train_config"], f"{d}/manifest.json")
-    pre = Preprocessor.load(d / PREPROCESSING_FILE)
-    tasks = [data_cfg.task(n) for n in man["tasks"]]
-    m = man["model"]
+    data_cfg = data_config_from_dict(man["data_config"], where)
+    train_cfg = train_config_from_dict(man["train_config"], where)
+    unknown = [n for n in fields["tasks"] if n not in data_cfg.task_names]
+    if unknown:
+        raise ArtifactError(f"{where}: key `tasks` names {unknown}, which its `data_config` does not declare "
+                            f"(tasks: {', '.join(data_cfg.task_names)})")
+    m = fields["model"]
+    if len(m["cardinalities"]) != len(data_cfg.categorical_features):
+        raise ArtifactError(f"{where}: key `model.cardinalities` has {len(m['cardinalities'])} entries, but "
+                            f"`data_config` declares {len(data_cfg.categorical_features)} categorical features")
+    pre = _load_preprocessing(pre_path, data_cfg, m)
+    tasks = [data_cfg.task(n) for n in fields["tasks"]]
     system = build_system(train_cfg, tasks, m["num_numeric"], m["cardinalities"], m["num_clusters"])
     try:
         system.load_state_dict(state, strict=True)
