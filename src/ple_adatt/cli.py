@@ -35,6 +35,20 @@ def _expected_errors() -> tuple[type[BaseException], ...]:
     return (ConfigError, DataError, ArtifactError, StageError, FileNotFoundError)
 
 
+#: OS errors about a path the user gave: reported in one line naming the path, like FileNotFoundError
+_PATH_ERRORS = (IsADirectoryError, NotADirectoryError, PermissionError, FileExistsError)
+
+
+def _path_error(e: OSError) -> str:
+    what = {
+        IsADirectoryError: "is a directory; expected a file",
+        NotADirectoryError: "a part of this path is a file, not a directory",
+        PermissionError: "permission denied",
+        FileExistsError: "already exists",
+    }.get(type(e), e.strerror or str(e))
+    return f"{e.filename}: {what}"
+
+
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
@@ -63,6 +77,11 @@ def main(argv: list[str] | None = None) -> int:
         return int(module.run(args) or 0)
     except _expected_errors() as e:
         print(f"ple-adatt {name}: error: {e}", file=sys.stderr)
+        return 2
+    except _PATH_ERRORS as e:  # a path argument that is a directory, a file or unreadable
+        if e.filename is None:
+            raise
+        print(f"ple-adatt {name}: error: {_path_error(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"ple-adatt {name}: interrupted", file=sys.stderr)

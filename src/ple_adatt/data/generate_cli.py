@@ -6,17 +6,29 @@ import argparse
 import time
 
 
+def _rows(text: str) -> int:
+    """``--rows``: an integer >= 1 (argparse turns the ValueError into a usage error, exit 2)."""
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {n}")
+    return n
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, help="Parquet file to write, e.g. data/synthetic.parquet")
-    parser.add_argument("--rows", type=int, default=20_000, help="number of rows (default 20000)")
+    parser.add_argument("--rows", type=_rows, default=20_000, help="number of rows, >= 1 (default 20000)")
     parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..errors import StageError
     from .synthetic import write_parquet
 
-    if args.rows < 1:
-        raise ValueError(f"--rows must be >= 1, got {args.rows}")
+    if args.rows < 1:  # callers that build the namespace themselves
+        raise StageError(f"--rows must be >= 1, got {args.rows}")
     t0 = time.perf_counter()
     path = write_parquet(args.out, rows=args.rows, seed=args.seed)
     print(f"wrote {args.rows} rows to {path} in {time.perf_counter() - t0:.1f}s")
