@@ -242,6 +242,7 @@ class Trainer:
         self.on_epoch = on_epoch
         self.history: list[EpochRecord] = []
         self.events: list[dict[str, Any]] = []
+        self._deferred: list[str] | None = None  # event lines held back until the epoch's line
         self.global_step = 0
         # On CUDA the hot loop never reads the device: a non-finite loss poisons its gradients
         # and the scaler skips the update on the device; skips are counted there and read once
@@ -269,8 +270,14 @@ class Trainer:
     # ----------------------------------------------------------------- small helpers
 
     def _event(self, name: str, phase: str, epoch: int, **extra: Any) -> None:
+        """Record an event (``epoch`` 0-based, as in the manifest) and log it with the 1-based
+        epoch of the log's epoch lines; at epoch end, after that epoch's line."""
         self.events.append({"event": name, "phase": phase, "epoch": epoch, "step": self.global_step, **extra})
-        self.log(f"  event: {name} (phase {phase}, epoch {epoch}){' ' + str(extra) if extra else ''}")
+        line = f"  event: {name} ({phase}, epoch {epoch + 1}){' ' + str(extra) if extra else ''}"
+        if self._deferred is not None:
+            self._deferred.append(line)
+        else:
+            self.log(line)
 
     def _autocast(self) -> contextlib.AbstractContextManager:
         t = self.cfg.training
@@ -480,6 +487,7 @@ class Trainer:
                 self.log(f"    {phase}: {graphs.captures} CUDA graph(s) captured in epoch 1 "
                          "(captured again every epoch; a smaller last batch runs eagerly)")
             # eval -> schedule -> checkpointable state
+            self._deferred = []
             sched.step()
             val = evaluate(system, self.val_data, use_cluster_heads=use_cluster_heads,
                            batch_size=max(t.batch_size, 4096))
@@ -513,6 +521,9 @@ class Trainer:
             )
             self.history.append(rec)
             self._print_epoch(rec, max_epochs)
+            for line in self._deferred:
+                self.log(line)
+            self._deferred = None
             self._check_diverged(rec, len(batches))
             if self.on_epoch is not None:
                 self.on_epoch(rec)
@@ -586,6 +597,8 @@ class Trainer:
             for gname, params in groups.items():
                 for p in params:
                     p.requires_grad_(gname in trainable)
+            for p in system.criterion.parameters():  # uncertainty weights keep their Phase 1 values
+                p.requires_grad_(False)
             self._fit("phase2", t.cluster_finetune_epochs, t.phase2_warmup_steps, use_cluster_heads=True)
         finally:
             system.transfer = backup

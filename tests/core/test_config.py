@@ -142,7 +142,7 @@ SMALL = ROOT / "configs/train/cpu_small.yaml"
 def test_values_training_cannot_use_are_config_errors_naming_the_key(override, message):
     with pytest.raises(ConfigError) as e:
         load_train_config(SMALL, [override])
-    assert str(SMALL) in str(e.value) and message in str(e.value)
+    assert f"{SMALL} + --set: key" in str(e.value) and message in str(e.value)
 
 
 def test_numbers_in_exponent_notation_are_numbers():
@@ -163,3 +163,10 @@ def test_a_misspelt_task_in_groups_or_edges_is_an_error_and_an_absent_one_a_warn
     with caplog.at_level("WARNING"):
         load_train_config(SMALL, data=data)
     assert "'uplift' is not a task of this data" in caplog.text
+
+
+def test_mocograd_takes_its_order_seed_from_the_config():
+    from ple_adatt.transfer import build_strategy
+
+    cfg = load_train_config(SMALL, ["transfer.strategy=mocograd", "transfer.mocograd.seed=7"])
+    assert build_strategy(["a", "b", "c"], cfg.transfer).seed == 7

@@ -280,3 +280,20 @@ def test_no_training_rows_is_an_error_before_anything_runs():
 
     with pytest.raises(TrainingError, match="the training split has no rows"):
         _tiny_trainer([], make_batch(128).subset(torch.arange(0)))
+
+
+def test_phase2_trains_the_cluster_heads_and_nothing_else():
+    """Seed 8.2: Phase 2 trains the per-cluster heads only (the default phase2_trainable):
+    towers, task experts, CGC gates, shared experts and the uncertainty weights keep their
+    Phase 1 values bit for bit."""
+    from corehelpers import make_batch
+
+    trainer = _tiny_trainer(["training.loss_weighting=uncertainty", "training.cluster_finetune_epochs=2",
+                             "training.shared_expert_epochs=1"], make_batch(128))
+    trainer.run_phase1()
+    before = {n: p.detach().clone() for n, p in trainer.system.named_parameters()}
+    assert any(n.startswith("criterion.") for n in before)  # uncertainty log-variances
+    trainer.run_phase2()
+    after = dict(trainer.system.named_parameters())
+    changed = sorted(n for n in before if not torch.equal(before[n], after[n]))
+    assert changed == ["model.cluster_head_bias", "model.cluster_head_weight"]

@@ -62,7 +62,7 @@ def _pcgrad(task_names: list[str], cfg: TransferConfig) -> PCGrad:
 
 def _mocograd(task_names: list[str], cfg: TransferConfig) -> MoCoGrad:
     m = cfg.mocograd
-    return MoCoGrad(task_names, beta=m.beta, strength=m.strength, ema_decay=cfg.adatt.ema_decay)
+    return MoCoGrad(task_names, beta=m.beta, strength=m.strength, seed=m.seed, ema_decay=cfg.adatt.ema_decay)
 
 
 def _gradnorm(task_names: list[str], cfg: TransferConfig) -> GradNorm:

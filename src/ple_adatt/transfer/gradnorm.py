@@ -13,6 +13,12 @@ A task that trains slower than the others (``r_i > 1``) gets a larger target and
 weight grows. ``dL_grad / dw_i = sign(G_i - target_i) * |grad_W L_i|`` is applied in
 closed form; it is divided by ``mean_j G_j`` so that ``lr`` does not depend on the scale
 of the gradients (the paper uses Adam on the weights for the same reason).
+
+Where this departs from the seed's sketch (``003_...``), on purpose: the sketch's target uses
+``L_i / mean_j L_j`` (current losses) and the norm of the first shared tensor only; here the
+target uses the paper's training-rate ratio ``L_i(t) / L_i(0)``, and ``G_i`` is the norm over
+all shared-expert parameters, the same set adaTT measures (the paper takes the last shared
+layer).
 """
 
 from __future__ import annotations
