@@ -17,6 +17,10 @@
 set -u
 out=${1:-${OUT:-runs/gpu-session}}
 parts=${2:-tests eager graphs}
+if ! command -v nvidia-smi >/dev/null 2>&1 || ! python3 -c "import torch; assert torch.cuda.is_available()" 2>/dev/null; then
+  echo "gpu_session.sh: needs an NVIDIA GPU (nvidia-smi) and python3 with a CUDA build of torch; not found here" >&2
+  exit 2
+fi
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1 PYTHONPATH="src${PYTHONPATH:+:$PYTHONPATH}"
 bench=(timeout 300 python3 bench/train_throughput.py --shape seed --device cuda --steps 30)

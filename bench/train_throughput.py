@@ -319,6 +319,9 @@ def main() -> None:
     FUSED_MIXTURE = not args.no_fused_mixture
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                           ("cpu" if args.device == "auto" else args.device))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        ap.error("--device cuda: CUDA is not available here (torch "
+                 f"{torch.__version__}); use --device cpu or auto, or run on a GPU box")
     if CUDA_GRAPH and device.type != "cuda":
         ap.error("--cuda-graph needs a CUDA device (this run is on the CPU)")
     s = dict(SHAPES[args.shape])

@@ -41,7 +41,9 @@ def _fails(run: Run, capsys: pytest.CaptureFixture[str], tmp_path: Path, match: 
 
 
 def test_missing_directory(run: Run, capsys, tmp_path: Path) -> None:
-    _fails(run, capsys, tmp_path, "does not exist; pass the `phase1` directory", phase1=tmp_path / "nope")
+    _fails(run, capsys, tmp_path, "nope: no such directory; train first: `make train`", phase1=tmp_path / "nope")
+    _fails(run, capsys, tmp_path, "gone: no such directory; validate the data first: `make validate`",
+           validation=tmp_path / "gone")
 
 
 def test_wrong_artifact_kind(run: Run, capsys, tmp_path: Path) -> None:

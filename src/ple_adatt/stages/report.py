@@ -75,7 +75,26 @@ def _metrics(summary: dict[str, Any]) -> dict[str, float]:
     return {f"report/{k}": float(summary[k]) for k in keys if isinstance(summary.get(k), (int, float))}
 
 
+# how to make each input when it is missing
+MAKES = {
+    "phase1": "train first: `make train` or `ple-adatt train` (writes runs/train/phase1 and phase2)",
+    "phase2": "train first: `make train` or `ple-adatt train` (writes runs/train/phase1 and phase2)",
+    "validation": "validate the data first: `make validate` or `ple-adatt validate` (writes runs/validate)",
+}
+
+
+def check_inputs(args: argparse.Namespace) -> None:
+    """Missing input directories fail before an MLflow run opens, with the command that makes them."""
+    from ..errors import StageError
+
+    for key, how in MAKES.items():
+        path = getattr(args, key)
+        if not Path(path).is_dir():
+            raise StageError(f"--{key} {path}: no such directory; {how}")
+
+
 def run(args: argparse.Namespace) -> int:
+    check_inputs(args)
     with stage_tracking(STAGE, args) as tracker:
         manifest = build_report(phase1=args.phase1, phase2=args.phase2, validation=args.validation, out=args.out,
                                 baselines=args.baselines)
