@@ -52,6 +52,9 @@ __all__ = [
     "DEFAULT_ARTIFACT_DIR",
     "resolve_target",
     "connect",
+    "check_uri",
+    "make_client",
+    "filter_literal",
     "stage_run",
     "flatten_params",
     "metric_name",
@@ -115,6 +118,22 @@ class TrackingTarget:
     @property
     def is_server(self) -> bool:
         return self.uri.startswith(("http://", "https://"))
+
+    @property
+    def origin(self) -> str:
+        """Where the URI came from, in the words of the setting to fix."""
+        return _ORIGINS.get(self.source, self.source)
+
+
+_ORIGINS = {
+    "MLFLOW_TRACKING_URI": "$MLFLOW_TRACKING_URI",
+    "config": "tracking.tracking_uri in the train config",
+    "default": "the default local store",
+    "argument": "the tracking_uri argument",
+}
+#: URI schemes MLflow has a tracking store for ("" and one letter: a local path)
+_STORE_SCHEMES = frozenset({"", "file", "http", "https", "sqlite", "postgresql", "mysql", "mssql",
+                            "databricks", "databricks-uc", "uc"})
 
 
 def resolve_target(cfg: TrackingConfig | None = None) -> TrackingTarget:
@@ -203,14 +222,48 @@ def _wrap(target: TrackingTarget, what: str, fn: Any, *args: Any, **kwargs: Any)
         ) from e
 
 
-def connect(target: TrackingTarget) -> tuple[Any, str]:
-    """An MlflowClient on ``target`` (server probed with bounded retry) and the experiment id."""
+def _bad_uri(target: TrackingTarget, why: str) -> TrackingError:
+    fix = {"MLFLOW_TRACKING_URI": "fix MLFLOW_TRACKING_URI", "config": "fix tracking.tracking_uri",
+           }.get(target.source, "pass another tracking URI")
+    return TrackingError(
+        f"MLflow tracking URI {target.uri!r} (from {target.origin}) cannot be used: {why}; {fix} "
+        "(a server: http://<host>:<port>, a local store: sqlite:///<path>/mlflow.db), or rerun with "
+        "--no-tracking to skip tracking for a local stage"
+    )
+
+
+def check_uri(target: TrackingTarget) -> None:
+    """Refuse a tracking URI MLflow has no store for (``localhost:5000``) with one clear line."""
+    if re.match(r"^[\w.-]+:\d+(/.*)?$", target.uri):
+        raise _bad_uri(target, f"it is a host and port without a scheme (did you mean http://{target.uri}?)")
+    scheme = target.uri.split(":", 1)[0].lower() if re.match(r"^[A-Za-z][\w+.-]*:", target.uri) else ""
+    if len(scheme) > 1 and scheme.split("+", 1)[0] not in _STORE_SCHEMES:
+        raise _bad_uri(target, f"{scheme!r} is not a scheme MLflow can track to")
+
+
+def make_client(target: TrackingTarget) -> Any:
+    """An MlflowClient on ``target``; a URI MLflow cannot open is a TrackingError naming it."""
     from mlflow.tracking import MlflowClient
 
+    check_uri(target)
+    try:  # the client opens its stores here: a bad path, a missing driver, MLflow's refusals
+        return MlflowClient(tracking_uri=target.uri, registry_uri=target.uri)
+    except Exception as e:
+        msg = str(getattr(e, "message", None) or e).strip()
+        if "MLFLOW_ALLOW_FILE_STORE" in msg:
+            msg = ("MLflow 3 refuses its deprecated file store unless MLFLOW_ALLOW_FILE_STORE=true; "
+                   "a sqlite:/// store is the local alternative")
+        why = " ".join(msg.split())[:300] or type(e).__name__
+        raise _bad_uri(target, why) from e
+
+
+def connect(target: TrackingTarget) -> tuple[Any, str]:
+    """An MlflowClient on ``target`` (server probed with bounded retry) and the experiment id."""
+    check_uri(target)
     _bound_mlflow_http_retries(target)
     if target.is_server:
         _probe(target)
-    client = MlflowClient(tracking_uri=target.uri, registry_uri=target.uri)
+    client = make_client(target)
     exp = _wrap(target, f"reading experiment {target.experiment!r}", client.get_experiment_by_name,
                 target.experiment)
     if exp is None:
@@ -454,6 +507,20 @@ class StageTracker(NullTracker):
 # ------------------------------------------------------------------------- parent run
 
 
+def filter_literal(value: str, what: str) -> str:
+    """``value`` as a string literal of an MLflow search filter.
+
+    MLflow's filter grammar has no escape inside a literal: a value with a single quote is
+    written in double quotes; one holding both quote characters cannot be searched for.
+    """
+    if "'" not in value:
+        return f"'{value}'"
+    if '"' not in value:
+        return f'"{value}"'
+    raise TrackingError(f"{what} {value!r}: holds both a single and a double quote, which MLflow's search "
+                        "filters cannot express; drop one of them")
+
+
 def _local_pipeline_run_id() -> str:
     return f"local-{datetime.now(UTC).strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
 
@@ -461,7 +528,8 @@ def _local_pipeline_run_id() -> str:
 def parent_run(client: Any, target: TrackingTarget, experiment_id: str, pipeline_run_id: str,
                kfp_run_id: str | None) -> str:
     """The run id of the pipeline run's parent run (created on first use)."""
-    filt = f"tags.pipeline_run_id = '{pipeline_run_id}' and tags.ple_adatt_role = 'pipeline'"
+    filt = (f"tags.pipeline_run_id = {filter_literal(pipeline_run_id, '--pipeline-run-id')} "
+            "and tags.ple_adatt_role = 'pipeline'")
 
     def find() -> list[Any]:
         return _wrap(target, "searching the pipeline run", client.search_runs, [experiment_id], filt,

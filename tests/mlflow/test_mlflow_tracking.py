@@ -5,13 +5,16 @@ from __future__ import annotations
 import argparse
 import http.server
 import json
+import os
+import re
+import subprocess
 import threading
 import time
 from pathlib import Path
 
 import pytest
 from mlflow.tracking import MlflowClient
-from mlhelpers import PIPELINE_RUN_ID, TRAIN_CONFIG, Server, Trained, free_port
+from mlhelpers import BIN, DATA_CONFIG, PIPELINE_RUN_ID, TRAIN_CONFIG, Server, Trained, free_port
 
 import ple_adatt
 from ple_adatt.config import TrackingConfig, TrainConfig
@@ -194,3 +197,66 @@ def test_flatten_params_and_metric_names() -> None:
     m = epoch_metrics(record)
     assert m["task_losses/ctr"] == 0.5 and m["adatt_phase"] == 0.0 and m["val/ctr/loss"] == 0.3
     assert "val/ctr/auc" not in m  # NaN is not logged
+
+
+@pytest.mark.parametrize(("uri", "why"), [
+    ("localhost:5000", r"a host and port without a scheme \(did you mean http://localhost:5000\?\)"),
+    ("127.0.0.1:5000", r"did you mean http://127.0.0.1:5000\?"),
+    ("foo://bar", "'foo' is not a scheme MLflow can track to"),
+    ("file:///proc/nonexist", "MLFLOW_ALLOW_FILE_STORE=true"),
+    ("sqlite:////proc/nonexist/mlflow.db", "No such file or directory: '/proc/nonexist'"),
+])
+def test_a_malformed_tracking_uri_is_one_clear_line(monkeypatch: pytest.MonkeyPatch, local_store: Path,
+                                                     uri: str, why: str) -> None:
+    monkeypatch.delenv("MLFLOW_ALLOW_FILE_STORE", raising=False)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    with pytest.raises(TrackingError) as info, stage_run("validate", _args(config=None)):
+        pass
+    msg = str(info.value)
+    assert msg.startswith(f"MLflow tracking URI {uri!r} (from $MLFLOW_TRACKING_URI) cannot be used: ")
+    assert "fix MLFLOW_TRACKING_URI" in msg and "\n" not in msg
+    assert re.search(why, msg), msg
+    assert not (local_store / "mlflow.db").exists()  # no silent fallback to the local store
+
+
+def test_a_malformed_uri_from_the_config_names_the_config_key(monkeypatch: pytest.MonkeyPatch,
+                                                              local_store: Path) -> None:
+    cfg = TrainConfig(tracking=TrackingConfig(tracking_uri="mlflow.example:5000"))
+    with pytest.raises(TrackingError, match=r"^MLflow tracking URI 'mlflow.example:5000' \(from "
+                       r"tracking.tracking_uri in the train config\) .*; fix tracking.tracking_uri "), \
+            stage_run("register", None, train_config=cfg):
+        pass
+
+
+def test_the_cli_reports_a_malformed_uri_in_one_line_with_exit_code_2(tmp_path: Path) -> None:
+    env = {**os.environ, "MLFLOW_TRACKING_URI": "localhost:5000", "PLE_ADATT_NO_TRACKING": ""}
+    proc = subprocess.run([str(BIN / "ple-adatt"), "validate", "--data", str(tmp_path / "none.parquet"),
+                           "--config", str(DATA_CONFIG), "--out", str(tmp_path / "out")],
+                          capture_output=True, text=True, env=env, timeout=120, cwd=tmp_path)
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines() == [
+        "ple-adatt validate: error: MLflow tracking URI 'localhost:5000' (from $MLFLOW_TRACKING_URI) cannot be "
+        "used: it is a host and port without a scheme (did you mean http://localhost:5000?); fix "
+        "MLFLOW_TRACKING_URI (a server: http://<host>:<port>, a local store: sqlite:///<path>/mlflow.db), or "
+        "rerun with --no-tracking to skip tracking for a local stage"]
+    assert not (tmp_path / "out").exists() and not (tmp_path / "mlflow.db").exists()
+
+
+@pytest.mark.parametrize("pipeline_run_id", ["it's-7", 'say "hi"'])
+def test_a_pipeline_run_id_with_a_quote_finds_its_parent_run(local_store: Path, pipeline_run_id: str) -> None:
+    for stage in ("validate", "train-phase1"):
+        with stage_run(stage, _args(pipeline_run_id=pipeline_run_id, config=None)):
+            pass
+    client = MlflowClient(f"sqlite:///{local_store / 'mlflow.db'}")
+    runs = [r for r in _runs(client) if r.data.tags.get("pipeline_run_id") == pipeline_run_id]
+    parents = [r for r in runs if r.data.tags["ple_adatt_role"] == "pipeline"]
+    assert len(parents) == 1 and len(runs) == 3
+    assert {r.data.tags["mlflow.parentRunId"] for r in runs if r.data.tags["ple_adatt_role"] == "stage"} == {
+        parents[0].info.run_id}
+
+
+def test_a_pipeline_run_id_with_both_quotes_is_refused_clearly(local_store: Path) -> None:
+    with pytest.raises(TrackingError, match=r"--pipeline-run-id .*both a single and a double quote"), \
+            stage_run("validate", _args(pipeline_run_id="a'b\"c", config=None)):
+        pass
