@@ -14,7 +14,7 @@ TRAIN_CONFIG ?= configs/train/cpu_small.yaml
 ROWS ?= 20000
 OUT ?= runs/train
 
-.PHONY: help setup test test-all lint data validate train bench roofline bench-validate adult clean report \
+.PHONY: help setup test test-all lint data validate train bench roofline bench-validate adult clean clean-all report \
 	components compile submit run stage images mlflow-ui compare
 
 help:  ## list the commands
@@ -54,8 +54,11 @@ data: $(DATA)  ## generate the synthetic 16-task dataset (ROWS=20000)
 train: setup $(DATA)  ## train both phases on the CPU config (TRAIN_CONFIG=..., OUT=runs/train)
 	$(BIN)/ple-adatt train --data $(DATA) --data-config $(DATA_CONFIG) --config $(TRAIN_CONFIG) --out $(OUT)
 
-clean:  ## remove generated data, runs and caches (keeps .venv)
-	rm -rf data/synthetic.parquet runs .pytest_cache .ruff_cache
+clean:  ## remove generated data (synthetic, Adult), runs, build/ and caches (keeps .venv, the MLflow store, data/bench)
+	rm -rf data/synthetic.parquet data/adult.parquet runs build .pytest_cache .ruff_cache
+
+clean-all: clean  ## also remove the local MLflow store (mlflow.db, mlartifacts/) and the 2.4 GB bench data (data/bench)
+	rm -rf mlflow.db mlartifacts mlruns data/bench
 
 VALIDATE_OUT ?= runs/validate
 ADULT_SRC ?= $(or $(PLE_ADATT_ADULT_PATH),../shared/data/adult/adult.data)
@@ -68,7 +71,7 @@ bench: setup  ## Phase 1 throughput: naive reference vs this model, adaTT off / 
 	$(BIN)/python bench/train_throughput.py $(BENCH_ARGS)
 
 ROOFLINE_ARGS ?= --shape seed
-roofline: setup  ## per-op FLOPs, bytes and H100 time estimate of a training step, recorded on the CPU (ROOFLINE_ARGS="--top 25")
+roofline: setup  ## per-op FLOPs, bytes and H100 time estimate of a training step, recorded on the CPU (ROOFLINE_ARGS="--shape seed --top 25")
 	$(BIN)/python bench/roofline.py $(ROOFLINE_ARGS)
 
 bench-validate: setup  ## time the validate stage on 10M rows x 16 targets x 40 features (cached in data/bench/)
@@ -101,16 +104,21 @@ submit: compile  ## upload a pipeline version and start a run (KFP_HOST KFP_NAME
 		$(if $(DATA_URI),--data-uri $(DATA_URI)) $(if $(RUN_NAME),--run-name $(RUN_NAME)) \
 		$(foreach p,$(PARAMS),--param $(p)) $(foreach s,$(SET),--set $(s))
 
-run: compile $(DATA)  ## run the compiled pipeline locally (kfp.local, CPU config), register into ./mlflow.db, print a summary
-	$(BIN)/python -m pipelines.local --package $(PIPELINE) --data $(DATA) --data-config $(DATA_CONFIG) \
-		--train-config $(TRAIN_CONFIG) $(foreach s,$(SET),--set $(s))
+LOCAL_PIPELINE ?= build/local/ple-adatt-pipeline.yaml
+run: setup $(DATA)  ## run the pipeline locally (kfp.local, CPU config), register into ./mlflow.db, print a summary (SET=, VERBOSE=1)
+	@# compiled into its own file: `make compile REGISTRY=...` output stays as it was
+	$(BIN)/python -m pipelines.compile --out $(LOCAL_PIPELINE) --registry $(REGISTRY) $(COMPILE_FLAGS)
+	$(BIN)/python -m pipelines.local --package $(LOCAL_PIPELINE) --data $(DATA) --data-config $(DATA_CONFIG) \
+		--train-config $(TRAIN_CONFIG) $(foreach s,$(SET),--set $(s)) $(if $(VERBOSE),--verbose)
 
-stage: setup  ## rerun one stage of a local run into a new directory (STAGE=train-phase2 RUN=runs/local/<run> SET='key=value ...')
+stage: setup  ## rerun one stage of a local run into a new directory (STAGE=train-phase2 RUN=runs/local/<run> SET='key=value ...'; PLE_ADATT_NO_TRACKING=1 skips MLflow)
 	@test -n "$(STAGE)" || { echo "error: STAGE is required: make stage STAGE=validate|train-phase1|train-phase2|report|register [RUN=runs/local/<run>] [SET='key=value ...']"; exit 2; }
 	$(BIN)/python -m pipelines.stage $(STAGE) $(if $(RUN),--run $(RUN)) $(foreach s,$(SET),--set $(s))
 
 images:  ## build the CPU and CUDA images <REGISTRY>/ple-adatt-{cpu,cuda}:<version> (needs Docker; PUSH=1 pushes)
 	@command -v docker >/dev/null || { echo "error: docker not found; make images needs a Docker engine (BuildKit)"; exit 2; }
+	@docker info >/dev/null 2>&1 || { echo "error: no Docker engine answers (docker info failed); start dockerd or set DOCKER_HOST"; exit 2; }
+	@docker buildx version >/dev/null 2>&1 || { echo "error: docker buildx is missing; the Dockerfiles need BuildKit (install the buildx plugin)"; exit 2; }
 	DOCKER_BUILDKIT=1 docker build -f docker/Dockerfile.cpu --build-arg VERSION=$(VERSION) -t $(REGISTRY)/ple-adatt-cpu:$(VERSION) .
 	DOCKER_BUILDKIT=1 docker build -f docker/Dockerfile.cuda --build-arg VERSION=$(VERSION) -t $(REGISTRY)/ple-adatt-cuda:$(VERSION) .
 	$(if $(PUSH),docker push $(REGISTRY)/ple-adatt-cpu:$(VERSION) && docker push $(REGISTRY)/ple-adatt-cuda:$(VERSION))
@@ -120,7 +128,7 @@ report: setup  ## affinity / negative-transfer report of runs/train (OUT=...) an
 		--out $(or $(REPORT_OUT),runs/report)
 
 MLFLOW_PORT ?= 5000
-mlflow-ui: setup  ## open the MLflow UI on the local store ./mlflow.db (artifacts ./mlartifacts) at http://127.0.0.1:$(MLFLOW_PORT)
+mlflow-ui: setup  ## open the MLflow UI on the local store ./mlflow.db (artifacts ./mlartifacts) at http://127.0.0.1:5000 (MLFLOW_PORT=)
 	$(BIN)/mlflow ui --backend-store-uri sqlite:///mlflow.db --default-artifact-root ./mlartifacts --host 127.0.0.1 --port $(MLFLOW_PORT)
 
 COMPARE_CONFIG ?= $(TRAIN_CONFIG)

@@ -1,6 +1,8 @@
-"""The compare pipeline: validate, then train-phase1 -> train-phase2 per strategy in a
-``dsl.ParallelFor``, the same per task alone (single-task baselines) in a second
-``dsl.ParallelFor``, then one compare step over the collected Phase 2 checkpoints.
+"""Compile the compare pipeline: each strategy and single-task baseline trained in parallel, then compared.
+
+Validate, then train-phase1 -> train-phase2 per strategy in a ``dsl.ParallelFor``, the same
+per task alone (single-task baselines) in a second ``dsl.ParallelFor``, then one compare
+step over the collected Phase 2 checkpoints.
 
     python -m pipelines.compare_pipeline --out build/ple-adatt-compare.yaml \
         [--strategies adatt,pcgrad,mgda] [--single-tasks ctr,cvr | --data-config configs/data/adult.yaml]
