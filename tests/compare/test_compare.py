@@ -67,6 +67,7 @@ def check_comparison(out: Path, tasks: list[str]) -> dict:
         # the run really used its strategy, and the table shows its checkpoint's metrics
         man = json.loads((out / "runs" / s["name"] / "phase2" / "manifest.json").read_text())
         assert man["strategy"] == s["name"] == man["train_config"]["transfer"]["strategy"]
+        assert s["checkpoint"] == str(out / "runs" / s["name"] / "phase2")  # where it is, not the temp dir it was written in
         for t in r["tasks"]:
             assert s["metrics"][t["name"]] == man["metrics"]["tasks"][t["name"]][t["metric"]]
         # delta-m recomputed by hand from the table
@@ -134,6 +135,42 @@ def test_compare_rejects_unknown_strategies_and_missing_inputs(tmp_path, capsys)
     assert rc == 2 and "--strategies: unknown ['cagrad']; valid: adatt, pcgrad, mocograd, gradnorm, mgda" in err
     rc = main(["compare", "--out", str(tmp_path / "x")])
     assert rc == 2 and "training needs --data, --data-config, --config" in capsys.readouterr().err
+
+
+def _leftovers(out: Path) -> list[str]:
+    """``out`` and its temporary siblings (``.<name>.tmp-*``), whichever exist."""
+    return sorted(p.name for p in out.parent.iterdir() if p.name == out.name or p.name.startswith(f".{out.name}."))
+
+
+def test_compare_checks_every_strategys_config_before_training_any(tmp_path, capsys):
+    data = write_parquet(tmp_path / "syn.parquet", rows=600, seed=0)
+    out = tmp_path / "cmp"
+    rc = main(["compare", "--no-tracking", "--data", str(data), "--data-config", str(ROOT / "configs/data/synthetic.yaml"),
+               "--config", str(TINY), "--tasks", "ctr,cvr", "--strategies", "adatt,mgda", "--no-single-task",
+               "--out", str(out), "--set", "training.cuda_graph=true"])
+    captured = capsys.readouterr()
+    assert rc == 2
+    assert "key `training.cuda_graph` supports `transfer.strategy`" in captured.err and "not 'mgda'" in captured.err
+    assert "[config of strategy 'mgda'; compare checks every run's config first, nothing was trained]" in captured.err
+    assert "=== compare: strategy" not in captured.out  # adatt did not train first
+    assert _leftovers(out) == []
+
+
+def test_a_compare_that_fails_mid_way_leaves_no_partial_output(tmp_path, capsys):
+    """adatt trains, then mocograd diverges (a calibration strength of 1e30): the whole compare
+    fails, and neither adatt's run nor a temporary directory is left; an older OUT stays as it was."""
+    data = write_parquet(tmp_path / "syn.parquet", rows=800, seed=0)
+    out = tmp_path / "cmp"
+    out.mkdir()
+    (out / "older.txt").write_text("an earlier comparison")
+    rc = main(["compare", "--no-tracking", "--data", str(data), "--data-config", str(ROOT / "configs/data/synthetic.yaml"),
+               "--config", str(TINY), "--tasks", "ctr,cvr,churn", "--strategies", "adatt,mocograd", "--no-single-task",
+               "--out", str(out), "--set", "training.shared_expert_epochs=1", "--set", "transfer.mocograd.strength=1e30"])
+    captured = capsys.readouterr()
+    assert rc == 2 and "training diverged" in captured.err, captured.err
+    assert "=== compare: strategy adatt ===" in captured.out and "phase 2 checkpoint written" in captured.out
+    assert _leftovers(out) == ["cmp"] and [p.name for p in out.iterdir()] == ["older.txt"]
+    assert (out / "older.txt").read_text() == "an earlier comparison"
 
 
 # ---------------------------------------------------------------------------- UCI Adult

@@ -19,6 +19,11 @@ Writes into ``OUT``:
 
 Every training run is tracked like ``ple-adatt train`` (nested MLflow runs tagged with
 ``strategy`` and ``compare_role``); ``--no-tracking`` turns that off.
+
+Every strategy's config (and the single-task baselines') is loaded and validated before the
+first one trains, so a bad combination fails in seconds, not after the earlier strategies.
+``OUT`` is written like every stage output: into a temporary sibling directory renamed into
+place at the end, so a failed or interrupted compare leaves no partial ``OUT``.
 """
 
 from __future__ import annotations
@@ -71,6 +76,22 @@ def parse_strategies(text: str) -> list[str]:
     return names
 
 
+def check_configs(args: argparse.Namespace, strategies: list[str], single_task: bool, data_cfg: Any) -> None:
+    """Load and validate the train config of every run ``train_all`` will make, before any trains."""
+    from ..config import ConfigError, load_train_config
+
+    base = list(args.overrides or [])
+    runs = [(s, f"strategy {s!r}") for s in strategies]
+    if single_task:
+        runs.append((SINGLE_STRATEGY, f"the single-task baselines (strategy {SINGLE_STRATEGY!r})"))
+    for strategy, what in runs:
+        try:
+            load_train_config(args.config, base + [f"transfer.strategy={strategy}"], data=data_cfg)
+        except ConfigError as e:
+            raise ConfigError(f"{e} [config of {what}; compare checks every run's config first, "
+                              "nothing was trained]") from None
+
+
 def _train_one(args: argparse.Namespace, out: Path, overrides: list[str], tags: dict[str, str],
                only_tasks: list[str] | None, log: Any) -> Path:
     """Both phases of one run into ``out`` (phase1, phase2, timing.json), tracked like ``train``."""
@@ -97,15 +118,16 @@ def _train_one(args: argparse.Namespace, out: Path, overrides: list[str], tags: 
 
 
 def train_all(args: argparse.Namespace, strategies: list[str], single_task: bool,
-              log: Any = print) -> tuple[dict[str, Path], dict[str, Path]]:
-    """Train every strategy and (optionally) one single-task model per task."""
+              log: Any = print, *, out: str | Path | None = None) -> tuple[dict[str, Path], dict[str, Path]]:
+    """Train every strategy and (optionally) one single-task model per task into ``out``
+    (default ``args.out``), after checking every run's config."""
     from ..config import load_data_config
     from .train_common import enabled_tasks_from_validation
 
     missing = [f"--{k.replace('_', '-')}" for k in ("data", "data_config", "config") if not getattr(args, k)]
     if missing:
         raise StageError(f"training needs {', '.join(missing)} (or pass --runs NAME=DIR to compare existing runs)")
-    out = Path(args.out)
+    out = Path(args.out if out is None else out)
     base = list(args.overrides or [])
     data_cfg = load_data_config(args.data_config)
     tasks = (enabled_tasks_from_validation(args.validation, data_cfg, None) if args.validation
@@ -117,6 +139,7 @@ def train_all(args: argparse.Namespace, strategies: list[str], single_task: bool
         if bad:
             raise StageError(f"--tasks: {bad} are not trainable tasks of {args.data_config}; tasks: {', '.join(tasks)}")
         tasks = [t for t in tasks if t in only]
+    check_configs(args, strategies, single_task, data_cfg)
     runs: dict[str, Path] = {}
     for s in strategies:
         log(f"=== compare: strategy {s} ===")
@@ -132,8 +155,14 @@ def train_all(args: argparse.Namespace, strategies: list[str], single_task: bool
 
 
 def write_comparison(runs: dict[str, str | Path], singles: dict[str, str | Path], out: str | Path, *,
-                     command: str | None = None, data: str | None = None) -> dict[str, Any]:
-    """Read the runs' manifests and write baselines.json, compare.{json,md,html} and manifest.json."""
+                     command: str | None = None, data: str | None = None,
+                     final_out: str | Path | None = None) -> dict[str, Any]:
+    """Read the runs' manifests and write baselines.json, compare.{json,md,html} and manifest.json.
+
+    Every input is read and checked before the first file is written. ``final_out``: where
+    ``out`` (a temporary directory) will be renamed to; the report names the runs' checkpoints
+    under it.
+    """
     from ..artifacts import make_manifest, path_sha256, write_json
     from ..reporting.compare import (
         COMPARE_SCHEMA_VERSION,
@@ -144,13 +173,16 @@ def write_comparison(runs: dict[str, str | Path], singles: dict[str, str | Path]
     )
 
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     mans = {n: read_run(p) for n, p in runs.items()}
     single_mans = {t: read_run(p) for t, p in singles.items()}
     for t, man in single_mans.items():
         if list(man["tasks"]) != [t]:
             raise StageError(f"single-task run {man['_dir']} trains {man['tasks']}, expected only {t!r}")
+    if final_out is not None:
+        for man in (*mans.values(), *single_mans.values()):
+            man["_dir"] = str(_relocate(Path(man["_dir"]), out, Path(final_out)))
     report = compare_numbers(mans, single_mans, data=data, command=command)
+    out.mkdir(parents=True, exist_ok=True)
     if single_mans:
         losses = {t: m["metrics"]["tasks"][t]["loss"] for t, m in single_mans.items()}
         phase = "phase2" if all(m.get("phase") == "phase2" for m in single_mans.values()) else "phase1"
@@ -172,6 +204,22 @@ def write_comparison(runs: dict[str, str | Path], singles: dict[str, str | Path]
     return report
 
 
+def _relocate(path: Path, src: Path, dst: Path) -> Path:
+    """``path`` as it will be named once ``src`` is renamed to ``dst``."""
+    try:
+        return dst / path.relative_to(src)
+    except ValueError:
+        return path
+
+
+def _inside(path: str | Path, parent: Path) -> bool:
+    try:
+        Path(path).resolve().relative_to(parent.resolve())
+        return True
+    except ValueError:
+        return False
+
+
 def _pairs(items: list[str], flag: str) -> dict[str, str]:
     out = {}
     for item in items:
@@ -183,7 +231,10 @@ def _pairs(items: list[str], flag: str) -> dict[str, str]:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..artifacts import atomic_output_dir
+
     command = "ple-adatt " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:2] == ["compare"] else None
+    out = Path(args.out)
     if args.runs:
         runs: dict[str, Any] = _pairs(args.runs, "--runs")
         singles: dict[str, Any] = {}
@@ -192,17 +243,32 @@ def run(args: argparse.Namespace) -> int:
             if not root.is_dir():
                 raise StageError(f"--singles {root}: not a directory of single-task runs")
             singles = {d.name: d for d in sorted(root.iterdir()) if d.is_dir()}
+        if out.is_dir() and any(_inside(p, out) for p in (*runs.values(), *singles.values())):
+            # a new report beside the runs it reads: add the report files, keep the runs
+            _report(args, runs, singles, out, command)
+        else:
+            with atomic_output_dir(out) as tmp:
+                _report(args, runs, singles, tmp, command, final_out=out)
     else:
-        runs, singles = train_all(args, parse_strategies(args.strategies), not args.no_single_task)
+        strategies = parse_strategies(args.strategies)
+        with atomic_output_dir(out) as tmp:  # a failed compare leaves no partial OUT
+            runs, singles = train_all(args, strategies, not args.no_single_task, out=tmp)
+            _report(args, runs, singles, tmp, command, final_out=out)
+    print((out / "compare.md").read_text())
+    print(f"wrote {args.out}/compare.html, compare.md, compare.json"
+          + (f" and {args.out}/baselines.json (for `ple-adatt report --baselines`)" if singles else ""))
+    return 0
+
+
+def _report(args: argparse.Namespace, runs: dict[str, Any], singles: dict[str, Any], out: Path,
+            command: str | None, final_out: Path | None = None) -> dict[str, Any]:
+    """Write the comparison into ``out`` and log it as the ``compare`` MLflow run."""
     with stage_tracking(STAGE, args) as tracker:
-        report = write_comparison(runs, singles, args.out, command=command, data=args.data)
+        report = write_comparison(runs, singles, out, command=command, data=args.data, final_out=final_out)
         tracker.log_metrics({f"compare/delta_m/{s['name']}": s["delta_m"] for s in report["strategies"]
                              if s["delta_m"] is not None})
         tracker.set_tags({"pareto_front": ",".join(report["pareto_front"])})
         for f in (*FILES, "baselines.json"):
-            if (Path(args.out) / f).exists():
-                tracker.log_artifact(Path(args.out) / f, "comparison")
-    print((Path(args.out) / "compare.md").read_text())
-    print(f"wrote {args.out}/compare.html, compare.md, compare.json"
-          + (f" and {args.out}/baselines.json (for `ple-adatt report --baselines`)" if singles else ""))
-    return 0
+            if (out / f).exists():
+                tracker.log_artifact(out / f, "comparison")
+    return report
