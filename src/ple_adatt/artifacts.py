@@ -124,14 +124,40 @@ def read_manifest(directory: str | Path, kind: str, supported: tuple[int, ...]) 
     return man
 
 
+def check_output_dir(out: str | Path, option: str = "--out") -> Path:
+    """Check that ``out`` can be written as an output directory; call it before the work.
+
+    :func:`atomic_output_dir` needs ``out`` to be a directory or absent, its parent to be
+    creatable, and the parent writable (the temporary sibling and the rename live there).
+    Raises ArtifactError naming ``option`` and the path, so a stage fails in a second
+    instead of after hours of training.
+    """
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ArtifactError(f"{option} {out}: exists and is not a directory; pass a directory path")
+    parent = out.absolute().parent
+    existing = parent
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ArtifactError(f"{option} {out}: cannot create it: {existing} is a file, not a directory")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        what = "write in" if existing == parent else "create directories in"
+        raise ArtifactError(f"{option} {out}: no permission to {what} {existing}")
+    return out
+
+
 @contextlib.contextmanager
 def atomic_output_dir(out: str | Path, *, overwrite: bool = True) -> Iterator[Path]:
     """Yield a temporary directory beside ``out``; on success it replaces ``out``.
 
     On any exception the temporary directory is removed and ``out`` is left as it was.
     """
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
+    out = check_output_dir(out, "output directory")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ArtifactError(f"output directory {out}: cannot create its parent ({e})") from e
     if out.exists() and not overwrite:
         raise ArtifactError(f"{out}: output directory already exists")
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))

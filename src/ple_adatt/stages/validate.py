@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import time
-from pathlib import Path
 
 from .common import StageError, add_tracking_arguments, stage_tracking
 
@@ -62,6 +61,7 @@ def _gx_rows(value: str) -> int | None:
 
 def run(args: argparse.Namespace) -> int:
     with stage_tracking("validate", args) as tracker:
+        from ..artifacts import check_output_dir
         from ..config import load_data_config
         from ..validation.runner import validate_dataset, write_report
         from ..validation.suite import load_expectations
@@ -70,9 +70,9 @@ def run(args: argparse.Namespace) -> int:
         sample_rows = _gx_rows(args.gx_rows)
         if args.gx_chunk_rows < 1:
             raise StageError(f"--gx-chunk-rows must be >= 1, got {args.gx_chunk_rows}")
-        out = Path(args.out)
-        if out.exists() and not out.is_dir():
-            raise StageError(f"--out {out}: exists and is not a directory; pass a directory path")
+        out = check_output_dir(args.out)  # before any work: fail now, not after the counts
+        if args.failure_report:
+            check_output_dir(args.failure_report, "--failure-report")
         cfg = load_data_config(args.config, args.overrides)
         extra = [e for path in args.expectations for e in load_expectations(path)]
         report = validate_dataset(
