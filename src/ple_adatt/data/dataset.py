@@ -8,14 +8,16 @@ saved as the ``preprocessing.json`` artifact that every later stage reuses.
 
 from __future__ import annotations
 
+import contextlib
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from ..config import DataConfig, SplitConfig
+from ..config import DataConfig, SplitConfig, TaskSpec
 
 if TYPE_CHECKING:  # polars is imported lazily: the training core must import without it
     import polars as pl
@@ -55,29 +57,88 @@ def dataset_rows(files: list[Path]) -> int:
     Raises DataError naming the file when a footer is unreadable (a truncated or corrupt
     file) and when the files disagree on their columns, and when there are no rows at all.
     """
+    import polars as pl
     import pyarrow.parquet as pq
 
     rows = 0
-    first: tuple[Path, list[str]] | None = None
+    first: tuple[Path, dict[str, Any]] | None = None
     for f in files:
         try:
             md = pq.ParquetFile(f).metadata
-            names = md.schema.to_arrow_schema().names
+            dtypes = dict(pl.read_parquet_schema(f)) if len(files) > 1 else {}  # as polars will read them
         except Exception as e:  # pyarrow raises ArrowInvalid / OSError for broken files
-            raise DataError(f"{f}: cannot read the Parquet footer ({e}); the file is truncated or corrupt") from e
+            raise DataError(f"{f}: cannot read the Parquet footer ({_first_line(e)}); "
+                            "the file is truncated or corrupt") from e
         if first is None:
-            first = (f, names)
-        elif set(names) != set(first[1]):
-            diff = sorted(set(names) ^ set(first[1]))
+            first = (f, dtypes)
+        elif set(dtypes) != set(first[1]):
+            diff = sorted(set(dtypes) ^ set(first[1]))
             raise DataError(
                 f"{f}: its columns differ from {first[0]} (column `{diff[0]}`); "
                 "every file of a dataset directory must have the same columns"
             )
+        else:
+            for c, dt in dtypes.items():
+                if dt != first[1][c]:
+                    raise DataError(
+                        f"{f}: column `{c}` has dtype {dt}, but {first[1][c]} in {first[0]}; every file of a "
+                        "dataset directory must have the same columns with the same dtypes (cast it when writing)"
+                    )
         rows += md.num_rows
     if rows == 0:
         where = files[0] if len(files) == 1 else f"{files[0].parent} ({len(files)} files)"
         raise DataError(f"{where}: the dataset is empty (0 rows); expected at least one row")
     return rows
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0].rstrip(".") if text else type(e).__name__
+
+
+def _unreadable_part(files: list[Path]) -> tuple[Path, int, str] | None:
+    """The first (file, row group, reason) whose data pages cannot be decoded, if any.
+
+    Only called after a read failed, to name the culprit: it decodes the files row group by
+    row group (bounded memory), so it costs a full read only on that error path.
+    """
+    import pyarrow.parquet as pq
+
+    for f in files:
+        try:
+            pf = pq.ParquetFile(f)
+            groups = pf.metadata.num_row_groups
+        except Exception as e:  # pyarrow raises ArrowInvalid / OSError for broken files
+            return f, -1, _first_line(e)
+        for i in range(groups):
+            try:
+                for _batch in pf.iter_batches(batch_size=65_536, row_groups=[i]):
+                    pass
+            except Exception as e:  # noqa: PERF203 - the error path, one try per row group
+                return f, i, _first_line(e)
+    return None
+
+
+@contextlib.contextmanager
+def read_errors(path: str | Path, files: list[Path] | None = None) -> Iterator[None]:
+    """Turn a failure to read the dataset's data pages into a DataError naming the file.
+
+    Polars and pyarrow report a corrupt page or a schema mismatch between files without
+    saying which file; this finds it (row group by row group) and says what to do.
+    """
+    import polars as pl
+    import pyarrow as pa
+
+    try:
+        yield
+    except (pl.exceptions.ComputeError, pl.exceptions.SchemaError, pa.ArrowException, OSError) as e:
+        found = _unreadable_part(files if files is not None else parquet_files(path))
+        if found is None:
+            raise DataError(f"{path}: cannot read the dataset ({_first_line(e)})") from e
+        f, group, why = found
+        where = "its footer" if group < 0 else f"row group {group}"
+        raise DataError(f"{f}: cannot read {where} ({why}); the file is truncated or corrupt: "
+                        "rewrite it from its source") from e
 
 
 def scan_dataset(path: str | Path) -> pl.LazyFrame:
@@ -180,6 +241,49 @@ def split_expr(split: SplitConfig, schema: dict[str, Any]) -> pl.Expr:
         .otherwise(pl.lit("test"))
         .alias(SPLIT_COLUMN)
     )
+
+
+# ----------------------------------------------------------------------------- label domains
+
+
+def domain_text(task: TaskSpec, *, bounds: bool = True) -> str:
+    """The label domain of a task in words (used in messages, JSON and HTML)."""
+    if task.type == "binary":
+        return "{0, 1}"
+    if task.type == "multiclass":
+        return f"integers in [0, {task.num_classes})"
+    if task.type == "retrieval":
+        return f"item ids in [0, {task.vocab_size})"
+    if bounds and task.bounds is not None:
+        return f"finite values in [{task.bounds[0]:g}, {task.bounds[1]:g}]"
+    return "finite values"
+
+
+def domain_violation(task: TaskSpec, dtype: Any, *, bounds: bool = True) -> pl.Expr:
+    """True where a non-null target is outside the task's label domain (null stays null).
+
+    binary: 0 or 1; multiclass: an integer in [0, num_classes); retrieval: an integer in
+    [0, vocab_size); regression: finite and, with ``bounds`` (unless ``bounds=False``:
+    what training itself needs), within [low, high]. NaN is never in a domain (write
+    missing targets as null). The one definition the validate stage and training share.
+    """
+    import polars as pl
+
+    c = pl.col(task.column)
+    if dtype == pl.Boolean or dtype == pl.Null:
+        return c.is_null() & c.is_not_null()  # always in domain (null where null)
+    is_float = dtype.is_float()
+    x = c.cast(pl.Float64) if is_float else c  # integers compare as they are (no cast pass)
+    if task.type == "regression":
+        if not bounds or task.bounds is None:
+            return ~x.is_finite() if is_float else c.is_null() & c.is_not_null()
+        ok = (x >= task.bounds[0]) & (x <= task.bounds[1])
+        return ~(ok & x.is_finite()) if is_float else ~ok
+    high = 2 if task.type == "binary" else (task.num_classes if task.type == "multiclass" else task.vocab_size)
+    ok = (x >= 0) & (x < high)
+    if is_float:
+        ok = ok & x.is_finite() & (x == x.floor())
+    return ~ok
 
 
 # ----------------------------------------------------------------------------- preprocessing
@@ -307,6 +411,93 @@ def feature_exprs(cfg: DataConfig, pre: Preprocessor) -> list[pl.Expr]:
     return exprs
 
 
+def _open_dataset(path: str | Path) -> tuple[list[Path], pl.LazyFrame, dict[str, Any]]:
+    """Files, lazy frame and schema of a dataset, with the footer checks of the validate
+    stage (readable, same columns and dtypes in every file, not empty)."""
+    files = parquet_files(path)
+    dataset_rows(files)
+    lf = scan_dataset(path)
+    return files, lf, read_schema(lf, path)
+
+
+def _validate_hint(path: str | Path, config_src: str | Path | None) -> str:
+    if config_src is None:
+        return f"run `ple-adatt validate --data {path}` with its data config for the full report"
+    return f"run `ple-adatt validate --data {path} --config {config_src}` for the full report"
+
+
+def _examples(values: list[Any]) -> str:
+    seen: dict[str, Any] = {}  # first distinct values, NaN included once
+    for v in values:
+        seen.setdefault(repr(v), v)
+    return ", ".join(f"{v:g}" if isinstance(v, float) else str(v) for v in list(seen.values())[:5])
+
+
+def check_trainable(
+    lf: pl.LazyFrame,
+    schema: dict[str, Any],
+    cfg: DataConfig,
+    tasks: list[TaskSpec],
+    path: str | Path,
+    *,
+    splits: tuple[str, ...] = ("train", "val"),
+    config_src: str | Path | None = None,
+) -> None:
+    """Refuse data that training cannot use, before any training starts: one lazy pass.
+
+    Over the rows of ``splits``: every target of ``tasks`` is in its label domain
+    (:func:`domain_violation` without regression bounds: binary {0, 1}, multiclass and
+    retrieval integers in range, regression finite), each task has a target in the train
+    split (when ``train`` is among ``splits``), and no float numeric feature holds an
+    infinite value (null and NaN features are imputed, as the contract says). The validate
+    stage checks all this and more; this makes a run without ``--validation`` stop with
+    the same kind of one-line DataError instead of crashing in a loss or training on NaN.
+    """
+    import polars as pl
+
+    if SPLIT_COLUMN not in schema:
+        lf = lf.with_columns(split_expr(cfg.split, schema))
+    rows = lf.filter(pl.col(SPLIT_COLUMN).is_in(list(splits)))
+    is_train = pl.col(SPLIT_COLUMN) == "train"
+    float_features = [f for f in cfg.numeric_features if schema[f].is_float()]
+    aggs: list[pl.Expr] = [is_train.sum().alias("__train__")]
+    for t in tasks:
+        aggs += [domain_violation(t, schema[t.column], bounds=False).sum().alias(f"bad::{t.name}"),
+                 (pl.col(t.column).is_not_null() & is_train).sum().alias(f"train::{t.name}")]
+    aggs += [pl.col(f).is_infinite().sum().alias(f"inf::{f}") for f in float_features]
+    g = rows.select(aggs).collect().row(0, named=True)
+
+    where = " and ".join(splits) + (" rows" if len(splits) > 1 else " split")
+    problems: list[tuple[str, str]] = []  # (column, message)
+    for t in tasks:
+        bad = int(g[f"bad::{t.name}"] or 0)
+        if bad:
+            vals = (rows.filter(domain_violation(t, schema[t.column], bounds=False).fill_null(False))
+                    .select(pl.col(t.column)).head(1000).collect()[t.column].to_list())
+            what = ("non-finite value(s)" if t.type == "regression"
+                    else f"value(s) outside {domain_text(t, bounds=False)}")
+            problems.append((t.column, (
+                f"column `{t.column}` (target of {t.type} task '{t.name}') holds {bad:,} {what} in the {where} "
+                f"(e.g. {_examples(vals)}); training cannot use them: fix the labels (write a missing target "
+                "as null)")))
+        elif "train" in splits and g["__train__"] and not g[f"train::{t.name}"]:
+            problems.append((t.column, (
+                f"column `{t.column}` (target of task '{t.name}') has no target in the {g['__train__']:,} "
+                "train rows; the task cannot be trained: drop it from the data config or fill its targets")))
+    for f in float_features:
+        n_inf = int(g[f"inf::{f}"] or 0)
+        if n_inf:
+            vals = rows.filter(pl.col(f).is_infinite()).select(pl.col(f)).head(1000).collect()[f].to_list()
+            problems.append((f, (
+                f"column `{f}` (numeric feature) holds {n_inf:,} infinite value(s) in the {where} "
+                f"(e.g. {_examples(vals)}); training cannot normalise them: write them as null (missing "
+                "features are imputed)")))
+    if problems:
+        others = [c for c, _ in problems[1:]]
+        more = f"; other columns with problems: {', '.join(f'`{c}`' for c in others)}" if others else ""
+        raise DataError(f"{path}: {problems[0][1]}{more}; {_validate_hint(path, config_src)}")
+
+
 def load_split(
     path: str | Path,
     cfg: DataConfig,
@@ -314,28 +505,36 @@ def load_split(
     split: str,
     task_names: list[str] | None = None,
     max_rows: int | None = None,
+    *,
+    check: bool = True,
+    config_src: str | Path | None = None,
 ) -> TensorData:
-    """Read one split into tensors, selecting only the needed columns."""
+    """Read one split into tensors, selecting only the needed columns.
+
+    ``check``: first refuse data training cannot use in this split (:func:`check_trainable`).
+    """
     import polars as pl
     import torch
 
-    lf = scan_dataset(path)
-    schema = lf.collect_schema()
-    check_columns(dict(schema), cfg, path)
+    files, lf, schema = _open_dataset(path)
+    check_columns(schema, cfg, path, str(config_src or "the data config"))
     tasks = [cfg.task(n) for n in (task_names or cfg.task_names)]
-    lf = lf.with_columns(split_expr(cfg.split, dict(schema))).filter(pl.col(SPLIT_COLUMN) == split)
-    if max_rows is not None:
-        lf = lf.head(max_rows)
-    exprs = feature_exprs(cfg, pre)
-    for t in tasks:
-        exprs.append(pl.col(t.column).cast(pl.Float32).alias(f"y::{t.name}"))
-    if cfg.cluster_column:
-        cl = pl.col(cfg.cluster_column).cast(pl.Int64)
-        exprs.append(
-            pl.when(cl.is_null() | (cl < 0) | (cl >= cfg.num_clusters)).then(cfg.num_clusters)
-            .otherwise(cl).alias("cluster")
-        )
-    df = lf.select(exprs).collect()
+    with read_errors(path, files):
+        if check:
+            check_trainable(lf, schema, cfg, tasks, path, splits=(split,), config_src=config_src)
+        lf = lf.with_columns(split_expr(cfg.split, schema)).filter(pl.col(SPLIT_COLUMN) == split)
+        if max_rows is not None:
+            lf = lf.head(max_rows)
+        exprs = feature_exprs(cfg, pre)
+        for t in tasks:
+            exprs.append(pl.col(t.column).cast(pl.Float32).alias(f"y::{t.name}"))
+        if cfg.cluster_column:
+            cl = pl.col(cfg.cluster_column).cast(pl.Int64, strict=False)  # NaN and huge floats -> null
+            exprs.append(
+                pl.when(cl.is_null() | (cl < 0) | (cl >= cfg.num_clusters)).then(cfg.num_clusters)
+                .otherwise(cl).alias("cluster")
+            )
+        df = lf.select(exprs).collect()
     n = df.height
 
     def block(prefix: str, names: list[str], dtype: Any) -> np.ndarray:
@@ -361,12 +560,21 @@ def prepare_splits(
     cfg: DataConfig,
     task_names: list[str] | None = None,
     max_rows: int | None = None,
+    *,
+    config_src: str | Path | None = None,
 ) -> tuple[Preprocessor, TensorData, TensorData]:
-    """Fit preprocessing on train, then load train and val tensors (the training entry point)."""
-    lf = scan_dataset(path)
-    schema = dict(lf.collect_schema())
-    check_columns(schema, cfg, path)
-    pre = fit_preprocessor(lf.with_columns(split_expr(cfg.split, schema)), cfg)
-    train = load_split(path, cfg, pre, "train", task_names, max_rows)
-    val = load_split(path, cfg, pre, "val", task_names, None if max_rows is None else max(max_rows // 4, 1))
+    """Fit preprocessing on train, then load train and val tensors (the training entry point).
+
+    Raises DataError, before anything is fitted, for unreadable files and for data training
+    cannot use (:func:`check_trainable` over the train and val rows).
+    """
+    files, lf, schema = _open_dataset(path)
+    check_columns(schema, cfg, path, str(config_src or "the data config"))
+    tasks = [cfg.task(n) for n in (task_names or cfg.task_names)]
+    with read_errors(path, files):
+        check_trainable(lf, schema, cfg, tasks, path, config_src=config_src)
+        pre = fit_preprocessor(lf.with_columns(split_expr(cfg.split, schema)), cfg)
+    train = load_split(path, cfg, pre, "train", task_names, max_rows, check=False, config_src=config_src)
+    val = load_split(path, cfg, pre, "val", task_names, None if max_rows is None else max(max_rows // 4, 1),
+                     check=False, config_src=config_src)
     return pre, train, val

@@ -10,8 +10,9 @@ Two scans, whatever the dataset size:
    counts: from it availability overall, per split and per cluster follow for every task
    without a group-by per task.
 
-The label-domain rules live here (:func:`domain_violation`) so that the counts, the
-examples of bad values and the docs agree on one definition.
+The label-domain rules (:func:`domain_violation`, :func:`domain_text`) live in
+``ple_adatt.data.dataset`` so that these counts, the examples of bad values, the docs and
+the checks training makes when it loads the data agree on one definition.
 """
 
 from __future__ import annotations
@@ -22,8 +23,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from ..config import DataConfig, TaskSpec
-from ..data.dataset import split_expr
+from ..config import DataConfig
+from ..data.dataset import domain_violation, split_expr
 
 if TYPE_CHECKING:
     import polars as pl
@@ -33,45 +34,6 @@ OTHER_SPLIT = "other"  # split column values outside train / val / test (method:
 UNKNOWN_CLUSTER = "unknown"  # null cluster id
 OUT_OF_RANGE_CLUSTER = "out_of_range"  # cluster id outside [0, num_clusters)
 MAX_EXAMPLES = 5
-
-
-def domain_text(task: TaskSpec) -> str:
-    """The label domain of a task in words (used in messages, JSON and HTML)."""
-    if task.type == "binary":
-        return "{0, 1}"
-    if task.type == "multiclass":
-        return f"integers in [0, {task.num_classes})"
-    if task.type == "retrieval":
-        return f"item ids in [0, {task.vocab_size})"
-    if task.bounds is not None:
-        return f"finite values in [{task.bounds[0]:g}, {task.bounds[1]:g}]"
-    return "finite values"
-
-
-def domain_violation(task: TaskSpec, dtype: Any) -> pl.Expr:
-    """True where a non-null target is outside the task's label domain (null stays null).
-
-    binary: 0 or 1; multiclass: an integer in [0, num_classes); retrieval: an integer in
-    [0, vocab_size); regression: finite and, with ``bounds``, within [low, high]. NaN is
-    never in a domain (write missing targets as null).
-    """
-    import polars as pl
-
-    c = pl.col(task.column)
-    if dtype == pl.Boolean or dtype == pl.Null:
-        return c.is_null() & c.is_not_null()  # always in domain (null where null)
-    is_float = dtype.is_float()
-    x = c.cast(pl.Float64) if is_float else c  # integers compare as they are (no cast pass)
-    if task.type == "regression":
-        if task.bounds is None:
-            return ~x.is_finite() if is_float else c.is_null() & c.is_not_null()
-        ok = (x >= task.bounds[0]) & (x <= task.bounds[1])
-        return ~(ok & x.is_finite()) if is_float else ~ok
-    high = 2 if task.type == "binary" else (task.num_classes if task.type == "multiclass" else task.vocab_size)
-    ok = (x >= 0) & (x < high)
-    if is_float:
-        ok = ok & x.is_finite() & (x == x.floor())
-    return ~ok
 
 
 @dataclass

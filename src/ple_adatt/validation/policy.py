@@ -27,7 +27,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..config import DataConfig
-from .counts import OTHER_SPLIT, OUT_OF_RANGE_CLUSTER, SPLITS, DatasetCounts, domain_text
+from ..data.dataset import domain_text
+from .counts import OTHER_SPLIT, OUT_OF_RANGE_CLUSTER, SPLITS, DatasetCounts
 from .suite import ExpectationOutcome, SuiteRun
 
 CRITICAL = "critical"

@@ -20,7 +20,14 @@ from typing import Any
 
 from ..artifacts import atomic_output_dir, file_sha256, make_manifest, path_sha256, write_json
 from ..config import DataConfig, config_hash, to_dict
-from ..data.dataset import check_columns, dataset_rows, parquet_files, read_schema, scan_dataset
+from ..data.dataset import (
+    check_columns,
+    dataset_rows,
+    parquet_files,
+    read_errors,
+    read_schema,
+    scan_dataset,
+)
 from .counts import OUT_OF_RANGE_CLUSTER, UNKNOWN_CLUSTER, count_dataset
 from .policy import CRITICAL, Evaluation, evaluate
 from .sample import iter_chunks, plan_sample
@@ -124,7 +131,8 @@ def validate_dataset(
     data_hash = pool.submit(path_sha256, data)  # hashlib releases the GIL: overlaps the scans
 
     t0 = time.perf_counter()
-    counts = count_dataset(lf, schema, cfg, rows, log=log)
+    with read_errors(data, files):  # a corrupt data page: one line naming the file
+        counts = count_dataset(lf, schema, cfg, rows, log=log)
     timings["exact_counts"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
@@ -145,7 +153,8 @@ def validate_dataset(
     log(f"running the Great Expectations suite ({len(suite.expectations)} expectations) on {what}"
         f" in {n_chunks} chunk(s) ...")
     t0 = time.perf_counter()
-    run = run_suite(suite, iter_chunks(plan, groups, columns=list(schema)), log=log)
+    with read_errors(data, files):  # the sample also reads columns the counts do not
+        run = run_suite(suite, iter_chunks(plan, groups, columns=list(schema)), log=log)
     timings["gx_suite"] = time.perf_counter() - t0
 
     evaluation = evaluate(cfg, counts, run, data_path=str(data), config_src=config_src,
