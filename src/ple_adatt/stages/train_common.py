@@ -13,7 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from ..artifacts import atomic_output_dir, path_sha256, read_manifest
+from ..artifacts import atomic_output_dir, check_output_dir, path_sha256, read_manifest
 from ..config import (
     DataConfig,
     TrainConfig,
@@ -31,8 +31,39 @@ VALIDATION_KIND = "validation"
 VALIDATION_SCHEMAS = (1,)
 
 
-def enabled_tasks_from_validation(validation_dir: str | Path, data_cfg: DataConfig, data_hash: str | None) -> list[str]:
-    """The tasks the validate stage enabled, checked against this dataset and config."""
+def _first_difference(a: Any, b: Any, key: str = "") -> str | None:
+    """The first key (dotted, list indices in brackets) where two JSON-like values differ."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        for k in [*a, *(k for k in b if k not in a)]:
+            sub = f"{key}.{k}" if key else str(k)
+            if k not in a or k not in b:
+                return sub
+            found = _first_difference(a[k], b[k], sub)
+            if found:
+                return found
+        return None
+    if isinstance(a, list) and isinstance(b, list) and len(a) == len(b):
+        for i, (x, y) in enumerate(zip(a, b, strict=True)):
+            found = _first_difference(x, y, f"{key}[{i}]")
+            if found:
+                return found
+        return None
+    return None if a == b else (key or "(the whole config)")
+
+
+def enabled_tasks_from_validation(
+    validation_dir: str | Path,
+    data_cfg: DataConfig,
+    data_hash: str | None,
+    *,
+    data_config: str | Path | None = None,
+) -> list[str]:
+    """The tasks the validate stage enabled, checked against this dataset and data config.
+
+    Refuses a validation result computed for other data (its manifest's ``inputs.data``)
+    or under another data contract (its ``config_hash``, the hash of the data config with
+    the validate stage's overrides): its enabled tasks and label checks would not hold.
+    """
     d = Path(validation_dir)
     man = read_manifest(d, VALIDATION_KIND, VALIDATION_SCHEMAS)
     avail_path = d / "availability.json"
@@ -47,6 +78,22 @@ def enabled_tasks_from_validation(validation_dir: str | Path, data_cfg: DataConf
         raise StageError(
             f"{d}: the validation result was computed for a different dataset (hash {seen_hash[:12]}, "
             f"this dataset {data_hash[:12]}); rerun `ple-adatt validate` on this data"
+        )
+    seen_cfg = man.get("config_hash")
+    ours = config_hash(data_cfg)
+    if seen_cfg != ours:
+        validated = avail.get("config") if isinstance(avail.get("config"), dict) else {}
+        src = validated.get("path") or "an unknown data config"
+        if validated.get("overrides"):
+            src += " with --set " + " ".join(map(str, validated["overrides"]))
+        diff = (_first_difference(validated["data_config"], to_dict(data_cfg))
+                if isinstance(validated.get("data_config"), dict) else None)
+        this = data_config if data_config is not None else "the data config in use"
+        raise StageError(
+            f"{d}: the validation result was computed under data config {src} (hash {str(seen_cfg)[:12]}), "
+            f"which differs from {this} (hash {ours[:12]}"
+            + (f", first at key `{diff}`" if diff else "")
+            + f"); rerun `ple-adatt validate --config {this}` on this data"
         )
     unknown = [t for t in enabled if t not in data_cfg.task_names]
     if unknown:
@@ -93,11 +140,12 @@ def run_phase1(
     from ..training import Trainer, build_system, resolve_device, set_regression_targets
 
     t0 = time.perf_counter()
+    check_output_dir(out)  # before any training: a bad --out must not cost the run
     data_cfg = load_data_config(data_config)
     train_cfg = load_train_config(config, overrides, data=data_cfg)
     data_hash = path_sha256(data)
     if validation is not None:
-        tasks = enabled_tasks_from_validation(validation, data_cfg, data_hash)
+        tasks = enabled_tasks_from_validation(validation, data_cfg, data_hash, data_config=data_config)
         skipped = [t for t in data_cfg.task_names if t not in tasks]
         if skipped:
             log(f"tasks disabled by validation: {', '.join(skipped)}")
@@ -113,7 +161,7 @@ def run_phase1(
         tasks = [t for t in tasks if t in only_tasks]
     _seed(train_cfg.seed)
     log(f"loading {data} ({len(tasks)} tasks)")
-    pre, train, val = prepare_splits(data, data_cfg, tasks, max_rows=train_cfg.max_rows)
+    pre, train, val = prepare_splits(data, data_cfg, tasks, max_rows=train_cfg.max_rows, config_src=data_config)
     specs = [data_cfg.task(n) for n in tasks]
     system = build_system(train_cfg, specs, train.x_num.shape[1], pre.cardinalities(data_cfg), data_cfg.num_clusters)
     set_regression_targets(system.model, train.y)
@@ -169,6 +217,7 @@ def run_phase2(
     from ..training import Trainer, resolve_device
 
     t0 = time.perf_counter()
+    check_output_dir(out)  # before any training: a bad --out must not cost the run
     ck = load_checkpoint(checkpoint)
     if ck.manifest.get("phase") != "phase1":
         raise StageError(f"{checkpoint}: is a {ck.manifest.get('phase')} checkpoint; Phase 2 starts from a phase1 checkpoint")
@@ -188,9 +237,9 @@ def run_phase2(
     if ck.manifest.get("inputs", {}).get("data") not in (None, data_hash):
         log("warning: this dataset differs from the one Phase 1 was trained on")
     _seed(train_cfg.seed + 1)
-    train = load_split(data, data_cfg, ck.preprocessor, "train", tasks, train_cfg.max_rows)
+    train = load_split(data, data_cfg, ck.preprocessor, "train", tasks, train_cfg.max_rows, config_src=data_config)
     val = load_split(data, data_cfg, ck.preprocessor, "val", tasks,
-                     None if train_cfg.max_rows is None else max(train_cfg.max_rows // 4, 1))
+                     None if train_cfg.max_rows is None else max(train_cfg.max_rows // 4, 1), config_src=data_config)
     device = resolve_device(train_cfg.device)
     trainer = Trainer(ck.system, train, val, train_cfg, device, log=log, on_epoch=on_epoch)
     trainer.events = list(ck.manifest.get("events", []))
