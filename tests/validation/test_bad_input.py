@@ -10,6 +10,8 @@ import polars as pl
 import pytest
 from vhelpers import SMALL_YAML, Env, one_error_line, small_frame
 
+from ple_adatt.cli import main
+
 
 def _fails(env: Env, *needles: str, data: Path | None = None, config: Path | None = None, extra: tuple = ()) -> str:
     rc, _, err = env.run(*extra, data=data, config=config)
@@ -161,3 +163,49 @@ def test_console_script_exit_code_and_single_line(env: Env) -> None:
     assert one_error_line(proc.stderr).endswith(f"the column `f_cat` (categorical feature) is missing in "
                                                 f"{env.data}; declared in {env.config}")
     assert not env.out.exists()
+
+
+def _zero_data_pages(src: Path, dst: Path) -> None:
+    """A file whose magic bytes and footer are intact but whose data pages are zeroed."""
+    raw = bytearray(src.read_bytes())
+    footer = int.from_bytes(raw[-8:-4], "little") + 8
+    start, end = 200, len(raw) - footer - 200
+    assert end - start > 10_000
+    raw[start:end] = bytes(end - start)
+    dst.write_bytes(bytes(raw))
+
+
+def test_corrupt_data_pages_name_the_file(env: Env) -> None:
+    d = env.tmp / "parts"
+    d.mkdir()
+    small_frame().write_parquet(d / "a.parquet")
+    _zero_data_pages(env.data, d / "b.parquet")  # the footer reads fine: only decoding fails
+    line = _fails(env, f"{d / 'b.parquet'}: cannot read row group 0 (", "truncated or corrupt", data=d)
+    assert "a.parquet" not in line
+
+
+def test_directory_with_files_of_different_dtypes(env: Env) -> None:
+    d = env.tmp / "parts"
+    d.mkdir()
+    small_frame().write_parquet(d / "a.parquet")
+    small_frame(seed=1).with_columns(pl.col("y_click").cast(pl.Float64)).write_parquet(d / "b.parquet")
+    _fails(env, f"{d / 'b.parquet'}: column `y_click` has dtype Float64, but Int64 in {d / 'a.parquet'}",
+           "same dtypes", data=d)
+
+
+def test_out_and_failure_report_are_checked_before_any_work(env: Env) -> None:
+    afile = env.tmp / "afile"
+    afile.write_text("keep")
+    env.capsys.readouterr()
+    for extra, needle in [
+        (["--out", str(afile / "v")], f"--out {afile / 'v'}: cannot create it: {afile} is a file, not a directory"),
+        (["--out", str(afile)], f"--out {afile}: exists and is not a directory"),
+        (["--out", str(env.out), "--failure-report", str(afile / "f")],
+         f"--failure-report {afile / 'f'}: cannot create it: {afile} is a file"),
+    ]:
+        rc = main(["validate", "--data", str(env.data), "--config", str(env.config), *extra])
+        cap = env.capsys.readouterr()
+        assert rc == 2
+        assert needle in one_error_line(cap.err)
+        assert "counting availability" not in cap.out  # refused before reading the data
+    assert afile.read_text() == "keep" and not env.out.exists()
