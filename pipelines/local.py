@@ -23,7 +23,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from .runs import RUN_FILE, summarize_run, write_run_file
+from .runs import RUN_FILE, failed_task, summarize_run, write_run_file
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_ROOT = Path("runs/local")
@@ -124,7 +124,8 @@ def run_locally(
     from ple_adatt import __version__
 
     write_run_file(run_dir, {
-        "kind": "pipeline-run", "status": status, "error": error, "version": __version__,
+        "kind": "pipeline-run", "status": status, "error": error, "failed_task": failed_task({"error": error}),
+        "version": __version__,
         "package": str(Path(package).resolve()) if package else None, "params": params,
         "mlflow_tracking_uri": params["mlflow_tracking_uri"], "seconds": round(time.perf_counter() - t0, 1),
     })

@@ -9,11 +9,17 @@ A stage rerun (``make stage``) writes a new directory with the same layout holdi
 rerun stage's outputs, and a ``run.json`` naming its ``source_run``: its other artifacts are
 found by following that link, so a rerun of a rerun works and no run is ever copied or
 modified.
+
+Only the artifacts a run did not try to make come from its source. Where a run's own step
+for that artifact failed or never finished (a stage rerun whose ``status`` is not
+``succeeded``, or the failed task of a pipeline run), :func:`find_artifact` refuses, naming
+the run directory, the stage and its status, instead of handing out an older run's artifact.
 """
 
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -54,28 +60,86 @@ def read_run_file(run_dir: str | Path) -> dict[str, Any]:
     f = d / RUN_FILE
     if not f.exists():
         raise RunError(f"{d}: no {RUN_FILE}; not a run directory written by `make run` or `make stage`")
-    info = json.loads(f.read_text())
+    try:
+        info = json.loads(f.read_text())
+    except json.JSONDecodeError as e:
+        raise RunError(f"{f}: not valid JSON ({e})") from None
+    if not isinstance(info, dict):
+        raise RunError(f"{f}: expected a JSON object, got {type(info).__name__}")
     if info.get("schema_version") != RUN_SCHEMA:
         raise RunError(f"{f}: run file schema {info.get('schema_version')!r} is not supported (reads {RUN_SCHEMA})")
     return info
 
 
+_INNER_FAILED = re.compile(r"Inner task failed: '([^']+)'")
+
+
+def failed_task(info: dict[str, Any]) -> str | None:
+    """The task that failed a pipeline run (``run.json``'s ``failed_task``, or read from its error)."""
+    if info.get("failed_task"):
+        return str(info["failed_task"])
+    m = _INNER_FAILED.search(str(info.get("error") or ""))
+    return m.group(1) if m else None
+
+
+def _own_step_status(info: dict[str, Any], task: str) -> str | None:
+    """Why this run's own ``task`` step cannot be used ("failed: ..."), or None when it can be or it has none."""
+    status = info.get("status")
+    if info.get("kind") == "stage-rerun":
+        if info.get("stage") != task or status == "succeeded":
+            return None
+    elif status == "succeeded" or failed_task(info) != task:
+        return None
+    why = f"status {status!r}" if status != "running" else "status 'running' (still running, or killed before it finished)"
+    return why + (f": {info['error']}" if info.get("error") else "")
+
+
 def find_artifact(run_dir: str | Path, task: str, output: str) -> Path:
-    """The path of ``task``'s ``output`` in this run, or in the run it was derived from."""
+    """The path of ``task``'s ``output`` in this run, or in the run it was derived from.
+
+    Falls back to the source run only for a task this run did not run itself; a run whose own
+    ``task`` step failed or did not finish is refused (RunError naming the run, the stage and
+    its status).
+    """
     d = Path(run_dir).resolve()
     seen: list[Path] = []
     while True:
+        info = read_run_file(d)
+        bad = _own_step_status(info, task)
+        if bad:
+            via = f" (reached from {seen[0]})" if seen else ""
+            raise RunError(f"{d}{via}: its `{task}` stage did not succeed ({bad}); {task}/{output} is not there. "
+                           f"Fix it and rerun that stage (make stage STAGE={task} RUN=...), or point RUN at a run "
+                           "whose stage succeeded")
         path = d / task / output
         if path.exists():
             return path
         seen.append(d)
-        source = read_run_file(d).get("source_run")
+        if info.get("kind") == "stage-rerun" and info.get("stage") == task:  # succeeded, yet the output is gone
+            raise RunError(f"{d}: its `{task}` stage succeeded but {task}/{output} is missing; the run directory "
+                           "was changed after the rerun")
+        source = info.get("source_run")
         if not source:
             where = " -> ".join(str(s) for s in seen)
-            raise RunError(f"{task}/{output} not found in {where}; did the `{task}` step of that run succeed?")
+            status = f" (run status {info.get('status')!r})" if info.get("status") != "succeeded" else ""
+            raise RunError(f"{task}/{output} not found in {where}{status}; did the `{task}` step of that run succeed?")
         d = Path(source)
         if d in seen:
             raise RunError(f"run directories link in a circle: {d}")
+
+
+def artifact_origin(run_dir: str | Path, path: str | Path) -> Path | None:
+    """The run directory ``path`` belongs to when it is not ``run_dir`` itself (a fallback to a source run)."""
+    d, p = Path(run_dir).resolve(), Path(path).resolve()
+    try:
+        p.relative_to(d)
+        return None
+    except ValueError:
+        pass
+    for parent in p.parents:
+        if (parent / RUN_FILE).exists():
+            return parent
+    return None
 
 
 def latest_run(root: str | Path) -> Path:

@@ -9,21 +9,35 @@ the upstream outputs of RUN, and its outputs go to a new directory (default
 ``runs/stages/<stage>-<timestamp>``) laid out like a run: ``<task>/<output>`` plus a
 ``run.json`` naming RUN as its source. RUN itself is only read. The new directory is a run
 directory too, so the next stage can be rerun against it (``--run <new dir>``): the
-artifacts it lacks come from its source.
+artifacts it lacks come from its source, and the summary says which input came from where.
+An input whose stage failed or never finished in RUN (a failed rerun, the failed task of a
+pipeline run) is refused, never replaced by an older run's artifact. ``run.json`` says
+``running`` while the stage runs and ``succeeded`` or ``failed`` (with the error) after.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import inspect
+import io
 import json
 import sys
 import time
+import traceback
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from .runs import UPSTREAM, RunError, find_artifact, latest_run, read_run_file, write_run_file
+from .runs import (
+    UPSTREAM,
+    RunError,
+    artifact_origin,
+    find_artifact,
+    latest_run,
+    read_run_file,
+    write_run_file,
+)
 
 DEFAULT_OUT_ROOT = Path("runs/stages")
 
@@ -45,6 +59,34 @@ def _artifact(schema_type: str, uri: Path) -> Any:
         raise RunError(f"artifact type {schema_type} is not supported by the stage runner")
     cls = classes[title]
     return cls(name=uri.name, uri=str(uri))
+
+
+class _Tee(io.TextIOBase):
+    """stderr that also keeps a copy: the stage's one-line reason goes into run.json."""
+
+    def __init__(self, stream: Any) -> None:
+        self.stream, self.copy = stream, io.StringIO()
+
+    def write(self, text: str) -> int:
+        self.stream.write(text)
+        return self.copy.write(text)
+
+    def flush(self) -> None:
+        self.stream.flush()
+
+    def fileno(self) -> int:  # subprocesses and faulthandler write to the real stream
+        return self.stream.fileno()
+
+    def isatty(self) -> bool:
+        return self.stream.isatty()
+
+    @property
+    def encoding(self) -> str:  # type: ignore[override]
+        return getattr(self.stream, "encoding", None) or "utf-8"
+
+    def reason(self, stage: str) -> str | None:
+        lines = [ln for ln in self.copy.getvalue().splitlines() if ln.startswith(f"ple-adatt {stage}: ")]
+        return lines[-1] if lines else None
 
 
 def _inside(path: Path, parent: Path) -> bool:
@@ -94,6 +136,7 @@ def rerun_stage(
     spec = component.component_spec
     kwargs: dict[str, Any] = {}
     inputs: dict[str, str] = {}
+    input_runs: dict[str, str] = {}  # inputs taken from a source run of RUN, not from RUN itself
     for name, (task, output) in UPSTREAM[stage].items():
         if task == "dataset":
             path = Path(params.get("data_uri", ""))
@@ -101,6 +144,9 @@ def rerun_stage(
                 raise RunError(f"the dataset {path} of run {src} is gone; pass --data PATH (make stage ... DATA=PATH)")
         else:
             path = find_artifact(src, task, output)
+            origin = artifact_origin(src, path)
+            if origin is not None:
+                input_runs[name] = str(origin)
         inputs[name] = str(path)
         kwargs[name] = _artifact(spec.inputs[name].type, path)
     outputs: dict[str, str] = {}
@@ -117,20 +163,35 @@ def rerun_stage(
 
     (dest / stage).mkdir(parents=True)
     record = {"kind": "stage-rerun", "stage": stage, "source_run": str(src), "params": params, "inputs": inputs,
-              "outputs": outputs, "mlflow_tracking_uri": params.get("mlflow_tracking_uri"), "status": "running"}
+              "input_runs": input_runs, "outputs": outputs, "mlflow_tracking_uri": params.get("mlflow_tracking_uri"),
+              "status": "running"}
     write_run_file(dest, record)
     t0 = time.perf_counter()
-    try:
-        component.python_func(**kwargs)
-    except SystemExit as e:  # the stage printed its one-line reason
-        record.update(status="failed", error=f"ple-adatt {stage} exited with {e.code}",
-                      seconds=round(time.perf_counter() - t0, 1))
+
+    def failed(error: str, **extra: Any) -> None:
+        record.update(status="failed", error=error, seconds=round(time.perf_counter() - t0, 1), **extra)
         write_run_file(dest, record)
+
+    tee = _Tee(sys.stderr)
+    try:
+        with contextlib.redirect_stderr(tee):
+            component.python_func(**kwargs)
+        metadata = {name: kwargs[name].metadata for name in spec.outputs}
+        for name, out_spec in spec.outputs.items():  # KFP keeps Metrics as metadata only; a file is handier here
+            if out_spec.type.startswith("system.Metrics") and not Path(outputs[name]).exists():
+                Path(outputs[name]).write_text(json.dumps(metadata[name], indent=1, sort_keys=True) + "\n")
+    except SystemExit as e:  # the stage printed its one-line reason
+        failed(tee.reason(stage) or f"ple-adatt {stage} exited with {e.code}", exit_code=e.code)
         raise RunError(f"stage {stage} failed (exit {e.code}); its inputs and run.json are in {dest}") from None
-    metadata = {name: kwargs[name].metadata for name in spec.outputs}
-    for name, out_spec in spec.outputs.items():  # KFP keeps Metrics as metadata only; a file is handier here
-        if out_spec.type.startswith("system.Metrics") and not Path(outputs[name]).exists():
-            Path(outputs[name]).write_text(json.dumps(metadata[name], indent=1, sort_keys=True) + "\n")
+    except KeyboardInterrupt:
+        failed("interrupted")
+        raise
+    except BaseException as e:  # a bug or an unexpected error: recorded, never left as "running"
+        failed(f"{type(e).__name__}: {e}", traceback=traceback.format_exc())
+        if not isinstance(e, Exception):
+            raise
+        raise RunError(f"stage {stage} raised {type(e).__name__}: {e}; "
+                       f"the traceback is in {dest / 'run.json'}") from e
     record.update(status="succeeded", seconds=round(time.perf_counter() - t0, 1), metadata=metadata)
     write_run_file(dest, record)
     return dest
@@ -161,6 +222,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\n{args.stage} rerun against {run} ({info['seconds']:.0f}s); outputs in {dest}:")
     for name, path in info["outputs"].items():
         print(f"  {name:<16} {path}")
+    print("inputs:")
+    for name, path in info["inputs"].items():
+        origin = info.get("input_runs", {}).get(name)
+        print(f"  {name:<18} {path}" + (f"  (from its source run {origin}: not rerun in {run})" if origin else ""))
     print(f"rerun the next stage against it: make stage STAGE=<stage> RUN={dest}")
     return 0
 

@@ -99,6 +99,10 @@ def test_stage_rerun_writes_a_new_directory_and_leaves_the_source_untouched(loca
     assert rep["inputs"]["phase2"] == new["files"]["checkpoint.pt"]
     assert read_run_file(report_dir)["inputs"]["phase1_checkpoint"] == str(
         find_artifact(run_dir, "train-phase1", "checkpoint"))
+    # the inputs taken from the source run are recorded as such; the rerun's own output is not
+    assert read_run_file(report_dir)["input_runs"] == {"phase1_checkpoint": str(run_dir.resolve()),
+                                                       "validation": str(run_dir.resolve())}
+    assert "inputs:" in printed and "from its source run" not in printed  # phase2 rerun: all from run_dir itself
     assert _tree_digest(run_dir) == before
 
 
@@ -119,3 +123,65 @@ def test_local_run_names_the_fix_for_missing_inputs(tmp_path):
         run_locally(data=tmp_path / "missing.parquet", root=tmp_path / "runs")
     with pytest.raises(LocalRunError, match="make compile"):
         run_locally(data=Path("configs/data/synthetic.yaml"), package=tmp_path / "none.yaml", root=tmp_path / "runs")
+
+
+def test_a_failed_rerun_is_refused_not_replaced_by_its_source_runs_artifact(local_run, tmp_path, capsys):
+    run_dir, _, _ = local_run
+    typo = tmp_path / "typo.yaml"
+    typo.write_text(Path("configs/train/cpu_small.yaml").read_text().replace("batch_size:", "batchsize:"))
+    failed = tmp_path / "p1-failed"
+    assert stage_main(["train-phase1", "--run", str(run_dir), "--out", str(failed), "--train-config", str(typo)]) == 2
+    assert "stage train-phase1 failed (exit 2)" in capsys.readouterr().err
+    info = read_run_file(failed)
+    assert info["status"] == "failed" and info["exit_code"] == 2
+    assert "unknown key `training.batchsize`" in info["error"]  # the stage's own one-line reason
+    assert not (failed / "train-phase1" / "checkpoint").exists()
+    # the next stage against the failed rerun must not take Phase 1 from run_dir instead
+    for stage, out in (("train-phase2", tmp_path / "p2"), ("report", tmp_path / "rep")):
+        assert stage_main([stage, "--run", str(failed), "--out", str(out)]) == 2
+        err = capsys.readouterr().err
+        assert f"{failed.resolve()}: its `train-phase1` stage did not succeed (status 'failed': " in err, err
+        assert "unknown key `training.batchsize`" in err and not out.exists()
+    with pytest.raises(RunError, match="its `train-phase1` stage did not succeed"):
+        find_artifact(failed, "train-phase1", "checkpoint")
+    # what the failed rerun did not try to make still comes from its source, and says so
+    assert find_artifact(failed, "validate", "validation") == find_artifact(run_dir, "validate", "validation")
+
+
+def _hand_made_run(d: Path, info: dict) -> Path:
+    d.mkdir(parents=True)
+    (d / "run.json").write_text(json.dumps({"schema_version": 1, **info}))
+    return d
+
+
+def test_the_failed_task_of_a_pipeline_run_is_named(local_run, tmp_path, capsys):
+    run_dir, _, _ = local_run
+    params = read_run_file(run_dir)["params"]
+    err_line = "Pipeline 'ple-adatt' finished with status FAILURE. Inner task failed: 'train-phase1'."
+    bad = _hand_made_run(tmp_path / "failed-run", {"kind": "pipeline-run", "status": "failed", "error": err_line,
+                                                  "params": params})
+    assert stage_main(["train-phase2", "--run", str(bad), "--out", str(tmp_path / "p2")]) == 2
+    err = capsys.readouterr().err
+    assert f"{bad.resolve()}: its `train-phase1` stage did not succeed (status 'failed': {err_line})" in err
+    # a stage rerun that never finished (killed: run.json still says running) is refused the same way
+    killed = _hand_made_run(tmp_path / "killed", {"kind": "stage-rerun", "stage": "train-phase2", "status": "running",
+                                                 "source_run": str(run_dir), "params": params})
+    with pytest.raises(RunError, match=r"killed: its `train-phase2` stage did not succeed \(status 'running' "
+                                       r"\(still running, or killed before it finished\)\)"):
+        rerun_stage("report", killed, out=tmp_path / "rep")
+    assert not (tmp_path / "rep").exists()
+
+
+def test_a_stage_that_raises_is_recorded_as_failed(local_run, tmp_path, capsys):
+    """Not only a stage's SystemExit: any exception marks run.json failed, with the error and traceback."""
+    run_dir, _, _ = local_run
+    params = {**read_run_file(run_dir)["params"], "gx_rows": 5}  # an int, not the string the component passes on
+    src = _hand_made_run(tmp_path / "edited", {"kind": "stage-rerun", "stage": "report", "status": "succeeded",
+                                              "source_run": str(run_dir), "params": params})
+    out = tmp_path / "v"
+    assert stage_main(["validate", "--run", str(src), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "make stage: error: stage validate raised " in err and f"the traceback is in {out / 'run.json'}" in err
+    info = read_run_file(out)
+    assert info["status"] == "failed" and info["error"].split(":")[0].endswith("Error")
+    assert "Traceback" in info["traceback"] and info["seconds"] >= 0
