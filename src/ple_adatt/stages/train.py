@@ -1,7 +1,9 @@
 """``ple-adatt train``: both phases in one process, without the pipeline.
 
 Writes ``OUT/phase1`` and ``OUT/phase2`` checkpoints (the same artifacts the pipeline's
-train-phase1 and train-phase2 steps write).
+train-phase1 and train-phase2 steps write). Both go to a temporary directory beside ``OUT``
+that replaces it once Phase 2 has finished: a run that fails in either phase leaves ``OUT``
+as it was.
 """
 
 from __future__ import annotations
@@ -23,18 +25,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..artifacts import atomic_output_dir
     from .train_common import run_phase1, run_phase2, summarize
 
     out = Path(args.out)
-    with stage_tracking("train-phase1", args) as tracker:
-        run_phase1(data=args.data, data_config=args.data_config, config=args.config, out=out / "phase1",
-                   validation=args.validation, overrides=args.overrides, stage="train",
-                   on_epoch=tracker.log_epoch)
-        tracker.log_artifact(out / "phase1", "checkpoint")
-    with stage_tracking("train-phase2", args) as tracker:
-        manifest = run_phase2(checkpoint=out / "phase1", data=args.data, out=out / "phase2",
-                              overrides=args.overrides, stage="train", on_epoch=tracker.log_epoch)
-        tracker.log_artifact(out / "phase2", "checkpoint")
+    with atomic_output_dir(out) as tmp:
+        with stage_tracking("train-phase1", args) as tracker:
+            run_phase1(data=args.data, data_config=args.data_config, config=args.config, out=tmp / "phase1",
+                       validation=args.validation, overrides=args.overrides, stage="train",
+                       on_epoch=tracker.log_epoch)
+            tracker.log_artifact(tmp / "phase1", "checkpoint")
+        with stage_tracking("train-phase2", args) as tracker:
+            manifest = run_phase2(checkpoint=tmp / "phase1", data=args.data, out=tmp / "phase2",
+                                  overrides=args.overrides, stage="train", on_epoch=tracker.log_epoch)
+            tracker.log_artifact(tmp / "phase2", "checkpoint")
     print(summarize(manifest))
     print(f"checkpoints: {out / 'phase1'} and {out / 'phase2'}")
     return 0
