@@ -26,23 +26,33 @@ import contextlib
 import json
 import math
 import os
+import re
 import shutil
 import tempfile
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from .artifacts import ArtifactError, path_sha256, read_manifest
 from .config import RegistryConfig, TrainConfig
-from .tracking import TAG_VALUE_MAX, TrackingError, TrackingTarget, negative_transfer_pairs
+from .tracking import (
+    TAG_VALUE_MAX,
+    TrackingError,
+    TrackingTarget,
+    check_uri,
+    filter_literal,
+    make_client,
+    negative_transfer_pairs,
+)
 
 __all__ = [
     "RegistryError",
     "GateDecision",
     "RegisteredModel",
     "check_inputs",
+    "check_registry_settings",
     "champion_gate",
     "register_checkpoint",
     "load_registered_model",
@@ -94,6 +104,8 @@ def check_inputs(checkpoint: str | Path, validation: str | Path, report: str | P
             f"{checkpoint}: is a {man.get('phase')} checkpoint; register the Phase 2 checkpoint "
             "(the output of `ple-adatt train-phase2`, or OUT/phase2 of `ple-adatt train`)"
         )
+    _check_finite_state(ck.system.state_dict(), Path(checkpoint))
+    _check_metrics(man, Path(checkpoint))
     vdir = Path(validation)
     vman = read_manifest(vdir, "validation", VALIDATION_SCHEMAS)
     avail_path = vdir / "availability.json"
@@ -123,6 +135,71 @@ def check_inputs(checkpoint: str | Path, validation: str | Path, report: str | P
         validation=vdir, validation_manifest=vman, availability=availability, report=rdir,
         report_files=rfiles, report_manifest=rman,
     )
+
+
+def _finite_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _check_finite_state(state: dict[str, Any], checkpoint: Path) -> None:
+    """Refuse a diverged model: a parameter or buffer holding NaN or infinity."""
+    import torch
+
+    bad = [k for k, v in state.items()
+           if torch.is_tensor(v) and (v.is_floating_point() or v.is_complex()) and not bool(torch.isfinite(v).all())]
+    if bad:
+        shown = ", ".join(bad[:3]) + (", ..." if len(bad) > 3 else "")
+        raise ArtifactError(
+            f"{checkpoint / 'checkpoint.pt'}: {len(bad)} of {len(state)} tensors hold NaN or infinite values "
+            f"({shown}); the training diverged; retrain it (e.g. with a lower training.learning_rate) "
+            "instead of registering it"
+        )
+
+
+def _check_metrics(man: dict[str, Any], checkpoint: Path) -> None:
+    """Refuse a checkpoint whose validation metrics are missing or not finite.
+
+    A task without validation rows (``n`` 0) has no metrics; an AUC is undefined (NaN) when
+    the validation rows hold one class only. Every other metric must be a finite number.
+    """
+    from .metrics import PRIMARY_METRIC
+
+    where = checkpoint / "manifest.json"
+    metrics = man.get("metrics")
+    tasks = metrics.get("tasks") if isinstance(metrics, dict) else None
+    if not isinstance(tasks, dict) or not tasks:
+        raise ArtifactError(f"{where}: key `metrics.tasks` is missing or empty: the checkpoint carries no validation "
+                            "metrics; register a checkpoint written by `ple-adatt train-phase2`")
+    kinds = {s.get("name"): s.get("type") for s in man.get("task_specs") or [] if isinstance(s, dict)}
+    bad: list[str] = []
+    if not _finite_number(metrics.get("val_loss")):
+        bad.append(f"`metrics.val_loss` is {metrics.get('val_loss')!r}")
+    evaluated = 0
+    for task in man.get("tasks") or list(tasks):
+        m = tasks.get(task)
+        if not isinstance(m, dict):
+            bad.append(f"`metrics.tasks.{task}` is missing")
+            continue
+        if m.get("n") == 0:  # no validation rows: nothing to evaluate
+            continue
+        evaluated += 1
+        primary = PRIMARY_METRIC.get(kinds.get(task, ""), (None, True))[0]
+        if primary is not None and primary not in m:
+            bad.append(f"`metrics.tasks.{task}.{primary}` is missing")
+        for key, v in m.items():
+            if key in ("n", "by_cluster") or _finite_number(v):
+                continue
+            if key == "auc" and m.get("positive_rate") in (0, 0.0, 1, 1.0):
+                continue  # one class only: AUC is undefined, not a failure of the model
+            bad.append(f"`metrics.tasks.{task}.{key}` is {v!r}")
+    if not bad and evaluated == 0:
+        bad.append("no task has validation rows")
+    if bad:
+        more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
+        raise ArtifactError(
+            f"{where}: validation metric {bad[0]}{more}; the model diverged or was not evaluated; retrain "
+            "it instead of registering it"
+        )
 
 
 # ---------------------------------------------------------------------- the champion gate
@@ -155,31 +232,42 @@ def champion_gate(candidate: dict[str, dict[str, Any]], champion: dict[str, dict
     """Promote unless some task's primary metric is worse than the champion's by more than
     ``tolerance`` (relative to the champion's value), or a champion task is missing.
 
-    Without a champion the candidate is promoted. A task whose champion value is missing or
-    not finite is not compared.
+    Without a champion the candidate is promoted if it has a finite metric at all. A task
+    whose champion value is missing or not finite is not compared; a candidate value that
+    is missing or not finite where the champion's is finite fails. Nothing is promoted on a
+    NaN: a tolerance that is not a finite number >= 0 fails, and so does a champion with
+    which no task could be compared.
     """
+    if not _finite_number(tolerance) or tolerance < 0:
+        return GateDecision(False, f"registry.tolerance is {tolerance!r}, not a finite number >= 0; not promoting",
+                            champion_version)
     if champion is None:
+        if not any(_finite_number((c or {}).get("value")) for c in candidate.values()):
+            return GateDecision(False, "the candidate has no finite validation metric; not promoting")
         return GateDecision(True, "no champion yet")
     fails: list[str] = []
     worse: dict[str, float] = {}
     for task, ch in sorted(champion.items()):
         cv = ch.get("value")
-        if cv is None or not math.isfinite(cv):
+        if not _finite_number(cv):
             continue
         cand = candidate.get(task)
         if cand is None:
             fails.append(f"{task}: not in the candidate")
             continue
         v = cand.get("value")
-        if v is None or not math.isfinite(v):
+        if not _finite_number(v):
             fails.append(f"{task}: {ch['metric']} is missing in the candidate")
             continue
         diff = (cv - v) if ch["higher_is_better"] else (v - cv)  # > 0: the candidate is worse
         rel = diff / abs(cv) if abs(cv) > 1e-12 else diff
         worse[task] = rel
-        if rel > tolerance:
+        if not math.isfinite(rel) or rel > tolerance:
             fails.append(f"{task} {ch['metric']} {v:.4g} vs {cv:.4g} ({rel:.1%} worse)")
     who = f"champion v{champion_version}" if champion_version else "the champion"
+    if not fails and not worse:
+        return GateDecision(False, f"no task could be compared with {who} (no finite metric on both sides); "
+                            "move the champion alias by hand if this version should serve", champion_version)
     if fails:
         return GateDecision(False, f"worse than {who} beyond tolerance {tolerance:.1%}: " + "; ".join(fails),
                             champion_version, worse)
@@ -231,18 +319,37 @@ def _call(target: TrackingTarget, what: str, fn: Any, *args: Any, **kwargs: Any)
                             "is the tracking server up? (MLFLOW_TRACKING_URI)") from e
 
 
-def _versions(client: Any, target: TrackingTarget, name: str) -> list[Any]:
+def _registered_model(client: Any, target: TrackingTarget, name: str) -> Any | None:
+    """The registered model ``name``, or None when there is none yet."""
     from mlflow.exceptions import MlflowException
 
     try:
-        client.get_registered_model(name)
+        return client.get_registered_model(name)
     except MlflowException as e:
         if getattr(e, "error_code", "") == "RESOURCE_DOES_NOT_EXIST":
-            return []
+            return None
         raise RegistryError(f"MLflow registry at {target.uri}: reading model {name!r} failed: {e.message}") from e
     except OSError as e:
         raise RegistryError(f"MLflow registry at {target.uri}: reading model {name!r} failed: {e}") from e
-    return list(_call(target, "listing versions", client.search_model_versions, f"name='{name}'"))
+
+
+def _search_versions(client: Any, target: TrackingTarget, name: str, what: str, filt: str) -> list[Any]:
+    """Versions of ``name`` matching ``filt``. The filter never holds the model name (MLflow's
+    filter grammar cannot quote every name); the versions are picked by name here."""
+    out: list[Any] = []
+    token = None
+    while True:
+        page = _call(target, what, client.search_model_versions, filt, max_results=1000, page_token=token)
+        out.extend(v for v in page if v.name == name)
+        token = getattr(page, "token", None)
+        if not token:
+            return out
+
+
+def _versions(client: Any, target: TrackingTarget, name: str, checkpoint_sha256: str) -> list[Any]:
+    """The versions of ``name`` that hold the checkpoint with this content hash."""
+    return _search_versions(client, target, name, "listing versions",
+                            f"tags.checkpoint_sha256 = {filter_literal(checkpoint_sha256, 'checkpoint hash')}")
 
 
 def _alias_version(client: Any, name: str, alias: str) -> Any | None:
@@ -351,6 +458,60 @@ def _pip_requirements() -> list[str]:
 # --------------------------------------------------------------------------- register
 
 
+def _mlflow_check(validator: str, value: str) -> str | None:
+    """MLflow's own check of a model or alias name (the registry applies it later); the
+    reason it fails, or None. A missing validator (another MLflow) checks nothing here."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.utils import validation
+
+    fn = getattr(validation, validator, None)
+    if fn is None:
+        return None
+    try:
+        fn(value)
+    except MlflowException as e:
+        return str(e.message).strip().splitlines()[0][:200].rstrip(".")
+    return None
+
+
+def check_registry_settings(registry: RegistryConfig, extra_aliases: list[str] | tuple[str, ...] = ()) -> None:
+    """Refuse registry settings that would fail or register wrongly, before anything is logged:
+    a model or alias name MLflow refuses (``latest``, ``v3``), a candidate alias that is the
+    champion alias, an extra alias that is the champion alias, a tolerance that is not a
+    finite number >= 0."""
+    name = registry.model_name
+    if not isinstance(name, str) or not name.strip():
+        raise RegistryError(f"registry.model_name is {name!r}; name the registered model")
+    why = _mlflow_check("_validate_model_name", name)
+    if why:
+        raise RegistryError(f"registry.model_name {name!r}: MLflow refuses it ({why}); choose another name")
+    tol = registry.tolerance
+    if not _finite_number(tol) or tol < 0:
+        raise RegistryError(f"registry.tolerance is {tol!r}; it must be a finite number >= 0 "
+                            "(0.01: a task may be 1% worse than the champion's)")
+    named = [("registry.candidate_alias", registry.candidate_alias),
+             ("registry.champion_alias", registry.champion_alias),
+             *(("--alias", a) for a in extra_aliases)]
+    for key, alias in named:
+        if not isinstance(alias, str):
+            raise RegistryError(f"{key} is {alias!r}; an alias is a name")
+        why = (_mlflow_check("_validate_model_alias_name", alias)
+               or _mlflow_check("_validate_model_alias_name_reserved", alias))
+        if why is None and (alias.lower() == "latest" or re.fullmatch(r"[vV]\d+", alias)):
+            why = "reserved by MLflow"
+        if why:
+            raise RegistryError(f"{key} {alias!r}: MLflow refuses this alias ({why}); use another alias name")
+    if registry.candidate_alias == registry.champion_alias:
+        raise RegistryError(
+            f"registry.candidate_alias and registry.champion_alias are both {registry.champion_alias!r}; the "
+            "champion alias moves only through the champion gate, so give the candidate alias another name"
+        )
+    for alias in extra_aliases:
+        if alias == registry.champion_alias:
+            raise RegistryError(f"--alias {alias}: the champion alias moves only through the champion gate; "
+                                "use another alias name")
+
+
 def register_checkpoint(
     inputs: RegistrationInputs,
     *,
@@ -358,33 +519,81 @@ def register_checkpoint(
     tracker: Any,
     pipeline_run_id: str | None = None,
     extra_aliases: list[str] | tuple[str, ...] = (),
+    on_registered: Callable[[dict[str, Any]], None] | None = None,
 ) -> dict[str, Any]:
     """Register ``inputs`` as a version of ``registry.model_name``; returns the registration record.
 
     ``tracker`` is the register stage's :class:`ple_adatt.tracking.StageTracker` (its client,
     target and run id are used). Idempotent on the checkpoint's content hash.
+    ``on_registered(record)`` runs last (the stage writes its outputs there). When anything
+    fails, what this call did is undone: the version it created and the logged model it
+    logged are deleted, the aliases it moved are put back where they were.
     """
+    check_registry_settings(registry, extra_aliases)
     client, target = tracker.client, tracker.target
     name = registry.model_name
-    existing = [v for v in _versions(client, target, name)
-                if v.tags.get("checkpoint_sha256") == inputs.checkpoint_sha256]
+    before = _registered_model(client, target, name)
+    aliases_before = dict(getattr(before, "aliases", None) or {}) if before is not None else {}
     created = False
-    if existing:
-        mv = sorted(existing, key=lambda v: int(v.version))[0]
-        print(f"MLflow: checkpoint {inputs.checkpoint_sha256[:12]} is already {name} v{mv.version}; "
-              "reusing it (a retried step)")
-    else:
-        mv = _create_version(inputs, registry, tracker, pipeline_run_id)
-        created = True
     try:
+        existing = _versions(client, target, name, inputs.checkpoint_sha256)
+        if existing:
+            mv = sorted(existing, key=lambda v: int(v.version))[0]
+            print(f"MLflow: checkpoint {inputs.checkpoint_sha256[:12]} is already {name} v{mv.version}; "
+                  "reusing it (a retried step)")
+        else:
+            mv = _create_version(inputs, registry, tracker, pipeline_run_id)
+            created = True
         record = _finish(client, target, name, mv, inputs, registry, extra_aliases)
+        record.update(created=created, run_id=tracker.run_id, tracking_uri=target.uri)
+        if on_registered is not None:
+            on_registered(record)
     except BaseException:
-        if created:  # a failed run leaves nothing registered
-            with contextlib.suppress(Exception):
-                client.delete_model_version(name, mv.version)
+        _undo(client, target, name, tracker.run_id, model_existed=before is not None,
+              aliases_before=aliases_before, touched=[registry.candidate_alias, registry.champion_alias,
+                                                      *extra_aliases])
         raise
-    record.update(created=created, run_id=tracker.run_id, tracking_uri=target.uri)
     return record
+
+
+def _undo(client: Any, target: TrackingTarget, name: str, run_id: str, *, model_existed: bool,
+          aliases_before: dict[str, str], touched: list[str]) -> None:
+    """Best effort: remove what the failed registration of run ``run_id`` left behind."""
+    with contextlib.suppress(Exception):  # the versions this run created (none when one was reused)
+        for v in _search_versions(client, target, name, "listing versions", f"run_id = '{run_id}'"):
+            client.delete_model_version(name, v.version)
+    with contextlib.suppress(Exception):
+        if model_existed:  # the aliases this run moved go back where they were
+            now = dict(client.get_registered_model(name).aliases or {})
+            for alias in dict.fromkeys(touched):
+                if alias in aliases_before and now.get(alias) != aliases_before[alias]:
+                    with contextlib.suppress(Exception):
+                        client.set_registered_model_alias(name, alias, aliases_before[alias])
+                elif alias not in aliases_before and alias in now:
+                    with contextlib.suppress(Exception):
+                        client.delete_registered_model_alias(name, alias)
+        elif not client.search_model_versions(f"name = {filter_literal(name, 'registry.model_name')}"):
+            client.delete_registered_model(name)  # created by this run and empty again
+    _drop_logged_models(client, target, run_id)
+
+
+def _drop_logged_models(client: Any, target: TrackingTarget, run_id: str) -> None:
+    """Delete the logged models of run ``run_id`` (a failed registration's bundle copies):
+    their files, then the model (marked FAILED first, should the deletion not go through)."""
+    from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
+
+    try:
+        experiment_id = client.get_run(run_id).info.experiment_id
+        models = list(client.search_logged_models([experiment_id], filter_string=f"source_run_id = '{run_id}'"))
+    except Exception:
+        return
+    for lm in models:
+        with contextlib.suppress(Exception):
+            client.finalize_logged_model(lm.model_id, "FAILED")
+        with contextlib.suppress(Exception):
+            get_artifact_repository(lm.artifact_location, tracking_uri=target.uri).delete_artifacts()
+        with contextlib.suppress(Exception):
+            client.delete_logged_model(lm.model_id)
 
 
 def _create_version(inputs: RegistrationInputs, registry: RegistryConfig, tracker: Any,
@@ -409,40 +618,58 @@ def _create_version(inputs: RegistrationInputs, registry: RegistryConfig, tracke
 
 def _finish(client: Any, target: TrackingTarget, name: str, mv: Any, inputs: RegistrationInputs,
             registry: RegistryConfig, extra_aliases: list[str] | tuple[str, ...]) -> dict[str, Any]:
-    """Aliases and the champion decision (kept as they are when already decided)."""
+    """Aliases and the champion decision (kept as they are when already decided).
+
+    The champion is read before this call sets any alias: the gate compares with the version
+    that held the champion alias before, never with the version being registered.
+    """
     version = str(mv.version)
     mv = _call(target, "reading the version", client.get_model_version, name, version)
     tags = dict(mv.tags)
-    for alias in [registry.candidate_alias, *extra_aliases]:
-        _call(target, f"setting alias {alias!r}", client.set_registered_model_alias, name, alias, version)
+    # the champion alias moves only through the gate, never as the candidate or an extra alias
+    aliases = [a for a in dict.fromkeys([registry.candidate_alias, *extra_aliases]) if a != registry.champion_alias]
     if tags.get(STATUS_TAG) == "complete" and "champion_decision" in tags:
         decision = tags["champion_decision"]
         reason = tags.get("champion_decision_reason", "")
         before = tags.get("champion_before") or None
+        for alias in aliases:
+            _call(target, f"setting alias {alias!r}", client.set_registered_model_alias, name, alias, version)
     else:
         champ = _call(target, "reading the champion", _alias_version, client, name, registry.champion_alias)
-        if champ is not None and str(champ.version) == version:
-            gate = GateDecision(True, "already the champion", version)
+        if champ is not None and str(champ.version) == version and "champion_decision" in tags:
+            # a retried step: the gate promoted this version before the step was cut off
+            gate = GateDecision(tags["champion_decision"] == "promoted", tags.get("champion_decision_reason", ""),
+                                tags.get("champion_before"))
+            champ_before = tags.get("champion_before") or "none"
+        elif champ is not None and str(champ.version) == version:
+            gate = GateDecision(True, f"the {registry.champion_alias!r} alias was on this version before it "
+                                "was registered again", version)
+            champ_before = version
         elif champ is None:
             gate = champion_gate(primary_metrics(inputs.manifest), None, registry.tolerance)
+            champ_before = "none"
         else:
             ch_metrics = _champion_metrics(champ)
             if ch_metrics is None:
-                gate = GateDecision(False, f"champion v{champ.version} carries no val_metrics tag to compare "
-                                    "with; move the champion alias by hand", str(champ.version))
+                gate = GateDecision(False, f"champion v{champ.version} carries no readable val_metrics tag to "
+                                    "compare with; move the champion alias by hand", str(champ.version))
             else:
                 gate = champion_gate(primary_metrics(inputs.manifest), ch_metrics, registry.tolerance,
                                      str(champ.version))
+            champ_before = str(champ.version)
+        decision = "promoted" if gate.promote else "rejected"
+        reason = gate.reason
+        before = None if champ_before == "none" else champ_before
+        # the decision first: a step cut off after moving the champion finds it on retry
+        for k, v in {"champion_decision": decision, "champion_decision_reason": reason[:TAG_VALUE_MAX],
+                     "champion_before": champ_before, "champion_tolerance": str(registry.tolerance)}.items():
+            _call(target, f"tagging v{version}", client.set_model_version_tag, name, version, k, v)
+        for alias in aliases:
+            _call(target, f"setting alias {alias!r}", client.set_registered_model_alias, name, alias, version)
         if gate.promote:
             _call(target, f"setting alias {registry.champion_alias!r}", client.set_registered_model_alias,
                   name, registry.champion_alias, version)
-        decision = "promoted" if gate.promote else "rejected"
-        reason = gate.reason
-        before = str(champ.version) if champ is not None else None
-        for k, v in {"champion_decision": decision, "champion_decision_reason": reason[:TAG_VALUE_MAX],
-                     "champion_before": before or "none", "champion_tolerance": str(registry.tolerance),
-                     STATUS_TAG: "complete"}.items():
-            _call(target, f"tagging v{version}", client.set_model_version_tag, name, version, k, v)
+        _call(target, f"tagging v{version}", client.set_model_version_tag, name, version, STATUS_TAG, "complete")
     mv = _call(target, "reading the version", client.get_model_version, name, version)
     return {
         "model_name": name,
@@ -460,16 +687,27 @@ def _finish(client: Any, target: TrackingTarget, name: str, mv: Any, inputs: Reg
 
 
 def _champion_metrics(champ: Any) -> dict[str, dict[str, Any]] | None:
+    """The champion's primary metrics from its ``val_metrics`` tag; None when it is absent or
+    unreadable (then nothing is compared and the champion stays)."""
     from .metrics import PRIMARY_METRIC
 
     raw = champ.tags.get("val_metrics")
     if not raw:
         return None
+    try:
+        parsed = json.loads(raw)
+    except ValueError:
+        return None
+    if not isinstance(parsed, dict):
+        return None
     higher = {name: hb for name, hb in PRIMARY_METRIC.values()}
     out = {}
-    for task, m in json.loads(raw).items():
+    for task, m in parsed.items():
+        if not isinstance(m, dict) or len(m) != 1:
+            return None
         (metric, value), = m.items()
-        out[task] = {"metric": metric, "value": value, "higher_is_better": higher.get(metric, True)}
+        out[task] = {"metric": metric, "value": value if _finite_number(value) else None,
+                     "higher_is_better": higher.get(metric, True)}
     return out
 
 
@@ -586,7 +824,6 @@ def load_registered_model(model_uri: str, *, tracking_uri: str | None = None, de
     sqlite store. The files are downloaded to ``dst_path`` (default: a new temporary dir).
     """
     import mlflow
-    from mlflow.tracking import MlflowClient
 
     from .tracking import connect, resolve_target
 
@@ -594,6 +831,7 @@ def load_registered_model(model_uri: str, *, tracking_uri: str | None = None, de
     if tracking_uri is not None:
         target = TrackingTarget(tracking_uri, target.experiment, "argument", target.retries,
                                 target.retry_wait_s, None)
+    check_uri(target)  # a URI MLflow has no store for: one clear line
     if target.is_server:
         connect(target)  # bounded retry, clear error
     dst = Path(dst_path) if dst_path is not None else Path(tempfile.mkdtemp(prefix="ple-adatt-model-"))
@@ -605,7 +843,7 @@ def load_registered_model(model_uri: str, *, tracking_uri: str | None = None, de
     if not data:
         raise ArtifactError(f"{model_uri}: not a ple-adatt model (its MLmodel has no python_function data)")
     model = _load_bundle(local / data, device=device)
-    name, version, tags = _version_of(MlflowClient(tracking_uri=target.uri, registry_uri=target.uri), model_uri)
+    name, version, tags = _version_of(make_client(target), model_uri)
     model.name, model.version, model.tags = name, version, tags
     return model
 
