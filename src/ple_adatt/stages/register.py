@@ -73,25 +73,32 @@ def register_model(
 ) -> dict[str, Any]:
     """Register ``checkpoint`` (Phase 2) and write ``out``; returns the registration record.
 
-    Raises ArtifactError for a checkpoint without its manifest or adaTT buffers, a Phase 1
-    checkpoint or mismatched inputs, and TrackingError when the registry cannot be reached;
-    in both cases nothing is registered and ``out`` is not written.
+    Raises ArtifactError for a checkpoint without its manifest or adaTT buffers, a diverged
+    checkpoint (non-finite weights, NaN or missing validation metrics), a Phase 1 checkpoint or
+    mismatched inputs, RegistryError for registry settings MLflow would refuse, and
+    TrackingError when the registry cannot be reached; in all cases nothing is registered
+    (a failure after the version was created undoes it) and ``out`` is not written.
     """
     from ..artifacts import atomic_output_dir, make_manifest, write_json
     from ..config import config_hash
-    from ..registry import check_inputs, register_checkpoint, registration_inputs_sha
+    from ..registry import (
+        check_inputs,
+        check_registry_settings,
+        register_checkpoint,
+        registration_inputs_sha,
+    )
     from ..tracking import stage_run
 
     checkpoint, validation = Path(checkpoint), Path(validation)
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise StageError(f"--out {out}: exists and is not a directory; pass a directory path")
+    parent = next((a for a in out.absolute().parents if a.exists()), None)
+    if parent is not None and not parent.is_dir():
+        raise StageError(f"--out {out}: {parent} is not a directory; pass a directory path")
     train_cfg = _train_config(checkpoint, config, overrides)
     inputs = check_inputs(checkpoint, validation, report)  # refuse before touching the registry
-    for alias in aliases or []:
-        if alias in (train_cfg.registry.champion_alias,):
-            raise StageError(f"--alias {alias}: the champion alias moves only through the champion gate; "
-                             "use another alias name")
+    check_registry_settings(train_cfg.registry, aliases or [])  # aliases, names, tolerance: before logging
     args = argparse.Namespace(checkpoint=str(checkpoint), validation=str(validation),
                               report=None if report is None else str(report), out=str(out),
                               config=None if config is None else str(config), overrides=list(overrides or []),
@@ -101,19 +108,24 @@ def register_model(
         if inputs.report is not None:
             for f in inputs.report_files:
                 tracker.log_artifact(inputs.report / f, "report")
+
+        def write_out(record: dict[str, Any]) -> None:
+            """The outputs; if this fails, register_checkpoint undoes the registration."""
+            tracker.set_tags({"registered_model": record["model_name"], "registered_version": record["version"],
+                              "champion_decision": record["decision"]})
+            record["pipeline_run_id"] = args.pipeline_run_id
+            with atomic_output_dir(out) as tmp:
+                write_json(tmp / "registration.json", record)
+                write_json(tmp / "manifest.json", make_manifest(
+                    KIND, "register", schema_version=SCHEMA_VERSION, config_hash=config_hash(train_cfg),
+                    inputs=registration_inputs_sha(inputs),
+                    extra={"files": ["registration.json"], "model_uri": record["model_uri"]},
+                ))
+                tracker.log_artifact(tmp / "registration.json", "registration")  # before OUT appears
+
         record = register_checkpoint(inputs, registry=train_cfg.registry, tracker=tracker,
-                                     pipeline_run_id=args.pipeline_run_id, extra_aliases=aliases or [])
-        tracker.set_tags({"registered_model": record["model_name"], "registered_version": record["version"],
-                          "champion_decision": record["decision"]})
-        record["pipeline_run_id"] = args.pipeline_run_id
-        with atomic_output_dir(out) as tmp:
-            write_json(tmp / "registration.json", record)
-            write_json(tmp / "manifest.json", make_manifest(
-                KIND, "register", schema_version=SCHEMA_VERSION, config_hash=config_hash(train_cfg),
-                inputs=registration_inputs_sha(inputs),
-                extra={"files": ["registration.json"], "model_uri": record["model_uri"]},
-            ))
-        tracker.log_artifact(out / "registration.json", "registration")
+                                     pipeline_run_id=args.pipeline_run_id, extra_aliases=aliases or [],
+                                     on_registered=write_out)
     return record
 
 
@@ -124,6 +136,6 @@ def run(args: argparse.Namespace) -> int:
     state = "registered" if rec["created"] else "already registered as"
     print(f"{state} {rec['model_name']} v{rec['version']} (aliases: {', '.join(rec['aliases']) or 'none'})")
     print(f"champion gate: {rec['decision']}: {rec['reason']}")
-    print(f"load it with: ple_adatt.registry.load_registered_model('models:/{rec['model_name']}@"
-          f"{rec['candidate_alias']}')  -> {args.out}/registration.json")
+    uri = f"models:/{rec['model_name']}@{rec['candidate_alias']}"
+    print(f"load it with: ple_adatt.registry.load_registered_model({uri!r})  -> {args.out}/registration.json")
     return 0
