@@ -7,14 +7,17 @@ This is what ``make run`` does after ``make compile``: the very IR YAML that goe
 runs through kfp.local's SubprocessRunner in this virtualenv (the components' code is the
 image's code: the ple-adatt package installed here). GPU requests, tolerations and /dev/shm
 are Kubernetes settings and do nothing locally. Each step's output goes to
-``runs/local/ple-adatt-<timestamp>/pipeline.log``; the terminal gets the step progress and a
-summary. MLflow defaults to the project's sqlite store (``$MLFLOW_TRACKING_URI`` wins).
+``runs/local/ple-adatt-<timestamp>/pipeline.log``; the terminal gets the step progress (each
+step's start and end, with times), a failed step's own error line, and a summary. The train
+and data configs (with ``--set``) are checked before anything runs. MLflow defaults to the
+project's sqlite store (``$MLFLOW_TRACKING_URI`` wins).
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import io
 import os
 import re
 import sys
@@ -33,6 +36,54 @@ _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
 class LocalRunError(RuntimeError):
     """The local run could not start or a step failed; the message says where to look."""
+
+
+_STARTED = re.compile(r"Executing task '([^']+)'")
+_FINISHED = re.compile(r"Task '([^']+)' finished with status (\w+)")
+_STAGE_ERROR = re.compile(r"(ple-adatt [\w-]+: error: .*)")
+
+
+class _Progress(io.TextIOBase):
+    """Where kfp.local's output goes: all of it to pipeline.log; each step's start and end, with
+    elapsed times, to the terminal (stderr); the steps' own one-line errors kept for the end."""
+
+    def __init__(self, log: Any, t0: float, terminal: Any = None) -> None:
+        self.log, self.t0, self.terminal = log, t0, terminal or sys.stderr
+        self.buf, self.started, self.stage_errors = "", {}, []
+
+    def write(self, s: str) -> int:
+        self.log.write(s)
+        self.buf += s
+        while "\n" in self.buf:
+            line, self.buf = self.buf.split("\n", 1)
+            self._line(_ANSI.sub("", line))
+        return len(s)
+
+    def flush(self) -> None:
+        self.log.flush()
+
+    def _line(self, line: str) -> None:
+        now = time.perf_counter()
+        if m := _STARTED.search(line):
+            self.started[m.group(1)] = now
+            if m.group(1) != "importer":
+                print(f"  [{now - self.t0:5.0f}s] {m.group(1)} ...", file=self.terminal, flush=True)
+        elif (m := _FINISHED.search(line)) and m.group(1) != "importer":
+            took = now - self.started.get(m.group(1), now)
+            print(f"  [{now - self.t0:5.0f}s] {m.group(1)} {m.group(2).lower()} ({took:.0f}s)", file=self.terminal,
+                  flush=True)
+        elif m := _STAGE_ERROR.search(line):
+            self.stage_errors.append(m.group(1).strip())
+
+
+def _check_configs(params: dict[str, Any]) -> None:
+    """The configs (and --set) fail here, in one line, before kfp.local starts a step."""
+    from ple_adatt.config import ConfigError, load_data_config, load_train_config
+
+    try:
+        load_train_config(params["train_config"], params["overrides"], data=load_data_config(params["data_config"]))
+    except ConfigError as e:
+        raise LocalRunError(str(e)) from None
 
 
 def default_tracking_uri() -> str:
@@ -97,6 +148,7 @@ def run_locally(
         "mlflow_tracking_uri": mlflow_tracking_uri or default_tracking_uri(),
         "gx_rows": gx_rows,
     }
+    _check_configs(params)
     pipeline = _load_pipeline(package)
     root = Path(root).resolve()
     root.mkdir(parents=True, exist_ok=True)
@@ -105,12 +157,15 @@ def run_locally(
     local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(root), raise_on_error=True)
     t0 = time.perf_counter()
     status, error = "succeeded", None
+    print(f"running the pipeline with kfp.local (step output: {_rel(root)}/<run>/{LOG_FILE})", file=sys.stderr,
+          flush=True)
     with open(log_path, "w") as log, warnings.catch_warnings():
         # the images' code is installed in this venv: running it here is the point
         warnings.filterwarnings("ignore", message=".*non-Python base image.*", category=RuntimeWarning)
         # resources, accelerators: Kubernetes settings, moot on this machine
         warnings.filterwarnings("ignore", message=".*have no effect in the current local runner.*")
-        with contextlib.nullcontext() if echo else contextlib.redirect_stdout(log):
+        progress = _Progress(log, t0)
+        with contextlib.nullcontext() if echo else contextlib.redirect_stdout(progress):
             try:
                 pipeline(**params)
             except RuntimeError as e:  # kfp.local: "Pipeline 'x' finished with status FAILURE. Inner task failed: 'y'."
@@ -130,9 +185,15 @@ def run_locally(
         "mlflow_tracking_uri": params["mlflow_tracking_uri"], "seconds": round(time.perf_counter() - t0, 1),
     })
     if error:
-        tail = (run_dir / LOG_FILE).read_text().splitlines()[-25:] if not echo else []
-        raise LocalRunError("\n".join([*tail, f"{error}", f"full log: {run_dir / LOG_FILE}; "
-                                       f"fix and rerun the failed stage with `make stage STAGE=<stage> RUN={run_dir}`"]))
+        stage = failed_task({"error": error}) or "<stage>"
+        if progress.stage_errors:  # the step's own reason, as the stage printed it
+            lines = progress.stage_errors[:1]
+        elif echo:
+            lines = []
+        else:  # no one-line reason: the end of the step's output
+            lines = [_ANSI.sub("", x) for x in (run_dir / LOG_FILE).read_text().splitlines()[-15:]]
+        raise LocalRunError("\n".join([*lines, f"step {stage} failed: {error}", f"full log: {_rel(run_dir / LOG_FILE)}",
+                                       f"fix it and rerun that step: make stage STAGE={stage} RUN={_rel(run_dir)}"]))
     return run_dir
 
 
@@ -155,9 +216,10 @@ def main(argv: list[str] | None = None) -> int:
                               mlflow_tracking_uri=args.mlflow_tracking_uri, gx_rows=args.gx_rows, echo=args.verbose)
     except LocalRunError as e:
         print(f"local run failed: {e}", file=sys.stderr)
-        return 1
+        return 2
     print()
     print(summarize_run(run_dir))
+    print(f"every step's output: {_rel(run_dir / LOG_FILE)}")
     print(f"rerun one stage against this run: make stage STAGE=train-phase2 RUN={_rel(run_dir)} SET='training.cluster_finetune_epochs=3'")
     return 0
 

@@ -829,9 +829,9 @@ def check_against_data(cfg: TrainConfig, data: DataConfig, src: str) -> None:
                 f"{src}: key `tasks.{name}.loss` is {lc.loss!r}, which does not fit a {spec.type} task; "
                 f"allowed: {', '.join(ALLOWED_LOSSES[spec.type])}"
             )
-    # Task names this data does not declare: the seed's groups list `uplift`, which no shipped
-    # dataset has, and the default edges name ctr, cvr and ltv, so unknown names are skipped
-    # with a warning; a near miss of a declared task is a typo and an error.
+    # Task names this data does not declare: a config written for a larger task set (the seed's
+    # groups list `uplift`), and the default edges name ctr, cvr and ltv, so unknown names are
+    # skipped with a warning; a near miss of a declared task is a typo and an error.
     def unknown(n: str, key: str) -> bool:
         if n in names:
             return False

@@ -185,3 +185,36 @@ def test_a_stage_that_raises_is_recorded_as_failed(local_run, tmp_path, capsys):
     info = read_run_file(out)
     assert info["status"] == "failed" and info["error"].split(":")[0].endswith("Error")
     assert "Traceback" in info["traceback"] and info["seconds"] >= 0
+
+
+def test_a_bad_override_fails_before_any_step_runs(tmp_path):
+    from ple_adatt.data.synthetic import write_parquet
+
+    data = write_parquet(tmp_path / "tiny.parquet", rows=300, seed=1)
+    with pytest.raises(LocalRunError, match=r"\+ --set: key `transfer.adatt.freeze_epoch` \(0\) must be greater"):
+        run_locally(data=data, overrides=["transfer.adatt.warmup_epochs=0", "transfer.adatt.freeze_epoch=0"],
+                    root=tmp_path / "runs")
+    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
+
+
+def test_a_failed_step_shows_progress_and_its_own_error_line_first(tmp_path, capsys):
+    """The terminal gets each step's start and end and, on failure, the stage's one-line
+    reason first (not kfp's executor output), the step's name and the rerun command."""
+    import polars as pl
+
+    from ple_adatt.data.synthetic import write_parquet
+
+    data = write_parquet(tmp_path / "tiny.parquet", rows=600, seed=1)
+    bad = tmp_path / "inf.parquet"
+    pl.read_parquet(data).with_columns(pl.lit(float("inf")).alias("num_00")).write_parquet(bad)
+    package = tmp_path / "pipeline.yaml"
+    assert compile_main(["--out", str(package)]) == 0
+    with pytest.raises(LocalRunError) as e:
+        run_locally(data=bad, package=package, root=tmp_path / "runs",
+                    mlflow_tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    lines = str(e.value).splitlines()
+    assert lines[0].startswith("ple-adatt validate: error: ") and "num_00" in lines[0]
+    assert "\x1b[" not in str(e.value)  # no terminal colour codes
+    assert lines[-1].startswith("fix it and rerun that step: make stage STAGE=validate RUN=")
+    err = capsys.readouterr().err
+    assert "validate ..." in err and "validate failure" in err
