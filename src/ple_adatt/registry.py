@@ -30,6 +30,7 @@ import re
 import shutil
 import tempfile
 import warnings
+import weakref
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -629,11 +630,14 @@ def _finish(client: Any, target: TrackingTarget, name: str, mv: Any, inputs: Reg
     # the champion alias moves only through the gate, never as the candidate or an extra alias
     aliases = [a for a in dict.fromkeys([registry.candidate_alias, *extra_aliases]) if a != registry.champion_alias]
     if tags.get(STATUS_TAG) == "complete" and "champion_decision" in tags:
+        # registered and decided before: the decision stands, and the candidate alias, which a
+        # newer version may hold by now, stays where it is; only the extra aliases asked for move
         decision = tags["champion_decision"]
-        reason = tags.get("champion_decision_reason", "")
+        reason = f"decided when v{version} was registered: {tags.get('champion_decision_reason', '')}"
         before = tags.get("champion_before") or None
-        for alias in aliases:
-            _call(target, f"setting alias {alias!r}", client.set_registered_model_alias, name, alias, version)
+        for alias in dict.fromkeys(extra_aliases):
+            if alias != registry.champion_alias:
+                _call(target, f"setting alias {alias!r}", client.set_registered_model_alias, name, alias, version)
     else:
         champ = _call(target, "reading the champion", _alias_version, client, name, registry.champion_alias)
         if champ is not None and str(champ.version) == version and "champion_decision" in tags:
@@ -821,7 +825,8 @@ def load_registered_model(model_uri: str, *, tracking_uri: str | None = None, de
     """Load ``models:/<name>@<alias>`` (or ``models:/<name>/<version>``) with the project's loader.
 
     The tracking URI is ``tracking_uri``, else ``$MLFLOW_TRACKING_URI``, else the local
-    sqlite store. The files are downloaded to ``dst_path`` (default: a new temporary dir).
+    sqlite store. The files are downloaded to ``dst_path``; by default to a temporary directory
+    that lives as long as the returned model (``model.path``) and is removed with it, or at exit.
     """
     import mlflow
 
@@ -835,16 +840,23 @@ def load_registered_model(model_uri: str, *, tracking_uri: str | None = None, de
     if target.is_server:
         connect(target)  # bounded retry, clear error
     dst = Path(dst_path) if dst_path is not None else Path(tempfile.mkdtemp(prefix="ple-adatt-model-"))
-    with _fluent_uri(target.uri):  # models:/ URIs resolve through the fluent registry URI
-        local = Path(_call(target, f"downloading {model_uri}", mlflow.artifacts.download_artifacts,
-                           artifact_uri=model_uri, dst_path=str(dst)))
-    conf = _read_mlmodel(local)
-    data = conf.get("flavors", {}).get("python_function", {}).get("data")
-    if not data:
-        raise ArtifactError(f"{model_uri}: not a ple-adatt model (its MLmodel has no python_function data)")
-    model = _load_bundle(local / data, device=device)
-    name, version, tags = _version_of(make_client(target), model_uri)
+    try:
+        with _fluent_uri(target.uri):  # models:/ URIs resolve through the fluent registry URI
+            local = Path(_call(target, f"downloading {model_uri}", mlflow.artifacts.download_artifacts,
+                               artifact_uri=model_uri, dst_path=str(dst)))
+        conf = _read_mlmodel(local)
+        data = conf.get("flavors", {}).get("python_function", {}).get("data")
+        if not data:
+            raise ArtifactError(f"{model_uri}: not a ple-adatt model (its MLmodel has no python_function data)")
+        model = _load_bundle(local / data, device=device)
+        name, version, tags = _version_of(make_client(target), model_uri)
+    except BaseException:
+        if dst_path is None:
+            shutil.rmtree(dst, ignore_errors=True)
+        raise
     model.name, model.version, model.tags = name, version, tags
+    if dst_path is None:  # the download goes with the model object (model.path points into it)
+        weakref.finalize(model, shutil.rmtree, str(dst), True)
     return model
 
 

@@ -152,7 +152,7 @@ def test_compare_checks_every_strategys_config_before_training_any(tmp_path, cap
     assert rc == 2
     assert "key `training.cuda_graph` supports `transfer.strategy`" in captured.err and "not 'mgda'" in captured.err
     assert "[config of strategy 'mgda'; compare checks every run's config first, nothing was trained]" in captured.err
-    assert "=== compare: strategy" not in captured.out  # adatt did not train first
+    assert "=== compare 1/" not in captured.out  # adatt did not train first
     assert _leftovers(out) == []
 
 
@@ -168,7 +168,9 @@ def test_a_compare_that_fails_mid_way_leaves_no_partial_output(tmp_path, capsys)
                "--out", str(out), "--set", "training.shared_expert_epochs=1", "--set", "transfer.mocograd.strength=1e30"])
     captured = capsys.readouterr()
     assert rc == 2 and "training diverged" in captured.err, captured.err
-    assert "=== compare: strategy adatt ===" in captured.out and "phase 2 checkpoint written" in captured.out
+    assert "=== compare 1/2: strategy adatt (0.0 min so far) ===" in captured.out
+    assert "=== compare 2/2: strategy mocograd (" in captured.out and "min left) ===" in captured.out
+    assert "phase 2 checkpoint written" in captured.out
     assert _leftovers(out) == ["cmp"] and [p.name for p in out.iterdir()] == ["older.txt"]
     assert (out / "older.txt").read_text() == "an earlier comparison"
 

@@ -6,6 +6,7 @@ import json
 import os
 import shutil
 import subprocess
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -117,6 +118,19 @@ def test_lineage_tags(trained: Trained, registered: tuple[dict, Path]) -> None:
     assert len([r for r in runs if r.data.tags.get("ple_adatt_role") == "pipeline"]) == 1
 
 
+def test_a_load_without_dst_path_cleans_its_download_up_with_the_model(trained: Trained,
+                                                                     registered: tuple[dict, Path]) -> None:
+    import gc
+
+    model = load_registered_model(f"models:/{MODEL}@champion", tracking_uri=trained.tracking_uri)
+    root = Path(tempfile.gettempdir())
+    download = next(p for p in [model.path, *model.path.parents] if p.parent == root)
+    assert download.name.startswith("ple-adatt-model-") and (model.path / "checkpoint" / "checkpoint.pt").is_file()
+    del model
+    gc.collect()
+    assert not download.exists()
+
+
 def test_registering_the_same_checkpoint_again_returns_the_version(trained: Trained, registered: tuple[dict, Path],
                                                                  tmp_path: Path) -> None:
     again = _register(trained, tmp_path / "out", pipeline_run_id=PIPELINE_RUN_ID)
@@ -141,6 +155,15 @@ def test_champion_gate_both_ways(trained: Trained, registered: tuple[dict, Path]
     assert client.get_model_version_by_alias(MODEL, "champion").version == "3"
     assert client.get_model_version_by_alias(MODEL, "candidate").version == "3"
     assert rec["champion_before"] == "1"
+
+    # registering v1's checkpoint again (with an extra alias) reuses v1: its decision stands,
+    # and the candidate alias stays on v3, which is newer
+    again = _register(trained, tmp_path / "out-again", aliases=["staging"])
+    assert again["version"] == "1" and again["created"] is False
+    assert again["reason"].startswith("decided when v1 was registered: ")
+    assert client.get_model_version_by_alias(MODEL, "candidate").version == "3"
+    assert client.get_model_version_by_alias(MODEL, "staging").version == "1"
+    assert client.get_model_version_by_alias(MODEL, "champion").version == "3"
 
 
 def _no_manifest(src: Path, dst: Path) -> Path:

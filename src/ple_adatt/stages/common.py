@@ -18,14 +18,14 @@ from ..tracking import NullTracker, stage_run
 __all__ = ["StageError", "NullTracker", "add_set_argument", "add_tracking_arguments", "stage_tracking"]
 
 
-def add_set_argument(parser: argparse.ArgumentParser) -> None:
+def add_set_argument(parser: argparse.ArgumentParser, example: str = "training.shared_expert_epochs=2") -> None:
     parser.add_argument(
         "--set",
         dest="overrides",
         action="append",
         default=[],
         metavar="KEY=VALUE",
-        help="override a train-config key, e.g. --set training.shared_expert_epochs=2 (repeatable)",
+        help=f"override a train-config key, e.g. --set {example} (repeatable)",
     )
 
 

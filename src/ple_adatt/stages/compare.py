@@ -140,17 +140,28 @@ def train_all(args: argparse.Namespace, strategies: list[str], single_task: bool
             raise StageError(f"--tasks: {bad} are not trainable tasks of {args.data_config}; tasks: {', '.join(tasks)}")
         tasks = [t for t in tasks if t in only]
     check_configs(args, strategies, single_task, data_cfg)
+    total = len(strategies) + (len(tasks) if single_task else 0)
+    t0, done = time.perf_counter(), 0
+
+    def header(what: str) -> None:
+        """k/N, the time so far and, once a run has finished, a rough estimate of what is left."""
+        elapsed = time.perf_counter() - t0
+        left = f", about {elapsed / done * (total - done) / 60:.0f} min left" if done else ""
+        log(f"=== compare {done + 1}/{total}: {what} ({elapsed / 60:.1f} min so far{left}) ===")
+
     runs: dict[str, Path] = {}
     for s in strategies:
-        log(f"=== compare: strategy {s} ===")
+        header(f"strategy {s}")
         runs[s] = _train_one(args, out / "runs" / s, base + [f"transfer.strategy={s}"],
                              {"strategy": s, "compare_role": "joint"}, only, log)
+        done += 1
     singles: dict[str, Path] = {}
     if single_task:
         for t in tasks:
-            log(f"=== compare: single-task baseline {t} ===")
+            header(f"single-task baseline {t}")
             singles[t] = _train_one(args, out / "single_task" / t, base + [f"transfer.strategy={SINGLE_STRATEGY}"],
                                     {"strategy": SINGLE_STRATEGY, "compare_role": "single_task", "task": t}, [t], log)
+            done += 1
     return runs, singles
 
 

@@ -37,7 +37,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "(default: the checkpoint's own train config)")
     parser.add_argument("--alias", dest="aliases", action="append", default=[], metavar="NAME",
                         help="an extra alias for the new version, e.g. --alias staging (repeatable)")
-    add_set_argument(parser)
+    add_set_argument(parser, example="registry.tolerance=0.02")
     parser.add_argument(
         "--pipeline-run-id", default=os.environ.get("PLE_ADATT_PIPELINE_RUN_ID"),
         help="id of the pipeline run (its MLflow parent run); default $PLE_ADATT_PIPELINE_RUN_ID",
