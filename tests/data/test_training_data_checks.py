@@ -15,6 +15,7 @@ from pathlib import Path
 import polars as pl
 import pytest
 import torch
+from parquethelpers import zero_data_pages
 
 from ple_adatt.cli import main
 from ple_adatt.config import load_data_config
@@ -149,23 +150,13 @@ def test_phase2_loading_checks_its_split(clean: pl.DataFrame, tmp_path: Path) ->
     assert len(load_split(bad, cfg, pre, "train", ["ctr"])) > 0  # churn not asked for: not checked
 
 
-def _corrupt_pages(src: Path, dst: Path) -> None:
-    """Zero the middle of the data pages, keep magic bytes and footer intact."""
-    raw = bytearray(src.read_bytes())
-    footer = int.from_bytes(raw[-8:-4], "little") + 8
-    start, end = 200, len(raw) - footer - 200
-    assert end - start > 10_000
-    raw[start:end] = bytes(end - start)
-    dst.write_bytes(bytes(raw))
-
-
 def test_corrupt_data_pages_name_the_file(clean: pl.DataFrame, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     good = tmp_path / "good.parquet"
     clean.write_parquet(good)
     d = tmp_path / "parts"
     d.mkdir()
     clean.head(700).write_parquet(d / "a.parquet")
-    _corrupt_pages(good, d / "b.parquet")
+    zero_data_pages(good, d / "b.parquet")
     with pytest.raises(DataError, match=r"parts/b\.parquet: cannot read row group 0 \(.+\); the file is truncated "
                                         r"or corrupt"):
         prepare_splits(d, load_data_config(DATA_CFG))

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import polars as pl
 import pytest
+from parquethelpers import zero_data_pages
 from vhelpers import SMALL_YAML, Env, one_error_line, small_frame
 
 from ple_adatt.cli import main
@@ -165,21 +166,11 @@ def test_console_script_exit_code_and_single_line(env: Env) -> None:
     assert not env.out.exists()
 
 
-def _zero_data_pages(src: Path, dst: Path) -> None:
-    """A file whose magic bytes and footer are intact but whose data pages are zeroed."""
-    raw = bytearray(src.read_bytes())
-    footer = int.from_bytes(raw[-8:-4], "little") + 8
-    start, end = 200, len(raw) - footer - 200
-    assert end - start > 10_000
-    raw[start:end] = bytes(end - start)
-    dst.write_bytes(bytes(raw))
-
-
 def test_corrupt_data_pages_name_the_file(env: Env) -> None:
     d = env.tmp / "parts"
     d.mkdir()
     small_frame().write_parquet(d / "a.parquet")
-    _zero_data_pages(env.data, d / "b.parquet")  # the footer reads fine: only decoding fails
+    zero_data_pages(env.data, d / "b.parquet")  # the footer reads fine: only decoding fails
     line = _fails(env, f"{d / 'b.parquet'}: cannot read row group 0 (", "truncated or corrupt", data=d)
     assert "a.parquet" not in line
 
