@@ -225,10 +225,11 @@ def _wrap(target: TrackingTarget, what: str, fn: Any, *args: Any, **kwargs: Any)
 def _bad_uri(target: TrackingTarget, why: str) -> TrackingError:
     fix = {"MLFLOW_TRACKING_URI": "fix MLFLOW_TRACKING_URI", "config": "fix tracking.tracking_uri",
            }.get(target.source, "pass another tracking URI")
+    # a stage can do without tracking; loading a registered model (a URI argument) cannot
+    skip = "" if target.source == "argument" else ", or rerun with --no-tracking to skip tracking for a local stage"
     return TrackingError(
         f"MLflow tracking URI {target.uri!r} (from {target.origin}) cannot be used: {why}; {fix} "
-        "(a server: http://<host>:<port>, a local store: sqlite:///<path>/mlflow.db), or rerun with "
-        "--no-tracking to skip tracking for a local stage"
+        f"(a server: http://<host>:<port>, a local store: sqlite:///<path>/mlflow.db){skip}"
     )
 
 

@@ -243,6 +243,15 @@ def test_the_cli_reports_a_malformed_uri_in_one_line_with_exit_code_2(tmp_path: 
     assert not (tmp_path / "out").exists() and not (tmp_path / "mlflow.db").exists()
 
 
+def test_loading_a_model_from_a_malformed_uri_does_not_suggest_skipping_tracking() -> None:
+    from ple_adatt.registry import load_registered_model
+
+    with pytest.raises(TrackingError) as e:
+        load_registered_model("models:/m@champion", tracking_uri="localhost:5000")
+    assert "'localhost:5000' (from " in str(e.value) and "did you mean http://localhost:5000?" in str(e.value)
+    assert "--no-tracking" not in str(e.value)
+
+
 @pytest.mark.parametrize("pipeline_run_id", ["it's-7", 'say "hi"'])
 def test_a_pipeline_run_id_with_a_quote_finds_its_parent_run(local_store: Path, pipeline_run_id: str) -> None:
     for stage in ("validate", "train-phase1"):
