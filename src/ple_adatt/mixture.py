@@ -73,11 +73,14 @@ def fused_available(device: torch.device) -> bool:
 
 def gated_mixture(gates: Tensor, shared: Tensor, task: Tensor | None, fused: bool = True) -> Tensor:
     """The CGC mixture: the fused kernel where it can run (and ``fused``), else PyTorch."""
-    if not fused or torch.compiler.is_compiling() or not fused_available(gates.device):
+    if not fused or torch.compiler.is_compiling() or not fused_available(gates.device) or gates.shape[1] == 0:
         return reference_mixture(gates, shared, task)
     try:
-        if not _CHECKED and not _check_once(gates, shared, task):
-            return reference_mixture(gates, shared, task)
+        if not _CHECKED:
+            if not torch.is_grad_enabled() or torch.is_inference_mode_enabled():
+                return reference_mixture(gates, shared, task)  # the check needs autograd: until it has run
+            if not _check_once(gates, shared, task):
+                return reference_mixture(gates, shared, task)
         return fused_mixture(gates, shared, task)
     except Exception as exc:  # noqa: BLE001 - any Triton/driver failure: keep training on PyTorch
         _switch_off(f"{type(exc).__name__}: {exc}".splitlines()[0])

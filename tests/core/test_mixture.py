@@ -116,6 +116,25 @@ def test_a_wrong_or_failing_kernel_is_switched_off_after_its_first_use(monkeypat
     assert mixture.failed() and "PTX assembly failed" in caplog.text
 
 
+def test_without_autograd_the_pytorch_form_runs_until_the_first_use_check_has(interpreter, monkeypatch):
+    """The check compares gradients too: under no_grad or inference_mode (serving) before any
+    training step, the PyTorch form runs and the check waits; it must not switch the kernel off."""
+    monkeypatch.setattr(mixture, "_FAILURE", [])
+    monkeypatch.setattr(mixture, "_CHECKED", [])
+    monkeypatch.setattr(mixture, "fused_available", lambda device: not mixture.failed())
+    gates, shared, task = _inputs(2, 20, 8, 2, 1)
+    for ctx in (torch.no_grad, torch.inference_mode):
+        with ctx():
+            out = mixture.gated_mixture(gates, shared, task)
+        torch.testing.assert_close(out, mixture.reference_mixture(gates, shared, task).detach())
+    assert not mixture._CHECKED and not mixture.failed()
+    mixture.gated_mixture(gates, shared, task)  # with autograd: checked, and on
+    assert mixture._CHECKED and not mixture.failed()
+    with torch.no_grad():
+        out = mixture.gated_mixture(gates, shared, task)
+    assert out.grad_fn is None and torch.allclose(out, mixture.reference_mixture(gates, shared, task))
+
+
 def test_a_correct_kernel_passes_the_first_use_check(interpreter, monkeypatch):
     monkeypatch.setattr(mixture, "_FAILURE", [])
     monkeypatch.setattr(mixture, "_CHECKED", [])
