@@ -101,7 +101,9 @@ def _check_once(gates: Tensor, shared: Tensor, task: Tensor | None, tol: float =
     with torch.enable_grad():
         outs = [fn(ins[0], ins[1], ins[2] if task is not None else None)
                 for fn in (fused_mixture, reference_mixture)]
-        grad = torch.randn_like(outs[1])
+        # its own generator: the check must not shift the training's random stream
+        gen = torch.Generator(device=outs[1].device).manual_seed(0)
+        grad = torch.randn(outs[1].shape, generator=gen, device=outs[1].device).to(outs[1].dtype)
         grads = [torch.autograd.grad(o, ins, grad) for o in outs]
     worst = 0.0
     for a, b in zip((outs[0], *grads[0]), (outs[1], *grads[1])):

@@ -140,7 +140,9 @@ def test_a_correct_kernel_passes_the_first_use_check(interpreter, monkeypatch):
     monkeypatch.setattr(mixture, "_CHECKED", [])
     monkeypatch.setattr(mixture, "fused_available", lambda device: not mixture.failed())
     gates, shared, task = _inputs(3, 40, 12, 2, 2)
+    state = torch.get_rng_state()
     out = mixture.gated_mixture(gates, shared, task)
+    assert torch.equal(torch.get_rng_state(), state)  # the training's random stream is untouched
     assert mixture._CHECKED and not mixture.failed()
     assert out.grad_fn is not None and "FusedMixture" in type(out.grad_fn).__name__
     torch.testing.assert_close(out, mixture.reference_mixture(gates, shared, task))
