@@ -291,6 +291,37 @@ def task_gradient_check(s: dict, data: TensorData, device: torch.device, amp: bo
         del system, out, lo
 
 
+def mixture_check(s: dict, device: torch.device, reps: int = 20) -> None:
+    """Time the CGC mixture alone, forward and backward at the shape's batch, as the GPU runs it
+    under autocast (float32 gates, bf16 experts): the fused kernels against PyTorch, with the
+    bandwidth each reaches on the fused kernels' ideal traffic (ple_adatt.mixture)."""
+    from ple_adatt import mixture
+
+    if device.type != "cuda" or not mixture.fused_available(device):
+        print(f"CGC mixture: fused kernels need CUDA and triton (here: {device.type}); not timed", flush=True)
+        return
+    T, B, d, E, ET = s["tasks"], s["batch"], s["expert_dim"], s["experts"], s["task_experts"]
+    g = torch.Generator(device=device).manual_seed(0)
+    gates = torch.softmax(torch.randn(T, B, E + ET, device=device, generator=g), -1).requires_grad_()
+    shared = torch.randn(E, B, d, device=device, generator=g).bfloat16().requires_grad_()
+    task = torch.randn(T, ET, B, d, device=device, generator=g).bfloat16().requires_grad_() if ET else None
+    grad = torch.randn(T, B, d, device=device, generator=g).bfloat16()
+    ins = [t for t in (gates, shared, task) if t is not None]
+    experts = shared.numel() + (task.numel() if task is not None else 0)
+    ideal = gates.numel() * 4 * 3 + experts * 2 * 3 + grad.numel() * 2 * 3  # bytes: forward + both backwards
+    line = []
+    for label, fn in (("fused", mixture.fused_mixture), ("pytorch", mixture.reference_mixture)):
+        for i in range(reps + 2):
+            if i == 2:  # two untimed calls: compilation, allocator
+                sync(device)
+                t0 = time.perf_counter()
+            torch.autograd.grad(fn(gates, shared, task), ins, grad)
+        sync(device)
+        dt = (time.perf_counter() - t0) / reps
+        line.append(f"{label} {dt * 1e3:.3f} ms ({ideal / dt / 1e9:.0f} GB/s of ideal traffic)")
+    print(f"CGC mixture forward + backward, batch {B}: {', '.join(line)}", flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--shape", choices=sorted(SHAPES), default="small")
@@ -310,7 +341,8 @@ def main() -> None:
     ap.add_argument("--no-fused-mixture", action="store_true",
                     help="training.fused_mixture: false: the CGC mixture in PyTorch, not in the Triton kernels")
     ap.add_argument("--grads", action="store_true", help="also time the per-task gradient methods and compare "
-                                                         "their affinity with the loop reference")
+                                                         "their affinity with the loop reference, and the CGC "
+                                                         "mixture's fused kernels against PyTorch")
     args = ap.parse_args()
     global PROFILE_DIR, COMPILE, CUDA_GRAPH, FUSED_MIXTURE
     PROFILE_DIR = args.profile
@@ -336,6 +368,7 @@ def main() -> None:
           f"{', compile ' + COMPILE if COMPILE else ''}{', CUDA graphs' if CUDA_GRAPH else ''}")
     if args.grads:
         task_gradient_check(s, data, device, amp)
+        mixture_check(s, device)
     runs = {
         "a": ("(a) naive reference, adaTT loop, interval 10", lambda lb: run_naive(s, data, device, 10, amp, steps,
                                                                                    args.warmup)),

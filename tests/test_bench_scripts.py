@@ -29,6 +29,8 @@ def test_train_throughput_prints_every_run_and_the_ratios():
     assert re.search(r"\(c\) vs \(a\) [\d.]+x faster", out)
     diff = float(re.search(r"max \|affinity - loop\|: einsum ([\d.e+-]+)", out).group(1))
     assert diff < 1e-3
+    assert "CGC mixture: fused kernels need CUDA and triton (here: cpu); not timed" in out
+    assert "CGC mixture: PyTorch (no fused kernels on cpu)" in out
 
 
 def test_train_throughput_refuses_cuda_graphs_without_cuda():
