@@ -558,7 +558,9 @@ class Trainer:
         """Stop a run that no longer trains: parameters that are not finite, a validation loss
         that is not, or an epoch whose every batch was skipped for a non-finite loss. One host
         read per epoch. Nothing is written: the stage fails, and no checkpoint or model is kept."""
-        bad = [n for n, p in self.system.named_parameters() if not bool(torch.isfinite(p).all())]
+        named = list(self.system.named_parameters())
+        finite = torch.stack([torch.isfinite(p).all() for _, p in named]).cpu()  # one read for all
+        bad = [n for (n, _), ok in zip(named, finite.tolist()) if not ok]
         why = ""
         if bad:
             why = f"{len(bad)} parameter tensor(s) are not finite (first: {bad[0]})"
