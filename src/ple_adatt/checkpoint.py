@@ -191,6 +191,9 @@ def _manifest_fields(man: dict[str, Any], where: str) -> dict[str, Any]:
     return {"tasks": tasks, "model": model, "files": files}
 
 
+_NONE = object()
+
+
 def _load_preprocessing(path: Path, data_cfg: DataConfig, model: dict[str, Any]) -> Preprocessor:
     """Read ``preprocessing.json`` and check that it fits the model the manifest describes."""
     from .data.dataset import DataError
@@ -211,6 +214,12 @@ def _load_preprocessing(path: Path, data_cfg: DataConfig, model: dict[str, Any])
     for col, vocab in raw["vocabularies"].items():
         if not isinstance(vocab, list):
             raise ArtifactError(f"{path}: key `vocabularies.{col}` must be a list of values")
+        seen: set = set()
+        dup = next((v for v in vocab if isinstance(v, (str, int, float, bool, type(None)))
+                    and (v in seen or seen.add(v))), _NONE)
+        if dup is not _NONE:
+            raise ArtifactError(f"{path}: key `vocabularies.{col}` lists {dup!r} twice; a vocabulary maps each value "
+                                "to one id (the file was edited)")
     for col, stats in raw["numeric"].items():
         if not (isinstance(stats, dict) and all(isinstance(stats.get(k), (int, float)) for k in ("mean", "std"))):
             raise ArtifactError(f"{path}: key `numeric.{col}` must be {{mean: number, std: number}}, got {stats!r}")
@@ -277,8 +286,10 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> Loa
     try:
         system.load_state_dict(state, strict=True)
     except RuntimeError as e:
-        raise ArtifactError(f"{state_path}: state_dict does not fit the model its manifest describes: "
-                            f"{str(e).splitlines()[0]}") from e
+        details = [ln.strip() for ln in str(e).splitlines()[1:] if ln.strip()]  # the first names the tensor
+        raise ArtifactError(f"{state_path}: state_dict does not fit the model its manifest describes "
+                            f"({details[0] if details else str(e).splitlines()[0]}); the manifest's `tasks`, "
+                            "`model` or configs were edited, or the files come from different runs") from e
     if bool(system.model._cgc_frozen):  # requires_grad is not part of a state_dict
         system.model.set_cgc_frozen(True)
     system.to(device)

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import signal
 import sys
+import threading
 
 #: subcommand -> (module, one-line help). Explicit on purpose: no discovery magic.
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -73,6 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     sub = argparse.ArgumentParser(prog=f"ple-adatt {name}", description=help_text)
     module.add_arguments(sub)
     args = sub.parse_args(argv[1:])
+    previous = _catch_sigterm()
     try:
         return int(module.run(args) or 0)
     except _expected_errors() as e:
@@ -86,6 +89,28 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"ple-adatt {name}: interrupted", file=sys.stderr)
         return 130
+    except Terminated:
+        print(f"ple-adatt {name}: terminated (SIGTERM); its partial outputs were removed", file=sys.stderr)
+        return 143
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+class Terminated(BaseException):
+    """SIGTERM (``timeout``, Kubernetes stopping a pod) as an exception, so that a stage's
+    temporary output directory and MLflow run are cleaned up as on Ctrl-C."""
+
+
+def _on_sigterm(signum: int, frame: object) -> None:
+    raise Terminated()
+
+
+def _catch_sigterm() -> object | None:
+    """Route SIGTERM to :class:`Terminated` (main thread only); returns the handler it replaced."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    return signal.signal(signal.SIGTERM, _on_sigterm)
 
 
 if __name__ == "__main__":  # pragma: no cover

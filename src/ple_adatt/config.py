@@ -491,6 +491,9 @@ def _read_yaml(path: str | Path) -> dict[str, Any]:
         raise ConfigError(f"{p}: config file not found")
     try:
         data = yaml.safe_load(p.read_text())
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{p}: not a text file ({e.reason} at byte {e.start}); a config is YAML "
+                          "(did you swap --data and --config?)") from e
     except yaml.YAMLError as e:
         raise ConfigError(f"{p}: not valid YAML: {e}".splitlines()[0]) from e
     if not isinstance(data, dict):

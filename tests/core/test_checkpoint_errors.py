@@ -102,6 +102,8 @@ def test_old_checkpoint_with_a_vocabulary_that_does_not_fit_is_refused(phase1, t
     (lambda p: p.pop("vocabularies"), "key `vocabularies` is missing"),
     (lambda p: p["numeric"].update(num_00={"mean": "x"}), "key `numeric.num_00` must be"),
     (lambda p: p["vocabularies"].pop("region"), r"key `vocabularies` lacks the categorical features \['region'\]"),
+    (lambda p: p["vocabularies"]["region"].__setitem__(1, p["vocabularies"]["region"][0]),
+     r"key `vocabularies.region` lists '.*' twice"),
 ])
 def test_old_checkpoint_with_malformed_preprocessing_names_the_key(phase1, tmp_path, change, message):
     ck = _copy(phase1, tmp_path, old_format=True)
@@ -126,3 +128,11 @@ def test_incomplete_manifest_names_the_key(phase1, tmp_path, capsys, change, mes
         load_checkpoint(ck)
     if "tasks" in message:
         assert f"{ck / 'manifest.json'}: {message.replace(chr(92), '')}" in _phase2_cli(ck, phase1[1], tmp_path / "p2", capsys)
+
+
+def test_a_manifest_whose_tasks_were_edited_names_the_tensor_that_does_not_fit(phase1, tmp_path):
+    ck = _copy(phase1, tmp_path)
+    _edit_json(ck / "manifest.json", lambda m: m.__setitem__("tasks", m["tasks"][:1]))
+    with pytest.raises(ArtifactError, match=r"checkpoint.pt: state_dict does not fit the model its manifest describes "
+                                            r"\((size mismatch for|Unexpected key|Missing key)\S* .*\); the manifest's"):
+        load_checkpoint(ck)

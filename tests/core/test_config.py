@@ -171,3 +171,11 @@ def test_mocograd_takes_its_order_seed_from_the_config():
 
     cfg = load_train_config(SMALL, ["transfer.strategy=mocograd", "transfer.mocograd.seed=7"])
     assert build_strategy(["a", "b", "c"], cfg.transfer).seed == 7
+
+
+def test_a_binary_file_given_as_config_is_named(tmp_path):
+    parquet = tmp_path / "data.parquet"
+    parquet.write_bytes(b"PAR1\x80\x81\x00binary")
+    for load in (load_train_config, load_data_config):
+        with pytest.raises(ConfigError, match=r"data.parquet: not a text file .*did you swap --data and --config"):
+            load(parquet)

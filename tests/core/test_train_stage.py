@@ -46,3 +46,29 @@ def test_a_finished_run_writes_both_checkpoints(data, tmp_path):
     assert _train(data, out) == 0
     assert sorted(p.name for p in out.iterdir()) == ["phase1", "phase2"]
     assert (out / "phase2" / "checkpoint.pt").is_file()
+
+
+def test_sigterm_during_training_removes_the_partial_output(data, tmp_path):
+    """timeout or Kubernetes stops a step with SIGTERM: the temporary output directory goes, as
+    on Ctrl-C, and the exit code says so."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "ple_adatt.cli", "train", "--no-tracking", "--data", str(data), "--data-config",
+           str(ROOT / "configs/data/synthetic.yaml"), "--config", str(ROOT / "configs/train/cpu_small.yaml"),
+           "--out", str(out), "--set", "training.shared_expert_epochs=50"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not list(tmp_path.glob(".run.tmp-*")):  # the run's temporary directory: training has begun
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+        time.sleep(0.1)
+    time.sleep(3.0)  # well inside Phase 1's 50 epochs
+    assert proc.poll() is None
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 143, err
+    assert "terminated (SIGTERM); its partial outputs were removed" in err
+    assert list(tmp_path.iterdir()) == []

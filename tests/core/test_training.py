@@ -115,9 +115,17 @@ def test_state_dict_round_trips_and_predictions_match(run):
 def test_phase2_refuses_a_phase2_checkpoint_and_a_different_model(run, tmp_path):
     with pytest.raises(StageError, match="Phase 2 starts from a phase1 checkpoint"):
         run_phase2(checkpoint=run["dir"] / "p2", data=run["data"], out=tmp_path / "x", log=lambda m: None)
-    with pytest.raises(StageError, match=r"sections `model`, `tasks`, `transfer` differ"):
+    with pytest.raises(StageError, match=r"production.yaml: `model\.[a-z_.]+`, .* differ from the config the "
+                                         r"checkpoint .* was trained with"):
         run_phase2(checkpoint=run["dir"] / "p1", data=run["data"], out=tmp_path / "x",
                    config=ROOT / "configs/train/production.yaml", log=lambda m: None)
+    # the same through --set: the checkpoint's weights would not fit the manifest's model
+    for override, key in (("model.expert_dim=7", "model.expert_dim"),
+                          ("model.num_shared_experts=2", "model.num_shared_experts"),
+                          ("transfer.strategy=pcgrad", "transfer.strategy")):
+        with pytest.raises(StageError, match=rf"manifest.json \+ --set: `{key}` differs from the config"):
+            run_phase2(checkpoint=run["dir"] / "p1", data=run["data"], out=tmp_path / "x", overrides=[override],
+                       log=lambda m: None)
     assert not (tmp_path / "x").exists()
 
 

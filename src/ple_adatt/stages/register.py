@@ -136,6 +136,8 @@ def run(args: argparse.Namespace) -> int:
     state = "registered" if rec["created"] else "already registered as"
     print(f"{state} {rec['model_name']} v{rec['version']} (aliases: {', '.join(rec['aliases']) or 'none'})")
     print(f"champion gate: {rec['decision']}: {rec['reason']}")
-    uri = f"models:/{rec['model_name']}@{rec['candidate_alias']}"
+    # the new version holds the candidate alias; a reused one may not (a newer version may)
+    uri = (f"models:/{rec['model_name']}@{rec['candidate_alias']}" if rec["created"]
+           else f"models:/{rec['model_name']}/{rec['version']}")
     print(f"load it with: ple_adatt.registry.load_registered_model({uri!r})  -> {args.out}/registration.json")
     return 0

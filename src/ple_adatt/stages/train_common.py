@@ -184,19 +184,39 @@ def run_phase1(
 
 def _phase2_config(ckpt_cfg: TrainConfig, config: str | Path | None, overrides: list[str] | None,
                    data_cfg: DataConfig, ckpt_path: Path) -> TrainConfig:
-    """The checkpoint's config plus overrides; a given --config must match what shaped the model."""
+    """The checkpoint's config plus overrides; the sections that shaped the model (``model``,
+    ``tasks``, ``transfer``) must stay as Phase 1 had them, whether from --config or --set."""
     if config is None:
-        raw = apply_overrides(to_dict(ckpt_cfg), overrides)
-        return train_config_from_dict(raw, f"{ckpt_path}/manifest.json + --set")
-    given = load_train_config(config, overrides, data=data_cfg)
+        src = f"{ckpt_path}/manifest.json + --set"
+        given = train_config_from_dict(apply_overrides(to_dict(ckpt_cfg), overrides), src)
+    else:
+        src = f"{config}{' + --set' if overrides else ''}"
+        given = load_train_config(config, overrides, data=data_cfg)
     diffs = [k for k in ("model", "tasks", "transfer") if to_dict(getattr(given, k)) != to_dict(getattr(ckpt_cfg, k))]
     if diffs:
+        keys = _differing_keys(to_dict(given), to_dict(ckpt_cfg), diffs)
         raise StageError(
-            f"{config}: sections {', '.join('`' + d + '`' for d in diffs)} differ from the config the checkpoint "
-            f"{ckpt_path} was trained with; Phase 2 must use the Phase 1 model. Drop --config (the checkpoint's "
-            "config is used) or change only `training.*` keys"
+            f"{src}: {', '.join('`' + k + '`' for k in keys[:3])} differ{'s' if len(keys) == 1 else ''} from the "
+            f"config the checkpoint {ckpt_path} was trained with; Phase 2 must use the Phase 1 model. Change only "
+            "`training.*` keys (drop --config to use the checkpoint's own config)"
         )
     return given
+
+
+def _differing_keys(a: Any, b: Any, sections: list[str]) -> list[str]:
+    """Dotted keys under ``sections`` where two config dicts differ."""
+    out: list[str] = []
+
+    def walk(x: Any, y: Any, path: str) -> None:
+        if isinstance(x, dict) and isinstance(y, dict):
+            for k in sorted(set(x) | set(y)):
+                walk(x.get(k), y.get(k), f"{path}.{k}")
+        elif x != y:
+            out.append(path)
+
+    for sec in sections:
+        walk(a.get(sec), b.get(sec), sec)
+    return out or sections
 
 
 def run_phase2(
