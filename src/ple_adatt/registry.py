@@ -119,6 +119,12 @@ def check_inputs(checkpoint: str | Path, validation: str | Path, report: str | P
             f"{vdir}: the validation result is for another dataset (sha256 {v_data[:12]}) than the one "
             f"the checkpoint was trained on ({ck_data[:12]}); pass the validation of the training data"
         )
+    ck_cfg, v_cfg = man.get("data_config_hash"), vman.get("config_hash")
+    if ck_cfg and v_cfg and ck_cfg != v_cfg:
+        raise ArtifactError(
+            f"{vdir}: the validation result was computed under another data config (hash {v_cfg[:12]}) than the "
+            f"checkpoint was trained with ({ck_cfg[:12]}); pass the validation made with that data config"
+        )
     rdir, rfiles, rman = None, [], None
     if report is not None:
         rdir = Path(report)

@@ -190,6 +190,7 @@ def _no_adatt_buffers(src: Path, dst: Path) -> Path:
     ("no_adatt_buffers", r"lacks required buffers \['transfer.affinity_computer.affinity_matrix'\]"),
     ("phase1", "is a phase1 checkpoint; register the Phase 2 checkpoint"),
     ("other_data", "validation result is for another dataset"),
+    ("other_data_config", "validation result was computed under another data config"),
     ("empty_report", "holds none of report.html"),
 ])
 def test_refused_inputs_register_nothing(trained: Trained, mlflow_server: object, tmp_path: Path,
@@ -201,10 +202,13 @@ def test_refused_inputs_register_nothing(trained: Trained, mlflow_server: object
         ckpt = _no_adatt_buffers(trained.phase2, tmp_path / "ck")
     elif case == "phase1":
         ckpt = trained.phase1
-    elif case == "other_data":
+    elif case in ("other_data", "other_data_config"):
         validation = Path(shutil.copytree(trained.validation, tmp_path / "val"))
         man = json.loads((validation / "manifest.json").read_text())
-        man["inputs"]["data"] = "sha256:" + "0" * 64
+        if case == "other_data":
+            man["inputs"]["data"] = "sha256:" + "0" * 64
+        else:
+            man["config_hash"] = "f" * 64
         (validation / "manifest.json").write_text(json.dumps(man))
     else:
         report = tmp_path / "report"

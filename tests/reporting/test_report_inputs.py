@@ -68,6 +68,8 @@ def test_checkpoints_of_different_runs(run: Run, capsys, tmp_path: Path) -> None
 def test_validation_of_other_data(run: Run, capsys, tmp_path: Path) -> None:
     val = _edit_manifest(run.validation, tmp_path / "val", inputs__data="sha256:" + "1" * 64)
     _fails(run, capsys, tmp_path, "computed for a different dataset", validation=val)
+    val = _edit_manifest(run.validation, tmp_path / "val2", config_hash="f" * 64)
+    _fails(run, capsys, tmp_path, "was computed under another data config", validation=val)
 
 
 def test_tampered_checkpoint(run: Run, capsys, tmp_path: Path) -> None:

@@ -115,6 +115,12 @@ def load_inputs(*, phase1: str | Path, phase2: str | Path, validation: str | Pat
             f"--validation {v_dir}: was computed for a different dataset (hash {d_val[:12]}) than the one "
             f"the checkpoints were trained on ({d_run[:12]}); pass the validation result of this run's data"
         )
+    c_val, c_run = vman.get("config_hash"), m1.get("data_config_hash")
+    if c_val and c_run and c_val != c_run:
+        raise ArtifactError(
+            f"--validation {v_dir}: was computed under another data config (hash {c_val[:12]}) than the one the "
+            f"checkpoints were trained with ({c_run[:12]}); pass the validation result made with that data config"
+        )
     missing = [t for t in m1["tasks"] if t not in (avail.get("tasks") or {})]
     if missing:
         raise ArtifactError(f"--validation {v_dir}: has no availability for the trained tasks {missing}; "
