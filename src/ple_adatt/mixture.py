@@ -82,6 +82,8 @@ def gated_mixture(gates: Tensor, shared: Tensor, task: Tensor | None, fused: boo
             if not _check_once(gates, shared, task):
                 return reference_mixture(gates, shared, task)
         return fused_mixture(gates, shared, task)
+    except torch.cuda.OutOfMemoryError:
+        raise  # the batch's problem, not the kernels': the trainer skips it and the kernels stay on
     except Exception as exc:  # noqa: BLE001 - any Triton/driver failure: keep training on PyTorch
         _switch_off(f"{type(exc).__name__}: {exc}".splitlines()[0])
         return reference_mixture(gates, shared, task)
@@ -137,7 +139,7 @@ def _last_dim_dense(t: Tensor) -> Tensor:
 class _FusedMixture(torch.autograd.Function):
     @staticmethod
     def forward(ctx, gates: Tensor, shared: Tensor, task: Tensor | None) -> Tensor:
-        shared = _last_dim_dense(shared)
+        shared = shared.contiguous()  # the backward writes d_shared (empty_like) with these strides
         task = None if task is None else _last_dim_dense(task)
         T, B, _ = gates.shape
         E, _, D = shared.shape

@@ -59,6 +59,7 @@ class MultiTaskSystem(nn.Module):
 def build_system(cfg: TrainConfig, tasks: list[TaskSpec], num_numeric: int, cardinalities: list[int],
                  num_clusters: int) -> MultiTaskSystem:
     model = build_model(cfg.model, tasks, num_numeric, cardinalities, num_clusters)
+    model.fused_mixture = cfg.training.fused_mixture  # also for models rebuilt from a checkpoint
     criterion = MultiTaskLoss(model.heads, [cfg.loss_for(t) for t in tasks], cfg.effective_loss_weighting)
     transfer = build_strategy([t.name for t in tasks], cfg.transfer)
     return MultiTaskSystem(model, criterion, transfer)
@@ -259,7 +260,6 @@ class Trainer:
                 self.graph_backend = CudaGraphBackend()
             else:
                 log(f"  note: training.cuda_graph needs CUDA; on {device.type} every step runs eagerly")
-        system.model.fused_mixture = cfg.training.fused_mixture
         if cfg.training.compile:
             # the seed turned compile off for 30-minute first epochs; here the trunk, the heads
             # and the losses compile once per batch shape (about 45 s cold on a 2-core CPU)

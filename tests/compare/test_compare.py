@@ -162,7 +162,7 @@ def test_a_compare_that_fails_mid_way_leaves_no_partial_output(tmp_path, capsys)
     data = write_parquet(tmp_path / "syn.parquet", rows=800, seed=0)
     out = tmp_path / "cmp"
     out.mkdir()
-    (out / "older.txt").write_text("an earlier comparison")
+    (out / "compare.md").write_text("an earlier comparison")
     rc = main(["compare", "--no-tracking", "--data", str(data), "--data-config", str(ROOT / "configs/data/synthetic.yaml"),
                "--config", str(TINY), "--tasks", "ctr,cvr,churn", "--strategies", "adatt,mocograd", "--no-single-task",
                "--out", str(out), "--set", "training.shared_expert_epochs=1", "--set", "transfer.mocograd.strength=1e30"])
@@ -171,8 +171,19 @@ def test_a_compare_that_fails_mid_way_leaves_no_partial_output(tmp_path, capsys)
     assert "=== compare 1/2: strategy adatt (0.0 min so far) ===" in captured.out
     assert "=== compare 2/2: strategy mocograd (" in captured.out and "min left) ===" in captured.out
     assert "phase 2 checkpoint written" in captured.out
-    assert _leftovers(out) == ["cmp"] and [p.name for p in out.iterdir()] == ["older.txt"]
-    assert (out / "older.txt").read_text() == "an earlier comparison"
+    assert _leftovers(out) == ["cmp"] and [p.name for p in out.iterdir()] == ["compare.md"]
+    assert (out / "compare.md").read_text() == "an earlier comparison"
+
+
+def test_a_compare_refuses_an_out_that_holds_other_outputs(tmp_path, capsys):
+    """A compare replaces OUT whole, so `--out runs` must not delete runs/validate and the rest."""
+    out = tmp_path / "runs"
+    (out / "validate").mkdir(parents=True)
+    rc = main(["compare", "--no-tracking", "--data", str(tmp_path / "none.parquet"), "--data-config",
+               str(ROOT / "configs/data/synthetic.yaml"), "--config", str(TINY), "--strategies", "adatt",
+               "--no-single-task", "--out", str(out)])
+    assert rc == 2 and "holds validate, which a compare did not write" in capsys.readouterr().err
+    assert [p.name for p in out.iterdir()] == ["validate"]
 
 
 # ---------------------------------------------------------------------------- UCI Adult

@@ -173,3 +173,33 @@ def test_the_model_trains_the_same_through_the_fused_mixture(interpreter, monkey
     assert grads_f.keys() == grads_r.keys() and any("task_expert_attention" in n for n in grads_f)
     for name in grads_r:
         torch.testing.assert_close(grads_f[name], grads_r[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_an_out_of_memory_error_is_raised_and_leaves_the_kernels_on(monkeypatch):
+    """An OOM is the batch's problem (the trainer skips it): it must not switch the kernels off
+    for every later run in the process (compare trains all strategies in one)."""
+    monkeypatch.setattr(mixture, "_FAILURE", [])
+    monkeypatch.setattr(mixture, "_CHECKED", [True])
+    monkeypatch.setattr(mixture, "fused_available", lambda device: not mixture.failed())
+
+    def oom(*args):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory")
+
+    monkeypatch.setattr(mixture, "fused_mixture", oom)
+    with pytest.raises(torch.cuda.OutOfMemoryError):
+        mixture.gated_mixture(*_inputs(2, 8, 4, 2, 1))
+    assert not mixture.failed()
+
+
+def test_the_config_switch_reaches_models_rebuilt_outside_a_trainer():
+    from pathlib import Path
+
+    from corehelpers import BATCH_SPECS
+
+    from ple_adatt.config import load_train_config
+    from ple_adatt.training import build_system
+
+    cfg = Path(__file__).resolve().parents[2] / "configs/train/cpu_small.yaml"
+    for value in (True, False):
+        train_cfg = load_train_config(cfg, [f"training.fused_mixture={str(value).lower()}"])
+        assert build_system(train_cfg, BATCH_SPECS, 5, [4, 4], 3).model.fused_mixture is value

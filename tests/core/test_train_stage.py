@@ -41,11 +41,13 @@ def test_a_phase2_failure_leaves_no_phase1_behind_and_keeps_the_old_run(data, tm
     assert [p.name for p in tmp_path.iterdir()] == ["run"]  # no temporary directory left
 
 
-def test_a_finished_run_writes_both_checkpoints(data, tmp_path):
-    out = tmp_path / "run"
+def test_a_finished_run_writes_both_checkpoints_and_leaves_the_rest_of_out_alone(data, tmp_path):
+    out = tmp_path / "runs"
+    (out / "validate").mkdir(parents=True)  # `--out runs` beside other stages' outputs
+    (out / "validate" / "manifest.json").write_text("{}")
     assert _train(data, out) == 0
-    assert sorted(p.name for p in out.iterdir()) == ["phase1", "phase2"]
-    assert (out / "phase2" / "checkpoint.pt").is_file()
+    assert sorted(p.name for p in out.iterdir()) == ["phase1", "phase2", "validate"]
+    assert (out / "phase2" / "checkpoint.pt").is_file() and (out / "validate" / "manifest.json").is_file()
 
 
 def test_sigterm_during_training_removes_the_partial_output(data, tmp_path):
@@ -62,7 +64,7 @@ def test_sigterm_during_training_removes_the_partial_output(data, tmp_path):
            "--out", str(out), "--set", "training.shared_expert_epochs=50"]
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 120
-    while not list(tmp_path.glob(".run.tmp-*")):  # the run's temporary directory: training has begun
+    while not list(out.glob(".phase1.tmp-*")):  # Phase 1's temporary directory: training has begun
         assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
         time.sleep(0.1)
     time.sleep(3.0)  # well inside Phase 1's 50 epochs

@@ -262,6 +262,7 @@ def run(args: argparse.Namespace) -> int:
                 _report(args, runs, singles, tmp, command, final_out=out)
     else:
         strategies = parse_strategies(args.strategies)
+        refuse_foreign_contents(out)
         with atomic_output_dir(out) as tmp:  # a failed compare leaves no partial OUT
             runs, singles = train_all(args, strategies, not args.no_single_task, out=tmp)
             _report(args, runs, singles, tmp, command, final_out=out)
@@ -269,6 +270,22 @@ def run(args: argparse.Namespace) -> int:
     print(f"wrote {args.out}/compare.html, compare.md, compare.json"
           + (f" and {args.out}/baselines.json (for `ple-adatt report --baselines`)" if singles else ""))
     return 0
+
+
+#: what a compare writes into OUT; a new compare replaces OUT whole
+OWN_FILES = {"runs", "single_task", "baselines.json", "compare.html", "compare.md", "compare.json", "manifest.json"}
+
+
+def refuse_foreign_contents(out: Path) -> None:
+    """A training compare replaces OUT whole: refuse an OUT that holds anything a compare does
+    not write (``--out runs`` would otherwise delete other stages' outputs)."""
+    if not out.is_dir():
+        return
+    foreign = sorted(p.name for p in out.iterdir() if p.name not in OWN_FILES and not p.name.startswith("."))
+    if foreign:
+        raise StageError(f"--out {out}: holds {', '.join(foreign[:5])}{' ...' if len(foreign) > 5 else ''}, which "
+                         "a compare did not write; a compare replaces its output directory whole, so pass a new "
+                         "or an earlier compare's directory")
 
 
 def _report(args: argparse.Namespace, runs: dict[str, Any], singles: dict[str, Any], out: Path,

@@ -1,9 +1,9 @@
 """``ple-adatt train``: both phases in one process, without the pipeline.
 
 Writes ``OUT/phase1`` and ``OUT/phase2`` checkpoints (the same artifacts the pipeline's
-train-phase1 and train-phase2 steps write). Both go to a temporary directory beside ``OUT``
-that replaces it once Phase 2 has finished: a run that fails in either phase leaves ``OUT``
-as it was.
+train-phase1 and train-phase2 steps write). Both are written to temporary directories inside
+``OUT`` and replace ``OUT/phase1`` and ``OUT/phase2`` only once Phase 2 has finished: a run
+that fails in either phase leaves them as they were. Anything else in ``OUT`` is left alone.
 """
 
 from __future__ import annotations
@@ -25,20 +25,28 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..artifacts import atomic_output_dir
+    from ..artifacts import atomic_output_dir, check_output_dir
     from .train_common import run_phase1, run_phase2, summarize
 
     out = Path(args.out)
-    with atomic_output_dir(out) as tmp:
-        with stage_tracking("train-phase1", args) as tracker:
-            run_phase1(data=args.data, data_config=args.data_config, config=args.config, out=tmp / "phase1",
-                       validation=args.validation, overrides=args.overrides, stage="train",
-                       on_epoch=tracker.log_epoch)
-            tracker.log_artifact(tmp / "phase1", "checkpoint")
-        with stage_tracking("train-phase2", args) as tracker:
-            manifest = run_phase2(checkpoint=tmp / "phase1", data=args.data, out=tmp / "phase2",
-                                  overrides=args.overrides, stage="train", on_epoch=tracker.log_epoch)
-            tracker.log_artifact(tmp / "phase2", "checkpoint")
+    check_output_dir(out)
+    created = not out.exists()
+    try:
+        # phase2 replaces OUT/phase2 first, then phase1 OUT/phase1 (with: last in, first out)
+        with atomic_output_dir(out / "phase1") as p1, atomic_output_dir(out / "phase2") as p2:
+            with stage_tracking("train-phase1", args) as tracker:
+                run_phase1(data=args.data, data_config=args.data_config, config=args.config, out=p1,
+                           validation=args.validation, overrides=args.overrides, stage="train",
+                           on_epoch=tracker.log_epoch)
+                tracker.log_artifact(p1, "checkpoint")
+            with stage_tracking("train-phase2", args) as tracker:
+                manifest = run_phase2(checkpoint=p1, data=args.data, out=p2, overrides=args.overrides,
+                                      stage="train", on_epoch=tracker.log_epoch)
+                tracker.log_artifact(p2, "checkpoint")
+    except BaseException:
+        if created and out.is_dir() and not any(out.iterdir()):
+            out.rmdir()  # made for this run, left empty by the failure
+        raise
     print(summarize(manifest))
     print(f"checkpoints: {out / 'phase1'} and {out / 'phase2'}")
     return 0
