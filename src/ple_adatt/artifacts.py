@@ -124,6 +124,71 @@ def read_manifest(directory: str | Path, kind: str, supported: tuple[int, ...]) 
     return man
 
 
+def first_difference(a: Any, b: Any, key: str = "") -> str | None:
+    """The first key (dotted, list indices in brackets) where two JSON-like values differ."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        for k in [*a, *(k for k in b if k not in a)]:
+            sub = f"{key}.{k}" if key else str(k)
+            if k not in a or k not in b:
+                return sub
+            found = first_difference(a[k], b[k], sub)
+            if found:
+                return found
+        return None
+    if isinstance(a, list) and isinstance(b, list) and len(a) == len(b):
+        for i, (x, y) in enumerate(zip(a, b, strict=True)):
+            found = first_difference(x, y, f"{key}[{i}]")
+            if found:
+                return found
+        return None
+    return None if a == b else (key or "(the whole config)")
+
+
+def _sha(h: Any) -> str | None:
+    return str(h).removeprefix("sha256:") if h else None
+
+
+VALIDATION_SCHEMAS = (1,)
+
+
+def read_validation(directory: str | Path, *, data_hash: str | None, data_config: dict[str, Any] | None,
+                    data_config_hash: str | None, this: str, fix: str | None = None,
+                    error: type[Exception] = ArtifactError) -> tuple[dict[str, Any], dict[str, Any]]:
+    """A validate-stage output as every consumer reads it: ``(manifest, availability)``.
+
+    Refused (``error``, one line): a directory that is not a validation result, a missing or
+    unreadable ``availability.json``, a result computed for another dataset than ``data_hash``,
+    or under another data config than ``data_config_hash`` (``this`` names that config in the
+    message; ``data_config``, its dict, lets the message name the first key that differs;
+    ``fix`` says what to do, by default: pass the validation made with that config)."""
+    d = Path(directory)
+    man = read_manifest(d, "validation", VALIDATION_SCHEMAS)
+    avail_path = d / "availability.json"
+    if not avail_path.exists():
+        raise error(f"{d}: availability.json is missing; rerun `ple-adatt validate`")
+    try:
+        avail = json.loads(avail_path.read_text())
+    except json.JSONDecodeError as e:
+        raise error(f"{avail_path}: not valid JSON ({e}); rerun `ple-adatt validate`") from e
+    seen = _sha((man.get("inputs") or {}).get("data"))
+    if data_hash and seen and seen != _sha(data_hash):
+        raise error(f"{d}: the validation result was computed for a different dataset (hash {seen[:12]}, "
+                    f"this dataset {_sha(data_hash)[:12]}); rerun `ple-adatt validate` on this data")
+    seen_cfg = man.get("config_hash")
+    if data_config_hash and seen_cfg != data_config_hash:
+        validated = avail.get("config") if isinstance(avail.get("config"), dict) else {}
+        src = validated.get("path") or "an unknown data config"
+        if validated.get("overrides"):
+            src += " with --set " + " ".join(map(str, validated["overrides"]))
+        diff = (first_difference(validated["data_config"], data_config)
+                if isinstance(validated.get("data_config"), dict) and data_config is not None else None)
+        raise error(f"{d}: the validation result was computed under data config {src} (hash "
+                    f"{str(seen_cfg)[:12]}), which differs from {this} (hash {data_config_hash[:12]}"
+                    + (f", first at key `{diff}`" if diff else "") + "); "
+                    + (fix or "pass the validation result made with that data config"))
+    return man, avail
+
+
 def check_output_dir(out: str | Path, option: str = "--out") -> Path:
     """Check that ``out`` can be written as an output directory; call it before the work.
 

@@ -611,14 +611,14 @@ def validate_data_config(cfg: DataConfig, src: str) -> DataConfig:
     return cfg
 
 
-def _source(path: str | Path, overrides: list[str] | None) -> str:
+def config_source(path: str | Path, overrides: list[str] | None) -> str:
     """How errors name where a config came from: the file, and ``--set`` when overrides apply."""
     return f"{path} + --set" if overrides else str(path)
 
 
 def load_data_config(path: str | Path, overrides: list[str] | None = None) -> DataConfig:
     """Load and validate a data config (the dataset contract)."""
-    src = _source(path, overrides)
+    src = config_source(path, overrides)
     data = apply_overrides(_read_yaml(path), overrides)
     cfg = _build(DataConfig, data, "", src)
     return validate_data_config(cfg, src)
@@ -862,7 +862,7 @@ def load_train_config(
     path: str | Path, overrides: list[str] | None = None, data: DataConfig | None = None
 ) -> TrainConfig:
     """Load and validate a train config; with ``data`` also cross-check task names and losses."""
-    src = _source(path, overrides)
+    src = config_source(path, overrides)
     raw = apply_overrides(_read_yaml(path), overrides)
     cfg = _build(TrainConfig, raw, "", src)
     return validate_train_config(cfg, src, data)

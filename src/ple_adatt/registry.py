@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .artifacts import ArtifactError, path_sha256, read_manifest
+from .artifacts import ArtifactError, path_sha256, read_validation
 from .config import RegistryConfig, TrainConfig
 from .tracking import (
     TAG_VALUE_MAX,
@@ -63,7 +63,6 @@ __all__ = [
 
 BUNDLE = "bundle"  # the model's data directory: data/bundle/{checkpoint,validation,report}
 REPORT_FILES = ("report.html", "report.md", "report.json", "manifest.json")
-VALIDATION_SCHEMAS = (1,)
 STATUS_TAG = "registration_status"  # "complete" once aliases and the gate decision are set
 
 
@@ -108,23 +107,9 @@ def check_inputs(checkpoint: str | Path, validation: str | Path, report: str | P
     _check_finite_state(ck.system.state_dict(), Path(checkpoint))
     _check_metrics(man, Path(checkpoint))
     vdir = Path(validation)
-    vman = read_manifest(vdir, "validation", VALIDATION_SCHEMAS)
-    avail_path = vdir / "availability.json"
-    if not avail_path.exists():
-        raise ArtifactError(f"{vdir}: availability.json is missing; rerun `ple-adatt validate`")
-    availability = json.loads(avail_path.read_text())
-    ck_data, v_data = _sha(man.get("inputs", {}).get("data")), _sha(vman.get("inputs", {}).get("data"))
-    if ck_data and v_data and ck_data != v_data:
-        raise ArtifactError(
-            f"{vdir}: the validation result is for another dataset (sha256 {v_data[:12]}) than the one "
-            f"the checkpoint was trained on ({ck_data[:12]}); pass the validation of the training data"
-        )
-    ck_cfg, v_cfg = man.get("data_config_hash"), vman.get("config_hash")
-    if ck_cfg and v_cfg and ck_cfg != v_cfg:
-        raise ArtifactError(
-            f"{vdir}: the validation result was computed under another data config (hash {v_cfg[:12]}) than the "
-            f"checkpoint was trained with ({ck_cfg[:12]}); pass the validation made with that data config"
-        )
+    vman, availability = read_validation(
+        vdir, data_hash=_sha(man.get("inputs", {}).get("data")), data_config=man.get("data_config"),
+        data_config_hash=man.get("data_config_hash"), this=f"the data config {checkpoint} was trained with")
     rdir, rfiles, rman = None, [], None
     if report is not None:
         rdir = Path(report)

@@ -69,7 +69,7 @@ def test_validation_of_other_data(run: Run, capsys, tmp_path: Path) -> None:
     val = _edit_manifest(run.validation, tmp_path / "val", inputs__data="sha256:" + "1" * 64)
     _fails(run, capsys, tmp_path, "computed for a different dataset", validation=val)
     val = _edit_manifest(run.validation, tmp_path / "val2", config_hash="f" * 64)
-    _fails(run, capsys, tmp_path, "was computed under another data config", validation=val)
+    _fails(run, capsys, tmp_path, "which differs from the data config --phase1", validation=val)
 
 
 def test_tampered_checkpoint(run: Run, capsys, tmp_path: Path) -> None:

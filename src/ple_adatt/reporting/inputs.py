@@ -27,12 +27,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..artifacts import ArtifactError, read_manifest
+from ..artifacts import ArtifactError, read_manifest, read_validation
 
 CHECKPOINT_KIND = "checkpoint"
 CHECKPOINT_SCHEMAS = (1,)
-VALIDATION_KIND = "validation"
-VALIDATION_SCHEMAS = (1,)
 BASELINES_KIND = "single_task_baselines"
 PHASES = ("phase1", "phase2")
 
@@ -101,26 +99,9 @@ def load_inputs(*, phase1: str | Path, phase2: str | Path, validation: str | Pat
             f"{_strip(p2_from)[:12]} != {_strip(p1_hash)[:12]}); pass the phase1 and phase2 directories "
             "of the same run"
         )
-    vman = read_manifest(v_dir, VALIDATION_KIND, VALIDATION_SCHEMAS)
-    avail_path = v_dir / "availability.json"
-    if not avail_path.exists():
-        raise ArtifactError(f"--validation {v_dir}: availability.json is missing; rerun `ple-adatt validate`")
-    try:
-        avail = json.loads(avail_path.read_text())
-    except json.JSONDecodeError as e:
-        raise ArtifactError(f"{avail_path}: not valid JSON ({e})") from e
-    d_val, d_run = _strip((vman.get("inputs") or {}).get("data")), _strip((m1.get("inputs") or {}).get("data"))
-    if d_val and d_run and d_val != d_run:
-        raise ArtifactError(
-            f"--validation {v_dir}: was computed for a different dataset (hash {d_val[:12]}) than the one "
-            f"the checkpoints were trained on ({d_run[:12]}); pass the validation result of this run's data"
-        )
-    c_val, c_run = vman.get("config_hash"), m1.get("data_config_hash")
-    if c_val and c_run and c_val != c_run:
-        raise ArtifactError(
-            f"--validation {v_dir}: was computed under another data config (hash {c_val[:12]}) than the one the "
-            f"checkpoints were trained with ({c_run[:12]}); pass the validation result made with that data config"
-        )
+    vman, avail = read_validation(v_dir, data_hash=_strip((m1.get("inputs") or {}).get("data")),
+                                  data_config=m1.get("data_config"), data_config_hash=m1.get("data_config_hash"),
+                                  this=f"the data config --phase1 {p1_dir} was trained with")
     missing = [t for t in m1["tasks"] if t not in (avail.get("tasks") or {})]
     if missing:
         raise ArtifactError(f"--validation {v_dir}: has no availability for the trained tasks {missing}; "

@@ -7,18 +7,24 @@ wrappers around them.
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from ..artifacts import atomic_output_dir, check_output_dir, path_sha256, read_manifest
+from ..artifacts import (
+    atomic_output_dir,
+    check_output_dir,
+    first_difference,
+    path_sha256,
+    read_validation,
+)
 from ..config import (
     DataConfig,
     TrainConfig,
     apply_overrides,
     config_hash,
+    config_source,
     load_data_config,
     load_train_config,
     to_dict,
@@ -27,28 +33,6 @@ from ..config import (
 from .common import StageError
 
 Log = Callable[[str], None]
-VALIDATION_KIND = "validation"
-VALIDATION_SCHEMAS = (1,)
-
-
-def _first_difference(a: Any, b: Any, key: str = "") -> str | None:
-    """The first key (dotted, list indices in brackets) where two JSON-like values differ."""
-    if isinstance(a, dict) and isinstance(b, dict):
-        for k in [*a, *(k for k in b if k not in a)]:
-            sub = f"{key}.{k}" if key else str(k)
-            if k not in a or k not in b:
-                return sub
-            found = _first_difference(a[k], b[k], sub)
-            if found:
-                return found
-        return None
-    if isinstance(a, list) and isinstance(b, list) and len(a) == len(b):
-        for i, (x, y) in enumerate(zip(a, b, strict=True)):
-            found = _first_difference(x, y, f"{key}[{i}]")
-            if found:
-                return found
-        return None
-    return None if a == b else (key or "(the whole config)")
 
 
 def enabled_tasks_from_validation(
@@ -65,36 +49,15 @@ def enabled_tasks_from_validation(
     the validate stage's overrides): its enabled tasks and label checks would not hold.
     """
     d = Path(validation_dir)
-    man = read_manifest(d, VALIDATION_KIND, VALIDATION_SCHEMAS)
+    this = str(data_config) if data_config is not None else "the data config in use"
+    _, avail = read_validation(d, data_hash=data_hash, data_config=to_dict(data_cfg),
+                               data_config_hash=config_hash(data_cfg),
+                               this=this, fix=f"rerun `ple-adatt validate --config {this}` on this data",
+                               error=StageError)
     avail_path = d / "availability.json"
-    if not avail_path.exists():
-        raise StageError(f"{d}: availability.json is missing; rerun `ple-adatt validate`")
-    avail = json.loads(avail_path.read_text())
     enabled = avail.get("enabled_tasks")
     if not isinstance(enabled, list):
         raise StageError(f"{avail_path}: key `enabled_tasks` is missing or not a list")
-    seen_hash = str(man.get("inputs", {}).get("data") or "").removeprefix("sha256:") or None
-    if data_hash and seen_hash and seen_hash != data_hash:
-        raise StageError(
-            f"{d}: the validation result was computed for a different dataset (hash {seen_hash[:12]}, "
-            f"this dataset {data_hash[:12]}); rerun `ple-adatt validate` on this data"
-        )
-    seen_cfg = man.get("config_hash")
-    ours = config_hash(data_cfg)
-    if seen_cfg != ours:
-        validated = avail.get("config") if isinstance(avail.get("config"), dict) else {}
-        src = validated.get("path") or "an unknown data config"
-        if validated.get("overrides"):
-            src += " with --set " + " ".join(map(str, validated["overrides"]))
-        diff = (_first_difference(validated["data_config"], to_dict(data_cfg))
-                if isinstance(validated.get("data_config"), dict) else None)
-        this = data_config if data_config is not None else "the data config in use"
-        raise StageError(
-            f"{d}: the validation result was computed under data config {src} (hash {str(seen_cfg)[:12]}), "
-            f"which differs from {this} (hash {ours[:12]}"
-            + (f", first at key `{diff}`" if diff else "")
-            + f"); rerun `ple-adatt validate --config {this}` on this data"
-        )
     unknown = [t for t in enabled if t not in data_cfg.task_names]
     if unknown:
         raise StageError(f"{avail_path}: enabled tasks {unknown} are not declared in the data config")
@@ -190,33 +153,17 @@ def _phase2_config(ckpt_cfg: TrainConfig, config: str | Path | None, overrides: 
         src = f"{ckpt_path}/manifest.json + --set"
         given = train_config_from_dict(apply_overrides(to_dict(ckpt_cfg), overrides), src)
     else:
-        src = f"{config}{' + --set' if overrides else ''}"
+        src = config_source(config, overrides)
         given = load_train_config(config, overrides, data=data_cfg)
     diffs = [k for k in ("model", "tasks", "transfer") if to_dict(getattr(given, k)) != to_dict(getattr(ckpt_cfg, k))]
     if diffs:
-        keys = _differing_keys(to_dict(given), to_dict(ckpt_cfg), diffs)
+        keys = [first_difference(to_dict(getattr(given, k)), to_dict(getattr(ckpt_cfg, k)), k) or k for k in diffs]
         raise StageError(
             f"{src}: {', '.join('`' + k + '`' for k in keys[:3])} differ{'s' if len(keys) == 1 else ''} from the "
             f"config the checkpoint {ckpt_path} was trained with; Phase 2 must use the Phase 1 model. Change only "
             "`training.*` keys (drop --config to use the checkpoint's own config)"
         )
     return given
-
-
-def _differing_keys(a: Any, b: Any, sections: list[str]) -> list[str]:
-    """Dotted keys under ``sections`` where two config dicts differ."""
-    out: list[str] = []
-
-    def walk(x: Any, y: Any, path: str) -> None:
-        if isinstance(x, dict) and isinstance(y, dict):
-            for k in sorted(set(x) | set(y)):
-                walk(x.get(k), y.get(k), f"{path}.{k}")
-        elif x != y:
-            out.append(path)
-
-    for sec in sections:
-        walk(a.get(sec), b.get(sec), sec)
-    return out or sections
 
 
 def run_phase2(
