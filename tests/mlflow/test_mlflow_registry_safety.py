@@ -321,5 +321,5 @@ def test_an_out_path_under_a_file_is_refused_before_registering(trained: Trained
     proc = _cli_register(trained, tmp_path / "afile" / "out", "--checkpoint", str(trained.phase2),
                          "--set", "registry.model_name=rec-badout")
     assert proc.returncode == 2, proc.stderr
-    assert f"--out {tmp_path / 'afile' / 'out'}: {tmp_path / 'afile'} is not a directory" in proc.stderr
+    assert f"--out {tmp_path / 'afile' / 'out'}: cannot create it: {tmp_path / 'afile'} is a file" in proc.stderr
     assert "rec-badout" not in _model_names(MlflowClient(trained.tracking_uri))

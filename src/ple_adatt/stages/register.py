@@ -22,7 +22,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from .common import StageError, add_set_argument
+from .common import add_set_argument
 
 KIND = "registration"
 SCHEMA_VERSION = 1
@@ -79,7 +79,7 @@ def register_model(
     TrackingError when the registry cannot be reached; in all cases nothing is registered
     (a failure after the version was created undoes it) and ``out`` is not written.
     """
-    from ..artifacts import atomic_output_dir, make_manifest, write_json
+    from ..artifacts import atomic_output_dir, check_output_dir, make_manifest, write_json
     from ..config import config_hash
     from ..registry import (
         check_inputs,
@@ -90,12 +90,7 @@ def register_model(
     from ..tracking import stage_run
 
     checkpoint, validation = Path(checkpoint), Path(validation)
-    out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise StageError(f"--out {out}: exists and is not a directory; pass a directory path")
-    parent = next((a for a in out.absolute().parents if a.exists()), None)
-    if parent is not None and not parent.is_dir():
-        raise StageError(f"--out {out}: {parent} is not a directory; pass a directory path")
+    out = check_output_dir(out)  # before the registry is touched: a bad --out must not undo a version
     train_cfg = _train_config(checkpoint, config, overrides)
     inputs = check_inputs(checkpoint, validation, report)  # refuse before touching the registry
     check_registry_settings(train_cfg.registry, aliases or [])  # aliases, names, tolerance: before logging
