@@ -201,12 +201,16 @@ def run_phase2(
     train_cfg = _phase2_config(ck.train_cfg, config, overrides, data_cfg, Path(checkpoint))
     tasks = list(ck.manifest["tasks"])
     data_hash = path_sha256(data)
-    if ck.manifest.get("inputs", {}).get("data") not in (None, data_hash):
+    same_data = ck.manifest.get("inputs", {}).get("data") == data_hash
+    if not same_data and ck.manifest.get("inputs", {}).get("data") is not None:
         log("warning: this dataset differs from the one Phase 1 was trained on")
     _seed(train_cfg.seed + 1)
-    train = load_split(data, data_cfg, ck.preprocessor, "train", tasks, train_cfg.max_rows, config_src=data_config)
+    # Phase 1 checked these very bytes (same hash) before it trained: no second pass over them
+    train = load_split(data, data_cfg, ck.preprocessor, "train", tasks, train_cfg.max_rows, config_src=data_config,
+                       check=not same_data)
     val = load_split(data, data_cfg, ck.preprocessor, "val", tasks,
-                     None if train_cfg.max_rows is None else max(train_cfg.max_rows // 4, 1), config_src=data_config)
+                     None if train_cfg.max_rows is None else max(train_cfg.max_rows // 4, 1), config_src=data_config,
+                     check=not same_data)
     device = resolve_device(train_cfg.device)
     trainer = Trainer(ck.system, train, val, train_cfg, device, log=log, on_epoch=on_epoch)
     trainer.events = list(ck.manifest.get("events", []))
