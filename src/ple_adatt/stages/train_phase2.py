@@ -20,8 +20,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..artifacts import check_output_dir
     from .train_common import run_phase2, summarize
 
+    check_output_dir(args.out)  # before the MLflow run opens: a bad --out leaves no failed run
     with stage_tracking("train-phase2", args) as tracker:
         manifest = run_phase2(checkpoint=args.checkpoint, data=args.data, out=args.out, config=args.config,
                               data_config=args.data_config, overrides=args.overrides, on_epoch=tracker.log_epoch)

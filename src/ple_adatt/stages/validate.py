@@ -60,8 +60,12 @@ def _gx_rows(value: str) -> int | None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..artifacts import check_output_dir
+
+    out = check_output_dir(args.out)  # before the MLflow run opens and any work: fail now, not after the counts
+    if args.failure_report:
+        check_output_dir(args.failure_report, "--failure-report")
     with stage_tracking("validate", args) as tracker:
-        from ..artifacts import check_output_dir
         from ..config import load_data_config
         from ..validation.runner import validate_dataset, write_report
         from ..validation.suite import load_expectations
@@ -70,9 +74,6 @@ def run(args: argparse.Namespace) -> int:
         sample_rows = _gx_rows(args.gx_rows)
         if args.gx_chunk_rows < 1:
             raise StageError(f"--gx-chunk-rows must be >= 1, got {args.gx_chunk_rows}")
-        out = check_output_dir(args.out)  # before any work: fail now, not after the counts
-        if args.failure_report:
-            check_output_dir(args.failure_report, "--failure-report")
         cfg = load_data_config(args.config, args.overrides)
         extra = [e for path in args.expectations for e in load_expectations(path)]
         report = validate_dataset(
