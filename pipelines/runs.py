@@ -23,6 +23,8 @@ import re
 from pathlib import Path
 from typing import Any
 
+from ple_adatt.artifacts import read_json
+
 RUN_FILE = "run.json"
 RUN_SCHEMA = 1
 
@@ -58,12 +60,7 @@ def read_run_file(run_dir: str | Path) -> dict[str, Any]:
     if not d.is_dir():
         raise RunError(f"{d}: no such run directory; `make run` writes one under runs/local/")
     f = d / RUN_FILE
-    if not f.exists():
-        raise RunError(f"{d}: no {RUN_FILE}; not a run directory written by `make run` or `make stage`")
-    try:
-        info = json.loads(f.read_text())
-    except json.JSONDecodeError as e:
-        raise RunError(f"{f}: not valid JSON ({e})") from None
+    info = read_json(f, f"{d}: no {RUN_FILE}; not a run directory written by `make run` or `make stage`", RunError)
     if not isinstance(info, dict):
         raise RunError(f"{f}: expected a JSON object, got {type(info).__name__}")
     if info.get("schema_version") != RUN_SCHEMA:

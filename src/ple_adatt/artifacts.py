@@ -102,18 +102,24 @@ def _json_default(o: Any) -> Any:
     raise TypeError(f"not JSON serialisable: {type(o).__name__}")
 
 
+def read_json(path: Path, missing: str, error: type[Exception] = ArtifactError, fix: str = "") -> Any:
+    """A JSON file an artifact holds: ``missing`` is the message when it is absent, and invalid
+    JSON is named with its position (``fix`` appended to both)."""
+    if not path.exists():
+        raise error(missing + fix)
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise error(f"{path}: not valid JSON ({e}){fix}") from e
+
+
 def read_manifest(directory: str | Path, kind: str, supported: tuple[int, ...]) -> dict[str, Any]:
     """Read and check an artifact manifest; raise ArtifactError naming the path and the fix."""
     d = Path(directory)
     m = d / MANIFEST
     if not d.exists():
         raise ArtifactError(f"{d}: {kind} artifact not found")
-    if not m.exists():
-        raise ArtifactError(f"{d}: no {MANIFEST}; this is not a {kind} artifact written by ple-adatt")
-    try:
-        man = json.loads(m.read_text())
-    except json.JSONDecodeError as e:
-        raise ArtifactError(f"{m}: not valid JSON ({e})") from e
+    man = read_json(m, f"{d}: no {MANIFEST}; this is not a {kind} artifact written by ple-adatt")
     if man.get("kind") != kind:
         raise ArtifactError(f"{m}: artifact kind is {man.get('kind')!r}, expected {kind!r}")
     if man.get("schema_version") not in supported:
@@ -163,13 +169,8 @@ def read_validation(directory: str | Path, *, data_hash: str | None, data_config
     ``fix`` says what to do, by default: pass the validation made with that config)."""
     d = Path(directory)
     man = read_manifest(d, "validation", VALIDATION_SCHEMAS)
-    avail_path = d / "availability.json"
-    if not avail_path.exists():
-        raise error(f"{d}: availability.json is missing; rerun `ple-adatt validate`")
-    try:
-        avail = json.loads(avail_path.read_text())
-    except json.JSONDecodeError as e:
-        raise error(f"{avail_path}: not valid JSON ({e}); rerun `ple-adatt validate`") from e
+    avail = read_json(d / "availability.json", f"{d}: availability.json is missing", error,
+                      "; rerun `ple-adatt validate`")
     seen = _sha((man.get("inputs") or {}).get("data"))
     if data_hash and seen and seen != _sha(data_hash):
         raise error(f"{d}: the validation result was computed for a different dataset (hash {seen[:12]}, "
