@@ -13,6 +13,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+import shutil
 import subprocess
 import tempfile
 import time
@@ -101,12 +102,19 @@ class Browser:
 @pytest.fixture(scope="module")
 def browser() -> Any:
     pytest.importorskip("websocket", reason="websocket-client is needed to drive Chromium over DevTools")
-    with tempfile.TemporaryDirectory(prefix="ple-adatt-chromium-") as d:
-        b = Browser(Path(d))
-        try:
-            yield b
-        finally:
-            b.close()
+    d = tempfile.mkdtemp(prefix="ple-adatt-chromium-")
+    b = Browser(Path(d))
+    try:
+        yield b
+    finally:
+        b.close()
+        # Chromium's helper processes outlive the browser by a moment and may still write its
+        # profile: retry the removal instead of failing the teardown on "Directory not empty"
+        for _ in range(50):
+            shutil.rmtree(d, ignore_errors=True)
+            if not os.path.exists(d):
+                break
+            time.sleep(0.1)
 
 
 def _requests(events: list[dict[str, Any]]) -> tuple[list[str], list[str], list[str]]:
