@@ -191,9 +191,6 @@ def _manifest_fields(man: dict[str, Any], where: str) -> dict[str, Any]:
     return {"tasks": tasks, "model": model, "files": files}
 
 
-_NONE = object()
-
-
 def _load_preprocessing(path: Path, data_cfg: DataConfig, model: dict[str, Any]) -> Preprocessor:
     """Read ``preprocessing.json`` and check that it fits the model the manifest describes."""
     from .data.dataset import DataError
@@ -214,17 +211,16 @@ def _load_preprocessing(path: Path, data_cfg: DataConfig, model: dict[str, Any])
     for col, vocab in raw["vocabularies"].items():
         if not isinstance(vocab, list):
             raise ArtifactError(f"{path}: key `vocabularies.{col}` must be a list of values")
-        seen: set = set()
-        dup = next((v for v in vocab if isinstance(v, (str, int, float, bool, type(None)))
-                    and (v in seen or seen.add(v))), _NONE)
-        if dup is not _NONE:
+        values = [v for v in vocab if isinstance(v, (str, int, float, bool, type(None)))]
+        if len(set(values)) != len(values):
+            dup = next(v for i, v in enumerate(values) if v in values[:i])
             raise ArtifactError(f"{path}: key `vocabularies.{col}` lists {dup!r} twice; a vocabulary maps each value "
                                 "to one id (the file was edited)")
     for col, stats in raw["numeric"].items():
         if not (isinstance(stats, dict) and all(isinstance(stats.get(k), (int, float)) for k in ("mean", "std"))):
             raise ArtifactError(f"{path}: key `numeric.{col}` must be {{mean: number, std: number}}, got {stats!r}")
     try:
-        pre = Preprocessor.load(path)
+        pre = Preprocessor.from_dict(raw, path)  # parsed once, above
     except DataError as e:  # schema version; already names the file
         raise ArtifactError(str(e)) from e
     absent = [c for c in data_cfg.categorical_features if c not in pre.vocabularies]

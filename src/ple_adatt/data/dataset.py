@@ -320,11 +320,16 @@ class Preprocessor:
         p = Path(path)
         if not p.exists():
             raise DataError(f"{p}: preprocessing artifact not found")
-        d = json.loads(p.read_text())
+        return cls.from_dict(json.loads(p.read_text()), p)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], source: str | Path) -> Preprocessor:
+        """From the parsed ``preprocessing.json`` of ``source`` (named in errors)."""
         v = d.get("schema_version")
         if v != PREPROCESSING_SCHEMA_VERSION:
             raise DataError(
-                f"{p}: preprocessing schema_version {v!r} is not supported (this version reads {PREPROCESSING_SCHEMA_VERSION})"
+                f"{source}: preprocessing schema_version {v!r} is not supported (this version reads "
+                f"{PREPROCESSING_SCHEMA_VERSION})"
             )
         return cls(
             vocabularies={k: list(vs) for k, vs in d["vocabularies"].items()},
