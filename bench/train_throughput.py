@@ -410,7 +410,7 @@ def mixture_path(device: torch.device) -> str:
     if not FUSED_MIXTURE:
         return "PyTorch (--no-fused-mixture)"
     if mixture.failed():
-        return f"PyTorch: the fused kernels were switched off ({mixture._FAILURE[0]})"
+        return f"PyTorch: the fused kernels were switched off ({mixture.GUARD.reason()})"
     if COMPILE is not None:
         return "PyTorch, fused by torch.compile"
     return "fused Triton kernels" if mixture.fused_available(device) else f"PyTorch (no fused kernels on {device.type})"

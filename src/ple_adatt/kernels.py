@@ -42,7 +42,7 @@ import torch
 from torch import Tensor
 
 __all__ = ["available", "preferred", "check_once", "checked", "failed", "shared_task_grads", "shared_task_grads_or_none",
-           "tuned_config", "LAYOUTS", "VARIANTS"]
+           "tuned_config", "KernelGuard", "GUARD", "LAYOUTS", "VARIANTS"]
 
 LAYOUTS = ("hrows", "brows")  # hidden block as rows / batch tile as rows
 VARIANTS = ("fused", "split")  # all in the kernel / gW2 as a cuBLAS GEMM
@@ -61,7 +61,34 @@ TILES = {
 }
 
 logger = logging.getLogger(__name__)
-_FAILURE: list[str] = []  # the first compile/launch error, if any: batched then stays on einsum
+
+
+class KernelGuard:
+    """The per-process state of one optional Triton kernel: checked once against its
+    PyTorch reference on first use, and switched off for the rest of the process by its first
+    failure (a compile or launch error, or a check it fails), with one warning. A kernel that
+    a Triton or driver bug breaks then costs speed, never a wrong result or a failed run."""
+
+    def __init__(self, what: str, fallback: str) -> None:
+        self.what, self.fallback = what, fallback
+        self.failures: list[str] = []  # why it was switched off; the first is reported
+        self.checked = False  # the first-use comparison has run
+
+    def failed(self) -> bool:
+        return bool(self.failures)
+
+    def switch_off(self, why: str) -> None:
+        if not self.failures:
+            logger.warning("%s off for this process (%s); using %s", self.what, why.splitlines()[0],
+                           self.fallback)
+        self.failures.append(why)
+
+    def reason(self) -> str | None:
+        return self.failures[0] if self.failures else None
+
+
+# batched then stays on the einsum path
+GUARD = KernelGuard("fused per-task gradient kernel", "the einsum path")
 
 
 @functools.cache
@@ -175,8 +202,8 @@ def preferred(device: torch.device, dtype: torch.dtype) -> bool:
 
 
 def failed() -> bool:
-    """True once the kernel failed to compile or launch in this process."""
-    return bool(_FAILURE)
+    """True once the kernel failed to compile, launch or check in this process."""
+    return GUARD.failed()
 
 
 def shared_task_grads_or_none(*args: Tensor, **kwargs: Tensor) -> Tensor | None:
@@ -186,13 +213,9 @@ def shared_task_grads_or_none(*args: Tensor, **kwargs: Tensor) -> Tensor | None:
     try:
         return shared_task_grads(*args, **kwargs)
     except Exception as exc:  # noqa: BLE001 - any Triton/driver failure means: use einsum
-        _FAILURE.append(f"{type(exc).__name__}: {exc}")
-        logger.warning("fused per-task gradient kernel unavailable (%s); using the einsum path "
-                       "(set transfer.grad_method: fused to see the error)", _FAILURE[0].splitlines()[0])
+        first = str(exc).splitlines()[0] if str(exc) else ""
+        GUARD.switch_off(f"{type(exc).__name__}: {first}; set transfer.grad_method: fused to see the whole error")
         return None
-
-
-_CHECKED: list[bool] = []
 
 
 def check_once(fast: Tensor, reference: Tensor, tol: float = 1e-2) -> Tensor | None:
@@ -200,7 +223,7 @@ def check_once(fast: Tensor, reference: Tensor, tol: float = 1e-2) -> Tensor | N
     matrices must agree within ``tol`` (bf16 products). On a mismatch the kernel is switched
     off for the process (one warning) and None is returned, so a Triton or driver that
     miscompiles it costs speed, never a wrong affinity."""
-    _CHECKED.append(True)
+    GUARD.checked = True
 
     def cos(g: Tensor) -> Tensor:
         n = torch.nn.functional.normalize(g.float(), dim=1)
@@ -209,14 +232,12 @@ def check_once(fast: Tensor, reference: Tensor, tol: float = 1e-2) -> Tensor | N
     diff = float((cos(fast) - cos(reference)).abs().max())  # one host read, once per process
     if diff <= tol:
         return fast
-    _FAILURE.append(f"kernel result differs from the einsum path (max cosine difference {diff:.3g})")
-    logger.warning("fused per-task gradient kernel disagrees with the einsum path (max cosine difference "
-                   "%.3g); using the einsum path", diff)
+    GUARD.switch_off(f"it disagrees with the einsum path (max cosine difference {diff:.3g})")
     return None
 
 
 def checked() -> bool:
-    return bool(_CHECKED)
+    return GUARD.checked
 
 
 def _pow2(n: int) -> int:

@@ -29,7 +29,6 @@ one warning. On the CPU the tests run it under Triton's interpreter (``TRITON_IN
 from __future__ import annotations
 
 import functools
-import logging
 
 import torch
 from torch import Tensor
@@ -38,9 +37,7 @@ from . import kernels
 
 __all__ = ["gated_mixture", "reference_mixture", "fused_mixture", "fused_available", "failed"]
 
-logger = logging.getLogger(__name__)
-_FAILURE: list[str] = []
-_CHECKED: list[bool] = []
+GUARD = kernels.KernelGuard("fused CGC mixture kernel", "the PyTorch form")
 # rows per program and warps: at (16, 128) tiles and 4 warps the kernels compile for sm_90 to
 # 80-144 registers without spills; at 32 rows one spills, at 64 all do (bench/kernel_report.py)
 BLOCK_ROWS = 16
@@ -63,7 +60,8 @@ def reference_mixture(gates: Tensor, shared: Tensor, task: Tensor | None) -> Ten
 
 
 def failed() -> bool:
-    return bool(_FAILURE)
+    """True once the kernels failed to build, launch or check in this process."""
+    return GUARD.failed()
 
 
 def fused_available(device: torch.device) -> bool:
@@ -76,7 +74,7 @@ def gated_mixture(gates: Tensor, shared: Tensor, task: Tensor | None, fused: boo
     if not fused or torch.compiler.is_compiling() or not fused_available(gates.device) or gates.shape[1] == 0:
         return reference_mixture(gates, shared, task)
     try:
-        if not _CHECKED:
+        if not GUARD.checked:
             if not torch.is_grad_enabled() or torch.is_inference_mode_enabled():
                 return reference_mixture(gates, shared, task)  # the check needs autograd: until it has run
             if not _check_once(gates, shared, task):
@@ -85,20 +83,15 @@ def gated_mixture(gates: Tensor, shared: Tensor, task: Tensor | None, fused: boo
     except torch.cuda.OutOfMemoryError:
         raise  # the batch's problem, not the kernels': the trainer skips it and the kernels stay on
     except Exception as exc:  # noqa: BLE001 - any Triton/driver failure: keep training on PyTorch
-        _switch_off(f"{type(exc).__name__}: {exc}".splitlines()[0])
+        GUARD.switch_off(f"{type(exc).__name__}: {exc}")
         return reference_mixture(gates, shared, task)
-
-
-def _switch_off(why: str) -> None:
-    _FAILURE.append(why)
-    logger.warning("fused CGC mixture kernel off for this process (%s); using the PyTorch form", why)
 
 
 def _check_once(gates: Tensor, shared: Tensor, task: Tensor | None, tol: float = 2e-2) -> bool:
     """Compare the kernel's forward and gradients with the PyTorch form's once per process, on
     the batch at hand (detached copies; one host read). Relative to each result's largest
     magnitude: bf16 outputs round at about 4e-3."""
-    _CHECKED.append(True)
+    GUARD.checked = True
     ins = [t.detach().requires_grad_() for t in (gates, shared, *(() if task is None else (task,)))]
     with torch.enable_grad():
         outs = [fn(ins[0], ins[1], ins[2] if task is not None else None)
@@ -112,7 +105,7 @@ def _check_once(gates: Tensor, shared: Tensor, task: Tensor | None, tol: float =
         a, b = a.detach().float(), b.detach().float()
         worst = max(worst, float((a - b).abs().max() / b.abs().max().clamp_min(1e-30)))
     if worst > tol:
-        _switch_off(f"its result differs from the PyTorch form by {worst:.3g} of the largest value")
+        GUARD.switch_off(f"its result differs from the PyTorch form by {worst:.3g} of the largest value")
         return False
     return True
 

@@ -28,7 +28,8 @@ def interpreter():
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a.double() - b.double()).norm() / b.double().norm())
+    a, b = a.detach().double(), b.detach().double()
+    return float((a - b).norm() / b.norm())
 
 
 @pytest.mark.parametrize("variant", kernels.VARIANTS)
@@ -84,7 +85,7 @@ def test_batched_falls_back_to_einsum_once_the_kernel_fails(monkeypatch, caplog)
         raise RuntimeError("PTX assembly failed")
 
     monkeypatch.setattr(kernels, "shared_task_grads", broken)
-    monkeypatch.setattr(kernels, "_FAILURE", [])
+    monkeypatch.setattr(kernels.GUARD, "failures", [])
     x, pre, w2 = torch.randn(8, 3), torch.randn(2, 8, 16), torch.randn(2, 16, 4)
     d_cgc, gates = torch.randn(5, 8, 4), torch.softmax(torch.randn(5, 8, 3), -1)
     with caplog.at_level("WARNING"):
@@ -95,8 +96,8 @@ def test_batched_falls_back_to_einsum_once_the_kernel_fails(monkeypatch, caplog)
 def test_a_kernel_that_computes_wrong_gradients_is_switched_off_after_its_first_result(monkeypatch, caplog):
     """batched on CUDA checks the kernel's first result against einsum (here: CPU, the kernel
     made 'available' and replaced by one that scrambles task rows)."""
-    monkeypatch.setattr(kernels, "_FAILURE", [])
-    monkeypatch.setattr(kernels, "_CHECKED", [])
+    monkeypatch.setattr(kernels.GUARD, "failures", [])
+    monkeypatch.setattr(kernels.GUARD, "checked", False)
     monkeypatch.setattr(kernels, "preferred", lambda device, dtype: not kernels.failed())  # CPU, float32 admitted
     calls = []
 
@@ -116,10 +117,23 @@ def test_a_kernel_that_computes_wrong_gradients_is_switched_off_after_its_first_
 
 
 def test_a_correct_kernel_result_passes_the_first_use_check(monkeypatch):
-    monkeypatch.setattr(kernels, "_FAILURE", [])
-    monkeypatch.setattr(kernels, "_CHECKED", [])
+    monkeypatch.setattr(kernels.GUARD, "failures", [])
+    monkeypatch.setattr(kernels.GUARD, "checked", False)
     g = torch.randn(4, 30)
     assert kernels.check_once(g * 1.001, g) is not None and kernels.checked() and not kernels.failed()
+
+
+def test_a_kernel_guard_warns_once_and_reports_its_first_failure(caplog):
+    """Both kernels share the guard: after a failure every later call takes the fallback, so
+    later failures (there are none in practice, but a test must not rely on it) stay quiet."""
+    guard = kernels.KernelGuard("some kernel", "the slow path")
+    assert not guard.failed() and guard.reason() is None
+    with caplog.at_level("WARNING"):
+        guard.switch_off("PTX assembly failed\nstack trace line")
+        guard.switch_off("a second failure")
+    assert guard.failed() and guard.reason().startswith("PTX assembly failed")
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert warnings == ["some kernel off for this process (PTX assembly failed); using the slow path"]
 
 
 class _StandInEvent:

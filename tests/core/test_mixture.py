@@ -85,8 +85,8 @@ def test_gated_mixture_takes_pytorch_on_the_cpu_and_where_switched_off(monkeypat
 def test_a_wrong_or_failing_kernel_is_switched_off_after_its_first_use(monkeypatch, caplog):
     """Where the kernel runs (made 'available' here), its first result is checked against the
     PyTorch form; a mismatch or an error costs speed, never a wrong model."""
-    monkeypatch.setattr(mixture, "_FAILURE", [])
-    monkeypatch.setattr(mixture, "_CHECKED", [])
+    monkeypatch.setattr(mixture.GUARD, "failures", [])
+    monkeypatch.setattr(mixture.GUARD, "checked", False)
     monkeypatch.setattr(mixture, "fused_available", lambda device: not mixture.failed())
     calls = []
 
@@ -103,8 +103,8 @@ def test_a_wrong_or_failing_kernel_is_switched_off_after_its_first_use(monkeypat
     mixture.gated_mixture(gates, shared, task)
     assert len(calls) == 1  # checked once, then off
 
-    monkeypatch.setattr(mixture, "_FAILURE", [])
-    monkeypatch.setattr(mixture, "_CHECKED", [True])
+    monkeypatch.setattr(mixture.GUARD, "failures", [])
+    monkeypatch.setattr(mixture.GUARD, "checked", True)
 
     def broken(*args):
         raise RuntimeError("PTX assembly failed")
@@ -119,31 +119,31 @@ def test_a_wrong_or_failing_kernel_is_switched_off_after_its_first_use(monkeypat
 def test_without_autograd_the_pytorch_form_runs_until_the_first_use_check_has(interpreter, monkeypatch):
     """The check compares gradients too: under no_grad or inference_mode (serving) before any
     training step, the PyTorch form runs and the check waits; it must not switch the kernel off."""
-    monkeypatch.setattr(mixture, "_FAILURE", [])
-    monkeypatch.setattr(mixture, "_CHECKED", [])
+    monkeypatch.setattr(mixture.GUARD, "failures", [])
+    monkeypatch.setattr(mixture.GUARD, "checked", False)
     monkeypatch.setattr(mixture, "fused_available", lambda device: not mixture.failed())
     gates, shared, task = _inputs(2, 20, 8, 2, 1)
     for ctx in (torch.no_grad, torch.inference_mode):
         with ctx():
             out = mixture.gated_mixture(gates, shared, task)
         torch.testing.assert_close(out, mixture.reference_mixture(gates, shared, task).detach())
-    assert not mixture._CHECKED and not mixture.failed()
+    assert not mixture.GUARD.checked and not mixture.failed()
     mixture.gated_mixture(gates, shared, task)  # with autograd: checked, and on
-    assert mixture._CHECKED and not mixture.failed()
+    assert mixture.GUARD.checked and not mixture.failed()
     with torch.no_grad():
         out = mixture.gated_mixture(gates, shared, task)
     assert out.grad_fn is None and torch.allclose(out, mixture.reference_mixture(gates, shared, task))
 
 
 def test_a_correct_kernel_passes_the_first_use_check(interpreter, monkeypatch):
-    monkeypatch.setattr(mixture, "_FAILURE", [])
-    monkeypatch.setattr(mixture, "_CHECKED", [])
+    monkeypatch.setattr(mixture.GUARD, "failures", [])
+    monkeypatch.setattr(mixture.GUARD, "checked", False)
     monkeypatch.setattr(mixture, "fused_available", lambda device: not mixture.failed())
     gates, shared, task = _inputs(3, 40, 12, 2, 2)
     state = torch.get_rng_state()
     out = mixture.gated_mixture(gates, shared, task)
     assert torch.equal(torch.get_rng_state(), state)  # the training's random stream is untouched
-    assert mixture._CHECKED and not mixture.failed()
+    assert mixture.GUARD.checked and not mixture.failed()
     assert out.grad_fn is not None and "FusedMixture" in type(out.grad_fn).__name__
     torch.testing.assert_close(out, mixture.reference_mixture(gates, shared, task))
 
@@ -159,8 +159,8 @@ def test_the_model_trains_the_same_through_the_fused_mixture(interpreter, monkey
     the PyTorch trunk's outputs and parameter gradients."""
     from corehelpers import forward_with_distinct_heads
 
-    monkeypatch.setattr(mixture, "_FAILURE", [])
-    monkeypatch.setattr(mixture, "_CHECKED", [True])  # no first-use check: compare directly
+    monkeypatch.setattr(mixture.GUARD, "failures", [])
+    monkeypatch.setattr(mixture.GUARD, "checked", True)  # no first-use check: compare directly
     results = []
     for fused in (True, False):
         monkeypatch.setattr(mixture, "fused_available", lambda device, fused=fused: fused)
@@ -178,8 +178,8 @@ def test_the_model_trains_the_same_through_the_fused_mixture(interpreter, monkey
 def test_an_out_of_memory_error_is_raised_and_leaves_the_kernels_on(monkeypatch):
     """An OOM is the batch's problem (the trainer skips it): it must not switch the kernels off
     for every later run in the process (compare trains all strategies in one)."""
-    monkeypatch.setattr(mixture, "_FAILURE", [])
-    monkeypatch.setattr(mixture, "_CHECKED", [True])
+    monkeypatch.setattr(mixture.GUARD, "failures", [])
+    monkeypatch.setattr(mixture.GUARD, "checked", True)
     monkeypatch.setattr(mixture, "fused_available", lambda device: not mixture.failed())
 
     def oom(*args):
