@@ -24,6 +24,7 @@ import math
 import re
 import types
 import typing
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -795,27 +796,43 @@ def _check_ranges(cfg: TrainConfig, src: str) -> None:
          "without passing the champion gate", r.candidate_alias)
 
 
-def _check_edges_acyclic(edges: tuple[tuple[str, str], ...], src: str) -> None:
-    """``model.logit_transfer_edges`` must form a DAG (the model applies them in topological order)."""
+def find_cycle(edges: Iterable[tuple[str, str]]) -> list[str] | None:
+    """A cycle of the directed graph ``edges`` as a closed path ``[a, b, ..., a]``, or None.
+    The config check and the model's edge ordering both use it, so they report one message."""
     succ: dict[str, list[str]] = {}
     for a, b in edges:
         succ.setdefault(a, []).append(b)
     state: dict[str, int] = {}  # 1 visiting, 2 done
 
-    def visit(n: str, path: list[str]) -> None:
+    def visit(n: str, path: list[str]) -> list[str] | None:
         if state.get(n) == 2:
-            return
+            return None
         if state.get(n) == 1:
-            cycle = " -> ".join(path[path.index(n):] + [n])
-            raise ConfigError(f"{src}: key `model.logit_transfer_edges` has a cycle ({cycle}); logit transfer "
-                              "must be a DAG")
+            return path[path.index(n):] + [n]
         state[n] = 1
         for m in succ.get(n, []):
-            visit(m, path + [n])
+            found = visit(m, path + [n])
+            if found:
+                return found
         state[n] = 2
+        return None
 
     for n in list(succ):
-        visit(n, [])
+        found = visit(n, [])
+        if found:
+            return found
+    return None
+
+
+def cycle_message(cycle: list[str]) -> str:
+    return f"key `model.logit_transfer_edges` has a cycle ({' -> '.join(cycle)}); logit transfer must be a DAG"
+
+
+def _check_edges_acyclic(edges: tuple[tuple[str, str], ...], src: str) -> None:
+    """``model.logit_transfer_edges`` must form a DAG (the model applies them in topological order)."""
+    cycle = find_cycle(edges)
+    if cycle:
+        raise ConfigError(f"{src}: {cycle_message(cycle)}")
 
 
 def check_against_data(cfg: TrainConfig, data: DataConfig, src: str) -> None:

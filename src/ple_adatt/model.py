@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import kernels, mixture
-from .config import ModelConfig, TaskSpec
+from .config import ModelConfig, TaskSpec, cycle_message, find_cycle
 
 __all__ = ["GRAD_METHODS", "HeadSpec", "ModelOutput", "PLEClusterModel", "build_model"]
 
@@ -232,22 +232,18 @@ class PLEClusterModel(nn.Module):
     def _order_edges(self, edges: tuple[tuple[str, str], ...]) -> list[tuple[int, int]]:
         idx = {n: i for i, n in enumerate(self.task_names)}
         kept = [(idx[a], idx[b]) for a, b in edges if a in idx and b in idx]
-        order, done, visiting = [], set(), set()
+        cycle = find_cycle((self.task_names[a], self.task_names[b]) for a, b in kept)
+        if cycle:
+            raise ValueError(cycle_message(cycle))
+        order, done = [], set()
 
-        def visit(n: int) -> None:
+        def visit(n: int) -> None:  # predecessors first (the edges are acyclic)
             if n in done:
                 return
-            if n in visiting:
-                raise ValueError(
-                    f"model.logit_transfer_edges has a cycle through task {self.task_names[n]!r}; "
-                    "logit transfer must be a DAG"
-                )
-            visiting.add(n)
+            done.add(n)
             for a, b in kept:
                 if b == n:
                     visit(a)
-            visiting.discard(n)
-            done.add(n)
             order.append(n)
 
         for n in range(len(self.task_names)):

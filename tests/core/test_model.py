@@ -62,8 +62,19 @@ def test_logit_transfer_cycle_is_rejected(specs, model_cfg):
     import dataclasses
 
     cfg = dataclasses.replace(model_cfg, logit_transfer_edges=(("ctr", "cvr"), ("cvr", "ctr")))
-    with pytest.raises(ValueError, match="cycle through task"):
+    with pytest.raises(ValueError, match=r"has a cycle \(ctr -> cvr -> ctr\); logit transfer must be a DAG"):
         build(specs, cfg)
+
+
+def test_logit_transfer_edges_apply_in_topological_order_whatever_order_they_are_given(specs, model_cfg):
+    """ltv's input is cvr's logit after ctr's transfer into it: ctr -> cvr must run first."""
+    import dataclasses
+
+    model = build(specs, dataclasses.replace(model_cfg, logit_transfer_edges=(("cvr", "ltv"), ("ctr", "cvr"))))
+    assert [(model.task_names[s], model.task_names[t]) for s, t in model.transfer_edges] == [("ctr", "cvr"), ("cvr", "ltv")]
+    three = dataclasses.replace(model_cfg, logit_transfer_edges=(("cvr", "ltv"), ("ltv", "ctr"), ("ctr", "cvr")))
+    with pytest.raises(ValueError, match=r"has a cycle \((\w+) -> (\w+) -> (\w+) -> \1\)"):
+        build(specs, three)
 
 
 @pytest.mark.parametrize("seed", [0, 1])
