@@ -664,6 +664,10 @@ def _check_cuda_graph(cfg: TrainConfig, src: str) -> None:
     if cfg.transfer.strategy not in GRAPH_STRATEGIES:
         raise ConfigError(f"{src}: key `training.cuda_graph` supports `transfer.strategy` {list(GRAPH_STRATEGIES)}, "
                           f"not {cfg.transfer.strategy!r} (its min-norm solver runs on the host every step)")
+    if cfg.transfer.grad_method == "loop":
+        raise ConfigError(f"{src}: key `training.cuda_graph` cannot replay `transfer.grad_method: loop` (the seed's "
+                          "per-task autograd loop reads on the host which tasks are present); use batched, fused "
+                          "or einsum, which compute the same gradients")
 
 
 def validate_train_config(cfg: TrainConfig, src: str, data: DataConfig | None = None) -> TrainConfig:

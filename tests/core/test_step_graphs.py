@@ -153,6 +153,7 @@ def test_cuda_graph_on_a_cpu_device_runs_eagerly_and_says_so():
 @pytest.mark.parametrize("override,message", [
     ("training.gradient_accumulation_steps=2", "gradient_accumulation_steps: 1"),
     ("transfer.strategy=mgda", "not 'mgda'"),
+    ("transfer.grad_method=loop", "grad_method: loop"),
 ])
 def test_cuda_graph_configs_that_cannot_replay_are_rejected(override, message):
     with pytest.raises(ConfigError, match=message) as e:
