@@ -71,7 +71,7 @@ class NaivePLE(nn.Module):
         super().__init__()
         T, E = s["tasks"], s["experts"]
         self.embedding = nn.Embedding(s["cats"] * s["card"], s["emb"])
-        self.offsets = torch.arange(s["cats"]) * s["card"]
+        self.register_buffer("offsets", torch.arange(s["cats"]) * s["card"])  # on the device once, no copy per step
         self.shared = nn.ModuleList(NaiveMLP(d_in, s["shared_hidden"], s["expert_dim"]) for _ in range(E))
         self.task_experts = nn.ModuleList(
             nn.ModuleList(NaiveMLP(d_in, s["task_hidden"], s["expert_dim"]) for _ in range(s["task_experts"]))
@@ -80,7 +80,7 @@ class NaivePLE(nn.Module):
         self.towers = nn.ModuleList(NaiveMLP(s["expert_dim"], s["tower_hidden"], 1) for _ in range(T))
 
     def forward(self, x_num: torch.Tensor, x_cat: torch.Tensor) -> list[torch.Tensor]:
-        x = torch.cat([x_num, self.embedding(x_cat + self.offsets.to(x_cat.device)).flatten(1)], 1)
+        x = torch.cat([x_num, self.embedding(x_cat + self.offsets).flatten(1)], 1)
         shared = [e(x) for e in self.shared]
         outs = []
         for t in range(len(self.towers)):
@@ -134,13 +134,20 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def time_steps(step, steps: int, warmup: int, device: torch.device) -> tuple[float, float]:
+def time_steps(step, steps: int, warmup: int, device: torch.device,
+               peak_from_start: bool = False) -> tuple[float, float]:
+    """Mean seconds per step after ``warmup`` steps, and the peak memory allocated (GiB). The
+    peak counts from after the warm-up (autotuning's trial buffers are not the step's), or with
+    ``peak_from_start`` from before it: CUDA graphs allocate their pools while being captured
+    in the warm-up, and replays never go through the allocator."""
+    if device.type == "cuda" and peak_from_start:
+        torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
     for _ in range(warmup):
         step()
     sync(device)
     WARMUP_SECONDS.append(time.perf_counter() - t0)
-    if device.type == "cuda":
+    if device.type == "cuda" and not peak_from_start:
         torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
     for _ in range(steps):
@@ -180,7 +187,7 @@ def run_project(s: dict, data: TensorData, device: torch.device, adatt: bool, in
 
     if graphs is not None:  # each kind of step: warm-up runs, then its capture, before timing
         warmup = max(warmup, (graphs.warmup_steps + 1) * (interval if adatt else 1) + 1)
-    dt, peak = time_steps(step, steps, warmup, device)
+    dt, peak = time_steps(step, steps, warmup, device, peak_from_start=graphs is not None)
     if PROFILE_DIR is not None:
         profile_steps(step, device, label)
     return dt, peak, sum(p.numel() for p in system.parameters())
@@ -232,8 +239,9 @@ def run_naive(s: dict, data: TensorData, device: torch.device, interval: int, am
         losses = []
         for t, o in enumerate(outs):  # per-task masked loss, one at a time
             y = b.y[:, t]
-            m = ~torch.isnan(y)
-            losses.append(F.binary_cross_entropy_with_logits(o.float()[m], y[m]))
+            m = (~torch.isnan(y)).float()  # a mask product, not boolean indexing: no host read per task
+            bce = F.binary_cross_entropy_with_logits(o.float(), torch.nan_to_num(y), reduction="none")
+            losses.append((bce * m).sum() / m.sum().clamp_min(1.0))
         if counter[0] % interval == 0:
             affinity.update(naive_task_gradients(model, losses))
         sum(losses).backward()
@@ -356,6 +364,9 @@ def main() -> None:
                  f"{torch.__version__}); use --device cpu or auto, or run on a GPU box")
     if CUDA_GRAPH and device.type != "cuda":
         ap.error("--cuda-graph needs a CUDA device (this run is on the CPU)")
+    if device.type == "cuda":  # what the Trainer sets (seed 12.3), here before (a) runs too: the same matmuls for all
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
     s = dict(SHAPES[args.shape])
     if args.batch:
         s["batch"] = args.batch
