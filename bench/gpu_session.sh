@@ -6,8 +6,8 @@
 #
 # PARTS (default "tests eager graphs", about 10-15 minutes on an H100 in all) picks what runs;
 # where one device call is limited to 10 minutes, run the three parts as three calls.
-#   tests   session.txt: device, versions, the GPU tests' summary (test_gpu.py, test_compile.py);
-#           gpu_tests.log: their whole output
+#   tests   session.txt: device, versions, the GPU tests' summaries: the CUDA-graph tests first,
+#           then the rest of test_gpu.py, then test_compile.py; gpu_tests*.log: whole outputs
 #   eager   bench_eager.txt: runs a-e with the per-task gradient check, then b and d with the
 #           CGC mixture in PyTorch (--no-fused-mixture); prof/profile_*.txt: kernel-time
 #           tables of the eager runs
@@ -29,10 +29,17 @@ if [[ " $parts " == *" tests "* ]]; then
     date -u
     nvidia-smi -L
     python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
-    # the whole log (tracebacks included) in gpu_tests.log, its end here
-    timeout 400 python3 -m pytest -q -p no:cacheprovider -m gpu tests/core/test_gpu.py tests/core/test_compile.py \
-      > "$out/gpu_tests.log" 2>&1
-    tail -25 "$out/gpu_tests.log"
+    # whole logs (tracebacks included) in gpu_tests*.log, their ends here. The CUDA-graph tests
+    # first and on their own (nothing else has checked real graph capture), then the rest of
+    # test_gpu.py (autotuning: minutes with a cold Triton cache), then the compile tests; each
+    # with its own limit, so that one slow group cannot leave the others unanswered
+    pytest=(python3 -m pytest -q -p no:cacheprovider -m gpu)
+    timeout 200 "${pytest[@]}" tests/core/test_gpu.py -k cuda_graph > "$out/gpu_tests_graphs.log" 2>&1
+    echo "rc $? (cuda graph tests)"; tail -12 "$out/gpu_tests_graphs.log"
+    timeout 240 "${pytest[@]}" tests/core/test_gpu.py -k "not cuda_graph" > "$out/gpu_tests.log" 2>&1
+    echo "rc $? (other GPU tests)"; tail -15 "$out/gpu_tests.log"
+    timeout 150 "${pytest[@]}" tests/core/test_compile.py > "$out/gpu_tests_compile.log" 2>&1
+    echo "rc $? (compile tests)"; tail -8 "$out/gpu_tests_compile.log"
   } 2>&1 | tee "$out/session.txt"
 fi
 if [[ " $parts " == *" eager "* ]]; then
