@@ -287,6 +287,10 @@ class PLEClusterModel(nn.Module):
         import torch._functorch.config as functorch_config
 
         functorch_config.donated_buffer = False
+        # static shapes: an epoch's smaller last batch (and validation's) would otherwise make
+        # dynamo recompile for dynamic shapes, and the full batches of every later epoch would
+        # then run that slower dynamic graph; static, each batch size is one more compile
+        options.setdefault("dynamic", False)
         self._trunk_fn = torch.compile(self.trunk, **options)
         self._heads_fn = torch.compile(self.heads_forward, **options)
 
@@ -449,7 +453,11 @@ class PLEClusterModel(nn.Module):
         """Task predictions in user units: probabilities, class probabilities, values, queries."""
         if use_cluster_heads is None:
             use_cluster_heads = bool(self._cluster_heads_ready)
-        out = self(x_num, x_cat, cluster, use_cluster_heads=use_cluster_heads).out.float()
+        return self.predictions(self(x_num, x_cat, cluster, use_cluster_heads=use_cluster_heads).out)
+
+    def predictions(self, out: Tensor) -> dict[str, Tensor]:
+        """:meth:`predict` from the forward's stacked head outputs ``out`` (T, B, o)."""
+        out = out.float()
         preds: dict[str, Tensor] = {}
         for i, h in enumerate(self.heads):
             o = out[i, :, : h.output_dim]

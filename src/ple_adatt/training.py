@@ -145,7 +145,7 @@ def evaluate(system: MultiTaskSystem, data: TensorData, *, use_cluster_heads: bo
         lo = system.losses(out, b.y)
         loss_sum += lo.raw.double() * lo.counts.double()
         count_sum += lo.counts.double()
-        for k, p in model.predict(b.x_num, b.x_cat, b.cluster, use_cluster_heads=use_cluster_heads).items():
+        for k, p in model.predictions(out).items():  # the same forward: no second pass
             preds[k].append(p.float().cpu())
     system.train(was_training)
     y = data.y.cpu()
@@ -250,6 +250,8 @@ class Trainer:
         # per epoch. On CPU a per-step check is free and logs the exact batch.
         self.sync_free = device.type == "cuda"
         if device.type == "cuda":  # seed 12.3: TF32
+            if device.index is not None:  # Triton launches on the current device
+                torch.cuda.set_device(device)
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
         # whole-step CUDA graphs (step_graphs.py); tests may put a stand-in backend here
@@ -289,10 +291,12 @@ class Trainer:
 
     def make_scaler(self) -> torch.amp.GradScaler:
         """fp16 needs loss scaling; the sync-free loop also uses the scaler's on-device inf check
-        to skip steps with non-finite gradients (scale 1.0: a no-op for bf16 / fp32)."""
+        to skip steps with non-finite gradients (for bf16 / fp32 its power-of-two scale is exact)."""
         t = self.cfg.training
         fp16 = self.device.type == "cuda" and t.use_amp and t.amp_dtype == "float16"
         if self.sync_free:
+            # bf16 / fp32 use it for the inf check: the scale starts at 1 and moves by powers of
+            # two (growth and back-off), which scale and unscale exactly, so it changes no update
             return torch.amp.GradScaler(self.device.type, init_scale=65536.0 if fp16 else 1.0)
         return torch.amp.GradScaler("cuda", enabled=fp16)
 
