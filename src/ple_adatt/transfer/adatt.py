@@ -23,6 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .linalg import gram_matrix
+
 __all__ = ["TaskAffinityComputer", "AdaptiveTaskTransfer"]
 
 logger = logging.getLogger(__name__)
@@ -71,7 +73,7 @@ class TaskAffinityComputer(nn.Module):
         check runs on the device, so the training loop still never waits for it."""
         g = grad_matrix.float()
         normed = g / g.norm(dim=1, keepdim=True).clamp(min=NORM_EPS)
-        cos = normed @ normed.t()  # (T, T), one GEMM for all pairs
+        cos = gram_matrix(normed)  # (T, T), one GEMM for all pairs
         ema = self.ema_decay * self.affinity_matrix + (1.0 - self.ema_decay) * cos
         # first update copies the observation; clamp after every update (seed N-03)
         new = torch.where(self.update_count > 0, ema, cos).clamp(-1.0, 1.0)

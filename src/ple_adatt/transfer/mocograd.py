@@ -23,6 +23,7 @@ import torch
 from torch import Tensor
 
 from .base import MeasuredStrategy
+from .linalg import gram_matrix
 from .pcgrad import random_orders
 
 __all__ = ["MoCoGrad", "mocograd_combine"]
@@ -43,7 +44,7 @@ def mocograd_combine(grads: Tensor, momentum: Tensor, present: Tensor, strength:
     g = grads.float()
     T, dev = g.shape[0], g.device
     basis = torch.cat([g, momentum.float()])  # (2T, P)
-    gram = basis @ basis.t()  # (2T, 2T)
+    gram = gram_matrix(basis)  # (2T, 2T)
     m_norm = gram.diagonal()[T:].clamp_min(0).sqrt()
     rows = torch.arange(T, device=dev)
     usable = present.to(torch.bool) & (m_norm > _EPS)

@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 
 from .base import MeasuredStrategy
+from .linalg import gram_matrix
 
 __all__ = ["PCGrad", "pcgrad_combine"]
 
@@ -66,7 +67,7 @@ def pcgrad_combine(grads: Tensor, present: Tensor, seed: int = 0, draw: Tensor |
     """
     g = grads.float()
     T, dev = g.shape[0], g.device
-    gram = g @ g.t()  # (T, T)
+    gram = gram_matrix(g)  # (T, T)
     sq = gram.diagonal()
     rows = torch.arange(T, device=dev)
     usable = present.to(torch.bool) & (sq > _EPS)
