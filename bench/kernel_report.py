@@ -38,6 +38,14 @@ from ple_adatt import kernels, mixture  # noqa: E402
 # the seed's shape: shared experts 100 -> 1024 -> 128
 IN, D = 100, 128
 INT_ARGS = ["B", "IN", "H", "D", "P", "PE", "s_xb", "s_pe", "s_pb", "s_dt", "s_db", "s_gt", "s_gb", "s_gk"]
+# The integer arguments' values at the seed's shape (batch 16384, 16 tasks, 4 shared experts of
+# width 1024, 2 task experts each: 6 gate columns; pre is a (B, E*H) GEMM output seen as
+# (E, B, H); x padded to 128 columns). The JIT specialises on them as the compile below does:
+# a value divisible by 16 (and every pointer: PyTorch allocations are 16-byte aligned) is
+# marked so, which is what lets loads vectorise, and a value of 1 becomes a constant.
+_B, _H, _E, _K, _PE = 16384, 1024, 4, 6, IN * 1024 + 1024 + 1024 * D + D
+SEED_INTS = dict(B=_B, IN=IN, H=_H, D=D, P=_E * _PE, PE=_PE, s_xb=kernels._pow2(IN), s_pe=_H, s_pb=_E * _H,
+                 s_dt=_B * D, s_db=D, s_gt=_B * _K, s_gb=_K, s_gk=1)
 # under bf16 autocast: x, pre, w2, dL/dcgc in bf16; the gates come out of a float32 softmax
 POINTERS = {"x_ptr": "*bf16", "pre_ptr": "*bf16", "w2_ptr": "*bf16", "dc_ptr": "*bf16", "g_ptr": "*fp32",
             "out_ptr": "*fp32"}
@@ -57,8 +65,12 @@ def compile_one(variant: str, layout: str, bb: int, bh: int, warps: int, stages:
     fn = kernels._kernel((layout,), variant == "fused").fn
     consts = dict(BI=kernels._pow2(IN), BD=kernels._pow2(D), PREC="tf32", WITH_W2=variant == "fused",
                   BB=bb, BH=bh, HROWS=layout == "hrows")
-    sig = {**POINTERS, **{k: "i32" for k in INT_ARGS}, **{k: "constexpr" for k in consts}}
-    src = ASTSource(fn=fn, signature=sig, constexprs={(fn.arg_names.index(k),): v for k, v in consts.items()})
+    consts.update({k: 1 for k in INT_ARGS if SEED_INTS[k] == 1})
+    ints = [k for k in INT_ARGS if k not in consts]
+    sig = {**POINTERS, **{k: "i32" for k in ints}, **{k: "constexpr" for k in consts}}
+    aligned = [*POINTERS, *(k for k in ints if SEED_INTS[k] % 16 == 0)]
+    src = ASTSource(fn=fn, signature=sig, constexprs={(fn.arg_names.index(k),): v for k, v in consts.items()},
+                    attrs={(fn.arg_names.index(k),): [["tt.divisibility", 16]] for k in aligned})
     ck = triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": warps, "num_stages": stages})
     return _resources(ck)
 
