@@ -166,3 +166,16 @@ def test_cuda_graph_steps_train_like_eager_steps(amp, strategy):
         assert torch.allclose(finals[0][k], finals[1][k], **tol), k
     for re, rg in zip(*(t.history for t in trainers)):
         assert rg.val["val_loss"] == pytest.approx(re.val["val_loss"], rel=tol["rtol"])
+
+
+def test_gram_matrices_of_task_gradients_ignore_tf32():
+    """The trainer turns TF32 on; the Gram matrix of the task gradients must stay float32-exact.
+    1 + 2^-12 is below TF32's 10 mantissa bits: under TF32 its square would read as 1."""
+    from ple_adatt.transfer.linalg import gram_matrix
+
+    torch.backends.cuda.matmul.allow_tf32 = True
+    g = torch.full((16, 100_000), 1.0 + 2.0 ** -12, device="cuda")
+    got = gram_matrix(g)
+    exact = 100_000 * (1.0 + 2.0 ** -12) ** 2
+    assert torch.backends.cuda.matmul.allow_tf32  # restored
+    assert float((got.double() / exact - 1).abs().max()) < 1e-5
