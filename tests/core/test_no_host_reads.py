@@ -59,3 +59,33 @@ def test_a_training_step_reads_nothing_back(strategy, in_backward, monkeypatch):
         for i in range(1, 4):
             step(i)
     assert all(torch.isfinite(p).all() for p in system.parameters())
+
+
+def test_evaluation_runs_the_model_once_per_batch_and_predicts_what_predict_does(monkeypatch):
+    """Validation metrics come from the same forward as the validation loss (it ran twice)."""
+    from ple_adatt.metrics import task_metrics
+    from ple_adatt.training import evaluate
+
+    cfg = load_train_config(ROOT / "configs/train/cpu_small.yaml")
+    torch.manual_seed(0)
+    system = build_system(cfg, SPECS, 5, [4, 4], 3)
+    data = make_batch(300)
+    model = system.model
+    calls = []
+    forward = type(model).forward
+    monkeypatch.setattr(type(model), "forward", lambda self, *a, **k: calls.append(1) or forward(self, *a, **k))
+    got = evaluate(system, data, use_cluster_heads=False, batch_size=128)
+    assert len(calls) == 3  # 300 rows in batches of 128
+    monkeypatch.setattr(type(model), "forward", forward)
+    system.eval()
+    with torch.no_grad():
+        preds = model.predict(data.x_num, data.x_cat, data.cluster, use_cluster_heads=False)
+    compared = 0
+    for i, h in enumerate(model.heads):
+        if h.type in ("binary", "multiclass", "regression"):
+            want = task_metrics(h.type, preds[h.name].float(), data.y[:, i])
+            for key, value in want.items():
+                if isinstance(value, float) and value == value:
+                    assert got["tasks"][h.name][key] == pytest.approx(value, rel=1e-5, abs=1e-6), (h.name, key)
+                    compared += 1
+    assert compared >= 3
