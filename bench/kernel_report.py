@@ -93,6 +93,12 @@ def _resources(ck) -> dict:
 
 # the mixture kernels' pointers under bf16 autocast: float32 gates (the softmax) and their gradient
 MIXTURE_FP32 = ("g_ptr", "dg_ptr")
+# their integer arguments at the seed's shape (16 tasks; gates and their gradient (T, B, 6);
+# experts, task experts, outputs and their gradients contiguous), for the JIT's specialisation
+_T, _ET = 16, 2
+MIXTURE_INTS = dict(T=_T, B=_B, D=D, E=_E, ET=_ET, s_gt=_B * _K, s_gb=_K, s_gk=1, s_dgt=_B * _K, s_dgb=_K, s_dgk=1,
+                    s_se=_B * D, s_sb=D, s_tt=_ET * _B * D, s_tk=_B * D, s_tb=D, s_dtt=_ET * _B * D, s_dtk=_B * D,
+                    s_dtb=D, s_ot=_B * D, s_ob=D, s_dot=_B * D, s_dob=D)
 
 
 def compile_mixture(arch: int) -> dict[str, dict]:
@@ -104,9 +110,12 @@ def compile_mixture(arch: int) -> dict[str, dict]:
     found = {}
     for jit in mixture._kernels():
         consts = dict(BB=mixture.BLOCK_ROWS, BD=kernels._pow2(D))
+        consts.update({a: 1 for a in jit.arg_names if MIXTURE_INTS.get(a) == 1})
         sig = {a: ("constexpr" if a in consts else "*fp32" if a in MIXTURE_FP32 else
                    "*bf16" if a.endswith("_ptr") else "i32") for a in jit.arg_names}
-        src = ASTSource(fn=jit, signature=sig, constexprs={(jit.arg_names.index(k),): v for k, v in consts.items()})
+        aligned = [a for a in jit.arg_names if a not in consts and (a.endswith("_ptr") or MIXTURE_INTS[a] % 16 == 0)]
+        src = ASTSource(fn=jit, signature=sig, constexprs={(jit.arg_names.index(k),): v for k, v in consts.items()},
+                        attrs={(jit.arg_names.index(a),): [["tt.divisibility", 16]] for a in aligned})
         ck = triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": mixture.NUM_WARPS, "num_stages": 1})
         found[jit.__name__] = _resources(ck)
     return found

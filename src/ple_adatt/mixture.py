@@ -38,8 +38,10 @@ from . import kernels
 __all__ = ["gated_mixture", "reference_mixture", "fused_mixture", "fused_available", "failed"]
 
 GUARD = kernels.KernelGuard("fused CGC mixture kernel", "the PyTorch form")
-# rows per program and warps: at (16, 128) tiles and 4 warps the kernels compile for sm_90 to
-# 80-144 registers without spills; at 32 rows one spills, at 64 all do (bench/kernel_report.py)
+# rows per program and warps: compiled for sm_90 with the JIT's specialisation at the seed's
+# shape (bench/kernel_report.py), (16, 128) tiles at 4 warps take 40-64 registers, 32 rows
+# 72-128, 64 rows up to 255; none spills. The kernels are memory-bound: the smallest tile keeps
+# the most programs resident
 BLOCK_ROWS = 16
 NUM_WARPS = 4
 
