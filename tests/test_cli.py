@@ -25,3 +25,38 @@ def test_generate_rejects_a_bad_row_count_as_a_usage_error(tmp_path, capsys, row
     err = capsys.readouterr().err
     assert e.value.code == 2 and f"ple-adatt generate: error: argument --rows: {message}" in err
     assert "Traceback" not in err and not (tmp_path / "g.parquet").exists()
+
+
+@pytest.mark.parametrize("command", ["generate", "convert-adult"])
+def test_a_directory_as_the_parquet_out_is_refused_naming_it_and_leaves_nothing(tmp_path, capsys, monkeypatch,
+                                                                               command):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "data").mkdir()
+    src = tmp_path / "adult.data"
+    src.write_text("39, State-gov, 77516, Bachelors, 13, Never-married, Adm-clerical, Not-in-family, White, "
+                   "Male, 2174, 0, 40, United-States, <=50K\n")
+    extra = ["--rows", "10"] if command == "generate" else ["--src", str(src)]
+    rc = main([command, "--out", "data/", *extra])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.startswith(f"ple-adatt {command}: error: --out data: is a directory;"), err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adult.data", "data"]
+    assert not any((tmp_path / "data").iterdir())
+
+
+def test_generate_refuses_an_out_that_is_not_parquet(tmp_path, capsys):
+    rc = main(["generate", "--out", str(tmp_path / "x.csv"), "--rows", "10"])
+    err = capsys.readouterr().err
+    assert rc == 2 and f"--out {tmp_path / 'x.csv'}: the file written is Parquet; name it *.parquet" in err
+    assert not any(tmp_path.iterdir())
+
+
+def test_a_failed_parquet_write_removes_its_temporary_file(tmp_path):
+    import pyarrow as pa
+
+    from ple_adatt.data.files import write_table_atomic
+
+    with pytest.raises(TypeError):  # pyarrow refuses the unknown keyword after the temp file exists
+        write_table_atomic(pa.table({"a": [1]}), tmp_path / "t.parquet", no_such_option=1)
+    assert not any(tmp_path.iterdir())
+    assert write_table_atomic(pa.table({"a": [1]}), tmp_path / "t.parquet").is_file()
+    assert [p.name for p in tmp_path.iterdir()] == ["t.parquet"]

@@ -80,6 +80,7 @@ def test_convert_cli_missing_source(tmp_path: Path, capsys: pytest.CaptureFixtur
     rc = main(["convert-adult", "--out", str(tmp_path / "a.parquet")])
     err = capsys.readouterr().err
     assert rc == 2 and "nowhere.data: UCI Adult file not found" in err and "PLE_ADATT_ADULT_PATH" in err
+    assert "ADULT_SRC=PATH" in err and "--src PATH" in err
 
 
 def test_adult_contract_has_no_leakage() -> None:

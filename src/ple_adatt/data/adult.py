@@ -62,7 +62,8 @@ def default_source() -> Path:
 
 def _parse(src: Path) -> dict[str, list]:
     if not src.exists():
-        raise DataError(f"{src}: UCI Adult file not found; pass --src PATH or set {ENV_PATH}")
+        raise DataError(f"{src}: UCI Adult file not found; pass --src PATH (with make: make adult ADULT_SRC=PATH) "
+                        f"or set {ENV_PATH}")
     cols: dict[str, list] = {c: [] for c in SOURCE_COLUMNS}
     with open(src, encoding="utf-8", errors="replace") as fh:
         for lineno, line in enumerate(fh, start=1):
@@ -116,9 +117,10 @@ def convert(src: str | Path, out: str | Path) -> tuple[Path, int]:
     Returns the output path and the number of rows.
     """
     import pyarrow as pa
-    import pyarrow.parquet as pq
 
-    src, out = Path(src), Path(out)
+    from .files import check_parquet_out, write_table_atomic
+
+    src, out = Path(src), check_parquet_out(out, require_suffix=False)  # before the parse
     raw = _parse(src)
     n = len(raw["age"])
     age = _ints(src, "age", raw["age"])
@@ -153,8 +155,4 @@ def convert(src: str | Path, out: str | Path) -> tuple[Path, int]:
         "y_hours_per_week": pa.array([None if h is None else float(h) for h in hours], pa.float64()),
         "y_education_level": pa.array([None if e is None else e - 1 for e in edu], pa.int64()),
     })
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    pq.write_table(table, tmp)
-    tmp.replace(out)
-    return out, n
+    return write_table_atomic(table, out), n

@@ -15,13 +15,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     from .adult import DEFAULT_PATH, ENV_PATH
 
     parser.add_argument("--src", default=None,
-                        help=f"adult.data (or adult.test); default ${ENV_PATH} or {DEFAULT_PATH}")
-    parser.add_argument("--out", required=True, help="Parquet file to write, e.g. data/adult.parquet")
+                        help=f"adult.data (or adult.test); default ${ENV_PATH} or {DEFAULT_PATH} "
+                        "(make adult: ADULT_SRC=PATH)")
+    parser.add_argument("--out", required=True, help="Parquet file to write (*.parquet), e.g. data/adult.parquet")
 
 
 def run(args: argparse.Namespace) -> int:
     from .adult import convert, default_source
+    from .files import check_parquet_out
 
+    check_parquet_out(args.out)  # a directory, a non-.parquet name: refused before converting
     t0 = time.perf_counter()
     src = args.src or default_source()
     path, rows = convert(src, args.out)

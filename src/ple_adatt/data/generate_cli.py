@@ -18,17 +18,19 @@ def _rows(text: str) -> int:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--out", required=True, help="Parquet file to write, e.g. data/synthetic.parquet")
+    parser.add_argument("--out", required=True, help="Parquet file to write (*.parquet), e.g. data/synthetic.parquet")
     parser.add_argument("--rows", type=_rows, default=20_000, help="number of rows, >= 1 (default 20000)")
     parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
 
 
 def run(args: argparse.Namespace) -> int:
     from ..errors import StageError
+    from .files import check_parquet_out
     from .synthetic import write_parquet
 
     if args.rows < 1:  # callers that build the namespace themselves
         raise StageError(f"--rows must be >= 1, got {args.rows}")
+    check_parquet_out(args.out)  # a directory, a non-.parquet name: refused before generating
     t0 = time.perf_counter()
     path = write_parquet(args.out, rows=args.rows, seed=args.seed)
     print(f"wrote {args.rows} rows to {path} in {time.perf_counter() - t0:.1f}s")

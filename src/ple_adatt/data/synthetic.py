@@ -176,13 +176,13 @@ def to_arrow(cols: dict[str, np.ndarray]) -> pa.Table:
 
 
 def write_parquet(out: str | Path, rows: int, seed: int = 0, brand_vocab: int = 50_000) -> Path:
-    """Generate and write one Parquet file atomically (temp file, then rename)."""
-    import pyarrow.parquet as pq
+    """Generate and write one Parquet file atomically (temp file, then rename).
 
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
+    ``out`` is checked before generating (a directory, a parent that is a file); nothing is
+    left behind when writing fails.
+    """
+    from .files import check_parquet_out, write_table_atomic
+
+    out = check_parquet_out(out, require_suffix=False)
     table = to_arrow(generate(rows, seed=seed, brand_vocab=brand_vocab))
-    tmp = out.with_name(out.name + ".tmp")
-    pq.write_table(table, tmp, row_group_size=256 * 1024)
-    tmp.replace(out)
-    return out
+    return write_table_atomic(table, out, row_group_size=256 * 1024)
