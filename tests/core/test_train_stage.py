@@ -41,11 +41,16 @@ def test_a_phase2_failure_leaves_no_phase1_behind_and_keeps_the_old_run(data, tm
     assert [p.name for p in tmp_path.iterdir()] == ["run"]  # no temporary directory left
 
 
-def test_a_finished_run_writes_both_checkpoints_and_leaves_the_rest_of_out_alone(data, tmp_path):
+def test_a_finished_run_writes_both_checkpoints_and_leaves_the_rest_of_out_alone(data, tmp_path, capsys):
     out = tmp_path / "runs"
     (out / "validate").mkdir(parents=True)  # `--out runs` beside other stages' outputs
     (out / "validate" / "manifest.json").write_text("{}")
     assert _train(data, out) == 0
+    printed = capsys.readouterr().out
+    # the final paths, never the temporary directories they were written to
+    assert f"phase 1 checkpoint written to {out / 'phase1'} (in place once Phase 2 has finished)" in printed
+    assert f"phase 2 checkpoint written to {out / 'phase2'} (" in printed
+    assert ".tmp-" not in printed
     assert sorted(p.name for p in out.iterdir()) == ["phase1", "phase2", "validate"]
     assert (out / "phase2" / "checkpoint.pt").is_file() and (out / "validate" / "manifest.json").is_file()
 

@@ -37,11 +37,12 @@ def run(args: argparse.Namespace) -> int:
             with stage_tracking("train-phase1", args) as tracker:
                 run_phase1(data=args.data, data_config=args.data_config, config=args.config, out=p1,
                            validation=args.validation, overrides=args.overrides, stage="train",
-                           on_epoch=tracker.log_epoch)
+                           on_epoch=tracker.log_epoch,
+                           final=f"{out / 'phase1'} (in place once Phase 2 has finished)")
                 tracker.log_artifact(p1, "checkpoint")
             with stage_tracking("train-phase2", args) as tracker:
                 manifest = run_phase2(checkpoint=p1, data=args.data, out=p2, overrides=args.overrides,
-                                      stage="train", on_epoch=tracker.log_epoch)
+                                      stage="train", on_epoch=tracker.log_epoch, final=out / "phase2")
                 tracker.log_artifact(p2, "checkpoint")
     except BaseException:
         if created and out.is_dir() and not any(out.iterdir()):

@@ -93,10 +93,13 @@ def run_phase1(
     log: Log = print,
     on_epoch: Callable[[Any], None] | None = None,
     only_tasks: list[str] | None = None,
+    final: str | Path | None = None,
 ) -> dict[str, Any]:
     """Phase 1: fit preprocessing, train everything with the transfer strategy, checkpoint.
 
     ``only_tasks`` restricts training to these tasks (single-task baselines of ``compare``).
+    ``final`` is where the checkpoint ends up when ``out`` is a caller's temporary directory
+    (``ple-adatt train``): the path the log names.
     """
     from ..checkpoint import save_checkpoint
     from ..data.dataset import prepare_splits
@@ -141,7 +144,7 @@ def run_phase1(
             num_numeric=train.x_num.shape[1], history=_history(trainer), events=trainer.events, metrics=metrics,
             inputs=inputs,
         )
-    log(f"phase 1 checkpoint written to {out} ({time.perf_counter() - t0:.1f}s)")
+    log(f"phase 1 checkpoint written to {final or out} ({time.perf_counter() - t0:.1f}s)")
     return manifest
 
 
@@ -177,8 +180,12 @@ def run_phase2(
     stage: str = "train-phase2",
     log: Log = print,
     on_epoch: Callable[[Any], None] | None = None,
+    final: str | Path | None = None,
 ) -> dict[str, Any]:
-    """Phase 2: from a Phase 1 checkpoint, fine-tune the cluster heads, checkpoint again."""
+    """Phase 2: from a Phase 1 checkpoint, fine-tune the cluster heads, checkpoint again.
+
+    ``final``: as in :func:`run_phase1`, the path the log names when ``out`` is temporary.
+    """
     from ..checkpoint import load_checkpoint, save_checkpoint
     from ..data.dataset import load_split
     from ..training import Trainer, resolve_device
@@ -224,7 +231,7 @@ def run_phase2(
             preprocessor=ck.preprocessor, num_numeric=ck.manifest["model"]["num_numeric"], history=history,
             events=trainer.events, metrics=metrics, previous=ck.manifest, inputs=inputs,
         )
-    log(f"phase 2 checkpoint written to {out} ({time.perf_counter() - t0:.1f}s)")
+    log(f"phase 2 checkpoint written to {final or out} ({time.perf_counter() - t0:.1f}s)")
     return manifest
 
 
