@@ -79,3 +79,11 @@ def test_make_images_tags_both_images_with_the_package_version():
     tags = re.findall(r"-t (\S+)", out)
     assert tags == [f"registry.example.com/team/ple-adatt-cpu:{v}", f"registry.example.com/team/ple-adatt-cuda:{v}"]
     assert f"--build-arg VERSION={v}" in out
+
+
+def test_the_cuda_image_can_build_triton_kernels():
+    """Triton compiles its kernel launchers with a C compiler at run time: an image without one
+    trains with the fused kernels switched off and cannot torch.compile."""
+    text = (ROOT / "docker" / "Dockerfile.cuda").read_text()
+    assert re.search(r"apt-get install -y --no-install-recommends[^\n]*\bgcc\b", text)
+    assert "import shutil, ple_adatt, kfp, torch, triton" in text  # checked when the image is built
