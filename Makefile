@@ -8,7 +8,8 @@ TRITON_FOR_TESTS := 3.9.0
 export MLFLOW_DISABLE_TELEMETRY ?= true
 export PYTHONUNBUFFERED := 1
 
-DATA ?= data/synthetic.parquet
+DEFAULT_DATA := data/synthetic.parquet
+DATA ?= $(DEFAULT_DATA)
 DATA_CONFIG ?= configs/data/synthetic.yaml
 TRAIN_CONFIG ?= configs/train/cpu_small.yaml
 ROWS ?= 20000
@@ -46,10 +47,19 @@ test-all: setup  ## run every test, including the slow ones
 lint: setup  ## ruff over the project
 	$(BIN)/ruff check .
 
-$(DATA): | setup
-	$(BIN)/ple-adatt generate --out $(DATA) --rows $(ROWS)
+# only the default dataset is generated on demand: a DATA=... that does not exist (a typo) is an
+# error, never a freshly generated synthetic dataset that the pipeline would train and register
+$(DEFAULT_DATA): | setup
+	$(BIN)/ple-adatt generate --out $@ --rows $(ROWS)
 
-data: $(DATA)  ## generate the synthetic 16-task dataset (ROWS=20000)
+ifneq ($(DATA),$(DEFAULT_DATA))
+$(DATA):
+	@echo "error: dataset not found: $(DATA) (only the default $(DEFAULT_DATA) is generated; make data DATA=$(DATA) generates a synthetic one there)" >&2; exit 2
+endif
+
+data: setup  ## generate the synthetic 16-task dataset at DATA (default data/synthetic.parquet, ROWS=20000) unless it exists
+	@if [ -e "$(DATA)" ]; then echo "$(DATA) exists (make clean removes the default one)"; \
+	else $(BIN)/ple-adatt generate --out $(DATA) --rows $(ROWS); fi
 
 train: setup $(DATA)  ## train both phases on the CPU config (TRAIN_CONFIG=..., OUT=runs/train)
 	$(BIN)/ple-adatt train --data $(DATA) --data-config $(DATA_CONFIG) --config $(TRAIN_CONFIG) --out $(OUT)
@@ -83,7 +93,8 @@ adult: setup  ## convert UCI Adult (ADULT_SRC=...) to data/adult.parquet and val
 
 # ---- the pipeline: components, compile, submit, local run, stage rerun, images ----------
 VERSION := $(shell sed -n 's/^__version__ = "\(.*\)"/\1/p' src/ple_adatt/__init__.py)
-REGISTRY ?= ghcr.io/ple-adatt
+# REGISTRY=... on the command line, else $PLE_ADATT_REGISTRY, else ghcr.io/ple-adatt (compile, submit, run, images)
+REGISTRY ?= $(or $(PLE_ADATT_REGISTRY),ghcr.io/ple-adatt)
 PIPELINE ?= build/ple-adatt-pipeline.yaml
 COMPILE_FLAGS ?=
 KFP_EXPERIMENT ?= ple-adatt
@@ -111,9 +122,14 @@ run: setup $(DATA)  ## run the pipeline locally (kfp.local, CPU config), registe
 	$(BIN)/python -m pipelines.local --package $(LOCAL_PIPELINE) --data $(DATA) --data-config $(DATA_CONFIG) \
 		--train-config $(TRAIN_CONFIG) $(foreach s,$(SET),--set $(s)) $(if $(VERBOSE),--verbose)
 
-stage: setup  ## rerun one stage of a local run into a new directory (STAGE=train-phase2 RUN=runs/local/<run> SET='key=value ...'; PLE_ADATT_NO_TRACKING=1 skips MLflow)
+# forwarded to a stage rerun only when given (command line or environment): the run's own dataset and configs
+# are the defaults there, not this Makefile's
+_given = $(filter-out file default undefined,$(origin $(1)))
+stage: setup  ## rerun one stage of a local run into a new directory (STAGE=train-phase2 RUN=runs/local/<run> SET='key=value ...' DATA= DATA_CONFIG= TRAIN_CONFIG= MLFLOW_TRACKING_URI=; PLE_ADATT_NO_TRACKING=1 skips MLflow)
 	@test -n "$(STAGE)" || { echo "error: STAGE is required: make stage STAGE=validate|train-phase1|train-phase2|report|register [RUN=runs/local/<run>] [SET='key=value ...']"; exit 2; }
-	$(BIN)/python -m pipelines.stage $(STAGE) $(if $(RUN),--run $(RUN)) $(foreach s,$(SET),--set $(s))
+	$(BIN)/python -m pipelines.stage $(STAGE) $(if $(RUN),--run $(RUN)) $(foreach s,$(SET),--set $(s)) \
+		$(if $(call _given,DATA),--data $(DATA)) $(if $(call _given,DATA_CONFIG),--data-config $(DATA_CONFIG)) \
+		$(if $(call _given,TRAIN_CONFIG),--train-config $(TRAIN_CONFIG))
 
 images:  ## build the CPU and CUDA images <REGISTRY>/ple-adatt-{cpu,cuda}:<version> (needs Docker; PUSH=1 pushes)
 	@command -v docker >/dev/null || { echo "error: docker not found; make images needs a Docker engine (BuildKit)"; exit 2; }
