@@ -5,7 +5,14 @@ Every stage wraps its work in :func:`ple_adatt.stages.common.stage_tracking`, wh
 
 * experiment ``tracking.experiment`` (default ``ple-adatt``);
 * a **parent run** per pipeline run, found (or created) by its tag ``pipeline_run_id``;
-  its status follows the last stage that ran (FAILED as soon as a stage fails);
+  RUNNING while stages run, FAILED as soon as a stage fails, KILLED when one is interrupted
+  (Ctrl-C, SIGTERM), and FINISHED only when the run's last stage finishes. As a step of a KFP
+  pipeline (on a cluster every step is its own container; kfp's executor marks it with
+  ``_KFP_RUNTIME=true``) a stage cannot see whether more steps follow, so only the pipeline's
+  last stage (:data:`PIPELINE_FINAL_STAGES`: ``register``, or ``compare`` in the comparison
+  pipeline) finishes the parent: a pipeline that stopped between steps is not shown as
+  complete. A one-process command (``ple-adatt train``, ``ple-adatt compare``, a
+  ``make stage`` rerun) finishes its parent with each stage it completes;
 * a **nested run** per stage (tags: ``stage``, ``pipeline_run_id``, ``kfp_run_id``,
   ``component_version`` = ``ple_adatt.__version__``, ``git_commit``) holding the flattened
   configs as params, per-epoch metrics (``task_losses/<task>``, ``raw_losses/<task>``,
@@ -21,6 +28,11 @@ artifacts of the experiments it creates in ``mlartifacts/`` beside its database 
 not answer is retried ``tracking.retries`` times, ``tracking.retry_wait_s`` apart, then the
 stage fails with :class:`TrackingError`. There is never a silent fallback to a local store;
 ``tracking.require_server: true`` (production) also refuses to start without a server URI.
+
+A launcher that sets ``$MLFLOW_TRACKING_URI`` for the stages (``make run``, ``make stage``)
+can say where the URI really came from in ``$PLE_ADATT_TRACKING_URI_ORIGIN`` (see
+:func:`origin_env`), so that an error names the setting the user has to change, not the
+variable the launcher set.
 
 ``mlflow`` is imported inside the functions: importing this module stays cheap.
 """
@@ -60,6 +72,9 @@ __all__ = [
     "metric_name",
     "parent_run",
     "epoch_metrics",
+    "PIPELINE_FINAL_STAGES",
+    "origin_env",
+    "end_parent_run",
 ]
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
@@ -70,6 +85,10 @@ ADATT_PHASE_CODE = {"off": -1, "warmup": 0, "dynamic": 1, "frozen": 2}
 EVENT_METRICS = ("adatt_freeze_epoch", "cgc_frozen_epoch", "phase2_start")
 PARAM_VALUE_MAX = 6000  # MLflow's limit on a param value
 TAG_VALUE_MAX = 5000  # model version tags are the tightest limit
+#: the stages whose success finishes a KFP pipeline's parent run (training pipeline, comparison pipeline)
+PIPELINE_FINAL_STAGES = frozenset({"register", "compare"})
+#: set by a launcher: ``{"uri": ..., "origin": ..., "fix": ...}`` (JSON) for the URI it put in $MLFLOW_TRACKING_URI
+ORIGIN_ENV = "PLE_ADATT_TRACKING_URI_ORIGIN"
 
 
 class NullTracker:
@@ -114,6 +133,8 @@ class TrackingTarget:
     retries: int
     retry_wait_s: float
     artifact_location: str | None  # new experiments of a sqlite store: mlartifacts/ beside the db
+    origin_note: str = ""  # a launcher's words for where the URI came from ($PLE_ADATT_TRACKING_URI_ORIGIN)
+    fix_note: str = ""  # ... and for what to change
 
     @property
     def is_server(self) -> bool:
@@ -122,7 +143,31 @@ class TrackingTarget:
     @property
     def origin(self) -> str:
         """Where the URI came from, in the words of the setting to fix."""
-        return _ORIGINS.get(self.source, self.source)
+        return self.origin_note or _ORIGINS.get(self.source, self.source)
+
+    @property
+    def fix(self) -> str:
+        """What to change for another URI."""
+        if self.fix_note:
+            return self.fix_note
+        return {"MLFLOW_TRACKING_URI": "fix MLFLOW_TRACKING_URI", "config": "fix tracking.tracking_uri",
+                "default": "set MLFLOW_TRACKING_URI"}.get(self.source, "pass another tracking URI")
+
+
+def origin_env(uri: str, origin: str, fix: str) -> dict[str, str]:
+    """The environment a launcher adds next to ``MLFLOW_TRACKING_URI=uri`` so that the stages'
+    errors say ``(from <origin>)`` and ``<fix>`` instead of naming $MLFLOW_TRACKING_URI."""
+    return {"MLFLOW_TRACKING_URI": uri, ORIGIN_ENV: json.dumps({"uri": uri, "origin": origin, "fix": fix})}
+
+
+def _launcher_origin(uri: str) -> tuple[str, str]:
+    try:
+        note = json.loads(os.environ.get(ORIGIN_ENV) or "{}")
+    except json.JSONDecodeError:
+        return "", ""
+    if not isinstance(note, dict) or str(note.get("uri", "")).strip() != uri:
+        return "", ""  # about another URI: $MLFLOW_TRACKING_URI was changed after the launcher set it
+    return str(note.get("origin") or ""), str(note.get("fix") or "")
 
 
 _ORIGINS = {
@@ -147,16 +192,18 @@ def resolve_target(cfg: TrackingConfig | None = None) -> TrackingTarget:
     else:  # absolute: MLflow caches stores by URI, a relative one would stick to the first cwd
         uri, source = f"sqlite:///{Path(DEFAULT_TRACKING_URI.removeprefix('sqlite:///')).resolve()}", "default"
     experiment = os.environ.get("MLFLOW_EXPERIMENT_NAME", "").strip() or cfg.experiment
+    origin_note, fix_note = _launcher_origin(uri) if source == "MLFLOW_TRACKING_URI" else ("", "")
     target = TrackingTarget(
         uri=uri, experiment=experiment, source=source, retries=max(int(cfg.retries), 0),
         retry_wait_s=max(float(cfg.retry_wait_s), 0.0),
-        artifact_location=_local_artifact_location(uri),
+        artifact_location=_local_artifact_location(uri), origin_note=origin_note, fix_note=fix_note,
     )
     if cfg.require_server and not target.is_server:
+        how = (f"{fix_note} (a server: http://<host>:<port>)" if fix_note else
+               "set MLFLOW_TRACKING_URI=http://<host>:<port> (or tracking.tracking_uri in the train config)")
         raise TrackingError(
-            f"tracking.require_server is true but the tracking URI is {uri!r} ({source}), not a tracking "
-            "server; set MLFLOW_TRACKING_URI=http://<host>:<port> (or tracking.tracking_uri in the train "
-            "config), or set tracking.require_server=false to use a local store"
+            f"tracking.require_server is true but the tracking URI is {uri!r} (from {target.origin}), not a "
+            f"tracking server; {how}, or set tracking.require_server=false to use a local store"
         )
     return target
 
@@ -200,9 +247,9 @@ def _probe(target: TrackingTarget) -> None:
         if attempt < target.retries:
             time.sleep(target.retry_wait_s)
     raise TrackingError(
-        f"MLflow tracking server {target.uri} (from {target.source}) did not answer after "
-        f"{target.retries + 1} attempts {target.retry_wait_s:g}s apart ({last}); start it or fix "
-        "MLFLOW_TRACKING_URI, or rerun with --no-tracking to skip tracking for a local stage"
+        f"MLflow tracking server {target.uri} (from {target.origin}) did not answer after "
+        f"{target.retries + 1} attempts {target.retry_wait_s:g}s apart ({last}); start it or "
+        f"{target.fix}, or rerun with --no-tracking to skip tracking for a local stage"
     )
 
 
@@ -218,13 +265,12 @@ def _wrap(target: TrackingTarget, what: str, fn: Any, *args: Any, **kwargs: Any)
     except OSError as e:  # requests' ConnectionError is an OSError
         raise TrackingError(
             f"MLflow at {target.uri}: {what} failed: {str(e).splitlines()[0][:300]}; is the tracking "
-            "server up? (MLFLOW_TRACKING_URI)"
+            f"server up? (the URI is from {target.origin})"
         ) from e
 
 
 def _bad_uri(target: TrackingTarget, why: str) -> TrackingError:
-    fix = {"MLFLOW_TRACKING_URI": "fix MLFLOW_TRACKING_URI", "config": "fix tracking.tracking_uri",
-           }.get(target.source, "pass another tracking URI")
+    fix = target.fix
     # a stage can do without tracking; loading a registered model (a URI argument) cannot
     skip = "" if target.source == "argument" else ", or rerun with --no-tracking to skip tracking for a local stage"
     return TrackingError(
@@ -658,11 +704,47 @@ def stage_run(stage: str, args: argparse.Namespace | None = None, **context: Any
     try:
         yield tracker
     except BaseException as e:
+        # Ctrl-C, or SIGTERM (a stopped pod, `timeout`; the CLI raises it as ple_adatt.cli.Terminated)
+        status = "KILLED" if isinstance(e, KeyboardInterrupt) or type(e).__name__ == "Terminated" else "FAILED"
         with contextlib.suppress(Exception):
             client.set_tag(run_id, "error", f"{type(e).__name__}: {e}"[:TAG_VALUE_MAX])
-            client.set_terminated(run_id, "KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
-            client.set_tag(parent_id, "failed_stage", stage)
-            client.set_terminated(parent_id, "FAILED")
+            client.set_terminated(run_id, status)
+            client.set_tag(parent_id, "failed_stage" if status == "FAILED" else "interrupted_stage", stage)
+            client.set_terminated(parent_id, status)
         raise
     _wrap(target, f"finishing the {stage} run", client.set_terminated, run_id, "FINISHED")
-    _wrap(target, "updating the pipeline run", client.set_terminated, parent_id, "FINISHED")
+    if ends_parent(stage):
+        _wrap(target, "finishing the pipeline run", client.set_terminated, parent_id, "FINISHED")
+
+
+def ends_parent(stage: str) -> bool:
+    """Whether ``stage`` finishing also finishes its parent run.
+
+    A step of a KFP pipeline (kfp's executor sets ``_KFP_RUNTIME=true``; on a cluster each step
+    is a container of its own) cannot see whether more steps follow: only the pipeline's last
+    stage finishes the parent, every other one leaves it RUNNING. A stage of a one-process command
+    (``ple-adatt train``, ``compare``, a ``make stage`` rerun) finishes it: a later stage of the
+    same command sets it RUNNING again, and a failure or Ctrl-C is caught above and marks it.
+    """
+    if os.environ.get("_KFP_RUNTIME", "").lower() == "true":
+        return stage in PIPELINE_FINAL_STAGES
+    return True
+
+
+def end_parent_run(uri: str, stage_run_id: str, status: str, why: str = "") -> str | None:
+    """Mark the parent run of ``stage_run_id`` ``status`` (``KILLED``, ``FAILED``) if it is still
+    RUNNING: for a launcher whose pipeline stopped between steps, where no stage could. Returns
+    the parent's run id when it was marked, else None; best effort (never raises)."""
+    try:
+        target = TrackingTarget(uri, "", "argument", 0, 0.0, None)
+        _bound_mlflow_http_retries(target)
+        client = make_client(target)
+        parent_id = client.get_run(stage_run_id).data.tags.get("mlflow.parentRunId")
+        if not parent_id or client.get_run(parent_id).info.status != "RUNNING":
+            return None
+        if why:
+            client.set_tag(parent_id, "ended_by", why[:TAG_VALUE_MAX])
+        client.set_terminated(parent_id, status)
+        return parent_id
+    except Exception:
+        return None

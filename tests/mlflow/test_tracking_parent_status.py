@@ -1,0 +1,89 @@
+"""The pipeline's parent run is FINISHED only when the run's last stage finishes, KILLED on an
+interrupt, and errors name where the tracking URI came from (real MLflow sqlite stores)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from ple_adatt.config import TrackingConfig
+from ple_adatt.tracking import (
+    ORIGIN_ENV,
+    TrackingError,
+    end_parent_run,
+    origin_env,
+    resolve_target,
+    stage_run,
+)
+
+
+def _args(run_id: str) -> argparse.Namespace:
+    return argparse.Namespace(config=None, overrides=[], pipeline_run_id=run_id, no_tracking=False)
+
+
+def _parent(client: MlflowClient, run_id: str):
+    exp = client.get_experiment_by_name("ple-adatt")
+    (p,) = client.search_runs([exp.experiment_id], f"tags.pipeline_run_id = '{run_id}' "
+                                                   "and tags.ple_adatt_role = 'pipeline'")
+    return p
+
+
+@pytest.fixture
+def store(local_store: Path) -> MlflowClient:
+    return MlflowClient(f"sqlite:///{local_store / 'mlflow.db'}")
+
+
+def test_a_kfp_step_leaves_the_parent_running_until_the_last_stage(store, monkeypatch) -> None:
+    monkeypatch.setenv("_KFP_RUNTIME", "true")  # what kfp's executor sets in each step's container
+    for stage in ("validate", "train-phase1", "train-phase2", "report"):
+        with stage_run(stage, _args("kfp-1")):
+            pass
+        assert _parent(store, "kfp-1").info.status == "RUNNING", stage  # stopped here: not complete
+    with stage_run("register", _args("kfp-1")):
+        pass
+    assert _parent(store, "kfp-1").info.status == "FINISHED"
+
+
+def test_an_interrupted_stage_kills_the_parent_and_a_launcher_can_end_a_stopped_one(store, monkeypatch) -> None:
+    monkeypatch.setenv("_KFP_RUNTIME", "true")
+    with pytest.raises(KeyboardInterrupt), stage_run("train-phase1", _args("kfp-2")):
+        raise KeyboardInterrupt
+    parent = _parent(store, "kfp-2")
+    assert parent.info.status == "KILLED" and parent.data.tags["interrupted_stage"] == "train-phase1"
+    # stopped between steps: no stage could mark it, the launcher does (only a RUNNING parent)
+    with stage_run("validate", _args("kfp-3")) as t:
+        stage_run_id = t.run_id
+    uri = f"sqlite:///{Path.cwd() / 'mlflow.db'}"
+    assert _parent(store, "kfp-3").info.status == "RUNNING"
+    assert end_parent_run(uri, stage_run_id, "KILLED", why="make run: interrupted") is not None
+    assert _parent(store, "kfp-3").info.status == "KILLED"
+    assert end_parent_run(uri, stage_run_id, "FAILED") is None  # already ended: left as it is
+
+
+def test_a_one_process_command_finishes_its_parent(store) -> None:
+    args = _args(None)  # ple-adatt train: one local parent for both phases
+    with stage_run("train-phase1", args):
+        pass
+    with stage_run("train-phase2", args):
+        pass
+    assert _parent(store, args.pipeline_run_id).info.status == "FINISHED"
+
+
+def test_errors_name_where_a_launcher_took_the_uri_from(local_store: Path, monkeypatch) -> None:
+    for k, v in origin_env("sqlite:///x.db", "runs/local/r/run.json, the store that run used",
+                           "set MLFLOW_TRACKING_URI=<uri> (make stage ... MLFLOW_TRACKING_URI=<uri>)").items():
+        monkeypatch.setenv(k, v)
+    with pytest.raises(TrackingError) as e:
+        resolve_target(TrackingConfig(require_server=True))
+    msg = str(e.value)
+    assert "(from runs/local/r/run.json, the store that run used)" in msg
+    assert "make stage ... MLFLOW_TRACKING_URI=<uri>" in msg and "(MLFLOW_TRACKING_URI)" not in msg
+    # $MLFLOW_TRACKING_URI changed after the launcher set it: the note is about another URI
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:///y.db")
+    t = resolve_target(TrackingConfig())
+    assert t.origin == "$MLFLOW_TRACKING_URI" and json.loads(os.environ[ORIGIN_ENV])["uri"] != t.uri
