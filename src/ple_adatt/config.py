@@ -617,10 +617,27 @@ def config_source(path: str | Path, overrides: list[str] | None) -> str:
     return f"{path} + --set" if overrides else str(path)
 
 
-def load_data_config(path: str | Path, overrides: list[str] | None = None) -> DataConfig:
-    """Load and validate a data config (the dataset contract)."""
+def _other_kind(raw: dict[str, Any], want: type, other: type) -> list[str]:
+    """The keys of ``raw`` that only ``other`` has, when every key ``want`` lacks is one of them
+    (a data config given where a train config goes, or the other way round); else []."""
+    mine = {f.name for f in dataclasses.fields(want)}
+    theirs = {f.name for f in dataclasses.fields(other)} - mine
+    unknown = [k for k in raw if k not in mine]
+    return unknown if unknown and all(k in theirs for k in unknown) else []
+
+
+def load_data_config(path: str | Path, overrides: list[str] | None = None, *,
+                     option: str = "--data-config") -> DataConfig:
+    """Load and validate a data config (the dataset contract); ``option`` is the command-line
+    option it came from, named when the file is a train config."""
     src = config_source(path, overrides)
-    data = apply_overrides(_read_yaml(path), overrides)
+    raw = _read_yaml(path)
+    keys = _other_kind(raw, DataConfig, TrainConfig)
+    if keys:
+        also = " and the train config as --config" if option == "--data-config" else ""
+        raise ConfigError(f"{path}: this is a train config (keys {', '.join(f'`{k}`' for k in keys[:3])}), not a "
+                          f"data config (configs/data/*.yaml); pass the data config as {option}{also}")
+    data = apply_overrides(raw, overrides)
     cfg = _build(DataConfig, data, "", src)
     return validate_data_config(cfg, src)
 
@@ -880,11 +897,23 @@ def check_against_data(cfg: TrainConfig, data: DataConfig, src: str) -> None:
 
 
 def load_train_config(
-    path: str | Path, overrides: list[str] | None = None, data: DataConfig | None = None
+    path: str | Path, overrides: list[str] | None = None, data: DataConfig | None = None, *,
+    data_option: str | None = "--data-config",
 ) -> TrainConfig:
-    """Load and validate a train config; with ``data`` also cross-check task names and losses."""
+    """Load and validate a train config; with ``data`` also cross-check task names and losses.
+
+    ``data_option``: the command's option for a data config (None: it takes none), named when
+    the file is a data config.
+    """
     src = config_source(path, overrides)
-    raw = apply_overrides(_read_yaml(path), overrides)
+    raw = _read_yaml(path)
+    keys = _other_kind(raw, TrainConfig, DataConfig)
+    if keys:
+        fix = (f"pass it as {data_option} and the train config as --config" if data_option
+               else "--config takes a train config")
+        raise ConfigError(f"{path}: this is a data config (keys {', '.join(f'`{k}`' for k in keys[:3])}), not a "
+                          f"train config (configs/train/*.yaml); {fix}")
+    raw = apply_overrides(raw, overrides)
     cfg = _build(TrainConfig, raw, "", src)
     return validate_train_config(cfg, src, data)
 

@@ -179,3 +179,20 @@ def test_a_binary_file_given_as_config_is_named(tmp_path):
     for load in (load_train_config, load_data_config):
         with pytest.raises(ConfigError, match=r"data.parquet: not a text file .*did you swap --data and --config"):
             load(parquet)
+
+
+def test_a_data_config_in_the_train_config_slot_and_the_other_way_round_are_named():
+    data, train = ROOT / "configs/data/synthetic.yaml", ROOT / "configs/train/cpu_small.yaml"
+    with pytest.raises(ConfigError, match=r"synthetic.yaml: this is a data config \(keys `name`, `numeric_features`, "
+                       r"`categorical_features`\), not a train config .*; pass it as --data-config and the train "
+                       r"config as --config$"):
+        load_train_config(data)
+    with pytest.raises(ConfigError, match=r"synthetic.yaml: this is a data config .*; --config takes a train config$"):
+        load_train_config(data, data_option=None)  # register: no --data-config
+    with pytest.raises(ConfigError, match=r"cpu_small.yaml: this is a train config \(keys `seed`, `device`, `model`\), "
+                       r"not a data config \(configs/data/\*.yaml\); pass the data config as --data-config and the "
+                       r"train config as --config$"):
+        load_data_config(train)
+    with pytest.raises(ConfigError, match=r"cpu_small.yaml: this is a train config .*; pass the data config as "
+                       r"--config$"):
+        load_data_config(train, option="--config")  # validate takes the data config as --config

@@ -74,7 +74,7 @@ def run(args: argparse.Namespace) -> int:
         sample_rows = _gx_rows(args.gx_rows)
         if args.gx_chunk_rows < 1:
             raise StageError(f"--gx-chunk-rows must be >= 1, got {args.gx_chunk_rows}")
-        cfg = load_data_config(args.config, args.overrides)
+        cfg = load_data_config(args.config, args.overrides, option="--config")
         extra = [e for path in args.expectations for e in load_expectations(path)]
         report = validate_dataset(
             args.data, cfg, config_path=args.config, overrides=args.overrides, sample_rows=sample_rows,
