@@ -60,3 +60,14 @@ def test_a_failed_parquet_write_removes_its_temporary_file(tmp_path):
     assert not any(tmp_path.iterdir())
     assert write_table_atomic(pa.table({"a": [1]}), tmp_path / "t.parquet").is_file()
     assert [p.name for p in tmp_path.iterdir()] == ["t.parquet"]
+
+
+def test_help_is_plain_text_and_train_phase2_suggests_a_phase2_key(capsys):
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    top = capsys.readouterr().out
+    assert "``" not in top and "Run 'ple-adatt COMMAND --help'" in " ".join(top.split())
+    with pytest.raises(SystemExit):
+        main(["train-phase2", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "--set training.cluster_finetune_epochs=3" in text and "shared_expert_epochs" not in text

@@ -14,6 +14,9 @@ import signal
 import sys
 import threading
 
+DESCRIPTION = ("Train and register a PLE-Cluster + adaTT multi-task recommender: one subcommand per "
+               "pipeline stage plus a few tools. Run 'ple-adatt COMMAND --help' for a command's options.")
+
 #: subcommand -> (module, one-line help). Explicit on purpose: no discovery magic.
 COMMANDS: dict[str, tuple[str, str]] = {
     "generate": ("ple_adatt.data.generate_cli", "write the synthetic 16-task Parquet dataset"),
@@ -54,7 +57,7 @@ def _path_error(e: OSError) -> str:
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
-    parser = argparse.ArgumentParser(prog="ple-adatt", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="ple-adatt", description=DESCRIPTION)
     parser.add_argument("--version", action="version", version=f"ple-adatt {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (_module, help_text) in COMMANDS.items():

@@ -15,7 +15,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "transfer sections (default: the checkpoint's own config)")
     parser.add_argument("--data-config", help="data contract YAML; must declare the checkpoint's tasks "
                         "identically (default: the checkpoint's own)")
-    add_set_argument(parser)
+    add_set_argument(parser, example="training.cluster_finetune_epochs=3")  # Phase 2 keys: training.*
     add_tracking_arguments(parser)
 
 
