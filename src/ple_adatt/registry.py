@@ -54,7 +54,9 @@ __all__ = [
     "RegisteredModel",
     "check_inputs",
     "check_registry_settings",
+    "check_task_contract",
     "champion_gate",
+    "declared_tasks",
     "register_checkpoint",
     "load_registered_model",
     "frame_to_tensors",
@@ -64,6 +66,7 @@ __all__ = [
 BUNDLE = "bundle"  # the model's data directory: data/bundle/{checkpoint,validation,report}
 REPORT_FILES = ("report.html", "report.md", "report.json", "manifest.json")
 STATUS_TAG = "registration_status"  # "complete" once aliases and the gate decision are set
+DATA_TASKS_TAG = "data_tasks"  # the tasks the version's data contract declares, comma-separated
 
 
 class RegistryError(TrackingError):
@@ -418,12 +421,75 @@ def _lineage_tags(inputs: RegistrationInputs, pipeline_run_id: str | None) -> di
         "component_versions": json.dumps({k: v for k, v in components.items() if v}, sort_keys=True),
         "negative_transfer_pairs": ",".join(f"{a}<->{b}" for a, b in pairs) or "none",
         "tasks": ",".join(man.get("tasks") or []),
+        DATA_TASKS_TAG: ",".join(declared_tasks(man)),
         "strategy": str(man.get("strategy", "")),
         "validation_enabled_tasks": ",".join(inputs.availability.get("enabled_tasks") or []),
         "val_metrics": json.dumps(metrics, sort_keys=True),
         "has_report": "true" if inputs.report else "false",
     }
     return {k: v[:TAG_VALUE_MAX] for k, v in tags.items() if v != ""}
+
+
+def declared_tasks(manifest: dict[str, Any]) -> list[str]:
+    """The task names the checkpoint's data contract declares (the model's task set; validation
+    may have disabled some of them for this training run)."""
+    specs = (manifest.get("data_config") or {}).get("tasks") or []
+    names = [t["name"] for t in specs if isinstance(t, dict) and isinstance(t.get("name"), str)]
+    return names or list(manifest.get("tasks") or [])
+
+
+def _tag_tasks(tags: dict[str, str]) -> tuple[list[str], bool] | None:
+    """A version's task set from its tags and whether it is the declared set (``data_tasks``)
+    or, on versions registered before that tag, the trained tasks; None when unknown."""
+    for key, declared in ((DATA_TASKS_TAG, True), ("tasks", False)):
+        raw = tags.get(key)
+        if raw and len(raw) < TAG_VALUE_MAX:  # a value cut at the limit is not a task list
+            return [t for t in raw.split(",") if t], declared
+    return None
+
+
+def _names(tasks: list[str]) -> str:
+    return f"{len(tasks)} tasks: {', '.join(tasks)}"
+
+
+def check_task_contract(client: Any, target: TrackingTarget, name: str, registered: Any | None,
+                        inputs: RegistrationInputs) -> None:
+    """Refuse a checkpoint whose task set differs from the registered model's versions.
+
+    One registered model serves one data contract: its versions predict the same tasks, so a
+    consumer of ``@champion`` gets the columns it expects and the champion gate compares like
+    with like. Compared with the versions the model's aliases point to and its latest
+    version. Versions registered before the ``data_tasks`` tag carry only the trained tasks:
+    those must all be tasks of the new contract.
+    """
+    if registered is None:
+        return
+    new = declared_tasks(inputs.manifest)
+    labels: dict[str, list[str]] = {}
+    for alias, version in (getattr(registered, "aliases", None) or {}).items():
+        labels.setdefault(str(version), []).append(f"@{alias}")
+    for mv in getattr(registered, "latest_versions", None) or []:
+        labels.setdefault(str(mv.version), [])
+    for version in sorted(labels, key=lambda v: -int(v) if v.isdigit() else 0):
+        mv = _call(target, f"reading {name} v{version}", client.get_model_version, name, version)
+        tags = dict(mv.tags or {})
+        if tags.get("checkpoint_sha256") == inputs.checkpoint_sha256:
+            continue  # this very checkpoint: registered again (a retried step)
+        known = _tag_tasks(tags)
+        if known is None:
+            continue
+        theirs, declared = known
+        if (set(theirs) == set(new)) if declared else set(theirs) <= set(new):
+            continue
+        held = f" ({', '.join(sorted(labels[version]))})" if labels[version] else ""
+        contract = (inputs.manifest.get("data_config") or {}).get("name")
+        suggest = f"{name}-{contract}" if isinstance(contract, str) and contract else f"{name}-2"
+        raise RegistryError(
+            f"registered model {name!r}: v{version}{held} predicts {_names(theirs)}; this checkpoint's data "
+            f"contract{f' {contract!r}' if contract else ''} declares {_names(new)}. One registered model holds "
+            f"one task set: nothing was registered; register this model under its own name, e.g. "
+            f"--set registry.model_name={suggest} (or registry.model_name in its train config)"
+        )
 
 
 def _bundle(inputs: RegistrationInputs, tmp: Path) -> Path:
@@ -525,6 +591,7 @@ def register_checkpoint(
     client, target = tracker.client, tracker.target
     name = registry.model_name
     before = _registered_model(client, target, name)
+    check_task_contract(client, target, name, before, inputs)  # before anything is logged
     aliases_before = dict(getattr(before, "aliases", None) or {}) if before is not None else {}
     created = False
     try:
@@ -537,7 +604,7 @@ def register_checkpoint(
             mv = _create_version(inputs, registry, tracker, pipeline_run_id)
             created = True
         record = _finish(client, target, name, mv, inputs, registry, extra_aliases)
-        record.update(created=created, run_id=tracker.run_id, tracking_uri=target.uri)
+        record.update(registered=True, created=created, run_id=tracker.run_id, tracking_uri=target.uri)
         if on_registered is not None:
             on_registered(record)
     except BaseException:
@@ -816,7 +883,10 @@ def load_registered_model(model_uri: str, *, tracking_uri: str | None = None, de
     """Load ``models:/<name>@<alias>`` (or ``models:/<name>/<version>``) with the project's loader.
 
     The tracking URI is ``tracking_uri``, else ``$MLFLOW_TRACKING_URI``, else the local
-    sqlite store. The files are downloaded to ``dst_path``; by default to a temporary directory
+    sqlite store ``./mlflow.db`` of the working directory; ``ple-adatt register`` prints the
+    URI it registered into (also ``tracking_uri`` in its ``registration.json``). A local store
+    (``sqlite:///`` or a file store) that does not exist is refused, never created empty.
+    The files are downloaded to ``dst_path``; by default to a temporary directory
     that lives as long as the returned model (``model.path``) and is removed with it, or at exit.
     """
     import mlflow
@@ -828,6 +898,7 @@ def load_registered_model(model_uri: str, *, tracking_uri: str | None = None, de
         target = TrackingTarget(tracking_uri, target.experiment, "argument", target.retries,
                                 target.retry_wait_s, None)
     check_uri(target)  # a URI MLflow has no store for: one clear line
+    _check_local_store(target, model_uri)  # MLflow would create an empty store and find nothing
     if target.is_server:
         connect(target)  # bounded retry, clear error
     dst = Path(dst_path) if dst_path is not None else Path(tempfile.mkdtemp(prefix="ple-adatt-model-"))
@@ -849,6 +920,40 @@ def load_registered_model(model_uri: str, *, tracking_uri: str | None = None, de
     if dst_path is None:  # the download goes with the model object (model.path points into it)
         weakref.finalize(model, shutil.rmtree, str(dst), True)
     return model
+
+
+def _local_store_path(uri: str) -> Path | None:
+    """The file or directory of a local store URI (``sqlite:///x.db``, ``file:///x``, a path);
+    None for a server, a database server or an in-memory sqlite store."""
+    from urllib.parse import unquote, urlparse
+
+    if uri.startswith("sqlite:"):  # sqlite:///rel.db, sqlite:////abs.db; sqlite:// is in memory
+        db = uri[len("sqlite:///"):].split("?", 1)[0] if uri.startswith("sqlite:///") else ""
+        if not db or db == ":memory:" or "mode=memory" in uri or db.startswith("file:"):
+            return None
+        return Path(db)
+    if uri.startswith("file:"):
+        return Path(unquote(urlparse(uri).path))
+    if uri in ("databricks", "databricks-uc", "uc"):  # profiles, not paths
+        return None
+    if re.match(r"^[A-Za-z][\w+.-]*:", uri) and not re.match(r"^[A-Za-z]:[\\/]", uri):
+        return None  # http(s), postgresql, databricks, ...
+    return Path(uri)
+
+
+def _check_local_store(target: TrackingTarget, model_uri: str) -> None:
+    """Refuse a local store that does not exist: MLflow would create an empty one (``mlflow.db``
+    in the working directory) and then report the model as not found."""
+    path = _local_store_path(target.uri)
+    if path is None or path.exists():
+        return
+    shown = path if path.is_absolute() else f"{path} (resolved: {path.absolute()})"
+    raise RegistryError(
+        f"{model_uri}: the MLflow store {shown} does not exist (tracking URI {target.uri!r} from {target.origin}); "
+        "nothing was loaded and no store was created. Point at the store the model was registered into: "
+        "load_registered_model(..., tracking_uri='sqlite:////<abs path>/mlflow.db') or $MLFLOW_TRACKING_URI "
+        "(`ple-adatt register` prints it; registration.json has it as tracking_uri)"
+    )
 
 
 def _read_mlmodel(local: Path) -> dict[str, Any]:

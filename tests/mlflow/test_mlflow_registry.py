@@ -101,6 +101,7 @@ def test_lineage_tags(trained: Trained, registered: tuple[dict, Path]) -> None:
     assert tags["config_hash"] == man["config_hash"]
     assert tags["data_config_hash"] == man["data_config_hash"]
     assert tags["package_version"] == ple_adatt.__version__
+    assert tags["data_tasks"] == ",".join(t["name"] for t in man["data_config"]["tasks"])  # the task set
     assert tags["git_commit"] == man["producer"]["git_commit"]
     assert tags["pipeline_run_id"] == PIPELINE_RUN_ID
     assert json.loads(tags["component_versions"]) == {"train": man["producer"]["component_version"],

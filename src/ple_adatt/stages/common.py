@@ -15,7 +15,15 @@ from typing import Any
 from ..errors import StageError
 from ..tracking import NullTracker, stage_run
 
-__all__ = ["StageError", "NullTracker", "add_set_argument", "add_tracking_arguments", "stage_tracking"]
+__all__ = ["StageError", "NullTracker", "NO_TRACKING_ENV", "add_set_argument", "add_tracking_arguments",
+           "no_tracking_env", "stage_tracking"]
+
+NO_TRACKING_ENV = "PLE_ADATT_NO_TRACKING"
+
+
+def no_tracking_env() -> bool:
+    """Whether ``$PLE_ADATT_NO_TRACKING`` turns tracking off (1, true, yes)."""
+    return os.environ.get(NO_TRACKING_ENV, "").strip().lower() in ("1", "true", "yes")
 
 
 def add_set_argument(parser: argparse.ArgumentParser, example: str = "training.shared_expert_epochs=2") -> None:
@@ -39,7 +47,7 @@ def add_tracking_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--no-tracking",
         action="store_true",
-        default=os.environ.get("PLE_ADATT_NO_TRACKING", "").lower() in ("1", "true", "yes"),
+        default=no_tracking_env(),
         help="do not log this stage to MLflow (default on when $PLE_ADATT_NO_TRACKING is 1)",
     )
 

@@ -8,7 +8,12 @@ new version of the registered model ``registry.model_name``, tags it with its li
 it the ``candidate`` alias and moves ``champion`` to it when the champion gate holds.
 Writes ``OUT/registration.json`` (model name, version, aliases, decision and reason,
 lineage) and ``OUT/manifest.json`` atomically: OUT exists only after a successful run.
-Registering the same checkpoint again returns the existing version.
+Registering the same checkpoint again returns the existing version; a checkpoint whose task set
+differs from the registered model's versions is refused (it needs its own ``registry.model_name``).
+
+With ``--no-tracking`` (default on when ``$PLE_ADATT_NO_TRACKING`` is 1, as for every stage)
+nothing is registered: registering needs MLflow. The inputs are still checked, and
+``registration.json`` says ``"registered": false`` and why.
 
 The registry settings come from the checkpoint's own train config unless ``--config`` is
 given; ``--set registry.tolerance=0.02`` overrides a key. The tracking server is
@@ -22,7 +27,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from .common import add_set_argument
+from .common import NO_TRACKING_ENV, add_set_argument, no_tracking_env
 
 KIND = "registration"
 SCHEMA_VERSION = 1
@@ -42,6 +47,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--pipeline-run-id", default=os.environ.get("PLE_ADATT_PIPELINE_RUN_ID"),
         help="id of the pipeline run (its MLflow parent run); default $PLE_ADATT_PIPELINE_RUN_ID",
     )
+    parser.add_argument(
+        "--no-tracking", action="store_true", default=no_tracking_env(),
+        help="skip MLflow, so register nothing: check the inputs and write registration.json saying so "
+        f"(default on when ${NO_TRACKING_ENV} is 1)",
+    )
 
 
 def _train_config(checkpoint: Path, config: str | Path | None, overrides: list[str] | None) -> Any:
@@ -51,7 +61,7 @@ def _train_config(checkpoint: Path, config: str | Path | None, overrides: list[s
     from ..config import apply_overrides, load_train_config, train_config_from_dict
 
     if config is not None:
-        return load_train_config(config, overrides)
+        return load_train_config(config, overrides, data_option=None)
     man_path = checkpoint / "manifest.json"
     try:
         raw = json.loads(man_path.read_text())["train_config"]
@@ -70,8 +80,12 @@ def register_model(
     overrides: list[str] | None = None,
     pipeline_run_id: str | None = None,
     aliases: list[str] | None = None,
+    no_tracking: bool = False,
 ) -> dict[str, Any]:
     """Register ``checkpoint`` (Phase 2) and write ``out``; returns the registration record.
+
+    ``no_tracking``: register nothing (registering needs MLflow); check the inputs and write
+    a record with ``"registered": false`` and the reason.
 
     Raises ArtifactError for a checkpoint without its manifest or adaTT buffers, a diverged
     checkpoint (non-finite weights, NaN or missing validation metrics), a Phase 1 checkpoint or
@@ -94,6 +108,8 @@ def register_model(
     train_cfg = _train_config(checkpoint, config, overrides)
     inputs = check_inputs(checkpoint, validation, report)  # refuse before touching the registry
     check_registry_settings(train_cfg.registry, aliases or [])  # aliases, names, tolerance: before logging
+    if no_tracking:
+        return _skip(out, inputs, train_cfg, pipeline_run_id)
     args = argparse.Namespace(checkpoint=str(checkpoint), validation=str(validation),
                               report=None if report is None else str(report), out=str(out),
                               config=None if config is None else str(config), overrides=list(overrides or []),
@@ -124,15 +140,42 @@ def register_model(
     return record
 
 
+SKIPPED = (f"tracking is off (--no-tracking or {NO_TRACKING_ENV}=1) and registering needs MLflow; "
+           f"unset {NO_TRACKING_ENV} to register")
+
+
+def _skip(out: Path, inputs: Any, train_cfg: Any, pipeline_run_id: str | None) -> dict[str, Any]:
+    """The outputs of a register step run without MLflow: nothing registered, and why."""
+    from ..artifacts import atomic_output_dir, make_manifest, write_json
+    from ..config import config_hash
+    from ..registry import registration_inputs_sha
+
+    record = {"registered": False, "skipped": SKIPPED, "model_name": train_cfg.registry.model_name,
+              "version": None, "model_uri": None, "aliases": [], "decision": "skipped", "reason": SKIPPED,
+              "created": False, "pipeline_run_id": pipeline_run_id,
+              "checkpoint_sha256": inputs.checkpoint_sha256}
+    with atomic_output_dir(out) as tmp:
+        write_json(tmp / "registration.json", record)
+        write_json(tmp / "manifest.json", make_manifest(
+            KIND, "register", schema_version=SCHEMA_VERSION, config_hash=config_hash(train_cfg),
+            inputs=registration_inputs_sha(inputs), extra={"files": ["registration.json"], "model_uri": None},
+        ))
+    return record
+
+
 def run(args: argparse.Namespace) -> int:
     rec = register_model(checkpoint=args.checkpoint, validation=args.validation, out=args.out, report=args.report,
                          config=args.config, overrides=args.overrides, pipeline_run_id=args.pipeline_run_id,
-                         aliases=args.aliases)
-    state = "registered" if rec["created"] else "already registered as"
+                         aliases=args.aliases, no_tracking=args.no_tracking)
+    if not rec["registered"]:
+        print(f"nothing registered: {rec['skipped']}  -> {args.out}/registration.json")
+        return 0
+    state = "registered" if rec["created"] else "already registered (same checkpoint) as"
     print(f"{state} {rec['model_name']} v{rec['version']} (aliases: {', '.join(rec['aliases']) or 'none'})")
     print(f"champion gate: {rec['decision']}: {rec['reason']}")
     # the new version holds the candidate alias; a reused one may not (a newer version may)
     uri = (f"models:/{rec['model_name']}@{rec['candidate_alias']}" if rec["created"]
            else f"models:/{rec['model_name']}/{rec['version']}")
-    print(f"load it with: ple_adatt.registry.load_registered_model({uri!r})  -> {args.out}/registration.json")
+    print(f"load it with: ple_adatt.registry.load_registered_model({uri!r}, tracking_uri={rec['tracking_uri']!r})"
+          f"  -> {args.out}/registration.json")
     return 0
