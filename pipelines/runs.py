@@ -85,8 +85,10 @@ def _own_step_status(info: dict[str, Any], task: str) -> str | None:
     if info.get("kind") == "stage-rerun":
         if info.get("stage") != task or status == "succeeded":
             return None
-    elif status == "succeeded" or failed_task(info) != task:
+    elif status == "succeeded":
         return None
+    elif failed_task(info) != task and (info.get("tasks") or {}).get(task, "success") == "success":
+        return None  # a step that finished in a failed or interrupted run, or one that never started
     why = f"status {status!r}" if status != "running" else "status 'running' (still running, or killed before it finished)"
     return why + (f": {info['error']}" if info.get("error") else "")
 
@@ -177,8 +179,17 @@ def summarize_run(run_dir: str | Path) -> str:
     except (RunError, FileNotFoundError):
         lines.append("registered: nothing (the register step did not run)")
     if info.get("mlflow_tracking_uri"):
-        lines.append(f"MLflow: {info['mlflow_tracking_uri']}  (mlflow ui --backend-store-uri {info['mlflow_tracking_uri']})")
+        lines.append(describe_tracking(info["mlflow_tracking_uri"], info.get("pipeline_run_id")))
     return "\n".join(lines)
+
+
+def describe_tracking(uri: str, pipeline_run_id: str | None = None) -> str:
+    """Where the run's MLflow records are and how to look at them: a server's URL to open, or
+    the ``mlflow ui`` command for a local store (``mlflow ui`` cannot serve an http:// store)."""
+    run = f"; parent run 'pipeline {pipeline_run_id}'" if pipeline_run_id else ""
+    if uri.startswith(("http://", "https://")):
+        return f"MLflow: {uri}  (a tracking server: open {uri} in a browser{run})"
+    return f"MLflow: {uri}  (mlflow ui --backend-store-uri {uri}{run})"
 
 
 def describe_registration(reg: dict[str, Any]) -> str:

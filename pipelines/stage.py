@@ -13,6 +13,10 @@ artifacts it lacks come from its source, and the summary says which input came f
 An input whose stage failed or never finished in RUN (a failed rerun, the failed task of a
 pipeline run) is refused, never replaced by an older run's artifact. ``run.json`` says
 ``running`` while the stage runs and ``succeeded`` or ``failed`` (with the error) after.
+
+MLflow: ``--mlflow-tracking-uri``, else ``$MLFLOW_TRACKING_URI`` (``make stage ...
+MLFLOW_TRACKING_URI=...``), else the URI recorded in RUN's ``run.json``. Run it from the
+repository root (``python -m``).
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import contextlib
 import inspect
 import io
 import json
+import os
 import sys
 import time
 import traceback
@@ -40,6 +45,7 @@ from .runs import (
 )
 
 DEFAULT_OUT_ROOT = Path("runs/stages")
+_SKIP = ", or PLE_ADATT_NO_TRACKING=1 to rerun without MLflow"
 
 
 def _component(stage: str) -> Any:
@@ -115,13 +121,24 @@ def rerun_stage(
     info = read_run_file(src)
     params = dict(info.get("params", {}))
     if data is not None:
+        if not Path(data).exists():
+            raise RunError(f"dataset not found: {data}")
         params["data_uri"] = str(Path(data).resolve())
     if data_config is not None:
         params["data_config"] = str(Path(data_config).resolve())
     if train_config is not None:
         params["train_config"] = str(Path(train_config).resolve())
+    # the URI the stage tracks to, and how a user changes it (named in the stage's MLflow errors)
     if mlflow_tracking_uri is not None:
-        params["mlflow_tracking_uri"] = mlflow_tracking_uri
+        uri_origin, fix = "--mlflow-tracking-uri", f"pass another --mlflow-tracking-uri{_SKIP}"
+    elif os.environ.get("MLFLOW_TRACKING_URI", "").strip():
+        mlflow_tracking_uri = os.environ["MLFLOW_TRACKING_URI"].strip()
+        uri_origin, fix = "$MLFLOW_TRACKING_URI", f"fix MLFLOW_TRACKING_URI{_SKIP}"
+    else:
+        mlflow_tracking_uri = params.get("mlflow_tracking_uri") or ""
+        uri_origin = f"{src / 'run.json'}, the store that run used"
+        fix = f"set MLFLOW_TRACKING_URI=<uri> to use another (make stage ... MLFLOW_TRACKING_URI=<uri>){_SKIP}"
+    params["mlflow_tracking_uri"] = mlflow_tracking_uri
     params["overrides"] = list(params.get("overrides", [])) + list(overrides or [])
 
     stamp = datetime.now(UTC).strftime("%Y%m%d-%H%M%S-%f")
@@ -164,7 +181,7 @@ def rerun_stage(
     (dest / stage).mkdir(parents=True)
     record = {"kind": "stage-rerun", "stage": stage, "source_run": str(src), "params": params, "inputs": inputs,
               "input_runs": input_runs, "outputs": outputs, "mlflow_tracking_uri": params.get("mlflow_tracking_uri"),
-              "status": "running"}
+              "mlflow_tracking_uri_from": uri_origin, "status": "running"}
     write_run_file(dest, record)
     t0 = time.perf_counter()
 
@@ -172,7 +189,13 @@ def rerun_stage(
         record.update(status="failed", error=error, seconds=round(time.perf_counter() - t0, 1), **extra)
         write_run_file(dest, record)
 
+    from ple_adatt.tracking import ORIGIN_ENV, origin_env
+
     tee = _Tee(sys.stderr)
+    # the component sets these for its stage (run in this process here): put them back afterwards
+    saved_env = {k: os.environ.get(k) for k in ("MLFLOW_TRACKING_URI", ORIGIN_ENV, "PLE_ADATT_PIPELINE_RUN_ID")}
+    if mlflow_tracking_uri:
+        os.environ.update(origin_env(mlflow_tracking_uri, uri_origin, fix))
     try:
         with contextlib.redirect_stderr(tee):
             component.python_func(**kwargs)
@@ -192,6 +215,12 @@ def rerun_stage(
             raise
         raise RunError(f"stage {stage} raised {type(e).__name__}: {e}; "
                        f"the traceback is in {dest / 'run.json'}") from e
+    finally:
+        for k, v in saved_env.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
     record.update(status="succeeded", seconds=round(time.perf_counter() - t0, 1), metadata=metadata)
     write_run_file(dest, record)
     return dest
@@ -208,10 +237,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data", help="dataset to use instead of the run's")
     parser.add_argument("--data-config", help="data config instead of the run's")
     parser.add_argument("--train-config", help="train config instead of the run's (train-phase1)")
-    parser.add_argument("--mlflow-tracking-uri", help="default: the run's")
+    parser.add_argument("--mlflow-tracking-uri", help="default $MLFLOW_TRACKING_URI, else the run's (its run.json)")
     args = parser.parse_args(argv)
     try:
-        run = Path(args.run) if args.run else latest_run("runs/local")
+        if args.run:
+            run = Path(args.run)
+        else:
+            run = latest_run("runs/local")
+            status = read_run_file(run).get("status", "?")
+            print(f"make stage: RUN not given; using the newest run {run} (status {status}); "
+                  "RUN=<dir> picks another", file=sys.stderr)
         dest = rerun_stage(args.stage, run, out=args.out, overrides=args.overrides, data=args.data,
                            data_config=args.data_config, train_config=args.train_config,
                            mlflow_tracking_uri=args.mlflow_tracking_uri)

@@ -218,3 +218,87 @@ def test_a_failed_step_shows_progress_and_its_own_error_line_first(tmp_path, cap
     assert lines[-1].startswith("fix it and rerun that step: make stage STAGE=validate RUN=")
     err = capsys.readouterr().err
     assert "validate ..." in err and "validate failure" in err
+
+
+def test_ctrl_c_stops_the_run_in_one_line_and_leaves_a_run_make_stage_goes_on_from(tmp_path, monkeypatch, capsys):
+    """SIGINT to the process group (what Ctrl-C and `timeout -s INT` send) while train-phase1 runs."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    import mlflow
+
+    from ple_adatt.data.synthetic import write_parquet
+
+    data = write_parquet(tmp_path / "tiny.parquet", rows=1500, seed=1)
+    tracking = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pipelines.local", "--data", str(data), "--root", str(tmp_path / "runs"),
+         "--mlflow-tracking-uri", tracking, "--set", "training.shared_expert_epochs=50"],
+        cwd=Path(__file__).resolve().parents[2], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        text=True, start_new_session=True)
+    seen = []
+    for line in proc.stderr:  # wait until validate has finished and train-phase1 runs
+        seen.append(line)
+        if "train-phase1 ..." in line:
+            break
+    else:
+        pytest.fail(f"train-phase1 never started: {''.join(seen)}")
+    os.killpg(proc.pid, signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("make run: interrupted (Ctrl-C) during train-phase1; finished: validate; run ")
+    assert "go on with: make stage STAGE=train-phase1 RUN=" in last
+    (run_dir,) = (tmp_path / "runs").iterdir()  # no orphan .<pid>.pipeline.log beside it
+    assert (run_dir / "pipeline.log").exists()
+    info = read_run_file(run_dir)
+    assert info["status"] == "interrupted" and info["failed_task"] == "train-phase1"
+    assert info["tasks"] == {"validate": "success", "train-phase1": "interrupted"}
+    # MLflow: the parent is not FINISHED, the interrupted stage is KILLED
+    client = mlflow.MlflowClient(tracking_uri=tracking)
+    runs = client.search_runs([client.get_experiment_by_name("ple-adatt").experiment_id],
+                              f"tags.pipeline_run_id = '{info['pipeline_run_id']}'")
+    status = {r.data.tags.get("stage", "parent"): r.info.status for r in runs}
+    # (train-phase1 has a run only if the interrupt came after it reached MLflow; KILLED then, by itself;
+    # before that the parent is left RUNNING by validate and the launcher marks it)
+    assert {**status, "train-phase1": status.get("train-phase1", "KILLED")} == {
+        "parent": "KILLED", "validate": "FINISHED", "train-phase1": "KILLED"}
+    # make stage goes on from it: what finished is used, what was interrupted is refused
+    assert find_artifact(run_dir, "validate", "validation").is_dir()
+    with pytest.raises(RunError, match=r"its `train-phase1` stage did not succeed \(status 'interrupted'"):
+        find_artifact(run_dir, "train-phase1", "checkpoint")
+    # $MLFLOW_TRACKING_URI (make stage ... MLFLOW_TRACKING_URI=...) wins over the URI in run.json
+    other = f"sqlite:///{tmp_path / 'other.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", other)
+    out_dir = tmp_path / "p1"
+    assert stage_main(["train-phase1", "--run", str(run_dir), "--out", str(out_dir), *sum((["--set", s] for s in FAST), [])]) == 0
+    rec = read_run_file(out_dir)
+    assert rec["mlflow_tracking_uri"] == other and rec["mlflow_tracking_uri_from"] == "$MLFLOW_TRACKING_URI"
+    assert mlflow.MlflowClient(tracking_uri=other).search_runs(
+        [mlflow.MlflowClient(tracking_uri=other).get_experiment_by_name("ple-adatt").experiment_id],
+        "tags.stage = 'train-phase1'")
+    assert os.environ["MLFLOW_TRACKING_URI"] == other  # the in-process rerun put the environment back
+
+
+def test_the_summary_names_how_to_open_a_tracking_server(tmp_path):
+    from pipelines.runs import describe_tracking
+
+    line = describe_tracking("http://127.0.0.1:5124", "1234")
+    assert "mlflow ui" not in line and "open http://127.0.0.1:5124 in a browser" in line
+    assert "mlflow ui --backend-store-uri sqlite:////x/mlflow.db" in describe_tracking("sqlite:////x/mlflow.db")
+
+
+def test_make_stage_says_which_run_it_picked(local_run, tmp_path, monkeypatch, capsys):
+    run_dir, _, _ = local_run
+    monkeypatch.chdir(tmp_path)
+    newest = _hand_made_run(tmp_path / "runs" / "local" / "ple-adatt-9999", {
+        "kind": "pipeline-run", "status": "failed", "params": read_run_file(run_dir)["params"],
+        "error": "Pipeline 'ple-adatt' finished with status FAILURE. Inner task failed: 'validate'."})
+    assert stage_main(["report", "--out", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err
+    assert f"RUN not given; using the newest run {Path('runs/local') / newest.name} (status failed)" in err
