@@ -249,7 +249,7 @@ def _probe(target: TrackingTarget) -> None:
     raise TrackingError(
         f"MLflow tracking server {target.uri} (from {target.origin}) did not answer after "
         f"{target.retries + 1} attempts {target.retry_wait_s:g}s apart ({last}); start it or "
-        f"{target.fix}, or rerun with --no-tracking to skip tracking for a local stage"
+        f"{target.fix}{_SKIP if not target.fix_note else ''}"
     )
 
 
@@ -269,10 +269,13 @@ def _wrap(target: TrackingTarget, what: str, fn: Any, *args: Any, **kwargs: Any)
         ) from e
 
 
+_SKIP = ", or rerun with --no-tracking to skip tracking for a local stage"
+
+
 def _bad_uri(target: TrackingTarget, why: str) -> TrackingError:
     fix = target.fix
     # a stage can do without tracking; loading a registered model (a URI argument) cannot
-    skip = "" if target.source == "argument" else ", or rerun with --no-tracking to skip tracking for a local stage"
+    skip = "" if target.source == "argument" or target.fix_note else _SKIP
     return TrackingError(
         f"MLflow tracking URI {target.uri!r} (from {target.origin}) cannot be used: {why}; {fix} "
         f"(a server: http://<host>:<port>, a local store: sqlite:///<path>/mlflow.db){skip}"
