@@ -193,10 +193,14 @@ def describe_tracking(uri: str, pipeline_run_id: str | None = None) -> str:
 
 
 def describe_registration(reg: dict[str, Any]) -> str:
+    if reg.get("registered") is False:  # PLE_ADATT_NO_TRACKING=1: register ran, registered nothing
+        return f"nothing ({reg.get('skipped') or reg.get('reason') or 'skipped'})"
     name = reg.get("model_name") or reg.get("name") or "?"
     version = reg.get("version") or reg.get("model_version") or "?"
     aliases = reg.get("aliases") or ([reg["alias"]] if reg.get("alias") else [])
     text = f"model {name} version {version}"
     if aliases:
         text += f" (alias {', '.join(str(a) for a in aliases)})"
+    if reg.get("created") is False:
+        text += " (reused: the same checkpoint was registered before)"
     return text

@@ -302,3 +302,14 @@ def test_make_stage_says_which_run_it_picked(local_run, tmp_path, monkeypatch, c
     assert stage_main(["report", "--out", str(tmp_path / "r")]) == 2
     err = capsys.readouterr().err
     assert f"RUN not given; using the newest run {Path('runs/local') / newest.name} (status failed)" in err
+
+
+def test_the_summary_says_when_nothing_was_registered_or_a_version_was_reused():
+    from pipelines.runs import describe_registration
+
+    new = {"registered": True, "created": True, "model_name": "ple-adatt", "version": "3", "aliases": ["candidate"]}
+    assert describe_registration(new) == "model ple-adatt version 3 (alias candidate)"
+    reused = {**new, "created": False}
+    assert describe_registration(reused).endswith("(reused: the same checkpoint was registered before)")
+    skipped = {"registered": False, "skipped": "tracking is off", "version": None, "model_name": "ple-adatt"}
+    assert describe_registration(skipped) == "nothing (tracking is off)"
