@@ -311,7 +311,7 @@ def _call(target: TrackingTarget, what: str, fn: Any, *args: Any, **kwargs: Any)
                             f"{str(e.message).splitlines()[0][:300]}") from e
     except OSError as e:
         raise RegistryError(f"MLflow registry at {target.uri}: {what} failed: {str(e).splitlines()[0][:300]}; "
-                            "is the tracking server up? (MLFLOW_TRACKING_URI)") from e
+                            f"is the tracking server up? (the URI is from {target.origin}; {target.fix})") from e
 
 
 def _registered_model(client: Any, target: TrackingTarget, name: str) -> Any | None:
