@@ -126,8 +126,15 @@ def run_as_component(argv: list[str], *, mlflow_tracking_uri: str = "", pipeline
     already printed its one-line reason)."""
     import os
 
+    from .tracking import launcher_origin, origin_env
+
     if mlflow_tracking_uri:
         os.environ["MLFLOW_TRACKING_URI"] = mlflow_tracking_uri
+        if not launcher_origin(mlflow_tracking_uri)[0]:  # make run / make stage name their own source
+            # on a cluster the URI is the pipeline's parameter: errors should name that, not the variable
+            os.environ.update(origin_env(mlflow_tracking_uri, "the pipeline parameter mlflow_tracking_uri",
+                                         "set the pipeline's mlflow_tracking_uri parameter "
+                                         "(make submit PARAMS=mlflow_tracking_uri=<uri>)"))
     if pipeline_run_id:
         os.environ["PLE_ADATT_PIPELINE_RUN_ID"] = pipeline_run_id
     rc = main(argv)

@@ -160,7 +160,8 @@ def origin_env(uri: str, origin: str, fix: str) -> dict[str, str]:
     return {"MLFLOW_TRACKING_URI": uri, ORIGIN_ENV: json.dumps({"uri": uri, "origin": origin, "fix": fix})}
 
 
-def _launcher_origin(uri: str) -> tuple[str, str]:
+def launcher_origin(uri: str) -> tuple[str, str]:
+    """(origin, fix) a launcher recorded for ``uri`` in $PLE_ADATT_TRACKING_URI_ORIGIN, or empty strings."""
     try:
         note = json.loads(os.environ.get(ORIGIN_ENV) or "{}")
     except json.JSONDecodeError:
@@ -192,7 +193,7 @@ def resolve_target(cfg: TrackingConfig | None = None) -> TrackingTarget:
     else:  # absolute: MLflow caches stores by URI, a relative one would stick to the first cwd
         uri, source = f"sqlite:///{Path(DEFAULT_TRACKING_URI.removeprefix('sqlite:///')).resolve()}", "default"
     experiment = os.environ.get("MLFLOW_EXPERIMENT_NAME", "").strip() or cfg.experiment
-    origin_note, fix_note = _launcher_origin(uri) if source == "MLFLOW_TRACKING_URI" else ("", "")
+    origin_note, fix_note = launcher_origin(uri) if source == "MLFLOW_TRACKING_URI" else ("", "")
     target = TrackingTarget(
         uri=uri, experiment=experiment, source=source, retries=max(int(cfg.retries), 0),
         retry_wait_s=max(float(cfg.retry_wait_s), 0.0),

@@ -87,3 +87,24 @@ def test_errors_name_where_a_launcher_took_the_uri_from(local_store: Path, monke
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:///y.db")
     t = resolve_target(TrackingConfig())
     assert t.origin == "$MLFLOW_TRACKING_URI" and json.loads(os.environ[ORIGIN_ENV])["uri"] != t.uri
+
+
+def test_a_cluster_step_names_the_pipeline_parameter_as_the_uri_source(monkeypatch) -> None:
+    """On Kubeflow the URI arrives as the pipeline's mlflow_tracking_uri parameter; an error
+    about it should send the user there, not to an environment variable they never set."""
+    from ple_adatt.cli import run_as_component
+
+    monkeypatch.delenv(ORIGIN_ENV, raising=False)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.setattr(os, "environ", dict(os.environ))  # run_as_component writes the process env
+    with pytest.raises(SystemExit):
+        run_as_component(["no-such-stage"], mlflow_tracking_uri="sqlite:///cluster.db")
+    with pytest.raises(TrackingError) as e:
+        resolve_target(TrackingConfig(require_server=True))
+    assert "(from the pipeline parameter mlflow_tracking_uri)" in str(e.value)
+    assert "make submit PARAMS=mlflow_tracking_uri=<uri>" in str(e.value)
+    # a launcher that named the URI already (make run, make stage) keeps its words
+    os.environ.update(origin_env("sqlite:///local.db", "make run's default store ./mlflow.db", "fix it"))
+    with pytest.raises(SystemExit):
+        run_as_component(["no-such-stage"], mlflow_tracking_uri="sqlite:///local.db")
+    assert resolve_target(TrackingConfig()).origin == "make run's default store ./mlflow.db"
