@@ -232,7 +232,7 @@ def run_locally(
     """Run the whole pipeline through kfp.local; return the run directory (raises LocalRunError)."""
     from kfp import local
 
-    from ple_adatt.tracking import ORIGIN_ENV, end_parent_run, origin_env
+    from ple_adatt.tracking import ORIGIN_ENV, end_parent_run, origin_env, restored_environ
 
     uri, origin, fix = _tracking_origin(mlflow_tracking_uri)
     params = {
@@ -254,35 +254,29 @@ def run_locally(
     status, error = "succeeded", None
     print(f"running the pipeline with kfp.local (step output: {_rel(root)}/<run>/{LOG_FILE})", file=sys.stderr,
           flush=True)
-    saved_env = {k: os.environ.get(k) for k in ("MLFLOW_TRACKING_URI", ORIGIN_ENV)}
-    # the steps inherit this environment: their errors name where the URI came from, not the variable set here
-    os.environ.update(origin_env(uri, origin, fix))
     progress: _Progress | None = None
     try:
-        with open(log_path, "w") as log, warnings.catch_warnings():
-            # the images' code is installed in this venv: running it here is the point
-            warnings.filterwarnings("ignore", message=".*non-Python base image.*", category=RuntimeWarning)
-            # resources, accelerators: Kubernetes settings, moot on this machine
-            warnings.filterwarnings("ignore", message=".*have no effect in the current local runner.*")
-            progress = _Progress(log, t0, echo=sys.stdout if echo else None)
-            with contextlib.redirect_stdout(progress):
-                try:
-                    pipeline(**params)
-                except RuntimeError as e:  # kfp.local: "Pipeline 'x' finished with status FAILURE. Inner task failed: 'y'."
-                    status, error = "failed", _ANSI.sub("", str(e).strip().splitlines()[0])
-                except KeyboardInterrupt:
-                    status = "interrupted"
-            if status == "interrupted":
-                with contextlib.suppress(KeyboardInterrupt):  # a second Ctrl-C: stop waiting, still write run.json
-                    _wait_for_steps()
+        with restored_environ("MLFLOW_TRACKING_URI", ORIGIN_ENV):
+            # the steps inherit this environment: their errors name where the URI came from, not the variable set here
+            os.environ.update(origin_env(uri, origin, fix))
+            with open(log_path, "w") as log, warnings.catch_warnings():
+                # the images' code is installed in this venv: running it here is the point
+                warnings.filterwarnings("ignore", message=".*non-Python base image.*", category=RuntimeWarning)
+                # resources, accelerators: Kubernetes settings, moot on this machine
+                warnings.filterwarnings("ignore", message=".*have no effect in the current local runner.*")
+                progress = _Progress(log, t0, echo=sys.stdout if echo else None)
+                with contextlib.redirect_stdout(progress):
+                    try:
+                        pipeline(**params)
+                    except RuntimeError as e:  # kfp.local: "Pipeline 'x' finished with status FAILURE. Inner task failed: 'y'."
+                        status, error = "failed", _ANSI.sub("", str(e).strip().splitlines()[0])
+                    except KeyboardInterrupt:
+                        status = "interrupted"
+                if status == "interrupted":
+                    with contextlib.suppress(KeyboardInterrupt):  # a second Ctrl-C: stop waiting, still write run.json
+                        _wait_for_steps()
     except KeyboardInterrupt:  # outside the pipeline call (opening the log, a second Ctrl-C while leaving it)
         status = "interrupted"
-    finally:
-        for k, v in saved_env.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
     tasks = dict(progress.tasks) if progress is not None else {}
     running = progress.unfinished() if progress is not None else None
     if status == "interrupted":

@@ -189,38 +189,32 @@ def rerun_stage(
         record.update(status="failed", error=error, seconds=round(time.perf_counter() - t0, 1), **extra)
         write_run_file(dest, record)
 
-    from ple_adatt.tracking import ORIGIN_ENV, origin_env
+    from ple_adatt.tracking import ORIGIN_ENV, origin_env, restored_environ
 
     tee = _Tee(sys.stderr)
     # the component sets these for its stage (run in this process here): put them back afterwards
-    saved_env = {k: os.environ.get(k) for k in ("MLFLOW_TRACKING_URI", ORIGIN_ENV, "PLE_ADATT_PIPELINE_RUN_ID")}
-    if mlflow_tracking_uri:
-        os.environ.update(origin_env(mlflow_tracking_uri, uri_origin, fix))
-    try:
-        with contextlib.redirect_stderr(tee):
-            component.python_func(**kwargs)
-        metadata = {name: kwargs[name].metadata for name in spec.outputs}
-        for name, out_spec in spec.outputs.items():  # KFP keeps Metrics as metadata only; a file is handier here
-            if out_spec.type.startswith("system.Metrics") and not Path(outputs[name]).exists():
-                Path(outputs[name]).write_text(json.dumps(metadata[name], indent=1, sort_keys=True) + "\n")
-    except SystemExit as e:  # the stage printed its one-line reason
-        failed(tee.reason(stage) or f"ple-adatt {stage} exited with {e.code}", exit_code=e.code)
-        raise RunError(f"stage {stage} failed (exit {e.code}); its inputs and run.json are in {dest}") from None
-    except KeyboardInterrupt:
-        failed("interrupted")
-        raise
-    except BaseException as e:  # a bug or an unexpected error: recorded, never left as "running"
-        failed(f"{type(e).__name__}: {e}", traceback=traceback.format_exc())
-        if not isinstance(e, Exception):
+    with restored_environ("MLFLOW_TRACKING_URI", ORIGIN_ENV, "PLE_ADATT_PIPELINE_RUN_ID"):
+        if mlflow_tracking_uri:
+            os.environ.update(origin_env(mlflow_tracking_uri, uri_origin, fix))
+        try:
+            with contextlib.redirect_stderr(tee):
+                component.python_func(**kwargs)
+            metadata = {name: kwargs[name].metadata for name in spec.outputs}
+            for name, out_spec in spec.outputs.items():  # KFP keeps Metrics as metadata only; a file is handier here
+                if out_spec.type.startswith("system.Metrics") and not Path(outputs[name]).exists():
+                    Path(outputs[name]).write_text(json.dumps(metadata[name], indent=1, sort_keys=True) + "\n")
+        except SystemExit as e:  # the stage printed its one-line reason
+            failed(tee.reason(stage) or f"ple-adatt {stage} exited with {e.code}", exit_code=e.code)
+            raise RunError(f"stage {stage} failed (exit {e.code}); its inputs and run.json are in {dest}") from None
+        except KeyboardInterrupt:
+            failed("interrupted")
             raise
-        raise RunError(f"stage {stage} raised {type(e).__name__}: {e}; "
-                       f"the traceback is in {dest / 'run.json'}") from e
-    finally:
-        for k, v in saved_env.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+        except BaseException as e:  # a bug or an unexpected error: recorded, never left as "running"
+            failed(f"{type(e).__name__}: {e}", traceback=traceback.format_exc())
+            if not isinstance(e, Exception):
+                raise
+            raise RunError(f"stage {stage} raised {type(e).__name__}: {e}; "
+                           f"the traceback is in {dest / 'run.json'}") from e
     record.update(status="succeeded", seconds=round(time.perf_counter() - t0, 1), metadata=metadata)
     write_run_file(dest, record)
     return dest

@@ -25,7 +25,6 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import os
 import re
 import shutil
 import tempfile
@@ -46,6 +45,7 @@ from .tracking import (
     filter_literal,
     make_client,
     negative_transfer_pairs,
+    restored_environ,
 )
 
 __all__ = [
@@ -286,19 +286,14 @@ def _fluent_uri(uri: str) -> Iterator[None]:
     from mlflow.tracking._model_registry import utils as registry_utils
     from mlflow.tracking._tracking_service import utils as tracking_utils
 
-    saved_env = {k: os.environ.get(k) for k in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")}
     saved = (getattr(tracking_utils, "_tracking_uri", None), getattr(registry_utils, "_registry_uri", None))
-    mlflow.set_tracking_uri(uri)
-    mlflow.set_registry_uri(uri)
-    try:
-        yield
-    finally:
-        tracking_utils._tracking_uri, registry_utils._registry_uri = saved
-        for k, v in saved_env.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+    with restored_environ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI"):
+        mlflow.set_tracking_uri(uri)
+        mlflow.set_registry_uri(uri)
+        try:
+            yield
+        finally:
+            tracking_utils._tracking_uri, registry_utils._registry_uri = saved
 
 
 def _call(target: TrackingTarget, what: str, fn: Any, *args: Any, **kwargs: Any) -> Any:

@@ -57,6 +57,7 @@ from .config import TrackingConfig, TrainConfig
 from .errors import StageError
 
 __all__ = [
+    "restored_environ",
     "TrackingError",
     "TrackingTarget",
     "StageTracker",
@@ -152,6 +153,21 @@ class TrackingTarget:
             return self.fix_note
         return {"MLFLOW_TRACKING_URI": "fix MLFLOW_TRACKING_URI", "config": "fix tracking.tracking_uri",
                 "default": "set MLFLOW_TRACKING_URI"}.get(self.source, "pass another tracking URI")
+
+
+@contextlib.contextmanager
+def restored_environ(*names: str) -> Iterator[None]:
+    """Put the environment variables ``names`` back as they were (set or unset) when the block
+    ends: for code that runs a stage in this process and sets the stage's variables."""
+    saved = {k: os.environ.get(k) for k in names}
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def origin_env(uri: str, origin: str, fix: str) -> dict[str, str]:
