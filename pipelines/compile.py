@@ -12,7 +12,11 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .pipeline import PipelineOptions, StepResources, TrainingResources, compile_pipeline
+try:
+    from .pipeline import PipelineOptions, StepResources, TrainingResources, compile_pipeline
+except KeyboardInterrupt:  # make run starts here: Ctrl-C in its first seconds lands in kfp's import
+    print("make compile: interrupted (Ctrl-C)", file=sys.stderr)
+    raise SystemExit(130) from None
 
 DEFAULT_OUT = "build/ple-adatt-pipeline.yaml"
 
@@ -64,4 +68,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:
+        print("make compile: interrupted (Ctrl-C)", file=sys.stderr)
+        sys.exit(130)

@@ -108,6 +108,17 @@ class _Progress(io.TextIOBase):
         return next((t for t, st in self.tasks.items() if st == "running"), None)
 
 
+#: each step's output that its stage renames into place last: present means the step succeeded
+MAIN_OUTPUT = {"validate": "validation", "train-phase1": "checkpoint", "train-phase2": "checkpoint",
+               "report": "report", "register": "registration"}
+
+
+def _pipeline_tasks() -> tuple[str, ...]:
+    from .pipeline import TASKS
+
+    return TASKS
+
+
 def _children(pid: int) -> list[int]:
     out: list[int] = []
     for f in Path(f"/proc/{pid}/task").glob("*/children"):
@@ -232,6 +243,7 @@ def run_locally(
     """Run the whole pipeline through kfp.local; return the run directory (raises LocalRunError)."""
     from kfp import local
 
+    from ple_adatt.stages.common import no_tracking_env
     from ple_adatt.tracking import ORIGIN_ENV, end_parent_run, origin_env, restored_environ
 
     uri, origin, fix = _tracking_origin(mlflow_tracking_uri)
@@ -279,15 +291,23 @@ def run_locally(
         status = "interrupted"
     tasks = dict(progress.tasks) if progress is not None else {}
     running = progress.unfinished() if progress is not None else None
+    new = sorted(p for p in root.iterdir() if p.is_dir() and p.name not in before and not p.name.startswith("."))
     if status == "interrupted":
-        error = f"interrupted (Ctrl-C) during {running}" if running else "interrupted (Ctrl-C) between steps"
-        tasks = {t: ("interrupted" if st == "running" else st) for t, st in tasks.items()}
+        if new and running and (new[-1] / running / MAIN_OUTPUT[running]).exists():
+            # Ctrl-C after the step wrote its output (stages rename it into place as their last act)
+            # but before kfp.local reported it: the step succeeded
+            tasks[running], running = "success", None
+        if all(tasks.get(t) == "success" for t in _pipeline_tasks()):
+            status = "succeeded"  # every step had finished: nothing was cut short
+            print("make run: Ctrl-C came after the last step had finished; the run is complete", file=sys.stderr)
+        else:
+            error = f"interrupted (Ctrl-C) during {running}" if running else "interrupted (Ctrl-C) between steps"
+            tasks = {t: ("interrupted" if st == "running" else st) for t, st in tasks.items()}
     mlflow_run = progress.mlflow if progress is not None else {}
     if status != "succeeded" and mlflow_run:
         # a step that failed before it reached MLflow, or a stop between steps: no step marked the parent run
         end_parent_run(mlflow_run["uri"], mlflow_run["stage_run_id"], "KILLED" if status == "interrupted" else "FAILED",
                        why=f"make run: {error}")
-    new = sorted(p for p in root.iterdir() if p.is_dir() and p.name not in before and not p.name.startswith("."))
     if not new:
         log_path.unlink(missing_ok=True)
         if status == "interrupted":
@@ -303,13 +323,12 @@ def run_locally(
         "tasks": tasks, "version": __version__,
         "package": str(Path(package).resolve()) if package else None, "params": params,
         "mlflow_tracking_uri": params["mlflow_tracking_uri"], "mlflow_tracking_uri_from": origin,
+        "tracking": not no_tracking_env(),
         "pipeline_run_id": mlflow_run.get("pipeline_run_id"), "seconds": round(time.perf_counter() - t0, 1),
     })
     if status == "interrupted":
-        from .pipeline import TASKS
-
         done = [t for t, st in tasks.items() if st == "success"]
-        nxt = running or next((t for t in TASKS if t not in done), None)
+        nxt = running or next((t for t in _pipeline_tasks() if t not in done), None)
         resume = f"; go on with: make stage STAGE={nxt} RUN={_rel(run_dir)}" if nxt and done else ""
         raise LocalRunInterrupted(f"{error}; finished: {', '.join(done) or 'nothing'}; "
                                   f"run {_rel(run_dir)} (run.json, {LOG_FILE}){resume}")

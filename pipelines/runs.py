@@ -107,8 +107,9 @@ def find_artifact(run_dir: str | Path, task: str, output: str) -> Path:
         bad = _own_step_status(info, task)
         if bad:
             via = f" (reached from {seen[0]})" if seen else ""
+            todo = "Rerun" if "interrupted" in bad else "Fix it and rerun"
             raise RunError(f"{d}{via}: its `{task}` stage did not succeed ({bad}); {task}/{output} is not there. "
-                           f"Fix it and rerun that stage (make stage STAGE={task} RUN=...), or point RUN at a run "
+                           f"{todo} that stage (make stage STAGE={task} RUN=...), or point RUN at a run "
                            "whose stage succeeded")
         path = d / task / output
         if path.exists():
@@ -178,7 +179,9 @@ def summarize_run(run_dir: str | Path) -> str:
         lines.append(f"registered: {describe_registration(reg)}")
     except (RunError, FileNotFoundError):
         lines.append("registered: nothing (the register step did not run)")
-    if info.get("mlflow_tracking_uri"):
+    if info.get("tracking") is False:
+        lines.append("MLflow: not tracked (PLE_ADATT_NO_TRACKING=1)")
+    elif info.get("mlflow_tracking_uri"):
         lines.append(describe_tracking(info["mlflow_tracking_uri"], info.get("pipeline_run_id")))
     return "\n".join(lines)
 

@@ -185,8 +185,8 @@ def rerun_stage(
     write_run_file(dest, record)
     t0 = time.perf_counter()
 
-    def failed(error: str, **extra: Any) -> None:
-        record.update(status="failed", error=error, seconds=round(time.perf_counter() - t0, 1), **extra)
+    def failed(error: str, status: str = "failed", **extra: Any) -> None:
+        record.update(status=status, error=error, seconds=round(time.perf_counter() - t0, 1), **extra)
         write_run_file(dest, record)
 
     from ple_adatt.tracking import ORIGIN_ENV, origin_env, restored_environ
@@ -204,10 +204,13 @@ def rerun_stage(
                 if out_spec.type.startswith("system.Metrics") and not Path(outputs[name]).exists():
                     Path(outputs[name]).write_text(json.dumps(metadata[name], indent=1, sort_keys=True) + "\n")
         except SystemExit as e:  # the stage printed its one-line reason
+            if e.code in (130, 143):  # Ctrl-C / SIGTERM: the stage removed its partial output
+                failed("interrupted", status="interrupted", exit_code=e.code)
+                raise KeyboardInterrupt from None
             failed(tee.reason(stage) or f"ple-adatt {stage} exited with {e.code}", exit_code=e.code)
             raise RunError(f"stage {stage} failed (exit {e.code}); its inputs and run.json are in {dest}") from None
         except KeyboardInterrupt:
-            failed("interrupted")
+            failed("interrupted", status="interrupted")
             raise
         except BaseException as e:  # a bug or an unexpected error: recorded, never left as "running"
             failed(f"{type(e).__name__}: {e}", traceback=traceback.format_exc())
@@ -247,6 +250,10 @@ def main(argv: list[str] | None = None) -> int:
     except RunError as e:
         print(f"make stage: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"make stage: {args.stage} interrupted (Ctrl-C); its partial output was removed, the run it "
+              "read is unchanged", file=sys.stderr)
+        return 130
     info = read_run_file(dest)
     print(f"\n{args.stage} rerun against {run} ({info['seconds']:.0f}s); outputs in {dest}:")
     for name, path in info["outputs"].items():
@@ -255,7 +262,11 @@ def main(argv: list[str] | None = None) -> int:
     for name, path in info["inputs"].items():
         origin = info.get("input_runs", {}).get(name)
         print(f"  {name:<18} {path}" + (f"  (from its source run {origin}: not rerun in {run})" if origin else ""))
-    print(f"rerun the next stage against it: make stage STAGE=<stage> RUN={dest}")
+    from .pipeline import TASKS
+
+    later = TASKS[TASKS.index(args.stage) + 1:] if args.stage in TASKS else ()
+    if later:
+        print(f"rerun the next stage against it: make stage STAGE={later[0]} RUN={dest}")
     return 0
 
 

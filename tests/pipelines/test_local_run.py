@@ -313,3 +313,26 @@ def test_the_summary_says_when_nothing_was_registered_or_a_version_was_reused():
     assert describe_registration(reused).endswith("(reused: the same checkpoint was registered before)")
     skipped = {"registered": False, "skipped": "tracking is off", "version": None, "model_name": "ple-adatt"}
     assert describe_registration(skipped) == "nothing (tracking is off)"
+
+
+def test_every_step_has_the_output_an_interrupted_run_checks_for():
+    """After Ctrl-C a step whose main output exists counts as finished; that output must be the
+    one the next stages read (pipelines.runs.UPSTREAM), and the register step's registration."""
+    from pipelines.local import MAIN_OUTPUT
+    from pipelines.runs import UPSTREAM
+
+    assert set(MAIN_OUTPUT) == set(TASKS)
+    for needs in UPSTREAM.values():
+        for task, output in needs.values():
+            if task != "dataset":
+                assert MAIN_OUTPUT[task] == output, (task, output)
+    assert MAIN_OUTPUT["register"] == "registration"
+
+
+def test_the_summary_of_an_untracked_run_names_no_store(tmp_path):
+    from pipelines.runs import write_run_file
+
+    write_run_file(tmp_path, {"kind": "pipeline-run", "status": "succeeded", "tracking": False,
+                              "mlflow_tracking_uri": "sqlite:////x/mlflow.db"})
+    text = summarize_run(tmp_path)
+    assert "MLflow: not tracked (PLE_ADATT_NO_TRACKING=1)" in text and "mlflow ui" not in text
