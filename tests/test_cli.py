@@ -71,3 +71,34 @@ def test_help_is_plain_text_and_train_phase2_suggests_a_phase2_key(capsys):
         main(["train-phase2", "--help"])
     text = " ".join(capsys.readouterr().out.split())
     assert "--set training.cluster_finetune_epochs=3" in text and "shared_expert_epochs" not in text
+
+
+@pytest.mark.parametrize("stage_args", [
+    ["validate", "--data", "nope.parquet", "--config", "CFG_DATA"],
+    ["train-phase1", "--data", "DATA", "--data-config", "CFG_DATA", "--config", "CFG_DATA"],
+    ["train-phase2", "--checkpoint", "no-such-checkpoint", "--data", "DATA"],
+], ids=["missing-data", "data-config-as-config", "missing-checkpoint"])
+def test_argument_errors_stop_before_mlflow_is_touched(tmp_path, capsys, monkeypatch, stage_args):
+    """With tracking on, a typo must not leave FAILED runs, nor create an empty mlflow.db here."""
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    data = write_parquet(tmp_path / "d.parquet", rows=100, seed=0)
+    monkeypatch.chdir(tmp_path)
+    for k in ("MLFLOW_TRACKING_URI", "PLE_ADATT_NO_TRACKING", "PLE_ADATT_TRACKING_URI_ORIGIN"):
+        monkeypatch.delenv(k, raising=False)
+    subst = {"CFG_DATA": str(root / "configs/data/synthetic.yaml"), "DATA": str(data)}
+    rc = main([subst.get(a, a) for a in stage_args] + ["--out", "out"])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.count("\n") == 1 and "error:" in err
+    assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "out").exists()
+
+
+def test_generate_does_not_replace_an_existing_dataset_unless_forced(tmp_path, capsys):
+    out = tmp_path / "g.parquet"
+    assert main(["generate", "--out", str(out), "--rows", "20"]) == 0
+    before = out.read_bytes()
+    assert main(["generate", "--out", str(out), "--rows", "10", "--seed", "3"]) == 2
+    assert f"--out {out}: exists; pass --force" in capsys.readouterr().err and out.read_bytes() == before
+    assert main(["generate", "--out", str(out), "--rows", "10", "--seed", "3", "--force"]) == 0
+    assert out.read_bytes() != before

@@ -655,9 +655,26 @@ def _config_from_args(stage: str, args: argparse.Namespace | None) -> tuple[Trai
             train_cfg = train_config_from_dict(raw, f"{args.checkpoint}/manifest.json")
         if getattr(args, "data_config", None):
             data_cfg = load_data_config(args.data_config)
-    except (ConfigError, OSError, KeyError, ValueError):
+    except ConfigError:
+        raise  # an argument error (a typo, a data config as --config): no MLflow run for it
+    except (OSError, KeyError, ValueError):
         pass
     return train_cfg, data_cfg
+
+
+#: the stages' input options (argparse dest -> option): local paths that must exist
+_INPUT_OPTIONS = {"data": "--data", "config": "--config", "data_config": "--data-config", "checkpoint": "--checkpoint",
+                  "validation": "--validation", "report": "--report", "phase1": "--phase1", "phase2": "--phase2",
+                  "singles": "--singles"}
+
+
+def _check_inputs_exist(args: argparse.Namespace | None) -> None:
+    """A missing input is an argument error: say so before MLflow is touched (no failed run, and
+    no empty store created in the working directory for it)."""
+    for dest, option in _INPUT_OPTIONS.items():
+        value = getattr(args, dest, None) if args is not None else None
+        if isinstance(value, (str, Path)) and value and "://" not in str(value) and not Path(value).exists():
+            raise StageError(f"{option} {value}: not found")
 
 
 # --------------------------------------------------------------------------- stage run
@@ -676,6 +693,7 @@ def stage_run(stage: str, args: argparse.Namespace | None = None, **context: Any
     if args is not None and getattr(args, "no_tracking", False):
         yield NullTracker()
         return
+    _check_inputs_exist(args)
     train_cfg, data_cfg = _config_from_args(stage, args)
     train_cfg = context.get("train_config") or train_cfg
     data_cfg = context.get("data_config") or data_cfg
