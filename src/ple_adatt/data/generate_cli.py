@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import time
+from pathlib import Path
 
 
 def _rows(text: str) -> int:
@@ -21,6 +22,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, help="Parquet file to write (*.parquet), e.g. data/synthetic.parquet")
     parser.add_argument("--rows", type=_rows, default=20_000, help="number of rows, >= 1 (default 20000)")
     parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    parser.add_argument("--force", action="store_true", help="replace an existing --out file")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -31,6 +33,9 @@ def run(args: argparse.Namespace) -> int:
     if args.rows < 1:  # callers that build the namespace themselves
         raise StageError(f"--rows must be >= 1, got {args.rows}")
     check_parquet_out(args.out)  # a directory, a non-.parquet name: refused before generating
+    if Path(args.out).exists() and not getattr(args, "force", False):
+        # a dataset some run may have been trained and validated on: replace it only when told to
+        raise StageError(f"--out {args.out}: exists; pass --force to replace it with {args.rows} new rows")
     t0 = time.perf_counter()
     path = write_parquet(args.out, rows=args.rows, seed=args.seed)
     print(f"wrote {args.rows} rows to {path} in {time.perf_counter() - t0:.1f}s")
