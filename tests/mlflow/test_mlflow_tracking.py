@@ -229,8 +229,11 @@ def test_a_malformed_uri_from_the_config_names_the_config_key(monkeypatch: pytes
 
 
 def test_the_cli_reports_a_malformed_uri_in_one_line_with_exit_code_2(tmp_path: Path) -> None:
+    from ple_adatt.data.synthetic import write_parquet
+
+    data = write_parquet(tmp_path / "d.parquet", rows=50, seed=0)  # inputs that exist: the URI is the error
     env = {**os.environ, "MLFLOW_TRACKING_URI": "localhost:5000", "PLE_ADATT_NO_TRACKING": ""}
-    proc = subprocess.run([str(BIN / "ple-adatt"), "validate", "--data", str(tmp_path / "none.parquet"),
+    proc = subprocess.run([str(BIN / "ple-adatt"), "validate", "--data", str(data),
                            "--config", str(DATA_CONFIG), "--out", str(tmp_path / "out")],
                           capture_output=True, text=True, env=env, timeout=120, cwd=tmp_path)
     assert proc.returncode == 2, proc.stderr
