@@ -43,6 +43,7 @@ from .tracking import (
     TrackingTarget,
     check_uri,
     filter_literal,
+    local_store_path,
     make_client,
     negative_transfer_pairs,
     restored_environ,
@@ -917,29 +918,10 @@ def load_registered_model(model_uri: str, *, tracking_uri: str | None = None, de
     return model
 
 
-def _local_store_path(uri: str) -> Path | None:
-    """The file or directory of a local store URI (``sqlite:///x.db``, ``file:///x``, a path);
-    None for a server, a database server or an in-memory sqlite store."""
-    from urllib.parse import unquote, urlparse
-
-    if uri.startswith("sqlite:"):  # sqlite:///rel.db, sqlite:////abs.db; sqlite:// is in memory
-        db = uri[len("sqlite:///"):].split("?", 1)[0] if uri.startswith("sqlite:///") else ""
-        if not db or db == ":memory:" or "mode=memory" in uri or db.startswith("file:"):
-            return None
-        return Path(db)
-    if uri.startswith("file:"):
-        return Path(unquote(urlparse(uri).path))
-    if uri in ("databricks", "databricks-uc", "uc"):  # profiles, not paths
-        return None
-    if re.match(r"^[A-Za-z][\w+.-]*:", uri) and not re.match(r"^[A-Za-z]:[\\/]", uri):
-        return None  # http(s), postgresql, databricks, ...
-    return Path(uri)
-
-
 def _check_local_store(target: TrackingTarget, model_uri: str) -> None:
     """Refuse a local store that does not exist: MLflow would create an empty one (``mlflow.db``
     in the working directory) and then report the model as not found."""
-    path = _local_store_path(target.uri)
+    path = local_store_path(target.uri)
     if path is None or path.exists():
         return
     shown = path if path.is_absolute() else f"{path} (resolved: {path.absolute()})"

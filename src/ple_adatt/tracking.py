@@ -58,6 +58,7 @@ from .errors import StageError
 
 __all__ = [
     "restored_environ",
+    "local_store_path",
     "TrackingError",
     "TrackingTarget",
     "StageTracker",
@@ -228,12 +229,27 @@ def resolve_target(cfg: TrackingConfig | None = None) -> TrackingTarget:
 def _local_artifact_location(uri: str) -> str | None:
     """A sqlite store keeps its artifacts beside the database file, in ``mlartifacts/``
     (``sqlite:///mlflow.db`` -> ``./mlartifacts``), not in MLflow's ``./mlruns`` of the cwd."""
-    if not uri.startswith("sqlite:///"):
+    db = local_store_path(uri) if uri.startswith("sqlite:") else None
+    return None if db is None else (db.resolve().parent / DEFAULT_ARTIFACT_DIR).as_uri()
+
+
+def local_store_path(uri: str) -> Path | None:
+    """The file or directory of a local store URI (``sqlite:///x.db``, ``file:///x``, a path);
+    None for a server, a database server or an in-memory sqlite store."""
+    from urllib.parse import unquote, urlparse
+
+    if uri.startswith("sqlite:"):  # sqlite:///rel.db, sqlite:////abs.db; sqlite:// is in memory
+        db = uri[len("sqlite:///"):].split("?", 1)[0] if uri.startswith("sqlite:///") else ""
+        if not db or db == ":memory:" or "mode=memory" in uri or db.startswith("file:"):
+            return None
+        return Path(db)
+    if uri.startswith("file:"):
+        return Path(unquote(urlparse(uri).path))
+    if uri in ("databricks", "databricks-uc", "uc"):  # profiles, not paths
         return None
-    db = uri[len("sqlite:///"):].split("?", 1)[0]
-    if not db or db == ":memory:":
-        return None
-    return (Path(db).resolve().parent / DEFAULT_ARTIFACT_DIR).as_uri()
+    if re.match(r"^[A-Za-z][\w+.-]*:", uri) and not re.match(r"^[A-Za-z]:[\\/]", uri):
+        return None  # http(s), postgresql, databricks, ...
+    return Path(uri)
 
 
 def _bound_mlflow_http_retries(target: TrackingTarget) -> None:
