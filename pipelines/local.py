@@ -32,7 +32,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from .runs import RUN_FILE, failed_task, summarize_run, write_run_file
+from .runs import RUN_FILE, UPSTREAM, failed_task, summarize_run, write_run_file
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_ROOT = Path("runs/local")
@@ -109,8 +109,9 @@ class _Progress(io.TextIOBase):
 
 
 #: each step's output that its stage renames into place last: present means the step succeeded
-MAIN_OUTPUT = {"validate": "validation", "train-phase1": "checkpoint", "train-phase2": "checkpoint",
-               "report": "report", "register": "registration"}
+#: (the outputs later stages read, and the register step's registration)
+MAIN_OUTPUT = {task: output for needs in UPSTREAM.values() for task, output in needs.values() if task != "dataset"}
+MAIN_OUTPUT["register"] = "registration"
 
 
 def _pipeline_tasks() -> tuple[str, ...]:
