@@ -121,6 +121,10 @@ def find_artifact(run_dir: str | Path, task: str, output: str) -> Path:
         source = info.get("source_run")
         if not source:
             where = " -> ".join(str(s) for s in seen)
+            if info.get("status") in ("failed", "interrupted"):  # the run stopped before this step ran
+                raise RunError(f"{task}/{output} not found in {where}: that run stopped (status {info['status']!r}) "
+                               f"before its `{task}` stage ran. Run that stage first (make stage STAGE={task} "
+                               "RUN=...), or point RUN at a run whose stage succeeded")
             status = f" (run status {info.get('status')!r})" if info.get("status") != "succeeded" else ""
             raise RunError(f"{task}/{output} not found in {where}{status}; did the `{task}` step of that run succeed?")
         d = Path(source)

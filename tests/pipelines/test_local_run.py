@@ -272,6 +272,9 @@ def test_ctrl_c_stops_the_run_in_one_line_and_leaves_a_run_make_stage_goes_on_fr
     assert find_artifact(run_dir, "validate", "validation").is_dir()
     with pytest.raises(RunError, match=r"its `train-phase1` stage did not succeed \(status 'interrupted'"):
         find_artifact(run_dir, "train-phase1", "checkpoint")
+    with pytest.raises(RunError, match=r"that run stopped \(status 'interrupted'\) before its `train-phase2` stage "
+                                       r"ran\. Run that stage first \(make stage STAGE=train-phase2"):
+        find_artifact(run_dir, "train-phase2", "checkpoint")  # what register and report ask for
     # $MLFLOW_TRACKING_URI (make stage ... MLFLOW_TRACKING_URI=...) wins over the URI in run.json
     other = f"sqlite:///{tmp_path / 'other.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", other)
