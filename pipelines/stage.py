@@ -34,6 +34,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from ple_adatt.artifacts import is_within
+
 from .runs import (
     UPSTREAM,
     RunError,
@@ -95,14 +97,6 @@ class _Tee(io.TextIOBase):
         return lines[-1] if lines else None
 
 
-def _inside(path: Path, parent: Path) -> bool:
-    try:
-        path.resolve().relative_to(parent.resolve())
-        return True
-    except ValueError:
-        return False
-
-
 def rerun_stage(
     stage: str,
     run: str | Path,
@@ -146,7 +140,7 @@ def rerun_stage(
     dest = dest.resolve()
     if dest.exists():
         raise RunError(f"{dest} already exists; a rerun writes to a new directory (drop --out or pick another)")
-    if _inside(dest, src) or _inside(src, dest):
+    if is_within(dest, src) or is_within(src, dest):
         raise RunError(f"{dest} overlaps the source run {src}; a rerun never writes into its source")
 
     component = _component(stage)

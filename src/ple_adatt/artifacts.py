@@ -190,17 +190,63 @@ def read_validation(directory: str | Path, *, data_hash: str | None, data_config
     return man, avail
 
 
-def check_output_dir(out: str | Path, option: str = "--out") -> Path:
+#: manifest kinds that may replace each other in one output directory (a validation that failed, then passed)
+_KIND_FAMILY = {"validation_failed": "validation"}
+
+
+def _manifest_kind(directory: Path) -> str | None:
+    try:
+        kind = json.loads((directory / MANIFEST).read_text(encoding="utf-8")).get("kind")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return kind if isinstance(kind, str) else None
+
+
+def replace_refusal(out: Path, kind: str | None) -> str | None:
+    """Why the existing directory ``out`` must not be replaced by an output of ``kind``, or None.
+
+    An output directory is replaced whole, so only an empty directory or an earlier output of
+    the same kind (its ``manifest.json`` says so) may be: never a directory of checkpoints, a
+    run, another stage's output or files a user keeps there. ``kind`` None accepts an earlier
+    output of any kind.
+    """
+    names = sorted(p.name for p in out.iterdir() if not p.name.startswith("."))
+    if not names:
+        return None
+    seen = _manifest_kind(out)
+    if seen is not None and (kind is None or _KIND_FAMILY.get(seen, seen) == _KIND_FAMILY.get(kind, kind)):
+        return None
+    wanted = f"an earlier {kind} output" if kind else "an earlier output of a stage"
+    if seen is not None:
+        return f"holds a {seen} output (its manifest.json), not {wanted}"
+    held = ", ".join(names[:5]) + (" ..." if len(names) > 5 else "")
+    return f"holds {held}, which is not {wanted}"
+
+
+def check_output_dir(out: str | Path, option: str = "--out", *, kind: str | None = None,
+                     inputs: tuple[str | Path | None, ...] = (), replaced: bool = True) -> Path:
     """Check that ``out`` can be written as an output directory; call it before the work.
 
     :func:`atomic_output_dir` needs ``out`` to be a directory or absent, its parent to be
     creatable, and the parent writable (the temporary sibling and the rename live there).
+    An existing ``out`` is replaced whole, so it must be empty or an earlier output of ``kind``
+    (:func:`replace_refusal`), and must not hold any of ``inputs``; ``replaced=False`` for a
+    directory that outputs are written into, not replaced (``ple-adatt train``'s OUT).
     Raises ArtifactError naming ``option`` and the path, so a stage fails in a second
     instead of after hours of training.
     """
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise ArtifactError(f"{option} {out}: exists and is not a directory; pass a directory path")
+    for given in inputs:
+        if given is not None and is_within(Path(given), out):
+            raise ArtifactError(f"{option} {out}: holds the input {given}, and the output directory is replaced "
+                                "whole; pass another directory")
+    if replaced and out.is_dir():
+        why = replace_refusal(out, kind)
+        if why:
+            raise ArtifactError(f"{option} {out}: {why}; the output directory is replaced whole, so pass a new "
+                                "directory" + (f" or an earlier {kind} output" if kind else ""))
     parent = out.absolute().parent
     existing = parent
     while not existing.exists():
@@ -213,13 +259,24 @@ def check_output_dir(out: str | Path, option: str = "--out") -> Path:
     return out
 
 
+def is_within(path: str | Path, parent: str | Path) -> bool:
+    """``path`` is ``parent`` or lies below it (after resolving links)."""
+    try:
+        Path(path).resolve().relative_to(Path(parent).resolve())
+        return True
+    except ValueError:
+        return False
+
+
 @contextlib.contextmanager
 def atomic_output_dir(out: str | Path, *, overwrite: bool = True) -> Iterator[Path]:
     """Yield a temporary directory beside ``out``; on success it replaces ``out``.
 
-    On any exception the temporary directory is removed and ``out`` is left as it was.
+    On any exception the temporary directory is removed and ``out`` is left as it was. An
+    existing ``out`` is replaced only when it is empty or an earlier output of the kind the new
+    ``manifest.json`` names (:func:`replace_refusal`); otherwise ArtifactError, ``out`` untouched.
     """
-    out = check_output_dir(out, "output directory")
+    out = check_output_dir(out, "output directory", replaced=False)  # what it holds: checked at the end
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -233,6 +290,11 @@ def atomic_output_dir(out: str | Path, *, overwrite: bool = True) -> Iterator[Pa
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    if out.is_dir():
+        why = replace_refusal(out, _manifest_kind(tmp))  # the last guard: never replace what is not ours
+        if why:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise ArtifactError(f"output directory {out}: {why}; it was left as it was")
     if out.exists():
         old = out.with_name(f".{out.name}.old-{os.getpid()}")
         out.rename(old)

@@ -37,6 +37,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from ..artifacts import is_within
 from ..config import STRATEGY_NAMES
 from .common import StageError, add_set_argument, add_tracking_arguments, stage_tracking
 
@@ -223,14 +224,6 @@ def _relocate(path: Path, src: Path, dst: Path) -> Path:
         return path
 
 
-def _inside(path: str | Path, parent: Path) -> bool:
-    try:
-        Path(path).resolve().relative_to(parent.resolve())
-        return True
-    except ValueError:
-        return False
-
-
 def _pairs(items: list[str], flag: str) -> dict[str, str]:
     out = {}
     for item in items:
@@ -254,7 +247,7 @@ def run(args: argparse.Namespace) -> int:
             if not root.is_dir():
                 raise StageError(f"--singles {root}: not a directory of single-task runs")
             singles = {d.name: d for d in sorted(root.iterdir()) if d.is_dir()}
-        if out.is_dir() and any(_inside(p, out) for p in (*runs.values(), *singles.values())):
+        if out.is_dir() and any(is_within(p, out) for p in (*runs.values(), *singles.values())):
             # a new report beside the runs it reads: add the report files, keep the runs
             _report(args, runs, singles, out, command)
         else:

@@ -104,7 +104,7 @@ def register_model(
     from ..tracking import stage_run
 
     checkpoint, validation = Path(checkpoint), Path(validation)
-    out = check_output_dir(out)  # before the registry is touched: a bad --out must not undo a version
+    out = check_output_dir(out, kind=KIND, inputs=(checkpoint, validation, report))  # before the registry is touched: a bad --out must not undo a version
     train_cfg = _train_config(checkpoint, config, overrides)
     inputs = check_inputs(checkpoint, validation, report)  # refuse before touching the registry
     check_registry_settings(train_cfg.registry, aliases or [])  # aliases, names, tolerance: before logging

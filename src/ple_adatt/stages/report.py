@@ -39,13 +39,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def build_report(*, phase1: str | Path, phase2: str | Path, validation: str | Path, out: str | Path,
                  baselines: str | Path | None = None) -> dict[str, Any]:
     """Write the report directory ``out``; return its manifest (``summary`` holds the headline numbers)."""
-    from ..artifacts import atomic_output_dir, make_manifest, path_sha256, write_json
+    from ..artifacts import (
+        atomic_output_dir,
+        check_output_dir,
+        make_manifest,
+        path_sha256,
+        write_json,
+    )
     from ..reporting import REPORT_SCHEMA_VERSION
     from ..reporting.html import render_html
     from ..reporting.inputs import load_inputs
     from ..reporting.markdown import render_markdown
     from ..reporting.numbers import build_report_data
 
+    check_output_dir(out, kind="report", inputs=(phase1, phase2, validation, baselines))
     inp = load_inputs(phase1=phase1, phase2=phase2, validation=validation, baselines=baselines)
     report = build_report_data(inp)
     html, md = render_html(report), render_markdown(report)
@@ -84,13 +91,16 @@ MAKES = {
 
 
 def check_inputs(args: argparse.Namespace) -> None:
-    """Missing input directories fail before an MLflow run opens, with the command that makes them."""
+    """Missing input directories and an --out that must not be replaced fail before an MLflow run
+    opens, with the command that makes the input."""
+    from ..artifacts import check_output_dir
     from ..errors import StageError
 
     for key, how in MAKES.items():
         path = getattr(args, key)
         if not Path(path).is_dir():
             raise StageError(f"--{key} {path}: no such directory; {how}")
+    check_output_dir(args.out, kind="report", inputs=(args.phase1, args.phase2, args.validation, args.baselines))
 
 
 def run(args: argparse.Namespace) -> int:

@@ -29,7 +29,9 @@ def run(args: argparse.Namespace) -> int:
     from .train_common import run_phase1, run_phase2, summarize
 
     out = Path(args.out)
-    check_output_dir(out)
+    check_output_dir(out, replaced=False)
+    for phase in ("phase1", "phase2"):  # each is replaced whole; OUT itself keeps what else it holds
+        check_output_dir(out / phase, f"--out {out}: its", kind="checkpoint", inputs=(args.data, args.validation))
     created = not out.exists()
     try:
         # phase2 replaces OUT/phase2 first, then phase1 OUT/phase1 (with: last in, first out)
