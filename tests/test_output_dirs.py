@@ -19,11 +19,11 @@ def _output(path: Path, kind: str, text: str = "x") -> Path:
 
 def test_a_directory_of_another_kind_is_left_as_it_was(tmp_path: Path) -> None:
     out = _output(tmp_path / "out", "validation")
-    with pytest.raises(ArtifactError, match=r"holds a validation output \(its manifest.json\), not an earlier "
-                                            r"checkpoint output; it was left as it was"):
-        with atomic_output_dir(out) as tmp:  # the guard at the end reads the new output's kind
-            _output(tmp / "sub", "x")
-            (tmp / "manifest.json").write_text(json.dumps({"kind": "checkpoint"}))
+    refused = pytest.raises(ArtifactError, match=r"holds a validation output \(its manifest.json\), not an earlier "
+                                                 r"checkpoint output; it was left as it was")
+    with refused, atomic_output_dir(out) as tmp:  # the guard at the end reads the new output's kind
+        _output(tmp / "sub", "x")
+        (tmp / "manifest.json").write_text(json.dumps({"kind": "checkpoint"}))
     assert (out / "data.txt").read_text() == "x"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no temporary left
 
@@ -33,9 +33,9 @@ def test_files_without_a_manifest_are_never_replaced(tmp_path: Path) -> None:
     (out / "phase1").mkdir(parents=True)
     with pytest.raises(ArtifactError, match="holds phase1, which is not an earlier report output"):
         check_output_dir(out, kind="report")
-    with pytest.raises(ArtifactError, match="holds phase1, which is not an earlier output of a stage"):
-        with atomic_output_dir(out) as tmp:
-            (tmp / "f").write_text("new")
+    refused = pytest.raises(ArtifactError, match="holds phase1, which is not an earlier output of a stage")
+    with refused, atomic_output_dir(out) as tmp:
+        (tmp / "f").write_text("new")
     assert (out / "phase1").is_dir() and not (out / "f").exists()
 
 
