@@ -483,7 +483,7 @@ class Trainer:
                     n_present += so.present * so.finite
                 self.global_step += 1
                 if self.global_step % t.log_every == 0:
-                    self.log(f"    {phase} epoch {epoch} step {self.global_step} loss {float(so.total):.4f}")
+                    self.log(f"    {phase} epoch {epoch + 1} step {self.global_step} loss {float(so.total):.4f}")
             if self.sync_free and (n_bad := int(nonfinite)):  # one read per epoch
                 skipped += n_bad
                 self._event("nonfinite_loss_skipped", phase, epoch, count=n_bad)
@@ -492,6 +492,7 @@ class Trainer:
                          "(captured again every epoch; a smaller last batch runs eagerly)")
             # eval -> schedule -> checkpointable state
             self._deferred = []
+            lr = float(opt.param_groups[0]["lr"])  # the rate this epoch trained at, before the schedule moves on
             sched.step()
             val = evaluate(system, self.val_data, use_cluster_heads=use_cluster_heads,
                            batch_size=max(t.batch_size, 4096))
@@ -509,7 +510,7 @@ class Trainer:
             weighted_mean = float(w_mean.sum())  # before transfer (fixed or uncertainty)
             affinity_src = system.transfer if system.transfer is not None else None
             rec = EpochRecord(
-                phase=phase, epoch=epoch, step=self.global_step, lr=opt.param_groups[0]["lr"],
+                phase=phase, epoch=epoch, step=self.global_step, lr=lr,
                 transfer_phase=transfer_phase,
                 task_losses={n: float(enh_mean[j]) for j, n in enumerate(names)},
                 raw_losses={n: float(raw_mean[j]) for j, n in enumerate(names)},

@@ -305,3 +305,17 @@ def test_phase2_trains_the_cluster_heads_and_nothing_else():
     after = dict(trainer.system.named_parameters())
     changed = sorted(n for n in before if not torch.equal(before[n], after[n]))
     assert changed == ["model.cluster_head_bias", "model.cluster_head_weight"]
+
+
+def test_each_epoch_records_the_learning_rate_it_trained_at():
+    """The epoch line and MLflow's `lr` show the rate the epoch ran with, so the warmup shows: with a
+    one-epoch LinearLR warmup (start factor 0.1), epoch 1 trains at lr / 10, and Phase 2 warms up again."""
+    from corehelpers import make_batch
+
+    trainer = _tiny_trainer(["training.learning_rate=0.003", "training.warmup_steps=1",
+                             "training.phase2_warmup_steps=1", "training.cluster_finetune_epochs=2"], make_batch(128))
+    trainer.run_phase1()
+    trainer.run_phase2()
+    lrs = {(r.phase, r.epoch): r.lr for r in trainer.history}
+    assert lrs[("phase1", 0)] == pytest.approx(3e-4) and lrs[("phase1", 1)] == pytest.approx(3e-3)
+    assert lrs[("phase2", 0)] == pytest.approx(3e-4) and lrs[("phase2", 1)] == pytest.approx(3e-3)
