@@ -88,7 +88,7 @@ bench-validate: setup  ## time the validate stage on 10M rows x 16 targets x 40 
 	$(BIN)/python bench/bench_validate.py --rows 10000000
 
 adult: setup  ## convert UCI Adult (ADULT_SRC=...) to data/adult.parquet and validate it into runs/validate-adult
-	$(BIN)/ple-adatt convert-adult --src $(ADULT_SRC) --out data/adult.parquet
+	$(BIN)/ple-adatt convert-adult --src $(ADULT_SRC) --out data/adult.parquet --force
 	$(BIN)/ple-adatt validate --data data/adult.parquet --config configs/data/adult.yaml --out runs/validate-adult
 
 # ---- the pipeline: components, compile, submit, local run, stage rerun, images ----------

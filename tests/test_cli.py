@@ -102,3 +102,17 @@ def test_generate_does_not_replace_an_existing_dataset_unless_forced(tmp_path, c
     assert f"--out {out}: exists; pass --force" in capsys.readouterr().err and out.read_bytes() == before
     assert main(["generate", "--out", str(out), "--rows", "10", "--seed", "3", "--force"]) == 0
     assert out.read_bytes() != before
+
+
+def test_convert_adult_does_not_replace_an_existing_dataset_unless_forced(tmp_path, capsys):
+    src = tmp_path / "adult.data"
+    src.write_text("39, State-gov, 77516, Bachelors, 13, Never-married, Adm-clerical, Not-in-family, White, "
+                   "Male, 2174, 0, 40, United-States, <=50K\n")
+    out = write_parquet(tmp_path / "synthetic.parquet", rows=20, seed=0)  # another dataset at that path
+    before = out.read_bytes()
+    assert main(["convert-adult", "--src", str(src), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.strip() == f"ple-adatt convert-adult: error: --out {out}: exists; pass --force to replace it"
+    assert out.read_bytes() == before
+    assert main(["convert-adult", "--src", str(src), "--out", str(out), "--force"]) == 0
+    assert out.read_bytes() != before

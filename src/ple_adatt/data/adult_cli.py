@@ -18,13 +18,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"adult.data (or adult.test); default ${ENV_PATH} or {DEFAULT_PATH} "
                         "(make adult: ADULT_SRC=PATH)")
     parser.add_argument("--out", required=True, help="Parquet file to write (*.parquet), e.g. data/adult.parquet")
+    parser.add_argument("--force", action="store_true", help="replace an existing --out file")
 
 
 def run(args: argparse.Namespace) -> int:
     from .adult import convert, default_source
     from .files import check_parquet_out
 
-    check_parquet_out(args.out)  # a directory, a non-.parquet name: refused before converting
+    # a directory, a non-.parquet name, an existing dataset without --force: refused before converting
+    check_parquet_out(args.out, replace=getattr(args, "force", False))
     t0 = time.perf_counter()
     src = args.src or default_source()
     path, rows = convert(src, args.out)

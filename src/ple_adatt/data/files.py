@@ -19,9 +19,13 @@ from .dataset import DataError
 __all__ = ["check_parquet_out", "write_table_atomic"]
 
 
-def check_parquet_out(out: str | Path, option: str = "--out", *, require_suffix: bool = True) -> Path:
-    """Refuse an output path a Parquet file cannot be written to, naming ``option`` and the path."""
+def check_parquet_out(out: str | Path, option: str = "--out", *, require_suffix: bool = True,
+                      replace: bool = True) -> Path:
+    """Refuse an output path a Parquet file cannot be written to, naming ``option`` and the path;
+    with ``replace=False`` also an existing file (a dataset some run may have been trained on)."""
     out = Path(out)
+    if not replace and out.is_file():
+        raise DataError(f"{option} {out}: exists; pass --force to replace it")
     if out.is_dir():
         raise DataError(f"{option} {out}: is a directory; pass the path of the Parquet file to write, "
                         f"e.g. {out / 'NAME.parquet'}")

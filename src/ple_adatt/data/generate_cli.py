@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import time
-from pathlib import Path
 
 
 def _rows(text: str) -> int:
@@ -32,10 +31,8 @@ def run(args: argparse.Namespace) -> int:
 
     if args.rows < 1:  # callers that build the namespace themselves
         raise StageError(f"--rows must be >= 1, got {args.rows}")
-    check_parquet_out(args.out)  # a directory, a non-.parquet name: refused before generating
-    if Path(args.out).exists() and not getattr(args, "force", False):
-        # a dataset some run may have been trained and validated on: replace it only when told to
-        raise StageError(f"--out {args.out}: exists; pass --force to replace it with {args.rows} new rows")
+    # a directory, a non-.parquet name, an existing dataset without --force: refused before generating
+    check_parquet_out(args.out, replace=getattr(args, "force", False))
     t0 = time.perf_counter()
     path = write_parquet(args.out, rows=args.rows, seed=args.seed)
     print(f"wrote {args.rows} rows to {path} in {time.perf_counter() - t0:.1f}s")
