@@ -496,7 +496,10 @@ def _read_yaml(path: str | Path) -> dict[str, Any]:
         raise ConfigError(f"{p}: not a text file ({e.reason} at byte {e.start}); a config is YAML "
                           "(did you swap --data and --config?)") from e
     except yaml.YAMLError as e:
-        raise ConfigError(f"{p}: not valid YAML: {e}".splitlines()[0]) from e
+        mark = getattr(e, "problem_mark", None) or getattr(e, "context_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        what = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ConfigError(f"{p}: not valid YAML{where}: {what}") from e
     if not isinstance(data, dict):
         raise ConfigError(f"{p}: the top level must be a mapping of keys, got {type(data).__name__}")
     return data
@@ -592,6 +595,11 @@ def validate_data_config(cfg: DataConfig, src: str) -> DataConfig:
         raise ConfigError(
             f"{src}: key `split.key` is set but `split.method` is column (which uses `split.column`); "
             "remove one of them"
+        )
+    if s.method == "column" and s.fractions != SplitConfig().fractions:
+        raise ConfigError(
+            f"{src}: key `split.fractions` is set but `split.method` is column (where `split.column` names "
+            "each row's split, so no fractions apply); remove one of them"
         )
     split_col = s.key if s.method == "hash" else s.column
     targets = {t.column: t.name for t in cfg.tasks}

@@ -104,6 +104,10 @@ def test_missing_and_unparsable_files(tmp_path):
         load_train_config(tmp_path / "nope.yaml")
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_train_config(write(tmp_path, "a: [1,\n"))
+    bad = write(tmp_path, "seed: 1\n  training: [\n")  # the parser's own position, 1-based, for a long config
+    with pytest.raises(ConfigError, match=f"^{bad}: not valid YAML at line 2, column 11: mapping values are not "
+                                          "allowed here$"):
+        load_train_config(bad)
 
 
 SMALL = ROOT / "configs/train/cpu_small.yaml"

@@ -73,10 +73,13 @@ BASE = ("name: t\nnumeric_features: [x]\nsplit: {method: hash, key: id}\n"
         (BASE.replace("key: id}", "key: id, column: part}"), r"`split.column` is set but `split.method` is hash"),
         (BASE.replace("{method: hash, key: id}", "{method: column, column: p, key: id}"),
          r"`split.key` is set but `split.method` is column"),
+        (BASE.replace("{method: hash, key: id}", "{method: column, column: p, fractions: {train: 0.5, val: 0.5}}"),
+         r"`split.fractions` is set but `split.method` is column \(where `split.column` names each row's split"),
         (BASE.replace("key: id", "key: y"), r"`split.key` is `y`, the target of task 'y'; splitting on a label leaks"),
         (BASE.replace("key: id}", "key: id, fractions: {train: 0.0, val: 1.0}}"), r"`split.fractions.train` must be > 0"),
     ],
-    ids=["clusters-without-column", "column-with-hash", "key-with-column", "split-on-label", "no-train"],
+    ids=["clusters-without-column", "column-with-hash", "key-with-column", "fractions-with-column", "split-on-label",
+         "no-train"],
 )
 def test_contradictory_data_configs_are_rejected(tmp_path: Path, text: str, match: str) -> None:
     p = tmp_path / "c.yaml"

@@ -262,6 +262,7 @@ def test_split_column_with_unknown_values_is_a_warning(env: Env) -> None:
     assert rc == 0, err
     r = env.report()
     assert r["splits"]["rows"]["other"] == 1 and r["splits"]["rows"]["val"] == 200
+    assert r["splits"]["fractions"] == {}  # the column names each row's split: no configured cut to show
     c = env.check("split.known_values")
     assert c["passed"] is False and c["gx"]["partial_unexpected_list"] == ["holdout"]
 
