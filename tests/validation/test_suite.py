@@ -84,11 +84,26 @@ def test_expectations_yaml_warning_is_reported(env: Env) -> None:
     assert suite["expectations"][-1]["type"] == "expect_table_row_count_to_be_between"
 
 
-def test_expectation_on_missing_column_fails_with_gx_error(env: Env) -> None:
+def test_expectation_on_missing_column_fails_naming_the_file_and_item(env: Env) -> None:
     f = env.tmp / "extra.json"
-    f.write_text(json.dumps([{"type": "expect_column_values_to_not_be_null", "kwargs": {"column": "ghost"}}]))
+    f.write_text(json.dumps([{"type": "expect_column_to_exist", "kwargs": {"column": "f_num"}},
+                             {"type": "expect_column_values_to_not_be_null", "kwargs": {"column": "ghost"}}]))
     rc, _, err = env.run("--expectations", str(f))
-    assert rc == 2 and "column `ghost` failed" in one_error_line(err)
+    assert rc == 2 and one_error_line(err).endswith(
+        f"{f}: key `expectations[1]` (expect_column_values_to_not_be_null) names the column `ghost`, which "
+        f"{env.data} does not have")
+    assert not env.out.exists()
+
+
+def test_expectations_that_may_meet_a_missing_column_leave_it_to_gx(env: Env) -> None:
+    """expect_column_to_exist checks exactly that, and a warning-severity one only warns."""
+    f = env.tmp / "extra.json"
+    f.write_text(json.dumps([
+        {"type": "expect_column_to_exist", "kwargs": {"column": "ghost"}, "severity": "warning"},
+        {"type": "expect_column_values_to_not_be_null", "kwargs": {"column": "ghost"}, "severity": "warning"}]))
+    rc, out, err = env.run("--expectations", str(f))
+    assert rc == 0, err
+    assert [c["passed"] for c in env.report()["checks"] if c["source"] == "gx"] == [False, False]
 
 
 @pytest.mark.parametrize(

@@ -75,10 +75,14 @@ def run(args: argparse.Namespace) -> int:
         if args.gx_chunk_rows < 1:
             raise StageError(f"--gx-chunk-rows must be >= 1, got {args.gx_chunk_rows}")
         cfg = load_data_config(args.config, args.overrides, option="--config")
-        extra = [e for path in args.expectations for e in load_expectations(path)]
+        extra, sources = [], []
+        for path in args.expectations:
+            loaded = load_expectations(path)
+            extra += loaded
+            sources += [f"{path}: key `expectations[{i}]`" for i in range(len(loaded))]
         report = validate_dataset(
             args.data, cfg, config_path=args.config, overrides=args.overrides, sample_rows=sample_rows,
-            chunk_rows=args.gx_chunk_rows, extra_expectations=extra,
+            chunk_rows=args.gx_chunk_rows, extra_expectations=extra, extra_sources=sources,
         )
         for msg in report.data["warnings"]:
             print(f"warning: {msg}")

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from ..artifacts import atomic_output_dir, file_sha256, make_manifest, path_sha256, write_json
-from ..config import DataConfig, config_hash, to_dict
+from ..config import ConfigError, DataConfig, config_hash, to_dict
 from ..data.dataset import (
     check_columns,
     dataset_rows,
@@ -42,6 +42,18 @@ VALIDATION_HTML = "validation.html"
 SUITE_JSON = "expectation_suite.json"
 DEFAULT_SAMPLE_ROWS = 100_000
 DEFAULT_CHUNK_ROWS = 250_000
+
+
+def expectation_columns(kwargs: dict[str, Any]) -> list[str]:
+    """The columns a GX expectation's kwargs name (``column``, ``column_A``/``_B``, ``column_list``, ...)."""
+    cols: list[str] = []
+    for key in ("column", "column_A", "column_B"):
+        if isinstance(kwargs.get(key), str):
+            cols.append(kwargs[key])
+    for key in ("column_list", "column_set"):
+        if isinstance(kwargs.get(key), (list, tuple, set)):
+            cols.extend(c for c in kwargs[key] if isinstance(c, str))
+    return cols
 
 
 @dataclass
@@ -100,6 +112,7 @@ def validate_dataset(
     chunk_rows: int = DEFAULT_CHUNK_ROWS,
     suite: Any = None,
     extra_expectations: Iterable[Any] = (),
+    extra_sources: Iterable[str] | None = None,
     log: Callable[[str], None] = print,
 ) -> ValidationReport:
     """Validate the Parquet dataset ``data`` against the contract ``cfg``.
@@ -107,7 +120,8 @@ def validate_dataset(
     ``sample_rows``: at most this many rows go through the GX suite (None: every row, in
     chunks of ``chunk_rows``); exact counts always cover every row. ``suite``: a GX suite
     to run instead of :func:`build_suite` (e.g. the built-in one with expectations added);
-    ``extra_expectations``: GX expectations appended to it. Raises DataError for input
+    ``extra_expectations``: GX expectations appended to it, ``extra_sources`` where each came
+    from (``FILE: key `expectations[i]```), for errors. Raises DataError for input
     that cannot be validated (missing / non-Parquet / empty dataset, missing column,
     wrong dtype); a dataset that breaks the contract gives a report with ``passed`` False.
     """
@@ -125,6 +139,15 @@ def validate_dataset(
     lf = scan_dataset(data)
     schema = read_schema(lf, data)
     check_columns(schema, cfg, data, config_src)
+    extra = list(extra_expectations)
+    sources = list(extra_sources) if extra_sources is not None else [f"extra expectation {i}" for i in range(len(extra))]
+    for exp, src in zip(extra, sources, strict=True):  # GX would only say the column is missing, not whose
+        if exp.expectation_type == "expect_column_to_exist" or str(exp.severity.value) != "critical":
+            continue  # a missing column is what it checks, or only worth a warning: GX reports it
+        for col in expectation_columns(exp.configuration.kwargs):
+            if col not in schema:
+                raise ConfigError(f"{src} ({exp.expectation_type}) names the column `{col}`, which {data} does "
+                                "not have")
     log(f"dataset {data}: {len(files)} Parquet file(s), {rows:,} rows, {len(schema)} columns")
     gx_thread = _preload_gx()
     pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="hash")
@@ -141,7 +164,6 @@ def validate_dataset(
     timings["import_gx"] = time.perf_counter() - t0
     if suite is None:
         suite = build_suite(cfg, float_features)
-    extra = list(extra_expectations)
     if extra:
         import copy
 
@@ -203,7 +225,8 @@ def validate_dataset(
         "config": {"path": config_src, "name": cfg.name, "overrides": list(overrides),
                    "hash": config_hash(cfg), "data_config": to_dict(cfg)},
         "splits": {"method": cfg.split.method, "key": cfg.split.key, "column": cfg.split.column,
-                   "fractions": dict(cfg.split.fractions),
+                   # the configured cut; none for method column (the column names each row's split)
+                   "fractions": dict(cfg.split.fractions) if cfg.split.method == "hash" else {},
                    "rows": dict(counts.split_rows),
                    "rates": {s: v / rows for s, v in counts.split_rows.items()}},
         "tasks": evaluation.tasks,
