@@ -109,11 +109,11 @@ components: setup  ## regenerate the committed component YAMLs (components/*/com
 compile: setup  ## write the pipeline IR for Kubeflow (REGISTRY=..., PIPELINE=build/ple-adatt-pipeline.yaml, COMPILE_FLAGS=--no-gpu ...)
 	$(BIN)/python -m pipelines.compile --out $(PIPELINE) --registry $(REGISTRY) $(COMPILE_FLAGS)
 
-submit: compile  ## upload a pipeline version and start a run (KFP_HOST KFP_NAMESPACE KFP_TOKEN DATA_URI KFP_EXPERIMENT RUN_NAME PARAMS SET)
+submit: compile  ## upload a pipeline version and start a run (KFP_HOST KFP_NAMESPACE KFP_TOKEN DATA_URI KFP_EXPERIMENT RUN_NAME PARAMS SET ALLOW_LOCAL_MLFLOW=1)
 	$(BIN)/python -m pipelines.submit --package $(PIPELINE) --experiment $(KFP_EXPERIMENT) \
 		$(if $(KFP_HOST),--host $(KFP_HOST)) $(if $(KFP_NAMESPACE),--namespace $(KFP_NAMESPACE)) \
 		$(if $(DATA_URI),--data-uri $(DATA_URI)) $(if $(RUN_NAME),--run-name $(RUN_NAME)) \
-		$(foreach p,$(PARAMS),--param $(p)) $(foreach s,$(SET),--set $(s))
+		$(foreach p,$(PARAMS),--param $(p)) $(foreach s,$(SET),--set $(s)) $(if $(ALLOW_LOCAL_MLFLOW),--allow-local-mlflow)
 
 LOCAL_PIPELINE ?= build/local/ple-adatt-pipeline.yaml
 run: setup $(DATA)  ## run the pipeline locally (kfp.local, CPU config), register into ./mlflow.db, print a summary (SET=, VERBOSE=1)

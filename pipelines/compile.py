@@ -15,7 +15,7 @@ import sys
 try:
     from .pipeline import PipelineOptions, StepResources, TrainingResources, compile_pipeline
 except KeyboardInterrupt:  # make run starts here: Ctrl-C in its first seconds lands in kfp's import
-    print("make compile: interrupted (Ctrl-C)", file=sys.stderr)
+    print("compile: interrupted (Ctrl-C)", file=sys.stderr)
     raise SystemExit(130) from None
 
 DEFAULT_OUT = "build/ple-adatt-pipeline.yaml"
@@ -57,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
         opts = options_from_args(args)
         path = compile_pipeline(args.out, opts)
     except ValueError as e:
-        print(f"make compile: error: {e}", file=sys.stderr)
+        print(f"compile: error: {e}", file=sys.stderr)
         return 2
     from components.images import VERSION, image
 
@@ -71,5 +71,5 @@ if __name__ == "__main__":
     try:
         sys.exit(main())
     except KeyboardInterrupt:
-        print("make compile: interrupted (Ctrl-C)", file=sys.stderr)
+        print("compile: interrupted (Ctrl-C)", file=sys.stderr)
         sys.exit(130)

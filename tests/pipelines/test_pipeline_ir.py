@@ -127,5 +127,5 @@ def test_options_cache_training_cpu_only_and_resources(tmp_path):
 def test_compile_rejects_a_bad_registry_in_one_line(tmp_path, capsys):
     assert compile_main(["--out", str(tmp_path / "p.yaml"), "--registry", "Not A Registry"]) == 2
     err = capsys.readouterr().err.strip()
-    assert err.startswith("make compile: error: image registry") and "\n" not in err
+    assert err.startswith("compile: error: image registry") and "\n" not in err
     assert not (tmp_path / "p.yaml").exists()
