@@ -116,3 +116,17 @@ def test_convert_adult_does_not_replace_an_existing_dataset_unless_forced(tmp_pa
     assert out.read_bytes() == before
     assert main(["convert-adult", "--src", str(src), "--out", str(out), "--force"]) == 0
     assert out.read_bytes() != before
+
+
+def test_a_misspelt_option_is_named_before_the_option_it_was_meant_to_be_is_missed(tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["report", "--phase1", "a", "--phase2", "b", "--validaton", "v", "--out", str(tmp_path / "r")])
+    err = capsys.readouterr().err
+    assert e.value.code == 2
+    assert err.strip().splitlines()[-1] == ("ple-adatt report: error: unrecognized option --validaton "
+                                            "(did you mean --validation?)")
+    assert not (tmp_path / "r").exists()
+    # an abbreviation argparse accepts is no typo: the stage runs (and stops here at the missing input)
+    assert main(["report", "--phase1", "a", "--phase2", "b", "--valid", "v", "--out", str(tmp_path / "r"),
+                 "--no-tracking"]) == 2
+    assert "--phase1 a: no such directory" in capsys.readouterr().err

@@ -65,6 +65,24 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _refuse_unknown_options(parser: argparse.ArgumentParser, argv: list[str]) -> None:
+    """A misspelt option is named as such (argparse would first complain that the option it was
+    meant to be is missing): a usage error, exit 2, with the closest real option."""
+    import difflib
+
+    known = [s for s in parser._option_string_actions if s.startswith("--")]
+    for token in argv:
+        if token == "--":
+            break
+        if not token.startswith("--"):
+            continue
+        option = token.split("=", 1)[0]
+        if any(k.startswith(option) for k in known):  # the option or an abbreviation argparse accepts
+            continue
+        close = difflib.get_close_matches(option, known, n=1)
+        parser.error(f"unrecognized option {option}" + (f" (did you mean {close[0]}?)" if close else ""))
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
@@ -77,6 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     module = importlib.import_module(module_name)
     sub = argparse.ArgumentParser(prog=f"ple-adatt {name}", description=help_text)
     module.add_arguments(sub)
+    _refuse_unknown_options(sub, argv[1:])
     args = sub.parse_args(argv[1:])
     previous = _catch_sigterm()
     try:
