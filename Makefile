@@ -131,12 +131,14 @@ stage: setup  ## rerun one stage of a local run into a new directory (STAGE=trai
 		$(if $(call _given,DATA),--data $(DATA)) $(if $(call _given,DATA_CONFIG),--data-config $(DATA_CONFIG)) \
 		$(if $(call _given,TRAIN_CONFIG),--train-config $(TRAIN_CONFIG))
 
+# the commit baked into the images (their git_commit lineage tag): HEAD, "-dirty" when tracked files differ from it
+images: GIT_COMMIT = $(shell git rev-parse HEAD 2>/dev/null)$(if $(shell git --no-optional-locks status --porcelain --untracked-files=no 2>/dev/null),-dirty)
 images:  ## build the CPU and CUDA images <REGISTRY>/ple-adatt-{cpu,cuda}:<version> (needs Docker; PUSH=1 pushes)
 	@command -v docker >/dev/null || { echo "error: docker not found; make images needs a Docker engine (BuildKit)"; exit 2; }
 	@docker info >/dev/null 2>&1 || { echo "error: no Docker engine answers (docker info failed); start dockerd or set DOCKER_HOST"; exit 2; }
 	@docker buildx version >/dev/null 2>&1 || { echo "error: docker buildx is missing; the Dockerfiles need BuildKit (install the buildx plugin)"; exit 2; }
-	DOCKER_BUILDKIT=1 docker build -f docker/Dockerfile.cpu --build-arg VERSION=$(VERSION) -t $(REGISTRY)/ple-adatt-cpu:$(VERSION) .
-	DOCKER_BUILDKIT=1 docker build -f docker/Dockerfile.cuda --build-arg VERSION=$(VERSION) -t $(REGISTRY)/ple-adatt-cuda:$(VERSION) .
+	DOCKER_BUILDKIT=1 docker build -f docker/Dockerfile.cpu --build-arg VERSION=$(VERSION) --build-arg GIT_COMMIT=$(GIT_COMMIT) -t $(REGISTRY)/ple-adatt-cpu:$(VERSION) .
+	DOCKER_BUILDKIT=1 docker build -f docker/Dockerfile.cuda --build-arg VERSION=$(VERSION) --build-arg GIT_COMMIT=$(GIT_COMMIT) -t $(REGISTRY)/ple-adatt-cuda:$(VERSION) .
 	$(if $(PUSH),docker push $(REGISTRY)/ple-adatt-cpu:$(VERSION) && docker push $(REGISTRY)/ple-adatt-cuda:$(VERSION))
 
 report: setup  ## affinity / negative-transfer report of runs/train (OUT=...) and VALIDATE_OUT into REPORT_OUT=runs/report

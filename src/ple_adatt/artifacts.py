@@ -55,18 +55,30 @@ def path_sha256(path: str | Path) -> str:
 
 
 def git_commit(start: str | Path | None = None) -> str | None:
-    """The git commit of the source tree, when there is one (None in a container image)."""
-    env = os.environ.get("PLE_ADATT_GIT_COMMIT")
+    """The git commit of the source tree: ``$PLE_ADATT_GIT_COMMIT`` when set (the images bake in
+    the commit they were built from, ``make images``), else ``git rev-parse HEAD`` with a
+    ``-dirty`` suffix when tracked files differ from it (untracked files do not count); None
+    without either (a build from a tarball)."""
+    env = os.environ.get("PLE_ADATT_GIT_COMMIT", "").strip()
     if env:
         return env
     import subprocess
 
     here = Path(start) if start else Path(__file__).resolve().parent
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=5)
-    except (OSError, subprocess.SubprocessError):
+
+    def git(*args: str) -> subprocess.CompletedProcess | None:
+        try:  # --no-optional-locks: never take index.lock from under a concurrent commit
+            return subprocess.run(["git", "--no-optional-locks", *args], cwd=here, capture_output=True, text=True,
+                                  timeout=5)
+        except (OSError, subprocess.SubprocessError):
+            return None
+
+    head = git("rev-parse", "HEAD")
+    if head is None or head.returncode != 0 or not head.stdout.strip():
         return None
-    return out.stdout.strip() or None if out.returncode == 0 else None
+    status = git("status", "--porcelain", "--untracked-files=no")
+    dirty = status is not None and status.returncode == 0 and bool(status.stdout.strip())
+    return head.stdout.strip() + ("-dirty" if dirty else "")
 
 
 def make_manifest(
