@@ -30,6 +30,7 @@ def options_from_args(args: argparse.Namespace) -> PipelineOptions:
         cpu_step=StepResources(cpu=args.step_cpu, memory=args.step_memory),
         retries=args.retries,
         cache_training=args.cache_training,
+        cache_validate=args.cache_validate,
     )
 
 
@@ -45,8 +46,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--shm-size", default=t.shm_size, help=f"memory-backed /dev/shm size (default {t.shm_size})")
     parser.add_argument("--step-cpu", default=d.cpu_step.cpu, help="CPU of validate/report/register (default 2)")
     parser.add_argument("--step-memory", default=d.cpu_step.memory, help="memory of validate/report/register (default 8Gi)")
-    parser.add_argument("--retries", type=int, default=d.retries, help="retries of a failed step, not register (default 2)")
+    parser.add_argument("--retries", type=int, default=d.retries, help="retries of a failed step (default 2)")
     parser.add_argument("--cache-training", action="store_true", help="let KFP reuse training outputs for equal inputs")
+    parser.add_argument("--cache-validate", action="store_true",
+                        help="let KFP reuse validate's output for equal inputs; a cache hit runs no container, so "
+                        "that run's MLflow parent has no validate run")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -7,10 +7,15 @@ overrides, MLflow URI) are pipeline parameters, set per run.
 Placement: the training steps run in the CUDA image and request a GPU
 (``set_accelerator_type`` / ``set_accelerator_limit``), CPU and memory, mount a memory-backed
 ``/dev/shm`` (DataLoader workers and NCCL need more than the container runtime's 64 MiB) and
-tolerate the GPU node taint; every step but register retries transient failures with a
-backoff. Caching is on for validate and report (same inputs, same outputs), off for the
-training steps unless ``cache_training`` asks for it, and always off for register (each run
-registers a new model version).
+tolerate the GPU node taint; every step retries transient failures with a backoff (register
+too: it is idempotent, a retry after a lost answer finds the version it registered).
+
+Caching: a cache hit runs no container, so the step logs no nested MLflow run under that
+pipeline run's parent. Validate is therefore not cached unless ``cache_validate`` asks for it
+(it is cheap next to training, and every run's MLflow parent then shows its validation);
+the training steps are not cached unless ``cache_training`` asks; report is cached (its
+inputs are the run's new checkpoints, so it hits only when the training steps did); register
+never is (each run registers its model version).
 """
 
 
@@ -66,9 +71,10 @@ class PipelineOptions:
     registry: str | None = None  # None: $PLE_ADATT_REGISTRY, else components.images.DEFAULT_REGISTRY
     training: TrainingResources = field(default_factory=TrainingResources)
     cpu_step: StepResources = field(default_factory=lambda: StepResources(cpu="2", memory="8Gi"))
-    retries: int = 2  # for transient failures (preempted node, flaky storage); register never retries
+    retries: int = 2  # for transient failures (preempted node, flaky storage, an MLflow server hiccup)
     backoff: str = "60s"
     cache_training: bool = False
+    cache_validate: bool = False  # a cache hit leaves the run's MLflow parent without its validate run
 
     def __post_init__(self) -> None:
         if self.retries < 0:
@@ -101,13 +107,14 @@ def _training_step(task: Any, opts: PipelineOptions) -> None:
 
 def import_and_validate(data_uri: Any, data_config: Any, gx_rows: Any, mlflow_tracking_uri: Any, run_id: Any,
                         opts: PipelineOptions) -> tuple[Any, Any]:
-    """The first two steps every pipeline shares: import the dataset, validate it (cached)."""
+    """The first two steps every pipeline shares: import the dataset, validate it (cached only
+    with ``opts.cache_validate``)."""
     dataset = dsl.importer(artifact_uri=data_uri, artifact_class=dsl.Dataset, reimport=False)
     dataset.set_display_name("dataset")
     checked = validate(data=dataset.output, data_config=data_config, gx_rows=gx_rows,
                        mlflow_tracking_uri=mlflow_tracking_uri, pipeline_run_id=run_id)
     _cpu_step(checked, opts, retry=True)
-    checked.set_caching_options(True)
+    checked.set_caching_options(opts.cache_validate)
     return dataset, checked
 
 
@@ -136,7 +143,8 @@ def build_pipeline(options: PipelineOptions | None = None) -> Any:
             data_config: data contract YAML inside the image, e.g. configs/data/synthetic.yaml.
             train_config: train config YAML inside the image, e.g. configs/train/production.yaml.
             overrides: train-config overrides, ``key=value`` each, e.g. training.shared_expert_epochs=2.
-            mlflow_tracking_uri: MLflow tracking server; empty keeps the image's $MLFLOW_TRACKING_URI.
+            mlflow_tracking_uri: MLflow tracking server (http://...); empty: tracking.tracking_uri of the
+                train config, else a store inside each pod, lost with it (make submit refuses that).
             gx_rows: rows the Great Expectations suite sees ("all" or a count).
         """
         run_id = dsl.PIPELINE_JOB_ID_PLACEHOLDER
@@ -160,7 +168,7 @@ def build_pipeline(options: PipelineOptions | None = None) -> Any:
         registered = register(checkpoint=phase2.outputs["checkpoint"], validation=checked.outputs["validation"],
                               report=reported.outputs["report"], overrides=overrides,
                               mlflow_tracking_uri=mlflow_tracking_uri, pipeline_run_id=run_id)
-        _cpu_step(registered, opts, retry=False)
+        _cpu_step(registered, opts, retry=True)  # idempotent: a retried register reuses its model version
         registered.set_caching_options(False)
 
     return ple_adatt
