@@ -97,6 +97,45 @@ class _Tee(io.TextIOBase):
         return lines[-1] if lines else None
 
 
+#: the train-config input each stage that takes overrides applies them to: its train_config
+#: parameter, or the train config recorded in the manifest of this checkpoint input
+_OVERRIDE_BASE = {"train-phase2": "phase1_checkpoint", "register": "checkpoint"}
+
+
+def _check_overrides(stage: str, new: list[str], params: dict[str, Any], inputs: dict[str, str], *,
+                     takes_overrides: bool) -> None:
+    """``--set`` fails here, in one line, before the new directory or an MLflow run exists: a stage
+    without train-config overrides refuses it (it would only be recorded, and break a later rerun
+    from the new directory); the others load their train config with every override."""
+    from ple_adatt.config import (
+        ConfigError,
+        apply_overrides,
+        load_data_config,
+        load_train_config,
+        train_config_from_dict,
+    )
+
+    if not new:
+        return
+    if not takes_overrides:
+        raise RunError(f"stage {stage} takes no train-config overrides (SET= / --set {new[0]!r}); drop them "
+                       "(they apply to train-phase1, train-phase2 and register)")
+    everything = list(params.get("overrides") or [])  # the run's own plus the new ones
+    try:
+        if stage in _OVERRIDE_BASE:
+            manifest = Path(inputs[_OVERRIDE_BASE[stage]]) / "manifest.json"
+            try:
+                raw = json.loads(manifest.read_text())["train_config"]
+            except (OSError, ValueError, KeyError):
+                return  # no readable manifest: the stage itself names the problem
+            train_config_from_dict(apply_overrides(raw, everything, "--set"), f"{manifest} train_config + --set")
+        elif params.get("train_config"):
+            data_cfg = load_data_config(params["data_config"]) if params.get("data_config") else None
+            load_train_config(params["train_config"], everything, data=data_cfg)
+    except ConfigError as e:
+        raise RunError(str(e)) from None
+
+
 def rerun_stage(
     stage: str,
     run: str | Path,
@@ -166,6 +205,7 @@ def rerun_stage(
         outputs[name] = str(path)
         kwargs[name] = _artifact(out_spec.type, path)
     accepted = set(inspect.signature(component.python_func).parameters)
+    _check_overrides(stage, list(overrides or []), params, inputs, takes_overrides="overrides" in accepted)
     for key in ("data_config", "train_config", "gx_rows", "overrides", "mlflow_tracking_uri"):
         if key in accepted and key in params:
             kwargs[key] = params[key]

@@ -118,6 +118,26 @@ def test_stage_rerun_refuses_bad_requests_in_one_line(local_run, tmp_path, capsy
         rerun_stage("report", run_dir, out=tmp_path)
 
 
+@pytest.mark.parametrize(("stage", "override", "expected"), [
+    ("validate", "training.bogus=3", "stage validate takes no train-config overrides"),
+    ("report", "training.shared_expert_epochs=3", "stage report takes no train-config overrides"),
+    ("train-phase1", "training.bogus=3", "unknown key `training.bogus`"),
+    ("train-phase2", "training.bogus=3", "unknown key `training.bogus`"),
+    ("register", "registry.bogus=3", "unknown key `registry.bogus`"),
+])
+def test_make_stage_checks_set_before_anything_runs(local_run, tmp_path, capsys, stage, override, expected):
+    """SET= on a stage that takes no overrides was recorded in run.json and broke a later
+    train-phase1 rerun from that directory; an unknown key got as far as the stage."""
+    run_dir, _, _ = local_run
+    before = _tree_digest(run_dir)
+    out = tmp_path / "rerun"
+    assert stage_main([stage, "--run", str(run_dir), "--out", str(out), "--set", override]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("make stage: error: ") and expected in err and "\n" not in err, err
+    assert not out.exists()  # refused before the new directory (and any MLflow run) was made
+    assert _tree_digest(run_dir) == before
+
+
 def test_local_run_names_the_fix_for_missing_inputs(tmp_path):
     with pytest.raises(LocalRunError, match="make data"):
         run_locally(data=tmp_path / "missing.parquet", root=tmp_path / "runs")
