@@ -7,7 +7,8 @@ This is what ``make run`` does after ``make compile``: the very IR YAML that goe
 runs through kfp.local's SubprocessRunner in this virtualenv (the components' code is the
 image's code: the ple-adatt package installed here). GPU requests, tolerations and /dev/shm
 are Kubernetes settings and do nothing locally. Each step's output goes to
-``runs/local/ple-adatt-<timestamp>/pipeline.log``; the terminal gets the step progress (each
+``runs/local/.<pid>.pipeline.log`` while the run goes (the path is printed first; ``tail -f`` it),
+which moves to ``runs/local/ple-adatt-<timestamp>/pipeline.log`` when it ends; the terminal gets the step progress (each
 step's start and end, with times), a failed step's own error line, and a summary. The train
 and data configs (with ``--set``) are checked before anything runs. MLflow defaults to the
 project's sqlite store (``$MLFLOW_TRACKING_URI`` wins).
@@ -265,8 +266,10 @@ def run_locally(
     local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(root), raise_on_error=True)
     t0 = time.perf_counter()
     status, error = "succeeded", None
-    print(f"running the pipeline with kfp.local (step output: {_rel(root)}/<run>/{LOG_FILE})", file=sys.stderr,
-          flush=True)
+    # the run directory is kfp.local's to create: the log moves into it when the run ends
+    log_path.touch()  # there for `tail -f` as soon as its path is printed
+    print(f"running the pipeline with kfp.local (step output: {_rel(log_path)} while it runs, "
+          f"then {_rel(root)}/<run>/{LOG_FILE})", file=sys.stderr, flush=True)
     progress: _Progress | None = None
     try:
         with restored_environ("MLFLOW_TRACKING_URI", ORIGIN_ENV):

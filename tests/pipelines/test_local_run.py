@@ -217,7 +217,7 @@ def test_a_bad_override_fails_before_any_step_runs(tmp_path):
     assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
 
 
-def test_a_failed_step_shows_progress_and_its_own_error_line_first(tmp_path, capsys):
+def test_a_failed_step_shows_progress_and_its_own_error_line_first(tmp_path, capsys, monkeypatch):
     """The terminal gets each step's start and end and, on failure, the stage's one-line
     reason first (not kfp's executor output), the step's name and the rerun command."""
     import polars as pl
@@ -229,6 +229,16 @@ def test_a_failed_step_shows_progress_and_its_own_error_line_first(tmp_path, cap
     pl.read_parquet(data).with_columns(pl.lit(float("inf")).alias("num_00")).write_parquet(bad)
     package = tmp_path / "pipeline.yaml"
     assert compile_main(["--out", str(package)]) == 0
+    import pipelines.local as local_mod
+
+    written = []  # the file the steps' output goes to while the run goes, and whether it exists then
+    init = local_mod._Progress.__init__
+
+    def spy(self, log, *args, **kwargs):
+        written.append((Path(log.name), Path(log.name).exists()))
+        init(self, log, *args, **kwargs)
+
+    monkeypatch.setattr(local_mod._Progress, "__init__", spy)
     with pytest.raises(LocalRunError) as e:
         run_locally(data=bad, package=package, root=tmp_path / "runs",
                     mlflow_tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
@@ -238,6 +248,12 @@ def test_a_failed_step_shows_progress_and_its_own_error_line_first(tmp_path, cap
     assert lines[-1].startswith("fix it and rerun that step: make stage STAGE=validate RUN=")
     err = capsys.readouterr().err
     assert "validate ..." in err and "validate failure" in err
+    # the path printed at the start is the file being written during the run (tail -f finds it);
+    # it then moves into the run directory, leaving no orphan
+    ((live, existed),) = written
+    assert existed and f"step output: {live} while it runs" in err.replace(str(Path.cwd()) + "/", "")
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    assert not live.exists() and (run_dir / "pipeline.log").exists()
 
 
 def test_ctrl_c_stops_the_run_in_one_line_and_leaves_a_run_make_stage_goes_on_from(tmp_path, monkeypatch, capsys):
