@@ -98,6 +98,13 @@ def check_comparison(out: Path, tasks: list[str]) -> dict:
     assert "https://" not in html and all(f">{s}<" in html for s in STRATEGY_NAMES)
     md = (out / "compare.md").read_text()
     assert "| single-task |" in md and "Pareto front:" in md
+    # one seed (the default): a caveat opens both pages, and the order is not called a ranking
+    assert r["n_seeds"] == 1 and r["single_seed_caveat"]
+    assert md.startswith("# Strategy comparison\n\n> **Caveat: One seed") and "--seeds 3" in md
+    assert html.index('id="single-seed-caveat"') < html.index("<table") and "Ranking by" not in md
+    assert "only adaTT freezes the CGC gates during Phase 1" in md and "only adaTT freezes the CGC gates" in html
+    by = {s["name"]: s for s in r["strategies"]}
+    assert by["adatt"]["gates_frozen_from"] == ["phase 1 epoch 2"] and by["pcgrad"]["gates_frozen_from"] == ["phase 2"]
     assert json.loads((out / "manifest.json").read_text())["kind"] == "comparison"
     return r
 

@@ -3,7 +3,8 @@ then write the comparison report.
 
     ple-adatt compare --data data/synthetic.parquet --data-config configs/data/synthetic.yaml \\
         --config configs/train/compare_small.yaml --out runs/compare \\
-        [--strategies adatt,pcgrad,mgda] [--no-single-task] [--set training.shared_expert_epochs=2]
+        [--strategies adatt,pcgrad,mgda] [--no-single-task] [--seeds 3 | --seeds 0,1,2] \\
+        [--set training.shared_expert_epochs=2]
     ple-adatt compare --out runs/compare-again --runs adatt=runs/a --runs pcgrad=runs/b --singles runs/compare/single_task
 
 Writes into ``OUT``:
@@ -12,13 +13,20 @@ Writes into ``OUT``:
   (the same artifacts as ``ple-adatt train``; ``timing.json`` beside them);
 * ``single_task/<task>/phase1|phase2``: one model per task trained alone (the same model
   and config with only that task enabled, strategy ``equal``);
-* ``baselines.json``: the single-task validation losses in the format
+* with several ``--seeds``, one level more: ``runs/<strategy>/seed-<n>/...`` and
+  ``single_task/<task>/seed-<n>/...`` (every strategy and every baseline trains every seed,
+  on the same split, so delta-m is paired by seed);
+* ``baselines.json``: the single-task validation losses (mean over seeds) in the format
   ``ple-adatt report --baselines`` reads (so a run's report shows TCI);
 * ``compare.json`` (every number), ``compare.md``, ``compare.html`` (self-contained) and
   ``manifest.json`` (kind ``comparison``).
 
 Every training run is tracked like ``ple-adatt train`` (nested MLflow runs tagged with
 ``strategy`` and ``compare_role``); ``--no-tracking`` turns that off.
+
+Before the first timed run, one short untimed warm-up (one Phase 1 epoch of the first
+strategy, discarded) absorbs the process's one-time start-up, so the cost table does not charge
+it to whichever strategy trains first; each seed also trains the strategies in a rotated order.
 
 Every strategy's config (and the single-task baselines') is loaded and validated before the
 first one trains, so a bad combination fails in seconds, not after the earlier strategies.
@@ -31,7 +39,10 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import os
+import platform
 import shlex
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -60,6 +71,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                                         "default: every task (or every task --validation enabled)")
     parser.add_argument("--no-single-task", action="store_true",
                         help="skip the single-task baselines (no delta-m and no TCI then)")
+    parser.add_argument("--seeds", metavar="N|S1,S2,...",
+                        help="train every strategy and baseline under several seeds (the config's `seed`, and "
+                             "PCGrad's / MoCoGrad's task-order seeds) on the same split: a count N (the config's "
+                             "seed and the next N-1) or a comma-separated list; the report then shows mean ± sd "
+                             "and paired 95%% intervals. Default: one run at the config's seed")
     parser.add_argument("--runs", action="append", default=[], metavar="NAME=DIR",
                         help="report only: compare existing runs (a `ple-adatt train` output directory); repeatable")
     parser.add_argument("--singles", help="report only: directory of single-task runs, one subdirectory per task")
@@ -75,6 +91,44 @@ def parse_strategies(text: str) -> list[str]:
     if len(set(names)) != len(names):
         raise StageError(f"--strategies: {text!r} names a strategy twice")
     return names
+
+
+MAX_SEEDS = 100
+
+
+def parse_seeds(text: str | None, base_seed: int) -> list[int] | None:
+    """``--seeds``: a count N (``base_seed`` .. ``base_seed + N - 1``) or a comma-separated list;
+    None when not given (one run at the config's seed)."""
+    if text is None:
+        return None
+    t = text.strip()
+    try:
+        if "," in t:
+            seeds = [int(x) for x in t.split(",") if x.strip()]
+        else:
+            n = int(t)
+            if not 1 <= n <= MAX_SEEDS:
+                raise StageError(f"--seeds {text!r}: a count must be 1..{MAX_SEEDS}")
+            seeds = list(range(base_seed, base_seed + n))
+    except ValueError:
+        raise StageError(f"--seeds {text!r}: expected a count (e.g. 3) or a comma-separated list of seeds "
+                         "(e.g. 0,1,2)") from None
+    if not seeds:
+        raise StageError(f"--seeds {text!r}: no seed given")
+    bad = [x for x in seeds if not 0 <= x < 2 ** 32]
+    if bad:
+        raise StageError(f"--seeds {text!r}: seeds {bad} are outside [0, 2**32 - 1]")
+    if len(set(seeds)) != len(seeds):
+        raise StageError(f"--seeds {text!r}: names a seed twice")
+    return seeds
+
+
+def seed_overrides(seed: int | None) -> list[str]:
+    """What one seed of a compare sets: the trainer's seed (weights, batch order) and the random
+    task orders of PCGrad and MoCoGrad (ignored by the other strategies)."""
+    if seed is None:
+        return []
+    return [f"seed={seed}", f"transfer.pcgrad.seed={seed}", f"transfer.mocograd.seed={seed}"]
 
 
 def check_configs(args: argparse.Namespace, strategies: list[str], single_task: bool, data_cfg: Any) -> None:
@@ -118,11 +172,26 @@ def _train_one(args: argparse.Namespace, out: Path, overrides: list[str], tags: 
     return out
 
 
+def _warm_up(args: argparse.Namespace, out: Path, overrides: list[str], only: list[str] | None, log: Any) -> None:
+    """One untimed Phase 1 epoch, discarded, so that the process's one-time start-up (imports,
+    first data load, first kernels) is not timed as part of the first strategy's run."""
+    from .train_common import run_phase1
+
+    t0 = time.perf_counter()
+    run_phase1(data=args.data, data_config=args.data_config, config=args.config, out=out / "phase1",
+               validation=args.validation, overrides=overrides + ["training.shared_expert_epochs=1"],
+               stage="compare", log=lambda *a, **k: None, only_tasks=only)
+    shutil.rmtree(out, ignore_errors=True)
+    log(f"warm-up (untimed, discarded): one Phase 1 epoch in {time.perf_counter() - t0:.1f}s")
+
+
 def train_all(args: argparse.Namespace, strategies: list[str], single_task: bool,
-              log: Any = print, *, out: str | Path | None = None) -> tuple[dict[str, Path], dict[str, Path]]:
+              log: Any = print, *, out: str | Path | None = None,
+              warm_up: bool = True) -> tuple[dict[str, list[Path]], dict[str, list[Path]]]:
     """Train every strategy and (optionally) one single-task model per task into ``out``
-    (default ``args.out``), after checking every run's config."""
-    from ..config import load_data_config
+    (default ``args.out``), for every seed of ``args.seeds``, after checking every run's config.
+    Returns strategy -> run dirs and task -> run dirs, one per seed."""
+    from ..config import load_data_config, load_train_config
     from .train_common import enabled_tasks_from_validation
 
     missing = [f"--{k.replace('_', '-')}" for k in ("data", "data_config", "config") if not getattr(args, k)]
@@ -141,7 +210,13 @@ def train_all(args: argparse.Namespace, strategies: list[str], single_task: bool
             raise StageError(f"--tasks: {bad} are not trainable tasks of {args.data_config}; tasks: {', '.join(tasks)}")
         tasks = [t for t in tasks if t in only]
     check_configs(args, strategies, single_task, data_cfg)
-    total = len(strategies) + (len(tasks) if single_task else 0)
+    seeds: list[int | None] = list(parse_seeds(getattr(args, "seeds", None),
+                                               load_train_config(args.config, base, data=data_cfg).seed) or [None])
+    several = len(seeds) > 1
+    total = (len(strategies) + (len(tasks) if single_task else 0)) * len(seeds)
+    if warm_up:
+        _warm_up(args, out / ".warmup", base + [f"transfer.strategy={strategies[0]}"] + seed_overrides(seeds[0]),
+                 only, log)
     t0, done = time.perf_counter(), 0
 
     def header(what: str) -> None:
@@ -150,26 +225,45 @@ def train_all(args: argparse.Namespace, strategies: list[str], single_task: bool
         left = f", about {elapsed / done * (total - done) / 60:.0f} min left" if done else ""
         log(f"=== compare {done + 1}/{total}: {what} ({elapsed / 60:.1f} min so far{left}) ===")
 
-    runs: dict[str, Path] = {}
-    for s in strategies:
-        header(f"strategy {s}")
-        runs[s] = _train_one(args, out / "runs" / s, base + [f"transfer.strategy={s}"],
-                             {"strategy": s, "compare_role": "joint"}, only, log)
-        done += 1
-    singles: dict[str, Path] = {}
-    if single_task:
-        for t in tasks:
-            header(f"single-task baseline {t}")
-            singles[t] = _train_one(args, out / "single_task" / t, base + [f"transfer.strategy={SINGLE_STRATEGY}"],
-                                    {"strategy": SINGLE_STRATEGY, "compare_role": "single_task", "task": t}, [t], log)
+    def where(root: Path, seed: int | None) -> Path:
+        return root / f"seed-{seed}" if several else root
+
+    runs: dict[str, list[Path]] = {s: [] for s in strategies}
+    singles: dict[str, list[Path]] = {t: [] for t in tasks} if single_task else {}
+    for k, seed in enumerate(seeds):
+        at = f", seed {seed}" if seed is not None else ""
+        seed_tags = {"seed": str(seed)} if seed is not None else {}
+        # rotate the order per seed, so no strategy always trains first (or last) in a session
+        order = strategies[k % len(strategies):] + strategies[:k % len(strategies)]
+        for s in order:
+            header(f"strategy {s}{at}")
+            runs[s].append(_train_one(args, where(out / "runs" / s, seed),
+                                      base + [f"transfer.strategy={s}"] + seed_overrides(seed),
+                                      {"strategy": s, "compare_role": "joint", **seed_tags}, only, log))
             done += 1
+        if single_task:
+            for t in tasks:
+                header(f"single-task baseline {t}{at}")
+                singles[t].append(_train_one(
+                    args, where(out / "single_task" / t, seed),
+                    base + [f"transfer.strategy={SINGLE_STRATEGY}"] + seed_overrides(seed),
+                    {"strategy": SINGLE_STRATEGY, "compare_role": "single_task", "task": t, **seed_tags}, [t], log))
+                done += 1
     return runs, singles
 
 
-def write_comparison(runs: dict[str, str | Path], singles: dict[str, str | Path], out: str | Path, *,
+def machine_info() -> dict[str, Any]:
+    """Where the timed runs ran: shown beside the cost table (the report adds the device)."""
+    return {"cpus": os.cpu_count(), "platform": platform.platform(terse=True)}
+
+
+def write_comparison(runs: dict[str, Any], singles: dict[str, Any], out: str | Path, *,
                      command: str | None = None, data: str | None = None,
-                     final_out: str | Path | None = None) -> dict[str, Any]:
+                     final_out: str | Path | None = None, machine: dict[str, Any] | None = None) -> dict[str, Any]:
     """Read the runs' manifests and write baselines.json, compare.{json,md,html} and manifest.json.
+
+    ``runs``: strategy -> a run directory or a list of them (one per seed; a directory holding
+    ``seed-<n>/`` subdirectories counts as all of them); ``singles``: task -> the same.
 
     Every input is read and checked before the first file is written. ``final_out``: where
     ``out`` (a temporary directory) will be renamed to; the report names the runs' checkpoints
@@ -179,26 +273,33 @@ def write_comparison(runs: dict[str, str | Path], singles: dict[str, str | Path]
     from ..reporting.compare import (
         COMPARE_SCHEMA_VERSION,
         compare_numbers,
-        read_run,
+        read_runs,
         render_html,
         render_markdown,
     )
 
     out = Path(out)
-    mans = {n: read_run(p) for n, p in runs.items()}
-    single_mans = {t: read_run(p) for t, p in singles.items()}
-    for t, man in single_mans.items():
-        if list(man["tasks"]) != [t]:
-            raise StageError(f"single-task run {man['_dir']} trains {man['tasks']}, expected only {t!r}")
+
+    def read_all(paths: Any) -> list[dict[str, Any]]:
+        return [m for p in (paths if isinstance(paths, (list, tuple)) else [paths]) for m in read_runs(p)]
+
+    mans = {n: read_all(p) for n, p in runs.items()}
+    single_mans = {t: read_all(p) for t, p in singles.items()}
+    for t, ms in single_mans.items():
+        for man in ms:
+            if list(man["tasks"]) != [t]:
+                raise StageError(f"single-task run {man['_dir']} trains {man['tasks']}, expected only {t!r}")
+    every = [m for ms in (*mans.values(), *single_mans.values()) for m in ms]
     if final_out is not None:
-        for man in (*mans.values(), *single_mans.values()):
+        for man in every:
             man["_dir"] = str(_relocate(Path(man["_dir"]), out, Path(final_out)))
-    report = compare_numbers(mans, single_mans, data=data, command=command)
+    report = compare_numbers(mans, single_mans, data=data, command=command, machine=machine)
     out.mkdir(parents=True, exist_ok=True)
-    if single_mans:
-        losses = {t: m["metrics"]["tasks"][t]["loss"] for t, m in single_mans.items()}
-        phase = "phase2" if all(m.get("phase") == "phase2" for m in single_mans.values()) else "phase1"
-        write_json(out / "baselines.json", {"kind": "single_task_baselines", "phase": phase, "val_loss": losses})
+    if single_mans:  # the mean over seeds of each task's single-task validation loss
+        losses = {t: sum(m["metrics"]["tasks"][t]["loss"] for m in ms) / len(ms) for t, ms in single_mans.items()}
+        phase = "phase2" if all(m.get("phase") == "phase2" for ms in single_mans.values() for m in ms) else "phase1"
+        write_json(out / "baselines.json", {"kind": "single_task_baselines", "phase": phase, "val_loss": losses,
+                                            "seeds": report["single_task"]["seeds"]})
     for name, text in (("compare.md", render_markdown(report)), ("compare.html", render_html(report))):
         tmp = out / f".{name}.tmp"
         tmp.write_text(text, encoding="utf-8")
@@ -206,14 +307,21 @@ def write_comparison(runs: dict[str, str | Path], singles: dict[str, str | Path]
     write_json(out / "compare.json", report)
     manifest = make_manifest(
         COMPARE_KIND, STAGE, schema_version=COMPARE_SCHEMA_VERSION,
-        inputs={**{f"run.{n}": m["files"]["checkpoint.pt"] for n, m in mans.items()},
-                **{f"single_task.{t}": m["files"]["checkpoint.pt"] for t, m in single_mans.items()}},
-        extra={"strategies": list(mans), "tasks": [t["name"] for t in report["tasks"]],
+        inputs={**{_input_key(f"run.{n}", m, len(ms)): m["files"]["checkpoint.pt"]
+                   for n, ms in mans.items() for m in ms},
+                **{_input_key(f"single_task.{t}", m, len(ms)): m["files"]["checkpoint.pt"]
+                   for t, ms in single_mans.items() for m in ms}},
+        extra={"strategies": list(mans), "tasks": [t["name"] for t in report["tasks"]], "seeds": report["seeds"],
                "pareto_front": report["pareto_front"], "ranking_by_delta_m": report["ranking_by_delta_m"],
+               "ranking": report["ranking_text"],
                "files": {f: path_sha256(out / f) for f in FILES}},
     )
     write_json(out / "manifest.json", manifest)
     return report
+
+
+def _input_key(prefix: str, man: dict[str, Any], n: int) -> str:
+    return f"{prefix}.seed-{(man.get('train_config') or {}).get('seed', 0)}" if n > 1 else prefix
 
 
 def _relocate(path: Path, src: Path, dst: Path) -> Path:
@@ -224,13 +332,14 @@ def _relocate(path: Path, src: Path, dst: Path) -> Path:
         return path
 
 
-def _pairs(items: list[str], flag: str) -> dict[str, str]:
-    out = {}
+def _pairs(items: list[str], flag: str) -> dict[str, list[str]]:
+    """NAME=DIR items; a NAME given again adds another seed of that strategy."""
+    out: dict[str, list[str]] = {}
     for item in items:
         if "=" not in item:
             raise StageError(f"{flag} {item!r}: expected NAME=DIR")
         k, v = item.split("=", 1)
-        out[k.strip()] = v.strip()
+        out.setdefault(k.strip(), []).append(v.strip())
     return out
 
 
@@ -247,7 +356,8 @@ def run(args: argparse.Namespace) -> int:
             if not root.is_dir():
                 raise StageError(f"--singles {root}: not a directory of single-task runs")
             singles = {d.name: d for d in sorted(root.iterdir()) if d.is_dir()}
-        if out.is_dir() and any(is_within(p, out) for p in (*runs.values(), *singles.values())):
+        if out.is_dir() and any(is_within(p, out) for ps in runs.values() for p in ps) or (
+                out.is_dir() and any(is_within(p, out) for p in singles.values())):
             # a new report beside the runs it reads: add the report files, keep the runs
             _report(args, runs, singles, out, command)
         else:
@@ -255,10 +365,12 @@ def run(args: argparse.Namespace) -> int:
                 _report(args, runs, singles, tmp, command, final_out=out)
     else:
         strategies = parse_strategies(args.strategies)
+        parse_seeds(args.seeds, 0)  # a bad --seeds fails before anything else
         refuse_foreign_contents(out)
         with atomic_output_dir(out) as tmp:  # a failed compare leaves no partial OUT
             runs, singles = train_all(args, strategies, not args.no_single_task, out=tmp)
-            _report(args, runs, singles, tmp, command, final_out=out)
+            _report(args, runs, singles, tmp, command, final_out=out,
+                    machine=machine_info())
     print((out / "compare.md").read_text())
     print(f"wrote {args.out}/compare.html, compare.md, compare.json"
           + (f" and {args.out}/baselines.json (for `ple-adatt report --baselines`)" if singles else ""))
@@ -282,13 +394,18 @@ def refuse_foreign_contents(out: Path) -> None:
 
 
 def _report(args: argparse.Namespace, runs: dict[str, Any], singles: dict[str, Any], out: Path,
-            command: str | None, final_out: Path | None = None) -> dict[str, Any]:
+            command: str | None, final_out: Path | None = None,
+            machine: dict[str, Any] | None = None) -> dict[str, Any]:
     """Write the comparison into ``out`` and log it as the ``compare`` MLflow run."""
     with stage_tracking(STAGE, args) as tracker:
-        report = write_comparison(runs, singles, out, command=command, data=args.data, final_out=final_out)
+        report = write_comparison(runs, singles, out, command=command, data=args.data, final_out=final_out,
+                                  machine=machine)
         tracker.log_metrics({f"compare/delta_m/{s['name']}": s["delta_m"] for s in report["strategies"]
                              if s["delta_m"] is not None})
-        tracker.set_tags({"pareto_front": ",".join(report["pareto_front"])})
+        tracker.log_metrics({f"compare/delta_m_sd/{s['name']}": s["delta_m_sd"] for s in report["strategies"]
+                             if s.get("delta_m_sd") is not None})
+        tracker.set_tags({"pareto_front": ",".join(report["pareto_front"]), "seeds": ",".join(map(str, report["seeds"])),
+                          "ranking": report["ranking_text"]})
         for f in (*FILES, "baselines.json"):
             if (out / f).exists():
                 tracker.log_artifact(out / f, "comparison")
