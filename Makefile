@@ -152,6 +152,7 @@ mlflow-ui: setup  ## open the MLflow UI on the local store ./mlflow.db (artifact
 COMPARE_CONFIG ?= $(TRAIN_CONFIG)
 COMPARE_OUT ?= runs/compare
 STRATEGIES ?= adatt,pcgrad,mocograd,gradnorm,mgda,uncertainty,equal
-compare: setup $(DATA)  ## train STRATEGIES + single-task baselines on DATA (COMPARE_CONFIG, TASKS=a,b); report in COMPARE_OUT
+compare: setup $(DATA)  ## train STRATEGIES + single-task baselines on DATA (COMPARE_CONFIG, TASKS=a,b, SEEDS=3 or 0,1,2); report in COMPARE_OUT
 	$(BIN)/ple-adatt compare --data $(DATA) --data-config $(DATA_CONFIG) --config $(COMPARE_CONFIG) \
-		--strategies $(STRATEGIES) --out $(COMPARE_OUT) $(if $(TASKS),--tasks $(TASKS)) $(foreach s,$(SET),--set $(s))
+		--strategies $(STRATEGIES) --out $(COMPARE_OUT) $(if $(TASKS),--tasks $(TASKS)) $(if $(SEEDS),--seeds $(SEEDS)) \
+		$(foreach s,$(SET),--set $(s))

@@ -12,6 +12,13 @@ this module leaves unchanged). Strategies and single-task baselines are compile-
 (the baselines default to every task of ``--data-config``; ``--single-tasks none`` drops
 them); the data and configs are run-time parameters, and a baseline task must be trainable
 under the run's data config and validation result.
+
+One seed: every branch trains at the train config's ``seed`` (``seed=<n>`` in ``overrides``
+picks another), so the comparison page carries the one-seed caveat. ``ple-adatt compare
+--seeds`` trains several; per-seed branches here would need a ``seed`` input on train-phase1
+and a compare component that keeps the single-task checkpoints of different seeds apart
+(docs/compare.md). For several seeds, run this pipeline once per seed and compare the
+checkpoints with ``ple-adatt compare --runs NAME=DIR`` (a name repeated once per seed).
 """
 
 
@@ -70,7 +77,8 @@ def build_compare_pipeline(strategies: list[str] | tuple[str, ...] = DEFAULT_STR
             data_uri: the dataset, a Parquet file or directory.
             data_config: data contract YAML inside the image.
             train_config: train config YAML inside the image; each branch sets transfer.strategy.
-            overrides: train-config overrides for every branch, ``key=value`` each.
+            overrides: train-config overrides for every branch, ``key=value`` each (``seed=<n>``:
+                the one seed every branch trains; this pipeline runs one seed).
             mlflow_tracking_uri: MLflow tracking server; empty keeps the image's $MLFLOW_TRACKING_URI.
             gx_rows: rows the Great Expectations suite sees ("all" or a count).
         """
