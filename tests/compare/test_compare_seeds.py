@@ -75,6 +75,9 @@ def test_a_bad_seeds_option_is_one_line_and_exit_2(tmp_path, capsys):
     err = capsys.readouterr().err
     assert rc == 2 and "--seeds '0,0': names a seed twice" in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "x").exists()
+    rc = main(["compare", "--out", str(tmp_path / "x"), "--runs", "adatt=a", "--seeds", "3"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "--seeds 3: trains new runs; with --runs the seeds are read from the runs' manifests" in err
 
 
 # -------------------------------------------------- the report from constructed manifests

@@ -349,6 +349,9 @@ def run(args: argparse.Namespace) -> int:
     command = "ple-adatt " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:2] == ["compare"] else None
     out = Path(args.out)
     if args.runs:
+        if args.seeds is not None:
+            raise StageError(f"--seeds {args.seeds}: trains new runs; with --runs the seeds are read from the runs' "
+                             "manifests (repeat --runs NAME=DIR once per seed)")
         runs: dict[str, Any] = _pairs(args.runs, "--runs")
         singles: dict[str, Any] = {}
         if args.singles:
