@@ -19,7 +19,9 @@ Every stage wraps its work in :func:`ple_adatt.stages.common.stage_tracking`, wh
   ``val/<task>/<metric>``, ``val_loss``, ``lr``, ``transfer_share``, ``adatt_phase``),
   events as metrics (``adatt_freeze_epoch``, ``cgc_frozen_epoch``, ``phase2_start``; the
   value is the epoch), the affinity and transfer matrices per epoch as JSON artifacts
-  (``matrices/<phase>_epoch_<NNN>.json``) and the stage's outputs as artifacts.
+  (``matrices/<phase>_epoch_<NNN>.json``) and the stage's outputs as artifacts. Epochs in
+  MLflow (metric steps, event values, matrix names) count from 1 within a phase, as the
+  console prints them; the checkpoint manifests they come from count from 0.
 
 Where runs go: ``$MLFLOW_TRACKING_URI``, else ``tracking.tracking_uri`` of the train config,
 else the embedded default, a sqlite store in the working directory (``sqlite:///mlflow.db``,
@@ -83,7 +85,7 @@ DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 DEFAULT_ARTIFACT_DIR = "mlartifacts"
 #: adaTT phase as a metric (MLflow metrics are numbers); the name is also a tag per epoch file
 ADATT_PHASE_CODE = {"off": -1, "warmup": 0, "dynamic": 1, "frozen": 2}
-#: the events the seed lists, logged as metrics whose value is the epoch they happened in
+#: the events the seed lists, logged as metrics whose value is the epoch they happened in (from 1)
 EVENT_METRICS = ("adatt_freeze_epoch", "cgc_frozen_epoch", "phase2_start")
 PARAM_VALUE_MAX = 6000  # MLflow's limit on a param value
 TAG_VALUE_MAX = 5000  # model version tags are the tightest limit
@@ -292,13 +294,13 @@ def _wrap(target: TrackingTarget, what: str, fn: Any, *args: Any, **kwargs: Any)
 
     try:
         return fn(*args, **kwargs)
-    except MlflowException as e:
-        msg = str(e.message if hasattr(e, "message") else e).splitlines()[0][:300]
-        raise TrackingError(f"MLflow at {target.uri}: {what} failed: {msg}") from e
+    except MlflowException as e:  # also a server that stopped answering mid-stage (MLflow's retries ran out)
+        msg = (str(e.message if hasattr(e, "message") else e).splitlines() or [type(e).__name__])[0][:300]
+        raise TrackingError(f"MLflow at {target.uri} (from {target.origin}): {what} failed: {msg}") from e
     except OSError as e:  # requests' ConnectionError is an OSError
         raise TrackingError(
-            f"MLflow at {target.uri}: {what} failed: {str(e).splitlines()[0][:300]}; is the tracking "
-            f"server up? (the URI is from {target.origin})"
+            f"MLflow at {target.uri} (from {target.origin}): {what} failed: "
+            f"{(str(e).splitlines() or [type(e).__name__])[0][:300]}; is the tracking server up?"
         ) from e
 
 
@@ -316,12 +318,20 @@ def _bad_uri(target: TrackingTarget, why: str) -> TrackingError:
 
 
 def check_uri(target: TrackingTarget) -> None:
-    """Refuse a tracking URI MLflow has no store for (``localhost:5000``) with one clear line."""
+    """Refuse a tracking URI MLflow has no store for (``localhost:5000``), or a sqlite store in a
+    directory that does not exist (MLflow would create it, and an empty store), with one clear line."""
     if re.match(r"^[\w.-]+:\d+(/.*)?$", target.uri):
         raise _bad_uri(target, f"it is a host and port without a scheme (did you mean http://{target.uri}?)")
     scheme = target.uri.split(":", 1)[0].lower() if re.match(r"^[A-Za-z][\w+.-]*:", target.uri) else ""
     if len(scheme) > 1 and scheme.split("+", 1)[0] not in _STORE_SCHEMES:
         raise _bad_uri(target, f"{scheme!r} is not a scheme MLflow can track to")
+    db = local_store_path(target.uri) if scheme == "sqlite" else None
+    if db is not None and not db.parent.is_dir():
+        # MLflow would create the directories and a new, empty store there: a typo must not
+        # send the runs (and the registered models) to a store nobody looks at
+        where = db.parent if db.parent.is_absolute() else f"{db.parent} (resolved: {db.parent.absolute()})"
+        raise _bad_uri(target, f"the directory {where} of its database does not exist, and a new empty store "
+                       "is not created there (a mistyped path?)")
 
 
 def make_client(target: TrackingTarget) -> Any:
@@ -497,11 +507,11 @@ class StageTracker(NullTracker):
 
     def log_epoch(self, record: Any) -> None:
         r = record if isinstance(record, dict) else record.as_dict()
-        phase, epoch = str(r.get("phase", "")), int(r.get("epoch", 0))
+        phase, epoch = str(r.get("phase", "")), int(r.get("epoch", 0))  # 0-based, as in the manifest
         if phase == "phase2" and phase not in self._phases_seen:
             self._event_once("phase2_start", phase, 0)
         self._phases_seen.add(phase)
-        self.log_metrics(epoch_metrics(r), step=epoch)
+        self.log_metrics(epoch_metrics(r), step=epoch + 1)  # MLflow shows epochs as the console does: from 1
         for ev in r.get("events") or []:
             self._event_once(str(ev), phase, epoch)
         frozen = bool(r.get("cgc_frozen"))
@@ -511,9 +521,10 @@ class StageTracker(NullTracker):
         tasks = list((r.get("task_losses") or {}).keys())
         if r.get("affinity") or r.get("transfer_matrix") is not None:
             self.log_dict(
-                {"phase": phase, "epoch": epoch, "step": r.get("step"), "transfer_phase": r.get("transfer_phase"),
-                 "tasks": tasks, "affinity": r.get("affinity"), "transfer_matrix": r.get("transfer_matrix")},
-                f"matrices/{phase}_epoch_{epoch:03d}.json",
+                {"phase": phase, "epoch": epoch + 1, "manifest_epoch": epoch, "step": r.get("step"),
+                 "transfer_phase": r.get("transfer_phase"), "tasks": tasks, "affinity": r.get("affinity"),
+                 "transfer_matrix": r.get("transfer_matrix")},
+                f"matrices/{phase}_epoch_{epoch + 1:03d}.json",
             )
 
     def log_event(self, name: str, value: float, step: int | None = None) -> None:
@@ -544,11 +555,13 @@ class StageTracker(NullTracker):
         return _wrap(self.target, what, fn, *args, **kwargs)
 
     def _event_once(self, name: str, phase: str, epoch: int) -> None:
+        """Log event ``name`` of 0-based ``epoch`` (the manifests' numbering) once, as the
+        1-based epoch the console printed (``event: adatt_freeze_epoch (phase1, epoch 5)``)."""
         key = (name, phase, epoch)
         if key in self._events:
             return
         self._events.add(key)
-        self.log_metrics({name: float(epoch)}, step=epoch)
+        self.log_metrics({name: float(epoch + 1)}, step=epoch + 1)
 
     def _from_manifest(self, d: Path) -> None:
         """A logged artifact directory with a manifest: lineage tags, final metrics, events."""
@@ -562,6 +575,18 @@ class StageTracker(NullTracker):
         kind = man.get("kind")
         inputs = man.get("inputs") or {}
         tags = {f"input.{k}": str(v).removeprefix("sha256:") for k, v in inputs.items()}
+        if kind == "validation":
+            # one meaning per tag name: ``input.data_config`` is the normalised data config hash
+            # on every run (the train runs' manifests record that one); the validation manifest's
+            # input is the hash of the YAML file's bytes, kept as ``input.data_config_file``
+            if "data_config" in inputs:
+                tags["input.data_config_file"] = tags.pop("input.data_config")
+            tags["input.data_config"] = str(man.get("config_hash") or "")
+            tags["data_config_hash"] = str(man.get("config_hash") or "")
+            if (d / "availability.json").is_file():  # what the training and registry manifests record
+                from .artifacts import path_sha256
+
+                tags["validation.sha256"] = path_sha256(d / "availability.json")
         if kind == "checkpoint":
             phase = str(man.get("phase", ""))
             for ev in man.get("events") or []:
@@ -578,6 +603,8 @@ class StageTracker(NullTracker):
                 "strategy": str(man.get("strategy") or ""),
                 "negative_transfer_pairs": ",".join(f"{a}<->{b}" for a, b in pairs) or "none",
             })
+            # a Phase 2 manifest's input is the Phase 1 checkpoint; its data config is the same one
+            tags.setdefault("input.data_config", str(man.get("data_config_hash") or ""))
             cfgs = {}
             if man.get("train_config"):
                 cfgs.update(flatten_params(man["train_config"]))

@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -136,21 +137,25 @@ def ple_adatt(*args: str, env: dict[str, str] | None = None, cwd: Path | None = 
 
 @pytest.fixture(scope="session")
 def trained(tmp_path_factory: pytest.TempPathFactory, _server_process: _ServerProcess) -> Trained:
-    """Generate, validate and train once per session, the training tracked to the server.
+    """Generate, validate and train once per session, both tracked to the server (the
+    registry links a version to its validate and train runs).
 
-    Validation runs beside the server start-up and the training (2 cores are enough).
+    The data is generated while the server starts; validation runs beside the training
+    (2 cores are enough). Both run in the session's temporary directory: nothing lands in
+    the checkout's ./mlflow.db.
     """
     d = tmp_path_factory.mktemp("trained")
     data = d / "data.parquet"
-    ple_adatt("generate", "--out", str(data), "--rows", "3000")
+    ple_adatt("generate", "--out", str(data), "--rows", "3000", cwd=d)
+    server = _server_process.wait()
     validate = subprocess.Popen(
         [str(BIN / "ple-adatt"), "validate", "--data", str(data), "--config", str(DATA_CONFIG),
-         "--out", str(d / "validation")], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+         "--out", str(d / "validation")], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        env={**os.environ, "MLFLOW_TRACKING_URI": server.uri}, cwd=d)
     try:
-        server = _server_process.wait()
         ple_adatt("train", "--data", str(data), "--data-config", str(DATA_CONFIG), "--config", str(TRAIN_CONFIG),
                   "--out", str(d / "run"), "--pipeline-run-id", PIPELINE_RUN_ID, *QUICK,
-                  env={"MLFLOW_TRACKING_URI": server.uri})
+                  env={"MLFLOW_TRACKING_URI": server.uri}, cwd=d)
         out, _ = validate.communicate(timeout=300)
     finally:
         if validate.poll() is None:
@@ -214,3 +219,67 @@ def derive_checkpoint(src: Path, dst: Path, *, metric_shift: float, seed: int) -
 def _isolated_cwd(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     """Nothing a test does may land in the repository (the default store is ./mlflow.db)."""
     monkeypatch.chdir(tmp_path)
+
+
+class Proxy:
+    """A TCP forwarder on 127.0.0.1 to a real tracking server: :meth:`stop` is an outage in the
+    middle of a stage (the listening socket and every open connection close)."""
+
+    def __init__(self, upstream: str):
+        import threading
+        from urllib.parse import urlparse
+
+        up = urlparse(upstream)
+        self._upstream = (up.hostname, up.port)
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.uri = f"http://127.0.0.1:{self._listener.getsockname()[1]}"
+        self._conns: list[socket.socket] = []
+        self._lock = threading.Lock()
+        self._stopped = False
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        import threading
+
+        while True:
+            try:
+                client, _ = self._listener.accept()
+            except OSError:
+                return  # stopped
+            try:
+                server = socket.create_connection(self._upstream, timeout=30)
+            except OSError:
+                client.close()
+                continue
+            with self._lock:
+                if self._stopped:
+                    client.close()
+                    server.close()
+                    return
+                self._conns += [client, server]
+            for a, b in ((client, server), (server, client)):
+                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def _pump(src: socket.socket, dst: socket.socket) -> None:
+        try:
+            while chunk := src.recv(65536):
+                dst.sendall(chunk)
+        except OSError:
+            pass
+        finally:
+            for s in (src, dst):
+                with contextlib.suppress(OSError):
+                    s.shutdown(socket.SHUT_RDWR)
+
+    def stop(self) -> None:
+        with self._lock:
+            self._stopped = True
+            conns, self._conns = self._conns, []
+        with contextlib.suppress(OSError):  # wakes the accepting thread (a bare close would not)
+            self._listener.shutdown(socket.SHUT_RDWR)
+        self._listener.close()
+        for s in conns:
+            with contextlib.suppress(OSError):
+                s.shutdown(socket.SHUT_RDWR)
+            s.close()

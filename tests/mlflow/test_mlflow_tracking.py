@@ -64,16 +64,23 @@ def test_training_stages_are_nested_runs_of_the_pipeline_run(trained: Trained) -
     p1, p2 = stages["train-phase1"], stages["train-phase2"]
     # per-epoch metrics, the seed's names
     hist = client.get_metric_history(p1.info.run_id, "task_losses/ctr")
-    assert sorted(m.step for m in hist) == [0, 1, 2]
+    assert sorted(m.step for m in hist) == [1, 2, 3]  # epochs as the console numbers them
     for key in ("raw_losses/ctr", "val/ctr/auc", "val/brand_prediction/recall_at_10", "val_loss", "lr",
                 "transfer_share", "adatt_phase"):
         assert len(client.get_metric_history(p1.info.run_id, key)) == 3, key
     phases = sorted(client.get_metric_history(p1.info.run_id, "adatt_phase"), key=lambda m: m.step)
     assert [m.value for m in phases] == [0.0, 1.0, 1.0]  # warmup, dynamic, dynamic (freezes after epoch 2)
-    # events as metrics whose value is the epoch
-    assert p1.data.metrics["adatt_freeze_epoch"] == 2.0
-    assert p1.data.metrics["cgc_frozen_epoch"] == 2.0
-    assert p2.data.metrics["phase2_start"] == 0.0
+    # events as metrics whose value (and step) is the epoch the console printed them in, from 1
+    # ("event: adatt_freeze_epoch (phase1, epoch 3)"); the manifest keeps 0-based epochs
+    man1 = json.loads((trained.phase1 / "manifest.json").read_text())
+    ev = {e["event"]: e["epoch"] for e in man1["events"]}
+    assert ev["adatt_freeze_epoch"] == ev["cgc_frozen_epoch"] == 2
+    assert p1.data.metrics["adatt_freeze_epoch"] == 3.0
+    assert p1.data.metrics["cgc_frozen_epoch"] == 3.0
+    assert [m.step for m in client.get_metric_history(p1.info.run_id, "adatt_freeze_epoch")] == [3]
+    assert p2.data.metrics["phase2_start"] == 1.0
+    assert [m.step for m in client.get_metric_history(p2.info.run_id, "phase2_start")] == [1]
+    assert sorted(m.step for m in client.get_metric_history(p2.info.run_id, "task_losses/ctr")) == [1]
     # final metrics and lineage of the checkpoint
     man = json.loads((trained.phase2 / "manifest.json").read_text())
     assert p2.data.metrics["final/ctr/auc"] == pytest.approx(man["metrics"]["tasks"]["ctr"]["auc"])
@@ -81,11 +88,11 @@ def test_training_stages_are_nested_runs_of_the_pipeline_run(trained: Trained) -
     assert p2.data.tags["input.data"] == man["inputs"]["data"]
     # artifacts: matrices per epoch (JSON) and the checkpoint
     mats = [a.path for a in client.list_artifacts(p1.info.run_id, "matrices")]
-    assert mats == [f"matrices/phase1_epoch_{e:03d}.json" for e in range(3)]
-    local = client.download_artifacts(p1.info.run_id, "matrices/phase1_epoch_002.json")
+    assert mats == [f"matrices/phase1_epoch_{e:03d}.json" for e in (1, 2, 3)]
+    local = client.download_artifacts(p1.info.run_id, "matrices/phase1_epoch_003.json")
     mat = json.loads(Path(local).read_text())
     assert len(mat["tasks"]) == 16 and len(mat["affinity"]) == 16 and len(mat["transfer_matrix"][0]) == 16
-    assert mat["transfer_phase"] == "dynamic" and mat["epoch"] == 2
+    assert mat["transfer_phase"] == "dynamic" and mat["epoch"] == 3 and mat["manifest_epoch"] == 2
     frozen = sorted(client.get_metric_history(p1.info.run_id, "transfer_frozen"), key=lambda m: m.step)
     assert [m.value for m in frozen] == [0.0, 0.0, 1.0]  # adaTT froze at the end of epoch 2
     ck = {a.path for a in client.list_artifacts(p2.info.run_id, "checkpoint")}
@@ -105,7 +112,7 @@ def test_default_store_is_sqlite_in_the_working_directory(local_store: Path, tra
     (run,) = [r for r in _runs(client) if r.data.tags.get("stage") == "train-phase1"]
     assert run.info.artifact_uri.startswith((local_store / "mlartifacts").as_uri())
     assert (local_store / "mlartifacts").is_dir()
-    assert run.data.metrics["adatt_freeze_epoch"] == 2.0
+    assert run.data.metrics["adatt_freeze_epoch"] == 3.0
     assert len(client.get_metric_history(run.info.run_id, "task_losses/ctr")) == 3
 
 
@@ -204,7 +211,7 @@ def test_flatten_params_and_metric_names() -> None:
     ("127.0.0.1:5000", r"did you mean http://127.0.0.1:5000\?"),
     ("foo://bar", "'foo' is not a scheme MLflow can track to"),
     ("file:///proc/nonexist", "MLFLOW_ALLOW_FILE_STORE=true"),
-    ("sqlite:////proc/nonexist/mlflow.db", "No such file or directory: '/proc/nonexist'"),
+    ("sqlite:////proc/nonexist/mlflow.db", "the directory /proc/nonexist of its database does not exist"),
 ])
 def test_a_malformed_tracking_uri_is_one_clear_line(monkeypatch: pytest.MonkeyPatch, local_store: Path,
                                                      uri: str, why: str) -> None:
@@ -244,6 +251,40 @@ def test_the_cli_reports_a_malformed_uri_in_one_line_with_exit_code_2(tmp_path: 
         "MLFLOW_TRACKING_URI (a server: http://<host>:<port>, a local store: sqlite:///<path>/mlflow.db), or "
         "rerun with --no-tracking to skip tracking for a local stage"]
     assert not (tmp_path / "out").exists() and not (tmp_path / "mlflow.db").exists()
+
+
+def test_a_sqlite_store_in_a_missing_directory_is_refused_before_any_work(tmp_path: Path) -> None:
+    """A mistyped store path must not create a new empty store (MLflow makes the directories)."""
+    from ple_adatt.data.synthetic import write_parquet
+    from ple_adatt.tracking import origin_env
+
+    data = write_parquet(tmp_path / "d.parquet", rows=50, seed=0)
+    typo = tmp_path / "typo" / "dir"
+    uri = f"sqlite:///{typo / 'x.db'}"
+    cmd = [str(BIN / "ple-adatt"), "validate", "--data", str(data), "--config", str(DATA_CONFIG),
+           "--out", str(tmp_path / "out")]
+    base = {**os.environ, "PLE_ADATT_NO_TRACKING": ""}
+    proc = subprocess.run(cmd, capture_output=True, text=True, env={**base, "MLFLOW_TRACKING_URI": uri},
+                          timeout=120, cwd=tmp_path)
+    assert proc.returncode == 2, proc.stderr
+    (line,) = proc.stderr.strip().splitlines()
+    assert line.startswith(f"ple-adatt validate: error: MLflow tracking URI {uri!r} (from $MLFLOW_TRACKING_URI) "
+                           f"cannot be used: the directory {typo} of its database does not exist"), line
+    assert not (tmp_path / "typo").exists() and not (tmp_path / "out").exists()
+    assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "mlartifacts").exists()
+    # set by a launcher (make stage): the line names the launcher's setting, not the variable
+    env = {**base, **origin_env(uri, "MLFLOW_TRACKING_URI= of make stage", "fix MLFLOW_TRACKING_URI= of make stage")}
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=120, cwd=tmp_path)
+    assert proc.returncode == 2 and "(from MLFLOW_TRACKING_URI= of make stage)" in proc.stderr, proc.stderr
+    assert "fix MLFLOW_TRACKING_URI= of make stage" in proc.stderr and not (tmp_path / "typo").exists()
+    # the default store in the working directory, and a store in a directory that exists, still work
+    (tmp_path / "ok").mkdir()
+    ok = f"sqlite:///{tmp_path / 'ok' / 'x.db'}"
+    assert resolve_target(TrackingConfig()).uri == f"sqlite:///{tmp_path / 'mlflow.db'}"
+    from ple_adatt.tracking import TrackingTarget, check_uri
+
+    for good in (ok, "sqlite:///mlflow.db", resolve_target(TrackingConfig()).uri):
+        check_uri(TrackingTarget(good, "e", "argument", 0, 0.0, None))
 
 
 def test_loading_a_model_from_a_malformed_uri_does_not_suggest_skipping_tracking() -> None:

@@ -108,3 +108,32 @@ def test_a_cluster_step_names_the_pipeline_parameter_as_the_uri_source(monkeypat
     with pytest.raises(SystemExit):
         run_as_component(["no-such-stage"], mlflow_tracking_uri="sqlite:///local.db")
     assert resolve_target(TrackingConfig()).origin == "make run's default store ./mlflow.db"
+
+
+def test_an_outage_mid_stage_names_where_the_uri_came_from(mlflow_server, monkeypatch) -> None:
+    """The server stops answering after the stage started: the error line names the URI's origin
+    as the start-up check does. The stage's run stays RUNNING (nothing can tell the server;
+    docs/mlflow.md lists this as a known limit)."""
+    from mlhelpers import Proxy
+
+    from ple_adatt.config import TrainConfig
+
+    proxy = Proxy(mlflow_server.uri)
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")  # MLflow's own retry: none, for a fast test
+    for k, v in origin_env(proxy.uri, "make stage ... MLFLOW_TRACKING_URI=", "fix MLFLOW_TRACKING_URI=").items():
+        monkeypatch.setenv(k, v)
+    cfg = TrainConfig(tracking=TrackingConfig(retries=0, retry_wait_s=0.0))
+    try:
+        with pytest.raises(TrackingError) as e, \
+                stage_run("train-phase1", _args("outage-1"), train_config=cfg) as tracker:
+            tracker.log_metrics({"lr": 0.1}, step=1)
+            proxy.stop()
+            tracker.log_metrics({"lr": 0.2}, step=2)
+    finally:
+        proxy.stop()
+    msg = str(e.value)
+    assert msg.startswith(f"MLflow at {proxy.uri} (from make stage ... MLFLOW_TRACKING_URI=): logging metrics "
+                          "failed: "), msg
+    assert "\n" not in msg
+    run = MlflowClient(mlflow_server.uri).get_run(tracker.run_id)
+    assert run.info.status == "RUNNING" and run.data.metrics["lr"] == 0.1
