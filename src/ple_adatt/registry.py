@@ -303,11 +303,12 @@ def _call(target: TrackingTarget, what: str, fn: Any, *args: Any, **kwargs: Any)
     try:
         return fn(*args, **kwargs)
     except MlflowException as e:
-        raise RegistryError(f"MLflow registry at {target.uri}: {what} failed: "
-                            f"{str(e.message).splitlines()[0][:300]}") from e
+        msg = (str(e.message).splitlines() or [type(e).__name__])[0][:300]
+        raise RegistryError(f"MLflow registry at {target.uri} (from {target.origin}): {what} failed: {msg}") from e
     except OSError as e:
-        raise RegistryError(f"MLflow registry at {target.uri}: {what} failed: {str(e).splitlines()[0][:300]}; "
-                            f"is the tracking server up? (the URI is from {target.origin}; {target.fix})") from e
+        msg = (str(e).splitlines() or [type(e).__name__])[0][:300]
+        raise RegistryError(f"MLflow registry at {target.uri} (from {target.origin}): {what} failed: {msg}; "
+                            f"is the tracking server up? ({target.fix})") from e
 
 
 def _registered_model(client: Any, target: TrackingTarget, name: str) -> Any | None:
@@ -319,9 +320,11 @@ def _registered_model(client: Any, target: TrackingTarget, name: str) -> Any | N
     except MlflowException as e:
         if getattr(e, "error_code", "") == "RESOURCE_DOES_NOT_EXIST":
             return None
-        raise RegistryError(f"MLflow registry at {target.uri}: reading model {name!r} failed: {e.message}") from e
+        raise RegistryError(f"MLflow registry at {target.uri} (from {target.origin}): reading model {name!r} "
+                            f"failed: {(str(e.message).splitlines() or [''])[0][:300]}") from e
     except OSError as e:
-        raise RegistryError(f"MLflow registry at {target.uri}: reading model {name!r} failed: {e}") from e
+        raise RegistryError(f"MLflow registry at {target.uri} (from {target.origin}): reading model {name!r} "
+                            f"failed: {(str(e).splitlines() or [''])[0][:300]}; is the tracking server up?") from e
 
 
 def _search_versions(client: Any, target: TrackingTarget, name: str, what: str, filt: str) -> list[Any]:
@@ -387,29 +390,77 @@ def _signature(inputs: RegistrationInputs) -> Any:
     return ModelSignature(inputs=Schema(cols), outputs=Schema(outs))
 
 
-def _lineage_tags(inputs: RegistrationInputs, pipeline_run_id: str | None) -> dict[str, str]:
+#: the stages whose MLflow runs a version links to (tag ``<stage>_run_id``, ``-`` as ``_``)
+LINEAGE_STAGES = ("validate", "train-phase1", "train-phase2")
+
+
+def _lineage_runs(client: Any, experiment_id: str, inputs: RegistrationInputs,
+                  pipeline_run_id: str | None) -> dict[str, Any]:
+    """The MLflow runs of the stages that made the registered inputs: ``{stage: Run}``.
+
+    Found by content hash, not by pipeline run (``make stage`` reruns and a register step of
+    another pipeline run hold the same files): a train run carries the hash of the checkpoint
+    it logged (tag ``checkpoint.sha256``), a validate run that of its ``availability.json``
+    (``validation.sha256``). Of several matches a FINISHED run of this pipeline run wins,
+    then the newest FINISHED one. Best effort: a stage run without tracking, in another
+    experiment or store, or a search that fails leaves that stage out.
+    """
+    wanted = {
+        "train-phase2": ("checkpoint.sha256", inputs.checkpoint_sha256),
+        "train-phase1": ("checkpoint.sha256", _sha(inputs.manifest.get("inputs", {}).get("checkpoint"))),
+        "validate": ("validation.sha256", path_sha256(inputs.validation / "availability.json")),
+    }
+    found: dict[str, Any] = {}
+    for stage, (tag, sha) in wanted.items():
+        if not sha or not re.fullmatch(r"[0-9a-f]{64}", sha):
+            continue
+        try:
+            runs = client.search_runs([experiment_id], f"tags.`{tag}` = '{sha}' and tags.stage = '{stage}'",
+                                      max_results=50, order_by=["attributes.start_time DESC"])
+        except Exception:  # lineage is a courtesy: the registration itself does not depend on it
+            continue
+        runs = [r for r in runs if r.info.status == "FINISHED"] or list(runs)
+        if runs:
+            same = [r for r in runs if pipeline_run_id and r.data.tags.get("pipeline_run_id") == pipeline_run_id]
+            found[stage] = (same or runs)[0]
+    return found
+
+
+def _lineage_tags(inputs: RegistrationInputs, pipeline_run_id: str | None,
+                  runs: dict[str, Any] | None = None) -> dict[str, str]:
     from . import __version__
     from .artifacts import git_commit
 
+    runs = runs or {}
     man = inputs.manifest
     producer = man.get("producer") or {}
+    previous = man.get("previous") if isinstance(man.get("previous"), dict) else {}
+    phase1_run = runs.get("train-phase1")
+    # keyed by the pipeline's stage names (a manifest written by `ple-adatt train` says "train"
+    # for both phases); Phase 1's version from the Phase 2 manifest when it records its source,
+    # else from the Phase 1 run found by its checkpoint hash, else unknown (trained untracked)
     components = {
-        producer.get("stage", "train-phase2"): producer.get("component_version"),
-        (inputs.validation_manifest.get("producer") or {}).get("stage", "validate"):
-            (inputs.validation_manifest.get("producer") or {}).get("component_version"),
+        "validate": (inputs.validation_manifest.get("producer") or {}).get("component_version"),
+        "train-phase1": ((previous.get("producer") or {}).get("component_version")
+                         or (phase1_run.data.tags.get("component_version") if phase1_run is not None else None)
+                         or "unknown"),
+        "train-phase2": producer.get("component_version"),
         "register": __version__,
     }
     if inputs.report_manifest:
-        rp = inputs.report_manifest.get("producer") or {}
-        components[rp.get("stage", "report")] = rp.get("component_version")
+        components["report"] = (inputs.report_manifest.get("producer") or {}).get("component_version")
     pairs = negative_transfer_pairs(man.get("negative_transfer"))
     metrics = {t: {m["metric"]: m["value"]} for t, m in primary_metrics(man).items()}
+    train_run = runs.get("train-phase2") or phase1_run
     tags = {
         "checkpoint_sha256": inputs.checkpoint_sha256,
         "phase1_checkpoint_sha256": _sha(man.get("inputs", {}).get("checkpoint")),
         "data_sha256": _sha(man.get("inputs", {}).get("data")),
+        "validation_sha256": path_sha256(inputs.validation / "availability.json"),
         "config_hash": man.get("config_hash") or "",
         "data_config_hash": man.get("data_config_hash") or "",
+        **{f"{stage.replace('-', '_')}_run_id": run.info.run_id for stage, run in runs.items()},
+        "train_pipeline_run_id": (train_run.data.tags.get("pipeline_run_id") or "") if train_run is not None else "",
         "package_version": __version__,
         "git_commit": producer.get("git_commit") or git_commit() or "unknown",
         "register_git_commit": git_commit() or "unknown",
@@ -591,6 +642,7 @@ def register_checkpoint(
     aliases_before = dict(getattr(before, "aliases", None) or {}) if before is not None else {}
     created = False
     try:
+        _ensure_model(client, target, name, inputs, registry)  # with its description
         existing = _versions(client, target, name, inputs.checkpoint_sha256)
         if existing:
             mv = sorted(existing, key=lambda v: int(v.version))[0]
@@ -656,7 +708,13 @@ def _create_version(inputs: RegistrationInputs, registry: RegistryConfig, tracke
     import mlflow
 
     target = tracker.target
-    tags = _lineage_tags(inputs, pipeline_run_id)
+    client = tracker.client
+    try:
+        experiment_id = client.get_run(tracker.run_id).info.experiment_id
+    except Exception:  # the registration below reports a store that stopped answering
+        experiment_id = None
+    runs = _lineage_runs(client, experiment_id, inputs, pipeline_run_id) if experiment_id is not None else {}
+    tags = _lineage_tags(inputs, pipeline_run_id, runs)
     with tempfile.TemporaryDirectory(prefix="ple-adatt-register-") as tmp, _fluent_uri(target.uri):
         bundle = _bundle(inputs, Path(tmp))
         with mlflow.start_run(run_id=tracker.run_id), warnings.catch_warnings():
@@ -669,6 +727,76 @@ def _create_version(inputs: RegistrationInputs, registry: RegistryConfig, tracke
         mv = _call(target, f"registering {registry.model_name}", mlflow.register_model,
                    info.model_uri, registry.model_name, tags=tags)
     return mv
+
+
+def model_description(inputs: RegistrationInputs, registry: RegistryConfig | None = None) -> str:
+    """The registered model's description: what it is, its tasks, how versions are gated."""
+    man = inputs.manifest
+    tasks = declared_tasks(man)
+    champion = registry.champion_alias if registry is not None else "champion"
+    candidate = registry.candidate_alias if registry is not None else "candidate"
+    tol = f"{registry.tolerance:.1%}" if registry is not None else "registry.tolerance"
+    return (
+        f"PLE-Cluster multi-task model (progressive layered extraction with per-cluster heads) trained with "
+        f"adaTT adaptive task-to-task transfer by the ple-adatt pipeline (validate, train-phase1, train-phase2, "
+        f"report, register). It predicts {len(tasks)} tasks: {', '.join(tasks)}. Every registered version gets "
+        f"the @{candidate} alias; @{champion} moves to a new version only when no task's primary metric (AUC, "
+        f"accuracy, RMSE, recall@10) is worse than the current champion's by more than {tol} (relative), or when "
+        f"there is no champion yet. Serve models:/<name>@{champion}; each version's description and tags "
+        "(champion_decision, champion_decision_reason, lineage) say why it was or was not promoted."
+    )
+
+
+def _ensure_model(client: Any, target: TrackingTarget, name: str, inputs: RegistrationInputs,
+                  registry: RegistryConfig | None = None) -> None:
+    """Create the registered model with its description, or describe one that has none
+    (created by an earlier version of this code, or by hand); a description someone wrote
+    stays as it is."""
+    from mlflow.exceptions import MlflowException
+
+    text = model_description(inputs, registry)
+    model = _registered_model(client, target, name)
+    if model is None:
+        try:
+            client.create_registered_model(name, description=text)
+            return
+        except MlflowException as e:  # created meanwhile by a concurrent step: describe it below
+            if getattr(e, "error_code", "") != "RESOURCE_ALREADY_EXISTS":
+                raise RegistryError(f"MLflow registry at {target.uri} (from {target.origin}): creating model "
+                                    f"{name!r} failed: {(str(e.message).splitlines() or [''])[0][:300]}") from e
+        model = _registered_model(client, target, name)
+    if model is not None and not (model.description or "").strip():
+        _call(target, f"describing model {name!r}", client.update_registered_model, name, description=text)
+
+
+def version_description(version: str, inputs: RegistrationInputs, decision: str, reason: str,
+                        pipeline_run_id: str | None, tags: dict[str, str]) -> str:
+    """One paragraph on a version: the champion decision and why, the headline metrics, the
+    data and validation hashes (short), the pipeline run and the negative-transfer pairs."""
+    man = inputs.manifest
+    prim = primary_metrics(man)
+    shown = [f"{t} {m['metric']} {m['value']:.4g}" for t, m in prim.items() if _finite_number(m["value"])]
+    metrics = "; ".join(shown[:20]) + (f"; ... ({len(shown) - 20} more in the val_metrics tag)"
+                                       if len(shown) > 20 else "")
+    pairs = negative_transfer_pairs(man.get("negative_transfer"))
+
+    def short(h: str | None) -> str:
+        return (h or "?")[:12]
+
+    runs = ", ".join(f"{s} run {tags[k]}" for s in LINEAGE_STAGES if (k := f"{s.replace('-', '_')}_run_id") in tags)
+    text = (
+        f"v{version}: {len(man.get('tasks') or [])} tasks trained with transfer strategy "
+        f"{man.get('strategy', '?')}. Champion gate: {decision} ({reason}). Validation metrics (primary, "
+        f"per task): {metrics or 'none'}. Negative-transfer pairs: "
+        f"{', '.join(f'{a}<->{b}' for a, b in pairs) or 'none'}. Data sha256 "
+        f"{short(_sha(man.get('inputs', {}).get('data')))}, data config {short(man.get('data_config_hash'))}, "
+        f"validation {short(tags.get('validation_sha256'))}, checkpoint {short(inputs.checkpoint_sha256)}. "
+        f"Registered by pipeline run {pipeline_run_id or tags.get('pipeline_run_id') or '?'}"
+        + (f" (trained in pipeline run {tags['train_pipeline_run_id']})"
+           if tags.get("train_pipeline_run_id") and tags.get("train_pipeline_run_id") != pipeline_run_id else "")
+        + (f"; {runs}" if runs else "") + "."
+    )
+    return text[:TAG_VALUE_MAX]
 
 
 def _finish(client: Any, target: TrackingTarget, name: str, mv: Any, inputs: RegistrationInputs,
@@ -727,7 +855,11 @@ def _finish(client: Any, target: TrackingTarget, name: str, mv: Any, inputs: Reg
         if gate.promote:
             _call(target, f"setting alias {registry.champion_alias!r}", client.set_registered_model_alias,
                   name, registry.champion_alias, version)
+        _describe_version(client, target, name, version, inputs, decision, reason, tags)
         _call(target, f"tagging v{version}", client.set_model_version_tag, name, version, STATUS_TAG, "complete")
+    if not (getattr(mv, "description", None) or "").strip() and tags.get(STATUS_TAG) == "complete":
+        # registered and decided by an earlier release that wrote no description
+        _describe_version(client, target, name, version, inputs, decision, reason, tags)
     mv = _call(target, "reading the version", client.get_model_version, name, version)
     return {
         "model_name": name,
@@ -742,6 +874,12 @@ def _finish(client: Any, target: TrackingTarget, name: str, mv: Any, inputs: Reg
         "source": mv.source,
         "lineage": {k: v for k, v in mv.tags.items() if not k.startswith("champion_") and k != STATUS_TAG},
     }
+
+
+def _describe_version(client: Any, target: TrackingTarget, name: str, version: str, inputs: RegistrationInputs,
+                      decision: str, reason: str, tags: dict[str, str]) -> None:
+    text = version_description(version, inputs, decision, reason, tags.get("pipeline_run_id"), tags)
+    _call(target, f"describing v{version}", client.update_model_version, name, version, description=text)
 
 
 def _champion_metrics(champ: Any) -> dict[str, dict[str, Any]] | None:

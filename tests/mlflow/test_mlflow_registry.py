@@ -49,8 +49,16 @@ def registered(trained: Trained, tmp_path_factory: pytest.TempPathFactory) -> tu
     return _register(trained, out, pipeline_run_id=PIPELINE_RUN_ID, aliases=["staging"]), out
 
 
-def test_first_version_is_candidate_and_champion(registered: tuple[dict, Path]) -> None:
+def test_first_version_is_candidate_and_champion(trained: Trained, registered: tuple[dict, Path]) -> None:
     rec, out = registered
+    client = MlflowClient(trained.tracking_uri)
+    about = client.get_registered_model(MODEL).description
+    assert about.startswith("PLE-Cluster multi-task model") and "adaTT" in about and "@champion" in about
+    assert "ctr, cvr" in about and "1.0% (relative)" in about
+    desc = client.get_model_version(MODEL, "1").description
+    assert desc.startswith("v1: 16 tasks trained with transfer strategy adatt. Champion gate: promoted "
+                           "(no champion yet).")
+    assert f"Registered by pipeline run {PIPELINE_RUN_ID}" in desc and "train-phase2 run " in desc
     assert rec["version"] == "1" and rec["created"] is True
     assert rec["aliases"] == ["candidate", "champion", "staging"]
     assert rec["decision"] == "promoted" and rec["reason"] == "no champion yet"
@@ -104,13 +112,36 @@ def test_lineage_tags(trained: Trained, registered: tuple[dict, Path]) -> None:
     assert tags["data_tasks"] == ",".join(t["name"] for t in man["data_config"]["tasks"])  # the task set
     assert tags["git_commit"] == man["producer"]["git_commit"]
     assert tags["pipeline_run_id"] == PIPELINE_RUN_ID
-    assert json.loads(tags["component_versions"]) == {"train": man["producer"]["component_version"],
+    # every stage that made the version, by the pipeline's stage names (`ple-adatt train` writes
+    # "train" as both checkpoints' producer); Phase 1's from its run, found by its checkpoint hash
+    assert json.loads(tags["component_versions"]) == {"train-phase1": ple_adatt.__version__,
+                                                      "train-phase2": man["producer"]["component_version"],
                                                       "validate": ple_adatt.__version__,
                                                       "register": ple_adatt.__version__}
     pairs = sorted({tuple(sorted((a, b))) for a, bs in man["negative_transfer"].items() for b in bs})
     assert tags["negative_transfer_pairs"] == (",".join(f"{a}<->{b}" for a, b in pairs) or "none")
     assert tags["champion_decision"] == "promoted"
     assert tags["champion_decision_reason"] == "no champion yet"
+    # one meaning per tag name: the data config hash of the version is the one every run carries
+    from ple_adatt.artifacts import path_sha256
+
+    exp_id = client.get_experiment_by_name("ple-adatt").experiment_id
+    avail = path_sha256(trained.validation / "availability.json")
+    assert tags["validation_sha256"] == avail
+    # the version leads to the runs that made its inputs
+    by_stage = {s: client.get_run(tags[f"{s.replace('-', '_')}_run_id"]) for s in
+                ("validate", "train-phase1", "train-phase2")}
+    assert by_stage["train-phase2"].data.tags["checkpoint.sha256"] == man["files"]["checkpoint.pt"]
+    assert by_stage["train-phase1"].data.tags["checkpoint.sha256"] == man["inputs"]["checkpoint"]
+    assert by_stage["validate"].data.tags["validation.sha256"] == avail
+    assert {r.data.tags["stage"] for r in by_stage.values()} == {"validate", "train-phase1", "train-phase2"}
+    assert tags["train_pipeline_run_id"] == PIPELINE_RUN_ID
+    for run in by_stage.values():
+        assert run.info.experiment_id == exp_id
+        assert run.data.tags["input.data_config"] == tags["data_config_hash"], run.data.tags["stage"]
+    assert by_stage["validate"].data.tags["input.data_config_file"] != tags["data_config_hash"]  # the YAML bytes
+    reg_run = client.get_run(client.get_model_version(MODEL, "1").run_id)
+    assert reg_run.data.tags["input.data_config"] == tags["data_config_hash"]
     # the register stage is a nested run of the same pipeline run as the training
     runs = client.search_runs([client.get_experiment_by_name("ple-adatt").experiment_id],
                               f"tags.pipeline_run_id = '{PIPELINE_RUN_ID}'")
@@ -147,7 +178,16 @@ def test_champion_gate_both_ways(trained: Trained, registered: tuple[dict, Path]
     assert rec["version"] == "2" and rec["aliases"] == ["candidate"]
     assert rec["decision"] == "rejected" and "champion v1" in rec["reason"] and "ctr auc" in rec["reason"]
     assert client.get_model_version_by_alias(MODEL, "champion").version == "1"
-    assert client.get_model_version(MODEL, "2").tags["champion_decision"] == "rejected"
+    v2 = client.get_model_version(MODEL, "2")
+    assert v2.tags["champion_decision"] == "rejected"
+    # the version says in one paragraph why it is not the champion, and what it is
+    assert f"Champion gate: rejected ({rec['reason']})" in v2.description and "\n" not in v2.description
+    assert "ctr auc " in v2.description and f"validation {v2.tags['validation_sha256'][:12]}" in v2.description
+    assert f"Negative-transfer pairs: {v2.tags['negative_transfer_pairs'].replace(',', ', ')}" in v2.description \
+        or v2.tags["negative_transfer_pairs"] == "none" and "Negative-transfer pairs: none" in v2.description
+    assert f"Data sha256 {v2.tags['data_sha256'][:12]}" in v2.description
+    # a description someone edited stays as it is
+    client.update_registered_model(MODEL, description="edited by hand")
 
     better = derive_checkpoint(trained.phase2, tmp_path / "better", metric_shift=0.05, seed=2)
     rec = _register(trained, tmp_path / "out-better", checkpoint=better)
@@ -156,6 +196,8 @@ def test_champion_gate_both_ways(trained: Trained, registered: tuple[dict, Path]
     assert client.get_model_version_by_alias(MODEL, "champion").version == "3"
     assert client.get_model_version_by_alias(MODEL, "candidate").version == "3"
     assert rec["champion_before"] == "1"
+    assert client.get_registered_model(MODEL).description == "edited by hand"
+    assert "Champion gate: promoted (no task worse than champion v1" in client.get_model_version(MODEL, "3").description
 
     # registering v1's checkpoint again (with an extra alias) reuses v1: its decision stands,
     # and the candidate alias stays on v3, which is newer
