@@ -97,7 +97,8 @@ def test_negative_transfer_since_and_duration() -> None:
     res = analysis.negative_transfer_pairs(["x", "y", "z"], a, -0.1, hist)
     (p,) = res["blocked"]
     assert (p["a"], p["b"]) == ("x", "y") and p["affinity"] == -0.3
-    assert p["since"] == {"phase": "phase1", "epoch": 3, "step": 40}
+    # `epoch` stays the manifest's 0-based index; `epoch_1based` is what the console printed
+    assert p["since"] == {"phase": "phase1", "epoch": 3, "epoch_1based": 4, "step": 40}
     assert p["epochs_below"] == 2 and p["steps_below_at_most"] == 50 - 30
     assert p["first_below"]["epoch"] == 1 and p["epochs_ever_below"] == 3 and p["min_affinity"] == -0.3
     # recovered: below once, fine at the end
@@ -130,3 +131,53 @@ def test_gcd_and_tci_definitions() -> None:
     assert t["x"]["tci"] == pytest.approx(-0.1) and t["x"]["conflict"]
     assert t["y"]["tci"] == pytest.approx(0.1) and not t["y"]["conflict"]
     assert t["z"]["tci"] is None  # no joint loss for z
+
+
+def _noisy_blocks(seed: int, within: float, noise: float) -> np.ndarray:
+    """Two planted groups of 6 tasks with symmetric pair noise of sd ``noise``."""
+    n = 12
+    rng = np.random.default_rng(seed)
+    e = rng.normal(0, noise, (n, n))
+    c = np.zeros((n, n)) + np.triu(e, 1) + np.triu(e, 1).T
+    c[:6, :6] += within
+    c[6:, 6:] += within
+    np.fill_diagonal(c, 1.0)
+    return c
+
+
+TASKS12 = [f"a{i}" for i in range(6)] + [f"b{i}" for i in range(6)]
+PLANTED12 = {"A": {"members": TASKS12[:6]}, "B": {"members": TASKS12[6:]}}
+
+
+def test_a_gap_within_the_noise_is_only_weakly_closer() -> None:
+    """Pure noise (no group structure) gives about half the tasks a positive gap; the rule flags
+    about 1 in 160 (z > 2.5), where the bare sign (the old rule) flagged every one of them."""
+    _, groups = analysis.group_order(TASKS12, PLANTED12)
+    weak = flagged = 0
+    for seed in range(40):
+        res = analysis.agreement(TASKS12, _noisy_blocks(seed, 0.0, 0.03), np.zeros((12, 12)), groups, [True] * 12)
+        for t in res["tasks"]:
+            assert t["weakly_closer"] == (0 < t["gap"] <= t["min_gap"])
+            assert t["misplaced"] == (t["gap"] > t["min_gap"])
+            assert t["min_gap"] == pytest.approx(analysis.MISPLACED_Z * t["noise"])
+            weak += t["weakly_closer"]
+            flagged += t["misplaced"]
+    assert weak > 0.4 * 480 and flagged <= 0.02 * 480, (weak, flagged)
+
+
+def test_a_moved_task_is_flagged_beyond_the_noise() -> None:
+    c = _noisy_blocks(0, 0.1, 0.03)
+    _, planted = analysis.group_order(TASKS12, PLANTED12)
+    assert not any(t["misplaced"] for t in analysis.agreement(TASKS12, c, np.zeros((12, 12)), planted,
+                                                              [True] * 12)["tasks"])
+    moved = {"A": {"members": TASKS12[:5]}, "B": {"members": TASKS12[5:]}}  # a5 configured in B
+    _, groups = analysis.group_order(TASKS12, moved)
+    res = analysis.agreement(TASKS12, c, np.zeros((12, 12)), groups, [True] * 12)
+    assert [t["task"] for t in res["tasks"] if t["misplaced"]] == ["a5"]
+    row = next(t for t in res["tasks"] if t["task"] == "a5")
+    assert row["best_other_group"] == "A" and row["gap"] > row["min_gap"] > 0 and row["z"] > analysis.MISPLACED_Z
+    # the noise is the spread of the cross-group pairs that do not involve a5 (a5's own pairs,
+    # really within-group, would inflate it)
+    rest = [c[i, j] for i in range(12) for j in range(i + 1, 12) if 5 not in (i, j)
+            and (i < 5 or i == 5) != (j < 5 or j == 5)]
+    assert row["noise"] == pytest.approx(np.std(rest, ddof=1) * np.sqrt(1 / 6 + 1 / 5))

@@ -177,3 +177,21 @@ def test_html_shows_the_numbers_and_fetches_nothing(run: Run) -> None:
     md = (run.report_dir / "report.md").read_text()
     assert md.startswith("# Task affinity") and len(md.splitlines()) < 80
     assert f"| {run.report['summary']['blocked_pairs']} |" in md
+
+
+def test_people_see_epochs_from_1_and_the_json_carries_both(run: Run) -> None:
+    """The console prints `event: adatt_freeze_epoch (phase1, epoch 3)` for freeze_epoch 2 (the
+    manifest's 0-based epoch 2); the page says the same, report.json keeps `epoch` 0-based."""
+    events = json.loads((run.phase2 / "manifest.json").read_text())["events"]
+    freeze = next(e for e in events if e["event"] == "adatt_freeze_epoch")
+    assert freeze["epoch"] == 2  # the stored contract stays 0-based
+    tl = run.report["trajectories"]["timeline"]
+    for e in [*tl["events"], *tl["epochs"], *run.report["transfer"]["epochs"], *run.report["trajectories"]["snapshots"]]:
+        assert e["epoch_1based"] == e["epoch"] + 1
+    assert tl["freeze_epoch"] == 2 and tl["freeze_epoch_1based"] == 3
+    html = (run.report_dir / "report.html").read_text()
+    assert "adaTT freeze (phase1 epoch 3)" in html and "Phase 2 start (phase2 epoch 1)" in html
+    assert "phase1 e1</th>" in html and "phase1 e0</th>" not in html
+    for p in run.report["negative_transfer"]["blocked"]:
+        if p.get("since"):
+            assert f"{p['since']['phase']} epoch {p['since']['epoch'] + 1} (step {p['since']['step']})" in html

@@ -30,6 +30,8 @@ __all__ = [
     "average_linkage",
     "suggest_regrouping",
     "silhouette",
+    "epoch_1based",
+    "epoch_ref",
     "negative_transfer_pairs",
     "changing_pairs",
     "transfer_shares",
@@ -145,8 +147,10 @@ def agreement(tasks: Sequence[str], c: np.ndarray, prior: np.ndarray, groups: li
     * ``spearman``: rank correlation of the affinity with the symmetrised prior.
     * per group: mean within / cross affinity and that group's own score; a group is
       ``supported`` when its members are more affine to each other than to the rest.
-    * per task: silhouette of its configured group under the distance ``1 - c``; a task
-      whose mean affinity to another group exceeds that to its own sits in the wrong group.
+    * per task: silhouette of its configured group under the distance ``1 - c``, and the gap
+      between its mean affinity to the closest other group and to its own. A task is
+      ``misplaced`` (closer to another group) only when the gap exceeds ``MISPLACED_Z`` times
+      its noise (see ``MISPLACED_RULE``); a positive gap within the noise is ``weakly_closer``.
     """
     idx = {t: i for i, t in enumerate(tasks)}
     label = {t: g["name"] for g in groups for t in g["members"]}
@@ -188,27 +192,55 @@ def agreement(tasks: Sequence[str], c: np.ndarray, prior: np.ndarray, groups: li
         })
     out["groups"] = group_rows
     task_rows = []
+    cross_i, cross_j, cross_v = iu[~same], ju[~same], vals[~same]
     for t in tasks:
         i = idx[t]
         g = label[t]
-        means = {}
+        means, sizes = {}, {}
         for h in groups:
             others = [idx[m] for m in h["members"] if m != t and ok[idx[m]]]
             if others and h["name"] != "(ungrouped)":
                 means[h["name"]] = float(np.mean(c[i, others]))
+                sizes[h["name"]] = len(others)
         own = means.get(g)
         best = max((h for h in means if h != g), key=lambda h: means[h], default=None)
+        gap = (means[best] - own) if best is not None and own is not None else None
+        # the noise of the gap: the spread of the cross-group pairs not involving this task (pairs
+        # the configured groups call unrelated), as the standard error of a difference of two means
+        rest = cross_v[(cross_i != i) & (cross_j != i)]
+        sd = float(np.std(rest, ddof=1)) if len(rest) >= MIN_NOISE_PAIRS else None
+        noise = None if sd is None or gap is None else sd * math.sqrt(1 / sizes[g] + 1 / sizes[best])
+        closer = bool(ok[i] and best is not None and g != "(ungrouped)" and (own is None or means[best] > own))
+        beyond = closer and (own is None or (noise is not None and gap > MISPLACED_Z * noise))
         task_rows.append({
             "task": t, "group": g, "measured": bool(ok[i]), "own_mean": own,
             "best_other_group": best, "best_other_mean": means.get(best) if best else None,
             "silhouette": sil[i] if ok[i] else None,
-            "gap": (means[best] - own) if best is not None and own is not None else None,
-            "misplaced": bool(ok[i] and best is not None and g != "(ungrouped)"
-                              and (own is None or means[best] > own)),
+            "gap": gap,
+            "noise": noise,
+            "min_gap": None if noise is None else MISPLACED_Z * noise,
+            "z": None if noise is None or gap is None or noise == 0 else gap / noise,
+            "misplaced": beyond,
+            "weakly_closer": closer and not beyond,
         })
     out["tasks"] = task_rows
+    out["misplaced_rule"] = MISPLACED_RULE
+    out["misplaced_z"] = MISPLACED_Z
     out["silhouette"] = _mean([r["silhouette"] for r in task_rows])
     return out
+
+
+#: a task is flagged as closer to another group only when its gap exceeds this many noise units
+MISPLACED_Z = 2.5
+#: fewer cross-group pairs than this give no noise estimate (the task is then never flagged)
+MIN_NOISE_PAIRS = 3
+MISPLACED_RULE = (
+    f"closer to another group when gap = (mean affinity to that group) - (mean affinity to its own group) "
+    f"> {MISPLACED_Z:g} x noise, noise = sd x sqrt(1/n_own + 1/n_other) with sd the standard deviation of the "
+    "cosine affinity over the cross-group pairs not involving the task (pairs the configured groups call "
+    "unrelated) and n_own, n_other the members the two means average; a positive gap within that is "
+    "'weakly closer (within noise)'"
+)
 
 
 SUPPORT_SCORE = 0.6
@@ -323,6 +355,18 @@ def suggest_regrouping(tasks: Sequence[str], c: np.ndarray, groups: list[dict[st
 # ---------------------------------------------------------------------- negative transfer
 
 
+def epoch_1based(epoch: Any) -> int | None:
+    """The number people see for a manifest's 0-based ``epoch`` (the console's "epoch 5/6")."""
+    return None if epoch is None else int(epoch) + 1
+
+
+def epoch_ref(h: Mapping[str, Any]) -> dict[str, Any]:
+    """Where in training a history entry or event sits: ``epoch`` 0-based as in the checkpoint
+    manifest, ``epoch_1based`` as the console prints it and the report shows it."""
+    return {"phase": h.get("phase"), "epoch": h.get("epoch"), "epoch_1based": epoch_1based(h.get("epoch")),
+            "step": h.get("step")}
+
+
 def negative_transfer_pairs(tasks: Sequence[str], a: np.ndarray, threshold: float,
                             history: Sequence[Mapping[str, Any]]) -> dict[str, list[dict[str, Any]]]:
     """Blocked pairs of the final matrix, and pairs that were below the threshold and recovered.
@@ -349,14 +393,14 @@ def negative_transfer_pairs(tasks: Sequence[str], a: np.ndarray, threshold: floa
             }
             if any(below):
                 first = below.index(True)
-                row["first_below"] = {k: history[first].get(k) for k in ("phase", "epoch", "step")}
+                row["first_below"] = epoch_ref(history[first])
             if now:
                 s = len(below)
                 while s > 0 and below[s - 1]:
                     s -= 1
                 if s < len(below):
                     prev_step = history[s - 1]["step"] if s > 0 else 0
-                    row["since"] = {k: history[s].get(k) for k in ("phase", "epoch", "step")}
+                    row["since"] = epoch_ref(history[s])
                     row["epochs_below"] = len(below) - s
                     row["steps_below_at_most"] = int(history[-1]["step"] - prev_step)
                 else:  # the final buffer is below but no snapshot shows it
@@ -419,8 +463,7 @@ def transfer_shares(tasks: Sequence[str], history: Sequence[Mapping[str, Any]],
                 per[t] = None
                 continue
             per[t] = max(float(enh[t]) - float(weights[i]) * float(raw[t]), 0.0) / float(enh[t])
-        out.append({"phase": h.get("phase"), "epoch": h.get("epoch"), "step": h.get("step"),
-                    "transfer_phase": h.get("transfer_phase"), "total": h.get("transfer_share"),
+        out.append({**epoch_ref(h), "transfer_phase": h.get("transfer_phase"), "total": h.get("transfer_share"),
                     "tasks": per})
     return out
 

@@ -83,10 +83,16 @@ def _reorder(matrix: list[list[Any]], idx: list[int]) -> list[list[Any]]:
     return [[matrix[i][j] for j in idx] for i in idx]
 
 
+def _epn(d: dict[str, Any]) -> str:
+    """The epoch number people see: 1-based, as the training console prints it (report.json's
+    ``epoch`` is the manifest's 0-based index, ``epoch_1based`` this number)."""
+    return escape(str(d.get("epoch_1based", "n/a")))
+
+
 def _ep(d: dict[str, Any] | None) -> str:
     if not d:
         return '<span class="muted">n/a</span>'
-    return f"{escape(str(d['phase']))} epoch {d['epoch']} (step {d['step']})"
+    return f"{escape(str(d['phase']))} epoch {_epn(d)} (step {d['step']})"
 
 
 def render_html(r: dict[str, Any]) -> str:
@@ -116,7 +122,8 @@ def render_html(r: dict[str, Any]) -> str:
         (_f(s["agreement_score"], 2), "group agreement (0.5 = none, 1 = perfect)"),
         (f"{len(s['groups_supported'])} / {s['groups']}", "configured groups the data supports"
          + (f" ({len(s['groups_weak'])} weakly)" if s["groups_weak"] else "")),
-        (str(len(s["misplaced_tasks"])), "tasks closer to another group"),
+        (str(len(s["misplaced_tasks"])), "tasks closer to another group (beyond noise)"
+         + (f"; {len(s['weakly_closer_tasks'])} more weakly, within noise" if s.get("weakly_closer_tasks") else "")),
         (str(s["blocked_pairs"]), f"blocked pairs (affinity &lt; {r['negative_transfer']['threshold']:g})"),
         (f"{s['conflicting_pairs']} / {s['measured_pairs']}", "pairs in gradient conflict (GCD &gt; 1)"),
         (_pct(s["transfer_share_last_epoch"]), "of the loss from transfer (last adaTT epoch)"),
@@ -188,18 +195,29 @@ def _affinity(w: Any, r: dict[str, Any], order: list[str], idx: list[int], boxes
           f'<td class="n">{_f(g["silhouette"], 2)}</td><td>{verdict}</td></tr>')
     w("</table>")
     w('<p class="small">A group is <i>supported</i> when its members are more affine to each other than to the '
-      "other tasks (margin &gt; 0) for most pairs (score &ge; 0.6), <i>weak</i> when only on average. A task sits "
-      "in the wrong group when its mean affinity to another group exceeds that to its own (negative "
-      "silhouette); sorted by how much closer.</p>")
+      "other tasks (margin &gt; 0) for most pairs (score &ge; 0.6), <i>weak</i> when only on average. A task is "
+      "flagged <i>wrong group?</i> only when its mean affinity to another group exceeds that to its own by more "
+      f"than {agree.get('misplaced_z', 2.5):g}&times; the noise of that difference (noise = sd &times; "
+      "&radic;(1/n<sub>own</sub> + 1/n<sub>other</sub>), sd the spread of the cross-group pairs not involving "
+      "the task); a smaller positive gap is <i>weakly closer (within noise)</i>. Sorted: flagged first, by how "
+      "much closer, then within noise.</p>")
     w('<table><tr><th>task</th><th>group</th><th class="n">mean affinity to own group</th>'
       '<th>closest other group</th><th class="n">its mean</th><th class="n">closer by</th>'
-      '<th class="n">silhouette</th><th></th></tr>')
-    for t in sorted(agree["tasks"], key=lambda x: (not x["misplaced"], -(x["gap"] or 0) if x["misplaced"]
-                                                   else pos[x["task"]])):
-        flag = _badge("wrong group?", "warn") if t["misplaced"] else ""
+      '<th class="n">noise limit</th><th class="n">silhouette</th><th></th></tr>')
+
+    def rank(x: dict[str, Any]) -> tuple[int, float]:
+        if x["misplaced"]:
+            return 0, -(x["gap"] or 0)
+        return (1, -(x["gap"] or 0)) if x.get("weakly_closer") else (2, pos[x["task"]])
+
+    for t in sorted(agree["tasks"], key=rank):
+        closer = t["misplaced"] or t.get("weakly_closer")
+        flag = (_badge("wrong group?", "warn") if t["misplaced"] else
+                _badge("weakly closer (within noise)", "off") if t.get("weakly_closer") else "")
         w(f"<tr><td>{escape(t['task'])}</td><td>{escape(str(t['group']))}</td><td class=\"n\">{_f(t['own_mean'])}</td>"
           f"<td>{escape(str(t['best_other_group'] or '-'))}</td><td class=\"n\">{_f(t['best_other_mean'])}</td>"
-          f'<td class="n">{_f(t["gap"]) if t["misplaced"] else ""}</td>'
+          f'<td class="n">{_f(t["gap"]) if closer else ""}</td>'
+          f'<td class="n">{_f(t.get("min_gap")) if closer else ""}</td>'
           f'<td class="n">{_f(t["silhouette"], 2)}</td><td>{flag}</td></tr>')
     w("</table>")
     w(f"<h3>Suggested regrouping (average-linkage clustering of 1 &minus; cosine affinity, k = {reg['k']})</h3>")
@@ -269,7 +287,7 @@ def _transfer(w: Any, r: dict[str, Any], order: list[str], idx: list[int], boxes
     w('<table><tr><th>phase</th><th class="n">epoch</th><th>transfer</th><th class="n">share of total loss</th></tr>')
     kinds = {(e["phase"], e["epoch"]): e["kind"] for e in r["trajectories"]["timeline"]["epochs"]}
     for e in tr["epochs"]:
-        w(f"<tr><td>{escape(str(e['phase']))}</td><td class=\"n\">{e['epoch']}</td>"
+        w(f"<tr><td>{escape(str(e['phase']))}</td><td class=\"n\">{_epn(e)}</td>"
           f"<td>{escape(kinds.get((e['phase'], e['epoch']), str(e['transfer_phase'])))}</td>"
           f'<td class="n">{_pct(e["total"])}</td></tr>')
     w("</table>")
@@ -332,16 +350,17 @@ def _trajectories(w: Any, r: dict[str, Any]) -> None:
     w(svg.line_chart(xs, series, title="EMA affinity of the most changing pairs", bands=tl["bands"], events=events,
                      hline=(thr, f"blocking threshold {thr:g}"), x_max=tl["x_max"], y_label="affinity"))
     w("</div>")
-    head = "".join(f'<th class="n">{escape(sn["phase"])} e{sn["epoch"]}</th>' for sn in tj["snapshots"])
+    head = "".join(f'<th class="n">{escape(sn["phase"])} e{_epn(sn)}</th>' for sn in tj["snapshots"])
     w(f'<div class="scroll"><table><tr><th>pair</th><th>why</th>{head}<th class="n">range</th></tr>')
     for p in tj["pairs"]:
         cells = "".join(f'<td class="n">{_f(v)}</td>' for v in p["values"])
         w(f"<tr><td>{escape(p['a'])} &harr; {escape(p['b'])}</td><td>{escape(p['reason'])}</td>{cells}"
           f'<td class="n">{_f(p["range"])}</td></tr>')
     w("</table></div>")
-    ev = ", ".join(f"{escape(EVENT_LABELS.get(e['event'], e['event']))} ({escape(e['phase'])} epoch {e['epoch']})"
+    ev = ", ".join(f"{escape(EVENT_LABELS.get(e['event'], e['event']))} ({escape(e['phase'])} epoch {_epn(e)})"
                    for e in tl["events"])
-    w(f'<p class="small">Events: {ev or "none"}.</p>')
+    w(f'<p class="small">Events: {ev or "none"}. Epochs are numbered from 1 as the training console prints '
+      "them; a snapshot (column) is taken at the end of its epoch, and the x axis counts epochs completed.</p>")
 
 
 def _conflict(w: Any, r: dict[str, Any], order: list[str], idx: list[int], boxes: list[Any]) -> None:
@@ -380,6 +399,14 @@ def _conflict(w: Any, r: dict[str, Any], order: list[str], idx: list[int], boxes
           f"<td>{flag}</td></tr>")
     w("</table>")
     w(f'<p class="muted small">Baselines from: {escape(", ".join(tci["sources"]))}</p>')
+    checked = sorted({k for per in (tci.get("checked") or {}).values() for keys in per.values() for k in keys})
+    n_checked = sum(len(per) for per in (tci.get("checked") or {}).values())
+    if checked:
+        w(f'<p class="small">Checked equal to the joint run for {n_checked} of {len(tci["tasks"])} baseline(s): '
+          f"{escape(', '.join(checked))}.</p>")
+    if tci.get("warnings"):
+        w('<div class="note"><b>Baselines</b><ul>' + "".join(f"<li>{escape(m)}</li>" for m in tci["warnings"])
+          + "</ul></div>")
 
 
 def _gcd_heatmap(matrix: list[list[Any]], idx: list[int], order: list[str], boxes: list[Any]) -> str:

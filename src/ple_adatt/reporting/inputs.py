@@ -17,6 +17,17 @@ Single-task baselines (``--baselines``, for TCI) come in one of two forms:
   one task: ``DIR/<name>/manifest.json`` of kind ``checkpoint``, or ``DIR/<name>/phase2``
   and ``DIR/<name>/phase1``), and optionally a ``baselines.json`` of the form above. A
   checkpoint contributes ``metrics.tasks.<task>.loss`` at its own phase (phase2 preferred).
+
+A validation loss is only comparable with the joint run's when both were computed on the
+same data and split with the same loss definition. Every baseline's provenance
+(:func:`loss_provenance`: data hash, split, ``max_rows``, the task's target spec, loss and
+its parameters, for InfoNCE the evaluation batch) is therefore checked against the joint
+checkpoint of the same phase: a difference is an error naming the key and both values.
+Single-task checkpoints record it in their manifests; a baselines JSON may carry it as
+``"provenance": {"<task>": {...}}``. A JSON without it that sits in a ``ple-adatt compare``
+output is checked against the ``single_task/<task>`` checkpoints beside it (when their losses
+are the JSON's); otherwise the report warns that the baselines are unchecked. Differences in
+how the baselines were trained (``model``, ``training``, ``seed``) are warnings, not errors.
 """
 
 from __future__ import annotations
@@ -37,10 +48,16 @@ PHASES = ("phase1", "phase2")
 
 @dataclass
 class Baselines:
-    """Single-task validation losses by phase: ``{"phase2": {"ctr": 0.07}}``."""
+    """Single-task validation losses by phase: ``{"phase2": {"ctr": 0.07}}``.
+
+    ``checked``: per phase and task, the provenance keys found equal to the joint run's;
+    ``warnings``: what could not be checked, or differs only in how the baseline was trained.
+    """
 
     val_loss: dict[str, dict[str, float]] = field(default_factory=dict)
     sources: list[str] = field(default_factory=list)
+    checked: dict[str, dict[str, list[str]]] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -111,19 +128,118 @@ def load_inputs(*, phase1: str | Path, phase2: str | Path, validation: str | Pat
     ck2 = load_checkpoint(p2_dir)
     weighting = ck1.train_cfg.effective_loss_weighting
     weights = [float(w) for w in ck1.system.criterion.weights.tolist()] if weighting == "fixed" else None
-    base = load_baselines(baselines, m1["tasks"]) if baselines is not None else None
+    base = (load_baselines(baselines, m1["tasks"], joint={"phase1": (p1_dir, m1), "phase2": (p2_dir, m2)})
+            if baselines is not None else None)
     return ReportInputs(p1_dir, p2_dir, v_dir, m1, m2, vman, avail, ck1.system.transfer, ck2.system.transfer,
                         weights, base)
 
 
 # ------------------------------------------------------------------------------- baselines
 
+#: the parameters each loss depends on (besides its name)
+LOSS_PARAMS = {"focal": ("alpha", "gamma"), "huber": ("delta",), "infonce": ("temperature",)}
+#: validation batches are at least this large (training.py's ``evaluate`` calls); InfoNCE uses
+#: in-batch negatives, so its validation loss depends on the evaluation batch size
+EVAL_BATCH_MIN = 4096
+#: the target spec fields a task's loss depends on
+TARGET_FIELDS = ("column", "type", "num_classes", "vocab_size", "bounds")
+#: training settings that do not change what a run learns (how it runs, what it logs)
+EXECUTION_KEYS = {"log_every", "compile", "compile_mode", "cuda_graph", "fused_mixture"}
+
+
+def loss_provenance(man: dict[str, Any], task: str) -> dict[str, Any]:
+    """What ``task``'s validation loss in the checkpoint manifest ``man`` depends on.
+
+    Flat keys: ``data_hash`` (bare hex), ``split`` (the data config's split), ``max_rows``,
+    ``target`` (the task's column, type, classes, vocabulary, bounds), ``loss`` (the loss
+    name, defaults resolved) and its parameters (``alpha``/``gamma`` for focal, ``delta`` for
+    huber, ``temperature`` and ``eval_batch_size`` for infonce). A key the manifest does not
+    record is left out. ``ple-adatt compare`` can write this per task into baselines.json
+    (``"provenance": {"<task>": ...}``) so the report can check a baselines JSON as well.
+    """
+    from ..config import DEFAULT_LOSS, TaskLossConfig
+
+    out: dict[str, Any] = {}
+    data = (man.get("inputs") or {}).get("data")
+    if data:
+        out["data_hash"] = _strip(data)
+    dc = man.get("data_config")
+    if isinstance(dc, dict) and "split" in dc:
+        out["split"] = dc["split"]
+    tc = man.get("train_config")
+    spec = next((t for t in man.get("task_specs") or [] if isinstance(t, dict) and t.get("name") == task), None)
+    if spec is not None:
+        out["target"] = {k: spec.get(k) for k in TARGET_FIELDS}
+    if isinstance(tc, dict):
+        out["max_rows"] = tc.get("max_rows")
+        cfg = (tc.get("tasks") or {}).get(task) or {}
+        loss = cfg.get("loss") or (DEFAULT_LOSS.get(spec.get("type")) if spec else None)
+        if loss:
+            out["loss"] = loss
+            default = TaskLossConfig()
+            for k in LOSS_PARAMS.get(loss, ()):
+                out[k] = cfg.get(k, getattr(default, k))
+            if loss == "infonce" and isinstance((tc.get("training") or {}).get("batch_size"), int):
+                out["eval_batch_size"] = max(tc["training"]["batch_size"], EVAL_BATCH_MIN)
+    return out
+
+
+#: checked in this order, so a different loss is named before its parameters
+PROVENANCE_KEYS = ("data_hash", "split", "max_rows", "target", "loss", "alpha", "gamma", "delta", "temperature",
+                   "eval_batch_size")
+WHAT = {"data_hash": "the data hash", "split": "the data split", "max_rows": "train_config.max_rows",
+        "target": "the target spec", "loss": "the loss", "eval_batch_size": "the InfoNCE evaluation batch"}
+
+
+def _show(v: Any) -> str:
+    if isinstance(v, str) and len(v) == 64 and all(ch in "0123456789abcdef" for ch in v):
+        return v[:12]
+    return json.dumps(v, sort_keys=True) if isinstance(v, (dict, list)) else repr(v)
+
+
+def _check_provenance(source: str, task: str, phase: str, base: dict[str, Any],
+                      joint: tuple[Path, dict[str, Any]]) -> tuple[list[str], list[str]]:
+    """Refuse a baseline whose loss is not comparable; return (keys checked, keys unrecorded)."""
+    jdir, jman = joint
+    want = loss_provenance(jman, task)
+    checked, missing = [], []
+    for key in PROVENANCE_KEYS:
+        if key not in base and key not in want:
+            continue
+        if key not in base or key not in want:
+            missing.append(key)
+            continue
+        if base[key] != want[key]:
+            what = WHAT.get(key, f"the {base.get('loss', want.get('loss'))} loss parameter {key}")
+            raise ArtifactError(
+                f"--baselines {source}: task {task!r} is not comparable with --{phase} {jdir}: `{key}` "
+                f"({what}) is {_show(base[key])} in the baseline, {_show(want[key])} in the joint run; TCI "
+                "needs baselines trained on the same data and split with the same loss definition (e.g. "
+                "`ple-adatt compare` with the joint run's data and config)")
+        checked.append(key)
+    return checked, missing
+
+
+def _training_diffs(bman: dict[str, Any], jman: dict[str, Any]) -> list[tuple[str, Any, Any]]:
+    """Settings of ``model``, ``training`` and ``seed`` in which a baseline was trained differently."""
+    bt, jt = bman.get("train_config") or {}, jman.get("train_config") or {}
+    out = []
+    if bt.get("seed") != jt.get("seed"):
+        out.append(("seed", bt.get("seed"), jt.get("seed")))
+    for section in ("model", "training"):
+        b, j = bt.get(section) or {}, jt.get(section) or {}
+        for k in sorted(set(b) | set(j)):
+            if k not in EXECUTION_KEYS and b.get(k) != j.get(k):
+                out.append((f"{section}.{k}", b.get(k), j.get(k)))
+    return out
+
 
 def _finite(x: Any) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
 
-def _baselines_json(path: Path, tasks: list[str]) -> tuple[str, dict[str, float]]:
+def _baselines_json(path: Path, tasks: list[str]) -> tuple[str, dict[str, float], dict[str, dict[str, Any]]]:
+    """(phase, val_loss, provenance per task) of a baselines JSON."""
     try:
         obj = json.loads(path.read_text())
     except json.JSONDecodeError as e:
@@ -145,11 +261,15 @@ def _baselines_json(path: Path, tasks: list[str]) -> tuple[str, dict[str, float]
     bad = [t for t, v in losses.items() if not _finite(v) or v <= 0]
     if bad:
         raise ArtifactError(f"--baselines {path}: val_loss of {bad} must be positive numbers")
-    return phase, {t: float(v) for t, v in losses.items()}
+    prov = obj.get("provenance", {})
+    if not isinstance(prov, dict) or not all(isinstance(v, dict) for v in prov.values()):
+        raise ArtifactError(f"--baselines {path}: `provenance` must map a task to an object of the keys "
+                            f"{', '.join(PROVENANCE_KEYS)}")
+    return phase, {t: float(v) for t, v in losses.items()}, prov
 
 
-def _single_task_checkpoint(d: Path, tasks: list[str]) -> tuple[str, str, float] | None:
-    """(phase, task, val loss) of a single-task checkpoint dir (or its phase2/phase1 subdir)."""
+def _single_task_checkpoint(d: Path, tasks: list[str]) -> tuple[str, str, float, dict[str, Any], Path] | None:
+    """(phase, task, val loss, manifest, dir) of a single-task checkpoint dir (or its phase2/phase1 subdir)."""
     for cand in (d, d / "phase2", d / "phase1"):
         if (cand / "manifest.json").exists():
             man = read_manifest(cand, CHECKPOINT_KIND, CHECKPOINT_SCHEMAS)
@@ -163,41 +283,94 @@ def _single_task_checkpoint(d: Path, tasks: list[str]) -> tuple[str, str, float]
             loss = ((man.get("metrics") or {}).get("tasks") or {}).get(t, {}).get("loss")
             if not _finite(loss) or loss <= 0:
                 raise ArtifactError(f"--baselines {cand}: manifest has no positive metrics.tasks.{t}.loss")
-            return man.get("phase", "phase2"), t, float(loss)
+            return man.get("phase", "phase2"), t, float(loss), man, cand
     return None
 
 
-def load_baselines(path: str | Path, tasks: list[str]) -> Baselines:
-    """Read ``--baselines`` (a JSON file or a directory; see the module docstring)."""
+def _compare_sibling(path: Path, task: str, phase: str, loss: float) -> dict[str, Any] | None:
+    """The manifest of the ``single_task/<task>/<phase>`` checkpoint a ``ple-adatt compare`` output
+    holds beside its baselines.json, when its loss is the JSON's (so the JSON was made from it)."""
+    mpath = path.parent / "single_task" / task / phase / "manifest.json"
+    if not mpath.is_file():
+        return None
+    try:
+        man = json.loads(mpath.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    got = ((man.get("metrics") or {}).get("tasks") or {}).get(task, {}).get("loss") if isinstance(man, dict) else None
+    if man.get("kind") != CHECKPOINT_KIND or not _finite(got) or not math.isclose(got, loss, rel_tol=1e-9):
+        return None
+    return man
+
+
+def load_baselines(path: str | Path, tasks: list[str],
+                   joint: dict[str, tuple[Path, dict[str, Any]]] | None = None) -> Baselines:
+    """Read ``--baselines`` (a JSON file or a directory; see the module docstring).
+
+    ``joint``: the joint run's checkpoints by phase, ``{"phase2": (dir, manifest)}``; with it
+    every baseline's provenance is checked against the checkpoint of its phase (an error when
+    a loss is not comparable, a warning in ``Baselines.warnings`` when it cannot be checked).
+    """
     p = Path(path)
     if not p.exists():
         raise ArtifactError(f"--baselines {p}: does not exist; pass a baselines JSON file or a directory of "
                             "single-task checkpoints (see docs/report.md)")
     out = Baselines()
+    unchecked: dict[str, list[str]] = {}  # source -> tasks without any provenance
+    partly: dict[tuple[str, ...], list[str]] = {}  # unrecorded keys -> tasks
+    trained: dict[tuple[str, str, str], list[str]] = {}  # (key, baseline value, joint value) -> tasks
 
-    def add(phase: str, task: str, loss: float, source: str) -> None:
+    def add(phase: str, task: str, loss: float, source: str, prov: dict[str, Any] | None = None,
+            man: dict[str, Any] | None = None) -> None:
         have = out.val_loss.setdefault(phase, {})
         if task in have:
             raise ArtifactError(f"--baselines {p}: task {task!r} ({phase}) is given twice (again in {source})")
         have[task] = loss
+        if joint is None:
+            return
+        if not prov:
+            unchecked.setdefault(source, []).append(task)
+            return
+        checked, missing = _check_provenance(source, task, phase, prov, joint[phase])
+        out.checked.setdefault(phase, {})[task] = checked
+        if missing:
+            partly.setdefault(tuple(missing), []).append(task)
+        if man is not None:
+            for key, b, j in _training_diffs(man, joint[phase][1]):
+                trained.setdefault((key, _show(b), _show(j)), []).append(task)
+
+    def add_json(jpath: Path) -> None:
+        phase, losses, prov = _baselines_json(jpath, tasks)
+        for t, v in losses.items():
+            man = None if t in prov else _compare_sibling(jpath, t, phase, v)
+            add(phase, t, v, str(jpath), prov.get(t) or (loss_provenance(man, t) if man else None), man)
+        out.sources.append(str(jpath))
 
     if p.is_file():
-        phase, losses = _baselines_json(p, tasks)
-        for t, v in losses.items():
-            add(phase, t, v, str(p))
-        out.sources.append(str(p))
-        return out
-    if (p / "baselines.json").exists():
-        phase, losses = _baselines_json(p / "baselines.json", tasks)
-        for t, v in losses.items():
-            add(phase, t, v, str(p / "baselines.json"))
-        out.sources.append(str(p / "baselines.json"))
-    for sub in sorted(q for q in p.iterdir() if q.is_dir() and not q.name.startswith(".")):
-        found = _single_task_checkpoint(sub, tasks)
-        if found:
-            add(*found, str(sub))
-            out.sources.append(str(sub))
-    if not out.val_loss:
-        raise ArtifactError(f"--baselines {p}: holds no baselines.json and no single-task checkpoint directory "
-                            "(see docs/report.md for the accepted forms)")
+        add_json(p)
+    else:
+        if (p / "baselines.json").exists():
+            add_json(p / "baselines.json")
+        for sub in sorted(q for q in p.iterdir() if q.is_dir() and not q.name.startswith(".")):
+            found = _single_task_checkpoint(sub, tasks)
+            if found:
+                phase, t, loss, man, cand = found
+                add(phase, t, loss, str(cand), loss_provenance(man, t), man)
+                out.sources.append(str(sub))
+        if not out.val_loss:
+            raise ArtifactError(f"--baselines {p}: holds no baselines.json and no single-task checkpoint directory "
+                                "(see docs/report.md for the accepted forms)")
+    for source, ts in unchecked.items():
+        out.warnings.append(
+            f"baselines {source} record no provenance (data hash, split, loss definition) for {', '.join(ts)}: "
+            "their comparability with this run is unchecked; TCI assumes they were trained on the same data and "
+            "split with the same loss definition")
+    for keys, ts in partly.items():
+        out.warnings.append(f"baselines of {', '.join(ts)} do not record {', '.join(keys)} (or the joint run does "
+                            "not): those were not checked")
+    if trained:
+        diffs = "; ".join(f"{k} {b} vs {j} ({', '.join(ts) if len(ts) < len(tasks) else 'every task'})"
+                          for (k, b, j), ts in trained.items())
+        out.warnings.append(f"the single-task baselines were trained differently from the joint run (baseline vs "
+                            f"joint): {diffs}; TCI then also reflects these differences")
     return out

@@ -16,6 +16,7 @@ def _pct(x: Any) -> str:
 def render_markdown(r: dict[str, Any], max_rows: int = 8) -> str:
     s, run = r["summary"], r["run"]
     misplaced = ", ".join(f"{m['task']} ({m['group']} -> {m['closer_to']})" for m in s["misplaced_tasks"])
+    weak = ", ".join(f"{m['task']} ({m['group']} -> {m['closer_to']})" for m in s.get("weakly_closer_tasks") or [])
     nt = r["negative_transfer"]
     lines = [
         "# Task affinity and negative-transfer report",
@@ -29,7 +30,8 @@ def render_markdown(r: dict[str, Any], max_rows: int = 8) -> str:
         f"| groups the data supports | {', '.join(s['groups_supported']) or 'none'} |",
         f"| groups supported only weakly | {', '.join(s['groups_weak']) or 'none'} |",
         f"| groups not supported | {', '.join(s['groups_not_supported']) or 'none'} |",
-        f"| tasks closer to another group | {misplaced or 'none'} |",
+        f"| tasks closer to another group (beyond noise) | {misplaced or 'none'} |",
+        f"| weakly closer to another group (within noise) | {weak or 'none'} |",
         f"| blocked pairs (affinity < {nt['threshold']:g}) | {s['blocked_pairs']} |",
         f"| pairs in gradient conflict (GCD > 1) | {s['conflicting_pairs']} of {s['measured_pairs']} |",
         f"| loss share from transfer (last adaTT epoch) | {_pct(s['transfer_share_last_epoch'])} |",
@@ -42,7 +44,7 @@ def render_markdown(r: dict[str, Any], max_rows: int = 8) -> str:
                   "| --- | ---: | --- | ---: |"]
         for p in nt["blocked"][:max_rows]:
             since = p.get("since")
-            since_s = f"{since['phase']} epoch {since['epoch']}" if since else "n/a"
+            since_s = f"{since['phase']} epoch {since['epoch_1based']}" if since else "n/a"
             lines.append(f"| {p['a']} / {p['b']} | {p['affinity']:.3f} | {since_s} | {_f(p.get('epochs_below'))} |")
         if len(nt["blocked"]) > max_rows:
             lines.append(f"| ... {len(nt['blocked']) - max_rows} more | | | |")

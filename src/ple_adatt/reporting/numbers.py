@@ -61,13 +61,14 @@ def _epoch_kind(h: dict[str, Any], warmup: int, freeze_at: int | None, strategy:
 
 def _timeline(history: list[dict[str, Any]], events: list[dict[str, Any]], warmup: int,
               strategy: str) -> dict[str, Any]:
-    """x axis in epochs: phase-1 epoch e spans [e, e+1], phase-2 epoch e spans [E1+e, E1+e+1]."""
+    """x axis in epochs completed: 0-based phase-1 epoch e (the console's epoch e+1) spans [e, e+1],
+    phase-2 epoch e spans [E1+e, E1+e+1]; an event at the end of epoch e sits at x = e+1."""
     n1 = sum(1 for h in history if h["phase"] == "phase1")
     freeze_at = next((e["epoch"] for e in events if e["event"] == "adatt_freeze_epoch"), None)
     epochs = []
     for h in history:
         x0 = h["epoch"] + (n1 if h["phase"] == "phase2" else 0)
-        epochs.append({"phase": h["phase"], "epoch": h["epoch"], "step": h.get("step"), "x0": x0, "x1": x0 + 1,
+        epochs.append({**analysis.epoch_ref(h), "x0": x0, "x1": x0 + 1,
                        "kind": _epoch_kind(h, warmup, freeze_at, strategy),
                        "recorded_transfer_phase": h.get("transfer_phase")})
     bands: list[dict[str, Any]] = []
@@ -83,10 +84,9 @@ def _timeline(history: list[dict[str, Any]], events: list[dict[str, Any]], warmu
                       else ev["epoch"] + 1)
         else:
             x = ev["epoch"] + 1  # freezes and stops act at the end of the epoch
-        marks.append({"event": ev["event"], "phase": ev["phase"], "epoch": ev["epoch"], "step": ev.get("step"),
-                      "x": x})
+        marks.append({"event": ev["event"], **analysis.epoch_ref(ev), "x": x})
     return {"epochs": epochs, "bands": bands, "events": marks, "x_max": epochs[-1]["x1"] if epochs else 0,
-            "freeze_epoch": freeze_at}
+            "freeze_epoch": freeze_at, "freeze_epoch_1based": analysis.epoch_1based(freeze_at)}
 
 
 def _metrics(inp: ReportInputs) -> dict[str, Any]:
@@ -147,7 +147,8 @@ def _tci(inp: ReportInputs) -> dict[str, Any] | None:
         for r in analysis.tci(joint, alone):
             rows.append({**r, "phase": phase})
     return {"definition": TCI_DEFINITION, "sources": inp.baselines.sources, "tasks": rows,
-            "conflicts": [r["task"] for r in rows if r["conflict"]]}
+            "conflicts": [r["task"] for r in rows if r["conflict"]],
+            "checked": inp.baselines.checked, "warnings": list(inp.baselines.warnings)}
 
 
 def build_report_data(inp: ReportInputs) -> dict[str, Any]:
@@ -240,6 +241,8 @@ def build_report_data(inp: ReportInputs) -> dict[str, Any]:
     gcd = analysis.gcd_pairs(tasks, c, measured)
     gcd_matrix = (1.0 - c).tolist()
     tci = _tci(inp)
+    if tci:
+        warnings += tci["warnings"]
     metrics = _metrics(inp)
     availability = _availability(inp)
 
@@ -255,6 +258,8 @@ def build_report_data(inp: ReportInputs) -> dict[str, Any]:
         "groups_not_supported": [g["name"] for g in agree["groups"] if g["verdict"] == "not supported"],
         "misplaced_tasks": [{"task": r["task"], "group": r["group"], "closer_to": r["best_other_group"]}
                             for r in misplaced],
+        "weakly_closer_tasks": [{"task": r["task"], "group": r["group"], "closer_to": r["best_other_group"]}
+                                for r in agree["tasks"] if r["weakly_closer"]],
         "suggested_moves": len(regroup["moves"]),
         "regrouping_recommended": regroup["recommended"],
         "tasks_at_transfer_cap": [p["task"] for p in per_task_share if p["at_cap"]],
@@ -330,8 +335,7 @@ def build_report_data(inp: ReportInputs) -> dict[str, Any]:
             "blocked": neg["blocked"],
             "recovered": neg["recovered"],
         },
-        "trajectories": {"snapshots": [{"phase": h["phase"], "epoch": h["epoch"], "step": h["step"], "x": x}
-                                       for h, x in zip(aff_hist, snap_x)],
+        "trajectories": {"snapshots": [{**analysis.epoch_ref(h), "x": x} for h, x in zip(aff_hist, snap_x)],
                          "pairs": traj, "timeline": timeline},
         "gcd": {"definition": GCD_DEFINITION, "pairs": gcd, "matrix": gcd_matrix},
         "tci": tci,

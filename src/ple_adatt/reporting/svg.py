@@ -185,8 +185,8 @@ def line_chart(
     step = max(1, round(xm / 12))
     for e in range(0, int(xm) + 1, step):  # x ticks (epoch boundaries)
         out.append(f'<text x="{px(e):.1f}" y="{top + ph + 14}" class="l" text-anchor="middle">{e}</text>')
-    out.append(f'<text x="{left + pw}" y="{height - 2}" class="l" text-anchor="end">epochs (Phase 1, then '
-               f"Phase 2)</text>")
+    out.append(f'<text x="{left + pw}" y="{height - 2}" class="l" text-anchor="end">epochs completed '
+               f"(Phase 1, then Phase 2)</text>")
     if y_label:
         out.append(f'<text x="12" y="{top + ph / 2}" class="l" transform="rotate(-90 12 {top + ph / 2})" '
                    f'text-anchor="middle">{escape(y_label)}</text>')
