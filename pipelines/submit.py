@@ -154,6 +154,11 @@ def check_params(params: dict[str, Any], inputs: dict[str, dict[str, Any]], *, a
         raise SubmitError(str(e).replace(str(root) + os.sep, "")) from None
     uri = str(value("mlflow_tracking_uri") or "").strip()
     effective = uri or (train_cfg.tracking.tracking_uri or "").strip()
+    if not _is_server(effective) and train_cfg.tracking.require_server:
+        raise SubmitError(f"{value('train_config')} sets tracking.require_server: true, so every step would refuse "
+                          f"the tracking URI {effective!r}; pass a tracking server with "
+                          "PARAMS='mlflow_tracking_uri=http://<host>:<port>', or SET='tracking.require_server=false'"
+                          " with --allow-local-mlflow")
     if not allow_local_mlflow and not _is_server(effective):
         where = (f"the tracking URI {effective!r}" + ("" if uri else f" (tracking.tracking_uri of {value('train_config')})")
                  if effective else "no tracking URI (the parameter mlflow_tracking_uri is empty, the images set no "

@@ -290,7 +290,11 @@ def test_stub_a_tracking_store_inside_the_pods_is_refused_unless_allowed(stub, p
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and "PARAMS='mlflow_tracking_uri=http://" in err and "--allow-local-mlflow" in err, err
     assert stub.state["requests"] == []
-    assert submit_main([*args, "--allow-local-mlflow"]) == 0, capsys.readouterr()
+    # the default train config (production) requires a server: the opt-out alone would fail every step
+    assert submit_main([*args, "--allow-local-mlflow"]) == 2
+    assert "tracking.require_server" in capsys.readouterr().err and stub.state["requests"] == []
+    assert submit_main([*args, "--allow-local-mlflow", "--set", "tracking.require_server=false"]) == 0, \
+        capsys.readouterr()
     assert len(_calls(stub, "POST", "/apis/v2beta1/runs")) == 1
 
 
@@ -301,6 +305,9 @@ def test_a_train_config_naming_a_tracking_server_needs_no_parameter(tmp_path):
     inputs = pipeline_inputs(compile_pipeline(str(tmp_path / "p.yaml")))
     check_params({"data_uri": "s3://b/d", "overrides": [f"tracking.tracking_uri={MLFLOW}"]}, inputs)
     with pytest.raises(SubmitError, match="tracking URI 'sqlite:///x.db' \\(tracking.tracking_uri of"):
-        check_params({"data_uri": "s3://b/d", "overrides": ["tracking.tracking_uri=sqlite:///x.db"]}, inputs)
+        check_params({"data_uri": "s3://b/d", "train_config": "configs/train/cpu_small.yaml",
+                      "overrides": ["tracking.tracking_uri=sqlite:///x.db"]}, inputs)
+    with pytest.raises(SubmitError, match="production.yaml sets tracking.require_server: true"):
+        check_params({"data_uri": "s3://b/d"}, inputs, allow_local_mlflow=True)
     check_params({"data_uri": "s3://b/d", "train_config": "/app/configs/train/cpu_small.yaml"}, inputs,
                  allow_local_mlflow=True)  # the image's absolute path of a config is this checkout's configs/
