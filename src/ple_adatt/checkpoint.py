@@ -122,6 +122,10 @@ def save_checkpoint(
             "epochs": _epochs(history),
             "metrics": metrics,
             "metrics_by_phase": {**((previous or {}).get("metrics_by_phase", {})), phase: metrics},
+            # the checkpoint this one continues (Phase 2 from Phase 1): who made it, for lineage
+            **({"previous": {"producer": previous.get("producer"),
+                             "checkpoint_sha256": (previous.get("files") or {}).get(STATE_FILE)}}
+               if previous else {}),
             "history": history,
             "affinity_history": affinity_history,
             "events": events,

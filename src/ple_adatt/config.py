@@ -259,6 +259,10 @@ class TransferConfig:
     mgda: MGDAConfig = field(default_factory=MGDAConfig)
     task_groups: dict[str, TaskGroup] = field(default_factory=dict)
 
+#: validation runs in batches of at least this many rows (``max(training.batch_size, this)``);
+#: InfoNCE's validation loss uses in-batch negatives, so it depends on it (the report checks it)
+EVAL_BATCH_MIN = 4096
+
 
 @dataclass(frozen=True)
 class TrainingConfig:

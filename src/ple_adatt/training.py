@@ -22,7 +22,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor, nn
 
-from .config import ConfigError, TaskSpec, TrainConfig
+from .config import EVAL_BATCH_MIN, ConfigError, TaskSpec, TrainConfig
 from .data.dataset import TensorData
 from .errors import TrainingError
 from .losses import LossOutput, MultiTaskLoss, gate_entropy
@@ -495,7 +495,7 @@ class Trainer:
             lr = float(opt.param_groups[0]["lr"])  # the rate this epoch trained at, before the schedule moves on
             sched.step()
             val = evaluate(system, self.val_data, use_cluster_heads=use_cluster_heads,
-                           batch_size=max(t.batch_size, 4096))
+                           batch_size=max(t.batch_size, EVAL_BATCH_MIN))
             events: list[str] = []
             if system.transfer is not None:
                 for ev in system.transfer.on_epoch_end(epoch):
@@ -616,4 +616,4 @@ class Trainer:
 
     def final_metrics(self, use_cluster_heads: bool) -> dict[str, Any]:
         return evaluate(self.system, self.val_data, use_cluster_heads=use_cluster_heads,
-                        batch_size=max(self.cfg.training.batch_size, 4096), by_cluster=True)
+                        batch_size=max(self.cfg.training.batch_size, EVAL_BATCH_MIN), by_cluster=True)

@@ -229,6 +229,12 @@ def test_compare_with_several_seeds(seeded):
     # baselines.json: the mean over seeds of each single-task validation loss
     b = json.loads((out / "baselines.json").read_text())
     assert b["seeds"] == [0, 1] and b["val_loss"]["ctr"] == pytest.approx(statistics.mean(base["ctr"][s]["loss"] for s in (0, 1)))
+    # with what the losses depend on, so that a copied-away baselines.json can still be checked
+    from ple_adatt.reporting.inputs import loss_provenance
+
+    ctr_man = json.loads(next((out / "single_task" / "ctr").rglob("manifest.json")).read_text())
+    assert b["provenance"]["ctr"] == json.loads(json.dumps(loss_provenance(ctr_man, "ctr")))
+    assert b["provenance"]["ctr"]["loss"] and b["provenance"]["ctr"]["data_hash"]
     html, md = (out / "compare.html").read_text(), (out / "compare.md").read_text()
     assert "single-seed-caveat" not in html and "Ranking by mean Δm over 2 seeds" in md
     man = json.loads((out / "manifest.json").read_text())

@@ -319,3 +319,11 @@ def test_each_epoch_records_the_learning_rate_it_trained_at():
     lrs = {(r.phase, r.epoch): r.lr for r in trainer.history}
     assert lrs[("phase1", 0)] == pytest.approx(3e-4) and lrs[("phase1", 1)] == pytest.approx(3e-3)
     assert lrs[("phase2", 0)] == pytest.approx(3e-4) and lrs[("phase2", 1)] == pytest.approx(3e-3)
+
+
+def test_the_phase2_manifest_names_the_phase1_checkpoint_it_continues(run):
+    """Lineage: the registry reads Phase 1's producer (component version) from the Phase 2 manifest."""
+    prev = run["m2"]["previous"]
+    assert prev["checkpoint_sha256"] == run["m1"]["files"]["checkpoint.pt"] == run["m2"]["inputs"]["checkpoint"]
+    assert prev["producer"] == run["m1"]["producer"] and prev["producer"]["stage"] == "train-phase1"
+    assert "previous" not in run["m1"]

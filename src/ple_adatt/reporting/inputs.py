@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import Any
 
 from ..artifacts import ArtifactError, read_manifest, read_validation
+from ..config import EVAL_BATCH_MIN
 
 CHECKPOINT_KIND = "checkpoint"
 CHECKPOINT_SCHEMAS = (1,)
@@ -138,9 +139,6 @@ def load_inputs(*, phase1: str | Path, phase2: str | Path, validation: str | Pat
 
 #: the parameters each loss depends on (besides its name)
 LOSS_PARAMS = {"focal": ("alpha", "gamma"), "huber": ("delta",), "infonce": ("temperature",)}
-#: validation batches are at least this large (training.py's ``evaluate`` calls); InfoNCE uses
-#: in-batch negatives, so its validation loss depends on the evaluation batch size
-EVAL_BATCH_MIN = 4096
 #: the target spec fields a task's loss depends on
 TARGET_FIELDS = ("column", "type", "num_classes", "vocab_size", "bounds")
 #: training settings that do not change what a run learns (how it runs, what it logs)

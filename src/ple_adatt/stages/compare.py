@@ -298,8 +298,13 @@ def write_comparison(runs: dict[str, Any], singles: dict[str, Any], out: str | P
     if single_mans:  # the mean over seeds of each task's single-task validation loss
         losses = {t: sum(m["metrics"]["tasks"][t]["loss"] for m in ms) / len(ms) for t, ms in single_mans.items()}
         phase = "phase2" if all(m.get("phase") == "phase2" for ms in single_mans.values() for m in ms) else "phase1"
+        from ..reporting.inputs import loss_provenance
+
+        # what each loss depends on (data, split, loss definition; the same for every seed), so that
+        # `report --baselines` can check a copied-away baselines.json against the joint run
+        provenance = {t: loss_provenance(ms[0], t) for t, ms in single_mans.items()}
         write_json(out / "baselines.json", {"kind": "single_task_baselines", "phase": phase, "val_loss": losses,
-                                            "seeds": report["single_task"]["seeds"]})
+                                            "seeds": report["single_task"]["seeds"], "provenance": provenance})
     for name, text in (("compare.md", render_markdown(report)), ("compare.html", render_html(report))):
         tmp = out / f".{name}.tmp"
         tmp.write_text(text, encoding="utf-8")
