@@ -195,3 +195,12 @@ def test_people_see_epochs_from_1_and_the_json_carries_both(run: Run) -> None:
     for p in run.report["negative_transfer"]["blocked"]:
         if p.get("since"):
             assert f"{p['since']['phase']} epoch {p['since']['epoch'] + 1} (step {p['since']['step']})" in html
+
+
+def test_the_page_shows_the_commit_with_its_dirty_mark(run: Run) -> None:
+    from ple_adatt.reporting.html import _short_commit
+
+    commit = run.report["run"]["phase1"]["git_commit"]  # trained in this checkout: a commit, maybe -dirty
+    assert commit and f"commit {_short_commit(commit)}</p>" in (run.report_dir / "report.html").read_text()
+    assert _short_commit("0123456789abcdef0123-dirty") == "0123456789ab-dirty"
+    assert _short_commit("0123456789abcdef0123") == "0123456789ab" and _short_commit(None) == "n/a"

@@ -43,6 +43,14 @@ EVENT_LABELS = {
 }
 
 
+
+def _short_commit(commit: object) -> str:
+    """The first 12 hex digits, keeping a ``-dirty`` suffix (a build from a modified tree)."""
+    if not commit:
+        return "n/a"
+    sha, dirty, _ = str(commit).partition("-dirty")
+    return sha[:12] + ("-dirty" if dirty else "")
+
 def _f(x: Any, nd: int = 3) -> str:
     if x is None:
         return '<span class="muted">n/a</span>'
@@ -112,7 +120,7 @@ def render_html(r: dict[str, Any]) -> str:
     w(f'<p class="muted small">strategy <b>{escape(run["strategy"])}</b> &middot; {len(tasks)} tasks &middot; '
       f"Phase 1: {escape(p1['path'])} ({_f(p1['epochs'])} epochs, {escape(str(p1['created']))}) &middot; "
       f"Phase 2: {escape(p2['path'])} ({_f(p2['epochs'])} epochs) &middot; validation: "
-      f"{escape(run['validation']['path'])} &middot; commit {escape(str(p1.get('git_commit') or 'n/a')[:12])}</p>")
+      f"{escape(run['validation']['path'])} &middot; commit {escape(_short_commit(p1.get('git_commit')))}</p>")
     w('<nav class="small"><a href="#affinity">Affinity &amp; groups</a><a href="#transfer">Transfer</a>'
       '<a href="#negative">Negative transfer</a><a href="#trajectories">Trajectories</a>'
       '<a href="#conflict">GCD / TCI</a><a href="#metrics">Validation metrics</a>'
