@@ -43,6 +43,30 @@ def _tracking_defaults(request, monkeypatch, session_tracking_uri):
             monkeypatch.setenv("MLFLOW_TRACKING_URI", session_tracking_uri)
 
 
+CHECKOUT_STORE = Path(__file__).resolve().parents[1] / "mlflow.db"
+
+
+def _store_stamp() -> tuple[int, int] | None:
+    try:
+        st = CHECKOUT_STORE.stat()
+    except FileNotFoundError:
+        return None
+    return st.st_mtime_ns, st.st_size
+
+
+def pytest_sessionstart(session):
+    session.config._ple_store_stamp = _store_stamp()
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """A test that tracked into the checkout's ./mlflow.db (a session fixture runs before the
+    per-test defaults above, for one) fails the run, instead of filling the user's store."""
+    if _store_stamp() != getattr(session.config, "_ple_store_stamp", None):
+        print(f"\nerror: the tests wrote {CHECKOUT_STORE}: a stage ran tracked without choosing a store "
+              "(pass --no-tracking, or a tracking URI under tmp_path)")
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
 def pytest_collection_modifyitems(config, items):
     """``slow`` tests run only with PLE_ADATT_RUN_SLOW=1 (make test-all); ``gpu`` tests need CUDA."""
     run_slow = os.environ.get("PLE_ADATT_RUN_SLOW", "").lower() in ("1", "true", "yes")

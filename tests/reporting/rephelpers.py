@@ -40,7 +40,7 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> Run:
     data, val, train, out = root / "data.parquet", root / "validation", root / "train", root / "report"
     assert main(["generate", "--out", str(data), "--rows", "4000"]) == 0
     assert main(["validate", "--data", str(data), "--config", str(ROOT / "configs/data/synthetic.yaml"),
-                 "--out", str(val), "--gx-rows", "2000"]) == 0
+                 "--out", str(val), "--gx-rows", "2000", "--no-tracking"]) == 0
     assert main([
         "train", "--data", str(data), "--data-config", str(ROOT / "configs/data/synthetic.yaml"),
         "--config", str(ROOT / "configs/train/cpu_small.yaml"), "--out", str(train),
