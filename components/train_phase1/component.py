@@ -24,6 +24,7 @@ def train_phase1(
     pipeline_run_id: str = "",
     strategy: str = "",
     only_tasks: str = "",
+    seed: str = "",
 ):
     """Phase 1 on ``data``: only the tasks ``validation`` enabled are trained.
 
@@ -41,10 +42,12 @@ def train_phase1(
         pipeline_run_id: the pipeline run (MLflow parent run) this stage belongs to.
         strategy: a `transfer.strategy` to train with (the compare pipeline); empty keeps the config's.
         only_tasks: comma-separated tasks to train (single-task baselines); empty trains every enabled task.
+        seed: one seed of a several-seed comparison (the compare pipeline's --seeds): sets `seed`, `transfer.pcgrad.seed` and `transfer.mocograd.seed` as `ple-adatt compare --seeds` does, and then overrides must not set them (train-phase2 would apply them again); empty keeps the config's (a string: KFP passes a loop item's field as one).
     """
     import json
     import math
     import os
+    import sys
 
     from ple_adatt import __version__
     from ple_adatt.cli import run_as_component
@@ -57,6 +60,27 @@ def train_phase1(
         argv += ["--set", f"transfer.strategy={strategy}"]
     if only_tasks:
         argv += ["--only-tasks", only_tasks]
+    if seed.strip():
+        from ple_adatt.stages.compare import seed_overrides
+
+        try:
+            n = int(seed)
+        except ValueError:
+            print(f"train-phase1: error: input seed {seed!r}: expected an integer in [0, 2**32 - 1] or empty",
+                  file=sys.stderr)
+            raise SystemExit(2) from None
+        sets = seed_overrides(n)  # the same keys as `ple-adatt compare --seeds`
+        keys = {item.split("=", 1)[0] for item in sets}
+        clash = [item for item in overrides if item.split("=", 1)[0].strip() in keys]
+        if clash:
+            # train-phase2 applies `overrides` to this checkpoint's config and has no seed input:
+            # it would retrain every seed's Phase 2 under the same seed
+            print(f"train-phase1: error: overrides {clash} set what the seed input ({n}) sets; Phase 2 would apply "
+                  "them again to every seed's checkpoint, so drop them from overrides (the seeds are the compare "
+                  "pipeline's --seeds)", file=sys.stderr)
+            raise SystemExit(2)
+        for item in sets:
+            argv += ["--set", item]
     run_as_component(argv, mlflow_tracking_uri=mlflow_tracking_uri, pipeline_run_id=pipeline_run_id)
 
     with open(os.path.join(checkpoint.path, "manifest.json")) as f:
