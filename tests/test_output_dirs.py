@@ -58,3 +58,57 @@ def test_an_out_holding_an_input_is_refused(tmp_path: Path) -> None:
     with pytest.raises(ArtifactError, match=f"--out {tmp_path / 'runs'}: holds the input {data}"):
         check_output_dir(tmp_path / "runs", kind="validation", inputs=(None, data))
     check_output_dir(tmp_path / "other", kind="validation", inputs=(data,))
+
+
+def _listed_output(path: Path, kind: str, files: list[str], **extra: str) -> Path:
+    path.mkdir(parents=True)
+    (path / "manifest.json").write_text(json.dumps({"kind": kind, "files": files, **extra}))
+    for f in files:
+        (path / f).write_text("old")
+    return path
+
+
+def test_an_earlier_output_with_files_it_did_not_write_is_refused(tmp_path: Path) -> None:
+    out = _listed_output(tmp_path / "report", "report", ["report.html", "report.json"])
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(ArtifactError, match="holds notes.txt besides an earlier report output, which the stage did "
+                                            "not write"):
+        check_output_dir(out, kind="report")
+    refused = pytest.raises(ArtifactError, match="holds notes.txt besides an earlier report output")
+    with refused, atomic_output_dir(out) as tmp:
+        (tmp / "manifest.json").write_text(json.dumps({"kind": "report", "files": ["report.html"]}))
+        (tmp / "report.html").write_text("new")
+    assert (out / "notes.txt").read_text() == "mine" and (out / "report.html").read_text() == "old"
+    (out / "notes.txt").unlink()  # only its own files: replaced, also those the new output no longer writes
+    check_output_dir(out, kind="report")
+    with atomic_output_dir(out) as tmp:
+        (tmp / "manifest.json").write_text(json.dumps({"kind": "report", "files": ["report.html"]}))
+        (tmp / "report.html").write_text("new")
+    assert sorted(p.name for p in out.iterdir()) == ["manifest.json", "report.html"]
+
+
+def test_a_checkpoint_of_the_other_phase_is_not_replaced(tmp_path: Path) -> None:
+    p2 = _listed_output(tmp_path / "p2", "checkpoint", ["checkpoint.pt"], phase="phase2")
+    with pytest.raises(ArtifactError, match=r"holds a phase2 checkpoint output \(its manifest.json\), not an "
+                                            "earlier phase1 checkpoint output"):
+        check_output_dir(p2, kind="checkpoint", phase="phase1")
+    with pytest.raises(ArtifactError, match="holds a phase2 checkpoint output"), atomic_output_dir(p2) as tmp:
+        (tmp / "manifest.json").write_text(json.dumps({"kind": "checkpoint", "phase": "phase1", "files": []}))
+    assert json.loads((p2 / "manifest.json").read_text())["phase"] == "phase2"
+    check_output_dir(p2, kind="checkpoint", phase="phase2")
+    check_output_dir(p2, kind="checkpoint")  # no phase asked: any checkpoint
+
+
+def test_a_stage_refuses_an_out_holding_its_own_config(tmp_path: Path, capsys) -> None:
+    from ple_adatt.cli import main
+    from ple_adatt.data.synthetic import write_parquet
+
+    root = Path(__file__).resolve().parents[1]
+    data = write_parquet(tmp_path / "d.parquet", rows=200, seed=0)
+    out = tmp_path / "v"
+    out.mkdir()
+    cfg = out / "synthetic.yaml"
+    cfg.write_text((root / "configs/data/synthetic.yaml").read_text())
+    assert main(["validate", "--no-tracking", "--data", str(data), "--config", str(cfg), "--out", str(out)]) == 2
+    assert f"--out {out}: holds the input {cfg}" in capsys.readouterr().err
+    assert cfg.is_file()

@@ -206,36 +206,57 @@ def read_validation(directory: str | Path, *, data_hash: str | None, data_config
 _KIND_FAMILY = {"validation_failed": "validation"}
 
 
-def _manifest_kind(directory: Path) -> str | None:
+def _read_manifest_quietly(directory: Path) -> dict[str, Any]:
     try:
-        kind = json.loads((directory / MANIFEST).read_text(encoding="utf-8")).get("kind")
-    except (OSError, ValueError, AttributeError):
+        man = json.loads((directory / MANIFEST).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return man if isinstance(man, dict) else {}
+
+
+def _output_identity(man: dict[str, Any]) -> str | None:
+    """What an output is, for replacing it: its kind, and a checkpoint's phase too."""
+    kind = man.get("kind")
+    if not isinstance(kind, str):
         return None
-    return kind if isinstance(kind, str) else None
+    kind = _KIND_FAMILY.get(kind, kind)
+    return f"{man['phase']} {kind}" if kind == "checkpoint" and isinstance(man.get("phase"), str) else kind
 
 
-def replace_refusal(out: Path, kind: str | None) -> str | None:
+def replace_refusal(out: Path, kind: str | None, *, phase: str | None = None,
+                    writes: set[str] | None = None) -> str | None:
     """Why the existing directory ``out`` must not be replaced by an output of ``kind``, or None.
 
     An output directory is replaced whole, so only an empty directory or an earlier output of
-    the same kind (its ``manifest.json`` says so) may be: never a directory of checkpoints, a
-    run, another stage's output or files a user keeps there. ``kind`` None accepts an earlier
-    output of any kind.
+    the same kind (its ``manifest.json`` says so; for a checkpoint, of the same ``phase``) that
+    holds nothing but its own files (the manifest lists them; ``writes``: the names the new
+    output writes) may be: never a directory of checkpoints, a run, another stage's output or
+    files a user keeps there. ``kind`` None accepts an earlier output of any kind.
     """
     names = sorted(p.name for p in out.iterdir() if not p.name.startswith("."))
     if not names:
         return None
-    seen = _manifest_kind(out)
-    if seen is not None and (kind is None or _KIND_FAMILY.get(seen, seen) == _KIND_FAMILY.get(kind, kind)):
-        return None
-    wanted = f"an earlier {kind} output" if kind else "an earlier output of a stage"
-    if seen is not None:
+    man = _read_manifest_quietly(out)
+    seen = _output_identity(man)
+    want = None if kind is None else _output_identity({"kind": kind, "phase": phase})
+    wanted = f"an earlier {want} output" if want else "an earlier output of a stage"
+    if seen is None:
+        held = ", ".join(names[:5]) + (" ..." if len(names) > 5 else "")
+        return f"holds {held}, which is not {wanted}"
+    if want is not None and seen != want and not (phase is None and seen.endswith(f" {want}")):
         return f"holds a {seen} output (its manifest.json), not {wanted}"
-    held = ", ".join(names[:5]) + (" ..." if len(names) > 5 else "")
-    return f"holds {held}, which is not {wanted}"
+    files = man.get("files")
+    if not isinstance(files, (dict, list)):
+        return None  # an output that does not list its files: the kind decides
+    own = {MANIFEST, *files, *(writes or ())}
+    extra = [n for n in names if n not in own]
+    if extra:
+        return (f"holds {', '.join(extra[:5])}{' ...' if len(extra) > 5 else ''} besides an earlier "
+                f"{seen} output, which the stage did not write")
+    return None
 
 
-def check_output_dir(out: str | Path, option: str = "--out", *, kind: str | None = None,
+def check_output_dir(out: str | Path, option: str = "--out", *, kind: str | None = None, phase: str | None = None,
                      inputs: tuple[str | Path | None, ...] = (), replaced: bool = True) -> Path:
     """Check that ``out`` can be written as an output directory; call it before the work.
 
@@ -255,7 +276,7 @@ def check_output_dir(out: str | Path, option: str = "--out", *, kind: str | None
             raise ArtifactError(f"{option} {out}: holds the input {given}, and the output directory is replaced "
                                 "whole; pass another directory")
     if replaced and out.is_dir():
-        why = replace_refusal(out, kind)
+        why = replace_refusal(out, kind, phase=phase)
         if why:
             raise ArtifactError(f"{option} {out}: {why}; the output directory is replaced whole, so pass a new "
                                 "directory" + (f" or an earlier {kind} output" if kind else ""))
@@ -303,7 +324,9 @@ def atomic_output_dir(out: str | Path, *, overwrite: bool = True) -> Iterator[Pa
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     if out.is_dir():
-        why = replace_refusal(out, _manifest_kind(tmp))  # the last guard: never replace what is not ours
+        new = _read_manifest_quietly(tmp)  # the last guard: never replace what is not ours
+        why = replace_refusal(out, new.get("kind"), phase=new.get("phase"),
+                              writes={p.name for p in tmp.iterdir()})
         if why:
             shutil.rmtree(tmp, ignore_errors=True)
             raise ArtifactError(f"output directory {out}: {why}; it was left as it was")

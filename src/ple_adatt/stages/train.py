@@ -31,7 +31,8 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out)
     check_output_dir(out, replaced=False)
     for phase in ("phase1", "phase2"):  # each is replaced whole; OUT itself keeps what else it holds
-        check_output_dir(out / phase, f"--out {out}: its", kind="checkpoint", inputs=(args.data, args.validation))
+        check_output_dir(out / phase, f"--out {out}: its", kind="checkpoint", phase=phase,
+                         inputs=(args.data, args.validation, args.config, args.data_config))
     created = not out.exists()
     try:
         # phase2 replaces OUT/phase2 first, then phase1 OUT/phase1 (with: last in, first out)

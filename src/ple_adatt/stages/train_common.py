@@ -106,7 +106,7 @@ def run_phase1(
     from ..training import Trainer, build_system, resolve_device, set_regression_targets
 
     t0 = time.perf_counter()
-    check_output_dir(out, kind="checkpoint", inputs=(data, validation))  # before any training: a bad --out must not cost the run
+    check_output_dir(out, kind="checkpoint", phase="phase1", inputs=(data, validation, config, data_config))  # before any training: a bad --out must not cost the run
     data_cfg = load_data_config(data_config)
     train_cfg = load_train_config(config, overrides, data=data_cfg)
     data_hash = path_sha256(data)
@@ -191,7 +191,7 @@ def run_phase2(
     from ..training import Trainer, resolve_device
 
     t0 = time.perf_counter()
-    check_output_dir(out, kind="checkpoint", inputs=(checkpoint, data))  # before any training: a bad --out must not cost the run
+    check_output_dir(out, kind="checkpoint", phase="phase2", inputs=(checkpoint, data, config, data_config))  # before any training: a bad --out must not cost the run
     ck = load_checkpoint(checkpoint)
     if ck.manifest.get("phase") != "phase1":
         raise StageError(f"{checkpoint}: is a {ck.manifest.get('phase')} checkpoint; Phase 2 starts from a phase1 checkpoint")

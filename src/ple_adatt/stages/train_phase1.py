@@ -23,7 +23,8 @@ def run(args: argparse.Namespace) -> int:
     from ..artifacts import check_output_dir
     from .train_common import run_phase1, summarize
 
-    check_output_dir(args.out, kind="checkpoint", inputs=(args.data, args.validation))  # before the MLflow run opens: a bad --out leaves no failed run
+    check_output_dir(args.out, kind="checkpoint", phase="phase1",
+                     inputs=(args.data, args.validation, args.config, args.data_config))  # before the MLflow run opens: a bad --out leaves no failed run
     with stage_tracking("train-phase1", args) as tracker:
         manifest = run_phase1(data=args.data, data_config=args.data_config, config=args.config, out=args.out,
                               validation=args.validation, overrides=args.overrides, on_epoch=tracker.log_epoch,

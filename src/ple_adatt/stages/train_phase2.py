@@ -23,7 +23,8 @@ def run(args: argparse.Namespace) -> int:
     from ..artifacts import check_output_dir
     from .train_common import run_phase2, summarize
 
-    check_output_dir(args.out, kind="checkpoint", inputs=(args.checkpoint, args.data))  # before the MLflow run opens: a bad --out leaves no failed run
+    check_output_dir(args.out, kind="checkpoint", phase="phase2",
+                     inputs=(args.checkpoint, args.data, args.config, args.data_config))  # before the MLflow run opens: a bad --out leaves no failed run
     with stage_tracking("train-phase2", args) as tracker:
         manifest = run_phase2(checkpoint=args.checkpoint, data=args.data, out=args.out, config=args.config,
                               data_config=args.data_config, overrides=args.overrides, on_epoch=tracker.log_epoch)
