@@ -92,6 +92,10 @@ def pipeline_inputs(package: str | Path) -> dict[str, dict[str, Any]]:
     return params
 
 
+#: the configs/ subdirectory of each config parameter's files
+_CONFIG_DIRS = {"data_config": "data", "train_config": "train"}
+
+
 def image_path(value: str, param: str, root: Path = REPO_ROOT) -> Path:
     """The file in this checkout that the image holds at ``value`` (relative to its WORKDIR /app)."""
     p = Path(value)
@@ -107,7 +111,8 @@ def image_path(value: str, param: str, root: Path = REPO_ROOT) -> Path:
         raise SubmitError(f"parameter {param}={value!r}: not under configs/, so not in the images (they hold "
                           "only configs/ of this repository); pass a path like configs/train/production.yaml")
     if not local.is_file():
-        have = sorted(str(f.relative_to(root)) for f in configs.glob("*/*.yaml"))
+        kind = _CONFIG_DIRS.get(param, "*")  # a data config among the data configs, a train config among the train ones
+        have = sorted(str(f.relative_to(root)) for f in configs.glob(f"{kind}/*.yaml"))
         raise SubmitError(f"parameter {param}={value!r}: no such file in configs/ of this checkout, so none in "
                           f"the images built from it; available: {', '.join(have)}")
     return local
@@ -341,10 +346,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--allow-local-mlflow", action="store_true",
                         help="start the run even though the steps would track to a store inside their pods "
                         "(empty, sqlite or file mlflow_tracking_uri), which is lost when each pod ends")
+    from ple_adatt.cli import _refuse_unknown_options  # stdlib only at import: no torch, no kfp
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    _refuse_unknown_options(parser, argv)  # a misspelt option gets "did you mean --namespace?"
     args = parser.parse_args(argv)
     try:
         params: dict[str, Any] = parse_params(args.param)
         if args.data_uri:
+            if "data_uri" in params and params["data_uri"] != args.data_uri:
+                raise SubmitError(f"the dataset is given twice: --param data_uri={params['data_uri']} and --data-uri "
+                                  f"{args.data_uri}; pass one (make submit DATA_URI=...)")
             params["data_uri"] = args.data_uri
         if "data_uri" not in params:
             raise SubmitError("no dataset: pass --data-uri s3://.../data.parquet (make submit DATA_URI=...)")

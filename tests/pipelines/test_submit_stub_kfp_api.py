@@ -311,3 +311,40 @@ def test_a_train_config_naming_a_tracking_server_needs_no_parameter(tmp_path):
         check_params({"data_uri": "s3://b/d"}, inputs, allow_local_mlflow=True)
     check_params({"data_uri": "s3://b/d", "train_config": "/app/configs/train/cpu_small.yaml"}, inputs,
                  allow_local_mlflow=True)  # the image's absolute path of a config is this checkout's configs/
+
+
+@pytest.mark.parametrize(("param", "own", "other"), [("data_config", "configs/data/", "configs/train/"),
+                                                     ("train_config", "configs/train/", "configs/data/")])
+def test_a_missing_config_lists_only_the_configs_of_its_kind(stub, package, capsys, param, own, other):
+    """A missing data config used to list the train configs among the choices too."""
+    rc = submit_main(["--package", str(package), "--host", _host(stub), "--token", TOKEN, "--data-uri", "s3://b/d",
+                      "--param", f"mlflow_tracking_uri={MLFLOW}", "--param", f"{param}={own}nope.yaml"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and "\n" not in err, err
+    available = err.split("available: ", 1)[1].split(", ")
+    assert available and all(a.startswith(own) for a in available), err
+    assert other not in err
+    assert stub.state["requests"] == []
+
+
+def test_a_misspelt_option_gets_a_did_you_mean(package, capsys):
+    with pytest.raises(SystemExit) as exc:
+        submit_main(["--package", str(package), "--namespce", "x"])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == "python -m pipelines.submit: error: unrecognized option --namespce (did you mean --namespace?)"
+
+
+def test_the_dataset_given_twice_with_different_values_is_refused(stub, package, capsys):
+    base = ["--package", str(package), "--host", _host(stub), "--token", TOKEN, "--namespace", "ns",
+            "--param", f"mlflow_tracking_uri={MLFLOW}"]
+    assert submit_main([*base, "--param", "data_uri=s3://x/y.parquet", "--data-uri", "s3://b/d.parquet"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == ("submit: error: the dataset is given twice: --param data_uri=s3://x/y.parquet and --data-uri "
+                   "s3://b/d.parquet; pass one (make submit DATA_URI=...)")
+    assert stub.state["requests"] == []
+    # the same value twice is no conflict: submitted with it
+    assert submit_main([*base, "--param", "data_uri=s3://b/d.parquet", "--data-uri", "s3://b/d.parquet"]) == 0, \
+        capsys.readouterr()
+    (run,) = _calls(stub, "POST", "/apis/v2beta1/runs")
+    assert json.loads(run["body"])["runtime_config"]["parameters"]["data_uri"] == "s3://b/d.parquet"
