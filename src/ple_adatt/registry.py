@@ -54,6 +54,7 @@ __all__ = [
     "GateDecision",
     "RegisteredModel",
     "check_inputs",
+    "report_phase2_sha",
     "check_registry_settings",
     "check_task_contract",
     "champion_gate",
@@ -98,7 +99,8 @@ class RegistrationInputs:
 
 def check_inputs(checkpoint: str | Path, validation: str | Path, report: str | Path | None) -> RegistrationInputs:
     """Refuse what must not be registered: an incomplete or Phase 1 checkpoint, a validation
-    result of other data, a report directory without report files."""
+    result of other data, a report directory without report files, a report made from another
+    Phase 2 checkpoint (its manifest's ``inputs.phase2`` is not this checkpoint's hash)."""
     from .checkpoint import load_checkpoint
 
     ck = load_checkpoint(checkpoint)  # refuses a missing manifest or missing adaTT buffers
@@ -126,11 +128,28 @@ def check_inputs(checkpoint: str | Path, validation: str | Path, report: str | P
         if (rdir / "manifest.json").is_file():
             with contextlib.suppress(json.JSONDecodeError):
                 rman = json.loads((rdir / "manifest.json").read_text())
+        made_from = report_phase2_sha(rman)
+        ck_sha = _sha(man["files"]["checkpoint.pt"])
+        if made_from is not None and made_from != ck_sha:  # its page would describe another model
+            raise ArtifactError(
+                f"--report {rdir}: describes the Phase 2 checkpoint {made_from[:12]} (its manifest.json "
+                f"inputs.phase2), not {ck_sha[:12]} of {checkpoint} being registered; rerun report for this "
+                "checkpoint: make stage STAGE=report RUN=<dir> (or ple-adatt report --phase2 "
+                f"{checkpoint} ...), or leave out --report")
     return RegistrationInputs(
         checkpoint=Path(checkpoint), manifest=man, checkpoint_sha256=man["files"]["checkpoint.pt"],
         validation=vdir, validation_manifest=vman, availability=availability, report=rdir,
         report_files=rfiles, report_manifest=rman,
     )
+
+
+def report_phase2_sha(report_manifest: dict[str, Any] | None) -> str | None:
+    """The sha256 of the Phase 2 ``checkpoint.pt`` a report was made from (its manifest's
+    ``inputs.phase2``); None for a report directory without a readable manifest."""
+    if not isinstance(report_manifest, dict) or not isinstance(report_manifest.get("inputs"), dict):
+        return None
+    made_from = report_manifest["inputs"].get("phase2")
+    return _sha(made_from) if isinstance(made_from, str) and made_from else None
 
 
 def _finite_number(v: Any) -> bool:

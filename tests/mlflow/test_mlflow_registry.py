@@ -14,7 +14,8 @@ import polars as pl
 import pytest
 import torch
 from mlflow.tracking import MlflowClient
-from mlhelpers import BIN, PIPELINE_RUN_ID, Trained, derive_checkpoint, free_port
+from mlhelpers import BIN, PIPELINE_RUN_ID, TRAIN_CONFIG, Trained, derive_checkpoint, free_port
+from mlhelpers import ple_adatt as run_cli
 
 import ple_adatt
 from ple_adatt.artifacts import ArtifactError
@@ -276,6 +277,79 @@ def test_report_files_are_attached(trained: Trained, tmp_path: Path) -> None:
     client = MlflowClient(trained.tracking_uri)
     assert {a.path for a in client.list_artifacts(rec["run_id"], "report")} == {"report/report.html",
                                                                                "report/report.json"}
+
+
+def _cli_register(trained: Trained, out: Path, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [str(BIN / "ple-adatt"), "register", "--validation", str(trained.validation), "--out", str(out),
+         "--set", f"tracking.tracking_uri={trained.tracking_uri}", *args],
+        capture_output=True, text=True, timeout=300, env={**os.environ, "PLE_ADATT_NO_TRACKING": "0"})
+
+
+def test_a_report_of_another_checkpoint_is_refused_and_the_matching_one_is_bundled(
+        trained: Trained, mlflow_server: object, tmp_path: Path) -> None:
+    """NEW-3: a register rerun after a train-phase2 rerun bundled the old checkpoint's report and
+    tagged the version has_report=true; the report's manifest names the checkpoint it describes."""
+    report = tmp_path / "report"
+    run_cli("report", "--phase1", str(trained.phase1), "--phase2", str(trained.phase2), "--validation",
+              str(trained.validation), "--out", str(report), env={"PLE_ADATT_NO_TRACKING": "1"})
+    made_from = json.loads((report / "manifest.json").read_text())["inputs"]["phase2"].removeprefix("sha256:")
+    other = derive_checkpoint(trained.phase2, tmp_path / "other", metric_shift=0.0, seed=5)
+    other_sha = json.loads((other / "manifest.json").read_text())["files"]["checkpoint.pt"].removeprefix("sha256:")
+    assert other_sha != made_from
+    proc = _cli_register(trained, tmp_path / "out", "--checkpoint", str(other), "--report", str(report),
+                         "--set", "registry.model_name=rec-stale-report")
+    err = proc.stderr.strip()
+    assert proc.returncode == 2 and "\n" not in err, err
+    assert err.startswith(f"ple-adatt register: error: --report {report}: describes the Phase 2 checkpoint "
+                          f"{made_from[:12]}"), err
+    assert f"not {other_sha[:12]} of {other}" in err
+    assert "make stage STAGE=report RUN=<dir>" in err and err.endswith("or leave out --report")
+    assert not (tmp_path / "out").exists()
+    client = MlflowClient(trained.tracking_uri)
+    assert client.search_registered_models("name = 'rec-stale-report'") == []
+    # the report of the checkpoint being registered is bundled, and says which checkpoint it describes
+    rec = _register(trained, tmp_path / "out", report=report, model="rec-stale-report")
+    assert rec["version"] == "1" and rec["created"] is True
+    model = load_registered_model("models:/rec-stale-report@candidate", tracking_uri=trained.tracking_uri,
+                                  dst_path=tmp_path / "dl")
+    assert model.tags["has_report"] == "true"
+    bundled = json.loads((model.path / "report" / "manifest.json").read_text())
+    assert bundled["inputs"]["phase2"].removeprefix("sha256:") == model.tags["checkpoint_sha256"].removeprefix("sha256:")
+
+
+def test_register_refuses_overrides_it_would_ignore(trained: Trained, mlflow_server: object, tmp_path: Path) -> None:
+    """D6: register reads registry.* and tracking.* only; SET='training.shared_expert_epochs=...' was
+    accepted, ignored and recorded. Restating a trained value (what a pipeline passes) is accepted."""
+    trained_epochs = json.loads((trained.phase2 / "manifest.json").read_text())[
+        "train_config"]["training"]["shared_expert_epochs"]
+    proc = _cli_register(trained, tmp_path / "out", "--checkpoint", str(trained.phase2),
+                         "--set", "registry.model_name=rec-ignored-set",
+                         "--set", f"training.shared_expert_epochs={trained_epochs + 7}")
+    err = proc.stderr.strip()
+    assert proc.returncode == 2 and "\n" not in err, err
+    assert err.startswith(f"ple-adatt register: error: --set 'training.shared_expert_epochs={trained_epochs + 7}': "
+                          "register uses only the registry.* and tracking.* keys of the train config"), err
+    assert f"trained with training.shared_expert_epochs={trained_epochs}" in err
+    assert not (tmp_path / "out").exists()
+    assert MlflowClient(trained.tracking_uri).search_registered_models("name = 'rec-ignored-set'") == []
+    # the value the checkpoint was trained with, as a pipeline passes it to every step: accepted
+    rec = _register(trained, tmp_path / "out", model="rec-ignored-set",
+                    extra=[f"training.shared_expert_epochs={trained_epochs}", "registry.tolerance=0.05"])
+    assert rec["created"] is True and rec["version"] == "1"
+
+
+def test_an_out_that_holds_the_config_is_refused(trained: Trained, tmp_path: Path) -> None:
+    """--config is an input too: OUT is replaced whole, so it must not hold the config file."""
+    import re
+
+    out = tmp_path / "out"
+    out.mkdir()
+    cfg = Path(shutil.copy(TRAIN_CONFIG, out / "train.yaml"))
+    with pytest.raises(ArtifactError, match=re.escape(f"--out {out}: holds the input {cfg}")):
+        register_model(checkpoint=trained.phase2, validation=trained.validation, out=out, config=cfg,
+                       no_tracking=True)
+    assert cfg.is_file()
 
 
 def test_register_cli_with_the_server_down_fails_clearly(trained: Trained, tmp_path: Path) -> None:

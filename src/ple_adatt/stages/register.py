@@ -16,7 +16,10 @@ nothing is registered: registering needs MLflow. The inputs are still checked, a
 ``registration.json`` says ``"registered": false`` and why.
 
 The registry settings come from the checkpoint's own train config unless ``--config`` is
-given; ``--set registry.tolerance=0.02`` overrides a key. The tracking server is
+given; ``--set registry.tolerance=0.02`` overrides a key. Register reads only the
+``registry.*`` and ``tracking.*`` keys: a ``--set`` of another key is refused unless it
+restates the value the checkpoint was trained with (a pipeline passes its training overrides
+to every step). The tracking server is
 ``$MLFLOW_TRACKING_URI`` (else ``tracking.tracking_uri``, else the local ``mlflow.db``).
 """
 
@@ -54,19 +57,50 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+#: the train-config sections register reads; a --set elsewhere would change nothing it does
+USED_SECTIONS = ("registry", "tracking")
+
+
+def refuse_ignored_overrides(trained: dict[str, Any], overrides: list[str] | None, where: str) -> None:
+    """ConfigError, in one line, for a ``--set`` outside ``registry.*`` / ``tracking.*`` that
+    changes the train config ``trained`` (the checkpoint's): register would ignore it and only
+    record it. One that restates the trained value is accepted: a pipeline passes its training
+    overrides to every step, register included, and they are in the checkpoint's config."""
+    from ..config import ConfigError, apply_overrides, to_dict, train_config_from_dict
+
+    base: dict[str, Any] | None = None
+    for item in overrides or []:
+        key = item.split("=", 1)[0].strip()
+        if key.split(".")[0] in USED_SECTIONS:
+            continue
+        if base is None:
+            base = to_dict(train_config_from_dict(trained, where))
+        changed = to_dict(train_config_from_dict(apply_overrides(trained, [item], "--set"), f"{where} + --set"))
+        if changed != base:
+            node: Any = base
+            for k in key.split("."):
+                node = node.get(k, "unset") if isinstance(node, dict) else "unset"
+            raise ConfigError(
+                f"--set {item!r}: register uses only the registry.* and tracking.* keys of the train config, "
+                f"so this would be ignored (the checkpoint was trained with {key}={node!r}); pass registry.* or "
+                f"tracking.* keys only, or retrain with it (make stage STAGE=train-phase2 SET='{item}')")
+
+
 def _train_config(checkpoint: Path, config: str | Path | None, overrides: list[str] | None) -> Any:
     """The config whose ``registry`` and ``tracking`` sections apply."""
     import json
 
     from ..config import apply_overrides, load_train_config, train_config_from_dict
 
-    if config is not None:
-        return load_train_config(config, overrides, data_option=None)
     man_path = checkpoint / "manifest.json"
     try:
         raw = json.loads(man_path.read_text())["train_config"]
-    except (OSError, ValueError, KeyError):  # the checkpoint check names the problem later
+    except (OSError, ValueError, KeyError, TypeError):  # the checkpoint check names the problem later
         raw = {}
+    if raw and isinstance(raw, dict):
+        refuse_ignored_overrides(raw, overrides, f"{man_path} train_config")
+    if config is not None:
+        return load_train_config(config, overrides, data_option=None)
     return train_config_from_dict(apply_overrides(raw, overrides, "--set"), f"{man_path} + --set")
 
 
@@ -104,7 +138,8 @@ def register_model(
     from ..tracking import stage_run
 
     checkpoint, validation = Path(checkpoint), Path(validation)
-    out = check_output_dir(out, kind=KIND, inputs=(checkpoint, validation, report))  # before the registry is touched: a bad --out must not undo a version
+    # before the registry is touched: a bad --out must not undo a version
+    out = check_output_dir(out, kind=KIND, inputs=(checkpoint, validation, report, config))
     train_cfg = _train_config(checkpoint, config, overrides)
     inputs = check_inputs(checkpoint, validation, report)  # refuse before touching the registry
     check_registry_settings(train_cfg.registry, aliases or [])  # aliases, names, tolerance: before logging
