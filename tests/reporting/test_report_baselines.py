@@ -137,3 +137,52 @@ def test_load_baselines_without_a_joint_run_checks_nothing(singles: dict[str, Pa
         load_baselines(singles["bce"].parent, ["ctr"],
                        joint={"phase1": (singles["focal"], json.loads((singles["focal"] / "manifest.json")
                                                                       .read_text()))})
+
+
+def _as_seed(src: Path, dst: Path, seed: int, scale: float = 1.0) -> float:
+    """A copy of a single-task checkpoint as seed ``seed`` of a several-seed compare's
+    ``single_task/ctr/seed-<n>/phase1``, its loss scaled; returns that loss."""
+    shutil.copytree(src, dst)
+    man = json.loads((dst / "manifest.json").read_text())
+    man["train_config"]["seed"] = seed
+    man["metrics"]["tasks"]["ctr"]["loss"] *= scale
+    (dst / "manifest.json").write_text(json.dumps(man))
+    return man["metrics"]["tasks"]["ctr"]["loss"]
+
+
+def test_a_several_seed_compare_single_task_dir_is_the_mean_over_seeds(run: Run, singles: dict[str, Path],
+                                                                      tmp_path: Path) -> None:
+    """`--baselines OUT/single_task` of `compare --seeds`: <task>/seed-<n>/<phase> (was refused
+    as holding no checkpoint): the mean loss over the seeds, each seed checked."""
+    st = tmp_path / "single_task"
+    losses = [_as_seed(singles["focal"], st / "ctr" / f"seed-{s}" / "phase1", s, k)
+              for s, k in ((0, 1.0), (3, 1.5))]
+    rep = _report(run, tmp_path / "r", st)
+    (row,) = rep["tci"]["tasks"]
+    assert row["phase"] == "phase1" and row["alone_loss"] == pytest.approx((losses[0] + losses[1]) / 2)
+    assert losses[1] == pytest.approx(1.5 * losses[0])
+    assert {"data_hash", "split", "loss", "alpha", "gamma"} <= set(rep["tci"]["checked"]["phase1"]["ctr"])
+    (w,) = [w for w in rep["warnings"] if "trained differently" in w]
+    assert "seed 0, 3 (mean over 2 seeds) vs 0 (ctr)" in w and w.count("training.shared_expert_epochs 1 vs 4") == 1
+
+
+def test_every_seed_of_a_several_seed_baseline_is_checked(run: Run, singles: dict[str, Path], capsys,
+                                                        tmp_path: Path) -> None:
+    st = tmp_path / "single_task"
+    _as_seed(singles["focal"], st / "ctr" / "seed-0" / "phase1", 0)
+    _as_seed(singles["bce"], st / "ctr" / "seed-1" / "phase1", 1)
+    err = _refused(run, capsys, tmp_path, st)
+    assert f"--baselines {st / 'ctr' / 'seed-1' / 'phase1'}: task 'ctr' is not comparable" in err
+    assert "'bce' in the baseline, 'focal' in the joint run" in err
+    # a seed directory without a checkpoint is named
+    shutil.rmtree(st / "ctr" / "seed-1")
+    (st / "ctr" / "seed-2").mkdir()
+    err = _refused(run, capsys, tmp_path, st)
+    assert f"--baselines {st / 'ctr' / 'seed-2'}: holds no single-task checkpoint" in err
+
+
+def test_a_directory_without_baselines_names_the_accepted_layouts(run: Run, capsys, tmp_path: Path) -> None:
+    (tmp_path / "empty" / "ctr").mkdir(parents=True)
+    err = _refused(run, capsys, tmp_path, tmp_path / "empty")
+    assert f"--baselines {tmp_path / 'empty'}: holds no baselines.json and no single-task checkpoint" in err
+    assert "DIR/<task>/seed-<n>/phase2|phase1 (a several-seed compare's)" in err and "baselines.json" in err

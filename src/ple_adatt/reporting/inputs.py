@@ -17,6 +17,9 @@ Single-task baselines (``--baselines``, for TCI) come in one of two forms:
   one task: ``DIR/<name>/manifest.json`` of kind ``checkpoint``, or ``DIR/<name>/phase2``
   and ``DIR/<name>/phase1``), and optionally a ``baselines.json`` of the form above. A
   checkpoint contributes ``metrics.tasks.<task>.loss`` at its own phase (phase2 preferred).
+  ``DIR/<name>/seed-<n>/`` (the ``single_task`` directory of a several-seed ``ple-adatt
+  compare``) holds one such run per seed: the task's loss is the mean over the seeds, as in
+  the compare's baselines.json, and every seed's provenance is checked.
 
 A validation loss is only comparable with the joint run's when both were computed on the
 same data and split with the same loss definition. Every baseline's provenance
@@ -285,6 +288,30 @@ def _single_task_checkpoint(d: Path, tasks: list[str]) -> tuple[str, str, float,
     return None
 
 
+def _seeded_single_task(d: Path, tasks: list[str]) -> tuple[str, str, float, list[tuple[dict[str, Any], Path]]] | None:
+    """(phase, task, mean val loss, [(manifest, dir)] per seed) of ``d/seed-<n>/`` single-task runs
+    (a several-seed ``ple-adatt compare``'s ``single_task/<task>``), None without ``seed-*`` dirs."""
+    seeds = sorted((q for q in d.glob("seed-*") if q.is_dir()),
+                   key=lambda q: (0, int(q.name[5:]), "") if q.name[5:].isdigit() else (1, 0, q.name))
+    if not seeds:
+        return None
+    found = []
+    for q in seeds:
+        one = _single_task_checkpoint(q, tasks)
+        if one is None:
+            raise ArtifactError(f"--baselines {q}: holds no single-task checkpoint (manifest.json, phase2/ or "
+                                f"phase1/); each seed-<n>/ of {d} must hold one run of the same task")
+        found.append(one)
+    names, phases = sorted({f[1] for f in found}), sorted({f[0] for f in found})
+    if len(names) > 1:
+        raise ArtifactError(f"--baselines {d}: its seed-<n>/ runs train different tasks ({', '.join(names)}); "
+                            "one task per directory")
+    if len(phases) > 1:
+        raise ArtifactError(f"--baselines {d}: its seed-<n>/ runs mix {' and '.join(phases)} checkpoints; give "
+                            "every seed the same phase")
+    return phases[0], names[0], sum(f[2] for f in found) / len(found), [(f[3], f[4]) for f in found]
+
+
 def _compare_sibling(path: Path, task: str, phase: str, loss: float) -> dict[str, Any] | None:
     """The manifest of the ``single_task/<task>/<phase>`` checkpoint a ``ple-adatt compare`` output
     holds beside its baselines.json, when its loss is the JSON's (so the JSON was made from it)."""
@@ -320,10 +347,17 @@ def load_baselines(path: str | Path, tasks: list[str],
 
     def add(phase: str, task: str, loss: float, source: str, prov: dict[str, Any] | None = None,
             man: dict[str, Any] | None = None) -> None:
+        record(phase, task, loss, source)
+        check(phase, task, source, prov, man)
+
+    def record(phase: str, task: str, loss: float, source: str) -> None:
         have = out.val_loss.setdefault(phase, {})
         if task in have:
             raise ArtifactError(f"--baselines {p}: task {task!r} ({phase}) is given twice (again in {source})")
         have[task] = loss
+
+    def check(phase: str, task: str, source: str, prov: dict[str, Any] | None, man: dict[str, Any] | None,
+              skip: tuple[str, ...] = ()) -> None:
         if joint is None:
             return
         if not prov:
@@ -331,11 +365,13 @@ def load_baselines(path: str | Path, tasks: list[str],
             return
         checked, missing = _check_provenance(source, task, phase, prov, joint[phase])
         out.checked.setdefault(phase, {})[task] = checked
-        if missing:
+        if missing and task not in partly.get(tuple(missing), []):
             partly.setdefault(tuple(missing), []).append(task)
         if man is not None:
             for key, b, j in _training_diffs(man, joint[phase][1]):
-                trained.setdefault((key, _show(b), _show(j)), []).append(task)
+                ts = trained.setdefault((key, _show(b), _show(j)), []) if key not in skip else None
+                if ts is not None and task not in ts:
+                    ts.append(task)
 
     def add_json(jpath: Path) -> None:
         phase, losses, prov = _baselines_json(jpath, tasks)
@@ -355,9 +391,22 @@ def load_baselines(path: str | Path, tasks: list[str],
                 phase, t, loss, man, cand = found
                 add(phase, t, loss, str(cand), loss_provenance(man, t), man)
                 out.sources.append(str(sub))
+            elif seeded := _seeded_single_task(sub, tasks):  # several seeds: their mean, each seed checked
+                phase, t, loss, runs = seeded
+                record(phase, t, loss, str(sub))
+                for man, cand in runs:
+                    check(phase, t, str(cand), loss_provenance(man, t), man, skip=("seed",) if len(runs) > 1 else ())
+                if joint is not None and len(runs) > 1:
+                    seeds = ", ".join(str((m.get("train_config") or {}).get("seed")) for m, _ in runs)
+                    jseed = (joint[phase][1].get("train_config") or {}).get("seed")
+                    trained.setdefault(("seed", f"{seeds} (mean over {len(runs)} seeds)", _show(jseed)), []).append(t)
+                out.sources.append(str(sub))
         if not out.val_loss:
-            raise ArtifactError(f"--baselines {p}: holds no baselines.json and no single-task checkpoint directory "
-                                "(see docs/report.md for the accepted forms)")
+            raise ArtifactError(
+                f"--baselines {p}: holds no baselines.json and no single-task checkpoint directory; expected "
+                "DIR/<task>/ or DIR/<task>/phase2|phase1 (a one-seed compare's single_task/), DIR/<task>/seed-<n>/"
+                "phase2|phase1 (a several-seed compare's) or a compare OUT holding baselines.json (see "
+                "docs/report.md)")
     for source, ts in unchecked.items():
         out.warnings.append(
             f"baselines {source} record no provenance (data hash, split, loss definition) for {', '.join(ts)}: "
