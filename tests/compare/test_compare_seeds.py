@@ -111,7 +111,7 @@ def test_compare_numbers_over_seeds_pairs_each_seed_with_its_baselines():
             "equal": [_man(tasks, s, equal[s]) for s in (0, 1, 2)]}
     singles = {t: [_man([t], s, {t: base[s][t]}, loss=0.4 + s / 10) for s in (0, 1, 2)] for t in tasks}
     r = compare_numbers(runs, singles, machine={"cpus": 2})
-    assert r["schema_version"] == COMPARE_SCHEMA_VERSION == 2
+    assert r["schema_version"] == COMPARE_SCHEMA_VERSION == 3
     assert r["seeds"] == [0, 1, 2] and r["n_seeds"] == 3 and r["baselines_paired"] and r["single_seed_caveat"] is None
     by = {s["name"]: s for s in r["strategies"]}
     for name, table in (("adatt", adatt), ("pcgrad", pcgrad), ("equal", equal)):
@@ -131,9 +131,16 @@ def test_compare_numbers_over_seeds_pairs_each_seed_with_its_baselines():
     assert comps["equal"]["verdict"] == "better" and comps["pcgrad"]["verdict"] == "within noise"
     d = [by["adatt"]["seeds"][k]["delta_m"] - by["equal"]["seeds"][k]["delta_m"] for k in range(3)]
     assert comps["equal"]["mean"] == pytest.approx(statistics.mean(d))
-    # ranking by mean: pcgrad ≈ adatt (within noise), then adatt > equal (the interval excludes 0)
+    # the order by mean, each with adatt's verdict against it (the paired table's verdicts)
     assert r["ranking_by_delta_m"] == ["pcgrad", "adatt", "equal"]
-    assert r["ranking_text"] == "pcgrad ≈ adatt > equal"
+    assert [(e["name"], e["vs_reference"]) for e in r["ranking"]] == [
+        ("pcgrad", "within noise"), ("adatt", "reference"), ("equal", "better")]
+    assert r["ranking_text"] == (f"pcgrad {by['pcgrad']['delta_m']:+.2f}% (within noise), "
+                                 f"adatt {by['adatt']['delta_m']:+.2f}% (reference), "
+                                 f"equal {by['equal']['delta_m']:+.2f}% (adatt better)")
+    # three seeds: no few-seeds warning; two comparisons: the chance note says 2/20
+    assert r["few_seeds_warning"] is None
+    assert r["multiplicity_note"].startswith("2 comparisons at 95 % each") and "k/20 = 0.10" in r["multiplicity_note"]
     # cost: median over seeds and the range; steady steps/s from the second epoch on
     c = by["pcgrad"]["cost"]
     assert c["phase1_seconds"] == pytest.approx(3.0) and c["phase1_seconds_range"] == pytest.approx([2.5, 3.5])
@@ -142,10 +149,60 @@ def test_compare_numbers_over_seeds_pairs_each_seed_with_its_baselines():
     assert r["machine"] == {"cpus": 2, "device": "cpu"}
     md, html = render_markdown(r), render_html(r)
     assert "Caveat" not in md and "single-seed-caveat" not in html
-    assert "Ranking by mean Δm over 3 seeds" in md and "(adatt better)" in md and "(within noise)" in md
+    assert "Order by mean Δm over 3 seeds, with adatt's paired verdict against each" in md
+    assert r["ranking_text"] in md and "(adatt better)" in md and "(within noise)" in md
+    assert "Few seeds" not in md and "few-seeds-warning" not in html
+    assert "Note: 2 comparisons at 95 % each" in md and 'id="multiplicity-note"' in html
+    # the Markdown cost table has the HTML one's columns: median [min-max] over the seeds, by hand
+    # (pcgrad: Phase 1 seconds 2.5 / 3.0 / 3.5, 20 steps, second epoch 0.5 / 1.0 / 1.5 s for 10 steps)
+    cols = "| strategy | phase-1 s | epochs | steps | steps/s | steady steps/s | wall s (both phases) |"
+    assert cols in md and "".join(f"<th>{c}</th>" for c in cols.strip("| ").split(" | ")[1:]) in html
+    assert "| pcgrad | 3.0 [2.5-3.5] | 2 | 20 | 6.7 [5.7-8.0] | 10.0 [6.7-20.0] | 4.0 [3.5-4.5] |" in md
+    assert ("<td>3.0 [2.5-3.5]</td><td>2</td><td>20</td><td>6.7 [5.7-8.0]</td><td>10.0 [6.7-20.0]</td>"
+            "<td>4.0 [3.5-4.5]</td>") in html
     assert "adatt against each strategy (paired over seeds)" in html and "adatt better" in html
     assert "keeps training them until Phase 2" in md and "keeps training them until Phase 2" in html
     assert "wall-clock on the machine" in html and "untimed warm-up" in html and "Machine: cpus 2" in html
+
+
+def test_the_order_carries_the_paired_verdicts_and_cannot_contradict_them():
+    """The verification's case: adjacent pairs all within noise, yet adatt significantly worse
+    than the top strategy and better than the last. The old chain read 'pcgrad ≈ mgda ≈ adatt'.
+
+    One task, baseline AUC 0.5 in both seeds, so delta-m = 200 (AUC - 0.5) per seed:
+    adatt 20, 22; pcgrad 30, 33; mgda 24, 20; uncertainty 10, 13. d = adatt - other:
+    pcgrad -10, -11 (mean -10.5, sd √0.5, half 12.706·√0.5/√2 = 6.353: [-16.853, -4.147], worse);
+    mgda -4, +2 (mean -1, sd √18, half 12.706·3 = 38.118: within noise);
+    uncertainty +10, +9 (mean 9.5: [3.147, 15.853], better).
+    """
+    aucs = {"adatt": (0.60, 0.61), "pcgrad": (0.65, 0.665), "mgda": (0.62, 0.60), "uncertainty": (0.55, 0.565)}
+    runs = {n: [_man(["a"], s, {"a": v[s]}, strategy=n) for s in (0, 1)] for n, v in aucs.items()}
+    r = compare_numbers(runs, {"a": [_man(["a"], s, {"a": 0.5}) for s in (0, 1)]})
+    comps = {c["other"]: c for c in r["paired_vs_reference"]["comparisons"]}
+    half = 12.706 * math.sqrt(0.5) / math.sqrt(2)
+    assert comps["pcgrad"]["ci95"] == pytest.approx([-10.5 - half, -10.5 + half])
+    assert comps["uncertainty"]["ci95"] == pytest.approx([9.5 - half, 9.5 + half])
+    assert comps["mgda"]["ci95"] == pytest.approx([-1 - 38.118, -1 + 38.118], abs=1e-3)
+    assert {n: c["verdict"] for n, c in comps.items()} == {"pcgrad": "worse", "mgda": "within noise",
+                                                         "uncertainty": "better"}
+    # every entry of the order carries exactly the paired table's verdict
+    assert r["ranking_by_delta_m"] == ["pcgrad", "mgda", "adatt", "uncertainty"]
+    for e in r["ranking"]:
+        assert e["vs_reference"] == ("reference" if e["name"] == "adatt" else comps[e["name"]]["verdict"])
+    assert r["ranking_text"] == ("pcgrad +31.50% (adatt worse), mgda +22.00% (within noise), "
+                                 "adatt +21.00% (reference), uncertainty +11.50% (adatt better)")
+    assert "≈" not in r["ranking_text"] and ">" not in r["ranking_text"]
+    # two seeds: one degree of freedom, said on both pages; three tests: about 3/20 by chance
+    assert r["few_seeds_warning"].startswith("each paired interval rests on n = 2 seeds, n - 1 = 1 degree")
+    assert r["multiplicity_note"] == ("3 comparisons at 95 % each, no multiple-comparison correction: even if no "
+                                      "strategy truly differed from adatt, about k/20 = 0.15 of these verdicts "
+                                      "would read 'better' or 'worse' by chance")
+    md, html = render_markdown(r), render_html(r)
+    assert r["ranking_text"] in md and "only pairs with adatt are tested" in md
+    assert "> **Few seeds: each paired interval" in md and 'id="few-seeds-warning"' in html
+    assert f"Note: {r['multiplicity_note']}." in md and "about k/20 = 0.15" in html
+    # the verdict beside each name in the order is the one in the paired table's row
+    assert "| pcgrad | " in md and "(adatt worse) | yes |" in md
 
 
 def test_one_seed_shows_the_caveat_and_no_ranking():
@@ -158,6 +215,9 @@ def test_one_seed_shows_the_caveat_and_no_ranking():
     assert md.splitlines()[2].startswith("> **Caveat: One seed") and "--seeds 3" in md
     assert 'id="single-seed-caveat"' in html and html.index("single-seed-caveat") < html.index("<table")
     assert "Ranking" not in md and "Order by Δm (one seed: not a ranking" in md
+    # one seed: the order with Δm only, no verdicts, no interval notes
+    assert r["ranking_text"] == "adatt +7.69% (reference), pcgrad -7.69%"
+    assert r["few_seeds_warning"] is None and r["multiplicity_note"] is None and "Note:" not in md
     assert "(one seed: cannot tell)" in md
 
 
@@ -236,9 +296,23 @@ def test_compare_with_several_seeds(seeded):
     assert b["provenance"]["ctr"] == json.loads(json.dumps(loss_provenance(ctr_man, "ctr")))
     assert b["provenance"]["ctr"]["loss"] and b["provenance"]["ctr"]["data_hash"]
     html, md = (out / "compare.html").read_text(), (out / "compare.md").read_text()
-    assert "single-seed-caveat" not in html and "Ranking by mean Δm over 2 seeds" in md
+    assert "single-seed-caveat" not in html and "Order by mean Δm over 2 seeds" in md
+    # two seeds: the interval rests on one degree of freedom, and both pages say so before the tables
+    assert "t(0.975, 1) = 12.71" in r["few_seeds_warning"]
+    assert md.index("> **Few seeds: each paired interval rests on n = 2 seeds") < md.index("| strategy |")
+    assert html.index('id="few-seeds-warning"') < html.index("<table")
     man = json.loads((out / "manifest.json").read_text())
-    assert man["schema_version"] == 2 and man["seeds"] == [0, 1] and "run.adatt.seed-1" in man["inputs"]
+    assert man["schema_version"] == COMPARE_SCHEMA_VERSION and man["seeds"] == [0, 1]
+    assert "run.adatt.seed-1" in man["inputs"]
+    # `report --baselines OUT/single_task` reads the seed-<n> layout: the mean over the seeds, as
+    # baselines.json holds, each seed's provenance checked against the joint run
+    from ple_adatt.reporting.inputs import load_baselines
+
+    joint = out / "runs" / "adatt" / "seed-0" / "phase2"
+    st = load_baselines(out / "single_task", ["ctr", "cvr"],
+                        joint={"phase2": (joint, json.loads((joint / "manifest.json").read_text()))})
+    assert st.val_loss["phase2"] == pytest.approx(b["val_loss"]) and set(st.checked["phase2"]) == {"ctr", "cvr"}
+    assert any("seed 0, 1 (mean over 2 seeds) vs 0" in w for w in st.warnings)
 
 
 def test_report_only_reads_every_seed_of_a_several_seed_compare(seeded, tmp_path):

@@ -18,8 +18,11 @@ standard deviation. What it computes:
   negative = the task does worse jointly than alone (conflict);
 * over seeds: delta-m of seed s against the baselines of seed s (paired) when the baselines
   ran every seed, a paired t interval of delta-m(reference) - delta-m(other) per strategy
-  (reference: adatt when present), and a ranking whose ``>`` means the adjacent pair's
-  interval excludes 0 (``≈``: within noise). One seed: a caveat instead of an interval.
+  (reference: adatt when present), and the order by mean delta-m with each strategy's verdict
+  against the reference beside it (the same verdicts as the paired table, so the two cannot
+  disagree; pairs without the reference are not tested). Fewer than three seeds: a warning
+  that the intervals rest on n - 1 degrees of freedom; several comparisons: a note on how many
+  verdicts chance alone gives. One seed: a caveat instead of an interval.
 """
 
 from __future__ import annotations
@@ -37,8 +40,11 @@ from .analysis import tci
 __all__ = ["COMPARE_SCHEMA_VERSION", "compare_numbers", "delta_m", "paired_difference", "pareto_front",
            "render_markdown", "render_html", "read_run", "read_runs", "t_quantile_975"]
 
-#: 2: several seeds per strategy (``seeds``, mean / sd, paired comparisons, median timings)
-COMPARE_SCHEMA_VERSION = 2
+#: 2: several seeds per strategy (``seeds``, mean / sd, paired comparisons, median timings);
+#: 3: ``ranking`` (order by mean delta-m with each strategy's verdict against the reference)
+#: replaces the adjacent-pair ``>`` / ``≈`` chain in ``ranking_text``; ``few_seeds_warning``,
+#: ``multiplicity_note``
+COMPARE_SCHEMA_VERSION = 3
 SINGLE = "single-task"
 DELTA_M_DEFINITION = ("delta-m = 100/T * sum_t s_t (M_t - B_t) / B_t over the tasks with a single-task "
                       "baseline B_t, s_t = +1 where higher is better, -1 where lower is better "
@@ -59,6 +65,17 @@ SINGLE_SEED_CAVEAT = ("One seed: the differences between strategies below includ
                       "size (changing only the seed can move delta-m by points and reorder the ranking), and one "
                       "seed cannot separate them. Train several seeds, e.g. `ple-adatt compare ... --seeds 3` "
                       "(`make compare SEEDS=3`), for mean ± sd and paired intervals")
+#: with n = 2 paired seeds (the only case below 3 that has an interval)
+FEW_SEEDS_WARNING = ("each paired interval rests on n = {n} seeds, n - 1 = {df} degree of freedom (t(0.975, {df}) = "
+                     "{t:.2f}) and an sd estimated from {n} differences: {n} seeds that happen to agree give a narrow "
+                     "interval and a confident verdict. Treat the verdicts as fragile; train 3 or more seeds "
+                     "(`--seeds 5`) before acting on them")
+MULTIPLICITY_NOTE = ("{k} comparisons at 95 % each, no multiple-comparison correction: even if no strategy truly "
+                     "differed from {ref}, about k/20 = {e:.2f} of these verdicts would read 'better' or 'worse' "
+                     "by chance")
+RANKING_DEFINITION = ("strategies in the order of their mean delta-m; beside each, the paired verdict of the "
+                      "reference against it (the table of paired intervals). Only pairs with the reference are "
+                      "tested: two strategies next to each other in this order may or may not differ")
 GATES_NOTE = ("only adaTT freezes the CGC gates during Phase 1, at its freeze epoch (with its affinity freeze, "
               "as the seed specifies); every other strategy keeps training them until Phase 2 freezes them, so "
               "part of a difference between adaTT and another strategy can come from the gates. The 'gates "
@@ -345,14 +362,17 @@ def compare_numbers(runs: dict[str, Any], singles: dict[str, Any] | None = None,
         for other in names:
             if other != reference:
                 comparisons.append({"other": other, **paired_difference(dm_by_seed[reference], dm_by_seed[other])})
-    # adjacent steps of the ranking: ">" only where the paired interval excludes 0
-    steps = []
-    for hi_s, lo_s in zip(ranked, ranked[1:], strict=False):
-        steps.append(paired_difference(dm_by_seed[hi_s["name"]], dm_by_seed[lo_s["name"]])["verdict"])
-    ranking_text = ranked[0]["name"] if ranked else ""
-    for verdict, s in zip(steps, ranked[1:], strict=False):
-        ranking_text += (" > " if verdict == "better" else " ≈ ") + s["name"]
+    # the order by mean delta-m, each strategy with the reference's paired verdict against it: the
+    # same verdicts as the paired table (an adjacent-pair chain of '>' / '≈' read as 'nothing
+    # differs' while the table showed significant differences between non-adjacent strategies)
+    by_other = {c["other"]: c for c in comparisons}
+    ranking = [{"name": s["name"], "delta_m": s["delta_m"],
+                "vs_reference": "reference" if s["name"] == reference
+                else by_other[s["name"]]["verdict"] if s["name"] in by_other else None} for s in ranked]
     n_seeds = len(all_seeds)
+    ranking_text = ", ".join(_ranking_entry(e, reference, n_seeds) for e in ranking)
+    tested = [c for c in comparisons if c.get("ci95")]
+    fewest = min((c["n"] for c in tested), default=None)
     return {
         "kind": "strategy_comparison",
         "schema_version": COMPARE_SCHEMA_VERSION,
@@ -370,14 +390,30 @@ def compare_numbers(runs: dict[str, Any], singles: dict[str, Any] | None = None,
                         "on_pareto_front": SINGLE in front} if by_single else None,
         "pareto_front": front,
         "ranking_by_delta_m": [s["name"] for s in ranked],
+        "ranking": ranking,
         "ranking_text": ranking_text,
+        "few_seeds_warning": (FEW_SEEDS_WARNING.format(n=fewest, df=fewest - 1, t=t_quantile_975(fewest - 1))
+                              if fewest is not None and fewest < 3 else None),
+        "multiplicity_note": (MULTIPLICITY_NOTE.format(k=len(tested), ref=reference, e=len(tested) / 20)
+                              if tested else None),
         "paired_vs_reference": {"reference": reference, "comparisons": comparisons},
         "machine": ({**machine, "device": (first.get("train_config") or {}).get("device")} if machine else None),
         "notes": {"gates": GATES_NOTE},
         "definitions": {"delta_m": DELTA_M_DEFINITION, "tci": TCI_DEFINITION, "paired": PAIRED_DEFINITION,
                         "pareto": "non-dominated over every task's primary metric (mean over seeds; direction-aware)",
-                        "cost": COST_DEFINITION},
+                        "cost": COST_DEFINITION, "ranking": RANKING_DEFINITION},
     }
+
+
+def _ranking_entry(e: dict[str, Any], reference: str, n_seeds: int) -> str:
+    """``pcgrad +1.20% (adatt worse)``: a strategy of the order with the reference's verdict."""
+    text = f"{e['name']} {_signed_pct(e['delta_m'])}"
+    v = e["vs_reference"]
+    if v == "reference":
+        return text + " (reference)"
+    if n_seeds < 2 or v is None:
+        return text
+    return text + f" ({reference} {v})" if v in ("better", "worse") else text + f" ({v})"
 
 
 def first_of(seeds: dict[int, dict[str, Any]]) -> dict[str, Any]:
@@ -432,9 +468,10 @@ def _ranking_line(r: dict[str, Any]) -> str:
         return ""
     if r["n_seeds"] < 2:
         return ("Order by Δm (one seed: not a ranking, the differences are not separated from noise): "
-                + ", ".join(r["ranking_by_delta_m"]))
-    return (f"Ranking by mean Δm over {r['n_seeds']} seeds (`>`: the paired 95 % interval of the adjacent pair "
-            f"excludes 0; `≈`: within noise): {r['ranking_text']}")
+                + r["ranking_text"])
+    ref = r["paired_vs_reference"]["reference"]
+    return (f"Order by mean Δm over {r['n_seeds']} seeds, with {ref}'s paired verdict against each (only pairs "
+            f"with {ref} are tested; neighbours in this order may or may not differ): {r['ranking_text']}")
 
 
 def render_markdown(r: dict[str, Any]) -> str:
@@ -451,34 +488,44 @@ def render_markdown(r: dict[str, Any]) -> str:
               + (" ± sample sd" if r["n_seeds"] > 1 else "")
               + ("; Δm paired with the single-task baselines of the same seed" if r.get("baselines_paired")
                  else "; Δm against the mean single-task baseline" if r.get("single_task") else "") + ".", ""]
+    if r.get("few_seeds_warning"):
+        lines += [f"> **Few seeds: {r['few_seeds_warning']}.**", ""]
     head = ("| strategy | " + " | ".join(f"{t['name']} {t['metric']}{'↑' if t['higher_is_better'] else '↓'}"
                                         for t in tasks)
-            + f" | Δm % vs single | {ref} − this, Δm (paired) | Pareto | phase-1 s | steps/s | gates frozen from |")
-    lines += [head, "|" + "---|" * (len(tasks) + 7)]
+            + f" | Δm % vs single | {ref} − this, Δm (paired) | Pareto | gates frozen from |")
+    lines += [head, "|" + "---|" * (len(tasks) + 5)]
     for s in r["strategies"]:
         cells = []
         for t in tasks:
             v = _pm(s["metrics"][t["name"]], s["metrics_sd"].get(t["name"]))
             cells.append(f"**{v}**" if t.get("best_strategy") == s["name"] else v)
-        c = s["cost"]
         comp = comps.get(s["name"])
         vs = "(reference)" if s["name"] == ref else (
             f"{_signed_pct(comp['mean'])}" + (f" {_ci_text(comp)}" if comp.get("ci95") else "")
             + f" ({verdict_text(ref, comp)})" if comp else "-")
         lines.append(f"| {s['name']} | " + " | ".join(cells) + f" | {_dm_pm(s)} | {vs} | "
-                     f"{'yes' if s['pareto'] else ''} | {_range(c, 'phase1_seconds')} | "
-                     f"{_range(c, 'steps_per_second')} | {', '.join(s['gates_frozen_from'])} |")
+                     f"{'yes' if s['pareto'] else ''} | {', '.join(s['gates_frozen_from'])} |")
     if r.get("single_task"):
         lines.append("| single-task | " + " | ".join(_pm(t["single_task"], t.get("single_task_sd")) for t in tasks)
                      + " | 0 (reference) | | "
-                     f"{'yes' if r['single_task']['on_pareto_front'] else ''} | | | |")
+                     f"{'yes' if r['single_task']['on_pareto_front'] else ''} | |")
     lines += ["", f"Best per task (mean) in bold. {r['definitions']['delta_m']}.", ""]
     if comps:
         lines += [f"{ref} − this: {r['definitions']['paired']}.", ""]
     lines.append("Pareto front: " + ", ".join(r["pareto_front"]))
     if r["ranking_by_delta_m"]:
         lines.append(_ranking_line(r))
-    lines += ["", f"CGC gates: {r['notes']['gates']}.", "", f"Cost: {r['definitions']['cost']}."]
+    if r.get("multiplicity_note"):
+        lines += ["", f"Note: {r['multiplicity_note']}."]
+    lines += ["", f"CGC gates: {r['notes']['gates']}.", "", "## Training cost", "",
+              "| strategy | phase-1 s | epochs | steps | steps/s | steady steps/s | wall s (both phases) |",
+              "|---|---|---|---|---|---|---|"]
+    for s in r["strategies"]:
+        c = s["cost"]
+        lines.append(f"| {s['name']} | {_range(c, 'phase1_seconds')} | {c['phase1_epochs']} | {c['phase1_steps']} | "
+                     f"{_range(c, 'steps_per_second')} | {_range(c, 'steady_steps_per_second')} | "
+                     f"{_range(c, 'wall_seconds')} |")
+    lines += ["", f"Cost: {r['definitions']['cost']}."]
     if r.get("machine"):
         lines.append("Machine: " + ", ".join(f"{k} {v}" for k, v in r["machine"].items()) + ".")
     if r.get("single_task"):
@@ -550,6 +597,9 @@ def render_html(r: dict[str, Any]) -> str:
              f"over seeds{' ± sample sd' if r['n_seeds'] > 1 else ''}"
              + ("; Δm paired with the single-task baselines of the same seed" if r.get("baselines_paired")
                 else "; Δm against the mean single-task baseline" if r.get("single_task") else "") + ".</p>")
+    if r.get("few_seeds_warning"):
+        w.append(f'<div class="caveat" id="few-seeds-warning"><b>Few seeds:</b> {escape(r["few_seeds_warning"])}.'
+                 "</div>")
     w.append("<h2>Per-task validation metrics (Phase 2 checkpoints)</h2><table><tr><th class=l>strategy</th>")
     w += [f"<th>{escape(t['name'])}<br><span class=muted>{escape(t['metric'])} "
           f"{'↑' if t['higher_is_better'] else '↓'}</span></th>" for t in tasks]
@@ -587,6 +637,8 @@ def render_html(r: dict[str, Any]) -> str:
                      f"<td>{escape(_ci_text(c))}</td><td>{c['n']}</td>"
                      f"<td class=l>{escape(verdict_text(ref, c))}</td></tr>")
         w.append(f'</table><p class="muted">{escape(r["definitions"]["paired"])}</p>')
+        if r.get("multiplicity_note"):
+            w.append(f'<div class="note" id="multiplicity-note">{escape(r["multiplicity_note"])}.</div>')
     w.append("<h2>Pareto front</h2><p>" + ", ".join(f"<b>{escape(n)}</b>" for n in r["pareto_front"])
              + f'</p><p class="muted">{escape(r["definitions"]["pareto"])}</p>')
     w.append("<h2>Training cost</h2><table><tr><th class=l>strategy</th><th>phase-1 s</th><th>epochs</th>"
