@@ -129,11 +129,32 @@ def _check_overrides(stage: str, new: list[str], params: dict[str, Any], inputs:
             except (OSError, ValueError, KeyError):
                 return  # no readable manifest: the stage itself names the problem
             train_config_from_dict(apply_overrides(raw, everything, "--set"), f"{manifest} train_config + --set")
+            if stage == "register":  # it reads registry.* and tracking.* only: others would be recorded, ignored
+                from ple_adatt.stages.register import refuse_ignored_overrides
+
+                refuse_ignored_overrides(raw, everything, f"{manifest} train_config")
         elif params.get("train_config"):
             data_cfg = load_data_config(params["data_config"]) if params.get("data_config") else None
             load_train_config(params["train_config"], everything, data=data_cfg)
     except ConfigError as e:
         raise RunError(str(e)) from None
+
+
+def _check_report_matches(inputs: dict[str, str], src: Path) -> None:
+    """register: the report it bundles must be of the checkpoint it registers. After a
+    train-phase2 rerun, RUN's report is its source run's, made from the old checkpoint."""
+    from ple_adatt.registry import report_phase2_sha
+
+    ckpt, report = Path(inputs["checkpoint"]), Path(inputs["report"])
+    try:
+        ck_sha = json.loads((ckpt / "manifest.json").read_text())["files"]["checkpoint.pt"].removeprefix("sha256:")
+        made_from = report_phase2_sha(json.loads((report / "manifest.json").read_text()))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return  # an unreadable manifest: the stage itself names the problem
+    if made_from is not None and made_from != ck_sha:
+        raise RunError(f"the report {report} describes the Phase 2 checkpoint {made_from[:12]}, not {ck_sha[:12]} "
+                       f"({ckpt}) that register would register; rerun report for this checkpoint: make stage "
+                       f"STAGE=report RUN={src}, then register against that rerun's directory")
 
 
 def rerun_stage(
@@ -206,6 +227,8 @@ def rerun_stage(
         kwargs[name] = _artifact(out_spec.type, path)
     accepted = set(inspect.signature(component.python_func).parameters)
     _check_overrides(stage, list(overrides or []), params, inputs, takes_overrides="overrides" in accepted)
+    if stage == "register":
+        _check_report_matches(inputs, src)
     for key in ("data_config", "train_config", "gx_rows", "overrides", "mlflow_tracking_uri"):
         if key in accepted and key in params:
             kwargs[key] = params[key]

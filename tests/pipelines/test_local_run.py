@@ -104,6 +104,23 @@ def test_stage_rerun_writes_a_new_directory_and_leaves_the_source_untouched(loca
                                                        "validation": str(run_dir.resolve())}
     assert "inputs:" in printed and "from its source run" not in printed  # phase2 rerun: all from run_dir itself
     assert _tree_digest(run_dir) == before
+    # register against the phase2 rerun would bundle the source run's report, of the old checkpoint
+    # (NEW-3): refused before the new directory or anything in MLflow exists, naming the fix
+    stale = find_artifact(run_dir, "report", "report")
+    refused = tmp_path / "rerun-register-stale"
+    assert stage_main(["register", "--run", str(out), "--out", str(refused)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"make stage: error: the report {stale} describes the Phase 2 checkpoint "
+                          f"{old['files']['checkpoint.pt'].removeprefix('sha256:')[:12]}, not "
+                          f"{new['files']['checkpoint.pt'].removeprefix('sha256:')[:12]}"), err
+    assert f"make stage STAGE=report RUN={out.resolve()}" in err and "\n" not in err
+    assert not refused.exists()
+    # against the report rerun, report and checkpoint agree: registered, with that report
+    reg_dir = rerun_stage("register", report_dir, out=tmp_path / "rerun-register")
+    reg = json.loads((reg_dir / "register" / "registration" / "registration.json").read_text())
+    assert reg["registered"] is True and reg["lineage"]["has_report"] == "true"
+    assert reg["lineage"]["checkpoint_sha256"] == new["files"]["checkpoint.pt"]
+    assert _tree_digest(run_dir) == before
 
 
 def test_stage_rerun_refuses_bad_requests_in_one_line(local_run, tmp_path, capsys):
@@ -124,6 +141,8 @@ def test_stage_rerun_refuses_bad_requests_in_one_line(local_run, tmp_path, capsy
     ("train-phase1", "training.bogus=3", "unknown key `training.bogus`"),
     ("train-phase2", "training.bogus=3", "unknown key `training.bogus`"),
     ("register", "registry.bogus=3", "unknown key `registry.bogus`"),
+    ("register", "training.shared_expert_epochs=3",
+     "--set 'training.shared_expert_epochs=3': register uses only the registry.* and tracking.* keys"),
 ])
 def test_make_stage_checks_set_before_anything_runs(local_run, tmp_path, capsys, stage, override, expected):
     """SET= on a stage that takes no overrides was recorded in run.json and broke a later

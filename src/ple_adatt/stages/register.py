@@ -62,28 +62,32 @@ USED_SECTIONS = ("registry", "tracking")
 
 
 def refuse_ignored_overrides(trained: dict[str, Any], overrides: list[str] | None, where: str) -> None:
-    """ConfigError, in one line, for a ``--set`` outside ``registry.*`` / ``tracking.*`` that
-    changes the train config ``trained`` (the checkpoint's): register would ignore it and only
-    record it. One that restates the trained value is accepted: a pipeline passes its training
-    overrides to every step, register included, and they are in the checkpoint's config."""
+    """ConfigError, in one line, for ``--set`` keys outside ``registry.*`` / ``tracking.*`` that
+    change the train config ``trained`` (the checkpoint's): register would ignore them and only
+    record them. Ones that restate the trained values are accepted: a pipeline passes its training
+    overrides to every step, register included, and they are in the checkpoint's config (taken
+    together and in order, as a ``make stage`` chain lists a key again with its new value)."""
     from ..config import ConfigError, apply_overrides, to_dict, train_config_from_dict
 
-    base: dict[str, Any] | None = None
-    for item in overrides or []:
-        key = item.split("=", 1)[0].strip()
-        if key.split(".")[0] in USED_SECTIONS:
-            continue
-        if base is None:
-            base = to_dict(train_config_from_dict(trained, where))
-        changed = to_dict(train_config_from_dict(apply_overrides(trained, [item], "--set"), f"{where} + --set"))
-        if changed != base:
-            node: Any = base
-            for k in key.split("."):
-                node = node.get(k, "unset") if isinstance(node, dict) else "unset"
-            raise ConfigError(
-                f"--set {item!r}: register uses only the registry.* and tracking.* keys of the train config, "
-                f"so this would be ignored (the checkpoint was trained with {key}={node!r}); pass registry.* or "
-                f"tracking.* keys only, or retrain with it (make stage STAGE=train-phase2 SET='{item}')")
+    others = [item for item in overrides or [] if item.split("=", 1)[0].strip().split(".")[0] not in USED_SECTIONS]
+    if not others:
+        return
+    base = to_dict(train_config_from_dict(trained, where))
+    final = to_dict(train_config_from_dict(apply_overrides(trained, others, "--set"), f"{where} + --set"))
+    if final == base:
+        return
+
+    def at(d: Any, key: str) -> Any:
+        for k in key.split("."):
+            d = d.get(k, "unset") if isinstance(d, dict) else "unset"
+        return d
+
+    key, item = next(((k, i) for i in reversed(others) if at(final, k := i.split("=", 1)[0].strip())
+                      != at(base, k)), (others[0].split("=", 1)[0].strip(), others[0]))
+    raise ConfigError(
+        f"--set {item!r}: register uses only the registry.* and tracking.* keys of the train config, so this "
+        f"would be ignored (the checkpoint was trained with {key}={at(base, key)!r}); pass registry.* or "
+        f"tracking.* keys only, or retrain with it (make stage STAGE=train-phase2 SET='{item}')")
 
 
 def _train_config(checkpoint: Path, config: str | Path | None, overrides: list[str] | None) -> Any:
