@@ -143,15 +143,16 @@ def _check_overrides(stage: str, new: list[str], params: dict[str, Any], inputs:
 def _check_report_matches(inputs: dict[str, str], src: Path) -> None:
     """register: the report it bundles must be of the checkpoint it registers. After a
     train-phase2 rerun, RUN's report is its source run's, made from the old checkpoint."""
-    from ple_adatt.registry import report_phase2_sha
+    from ple_adatt.registry import report_of_another_checkpoint
 
     ckpt, report = Path(inputs["checkpoint"]), Path(inputs["report"])
     try:
-        ck_sha = json.loads((ckpt / "manifest.json").read_text())["files"]["checkpoint.pt"].removeprefix("sha256:")
-        made_from = report_phase2_sha(json.loads((report / "manifest.json").read_text()))
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        mismatch = report_of_another_checkpoint(json.loads((ckpt / "manifest.json").read_text()),
+                                                json.loads((report / "manifest.json").read_text()))
+    except (OSError, ValueError, AttributeError):
         return  # an unreadable manifest: the stage itself names the problem
-    if made_from is not None and made_from != ck_sha:
+    if mismatch:
+        made_from, ck_sha = mismatch
         raise RunError(f"the report {report} describes the Phase 2 checkpoint {made_from[:12]}, not {ck_sha[:12]} "
                        f"({ckpt}) that register would register; rerun report for this checkpoint: make stage "
                        f"STAGE=report RUN={src}, then register against that rerun's directory")

@@ -65,7 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _refuse_unknown_options(parser: argparse.ArgumentParser, argv: list[str]) -> None:
+def refuse_unknown_options(parser: argparse.ArgumentParser, argv: list[str]) -> None:
     """A misspelt option is named as such (argparse would first complain that the option it was
     meant to be is missing): a usage error, exit 2, with the closest real option."""
     import difflib
@@ -95,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     module = importlib.import_module(module_name)
     sub = argparse.ArgumentParser(prog=f"ple-adatt {name}", description=help_text)
     module.add_arguments(sub)
-    _refuse_unknown_options(sub, argv[1:])
+    refuse_unknown_options(sub, argv[1:])
     args = sub.parse_args(argv[1:])
     previous = _catch_sigterm()
     try:

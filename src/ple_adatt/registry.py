@@ -54,7 +54,7 @@ __all__ = [
     "GateDecision",
     "RegisteredModel",
     "check_inputs",
-    "report_phase2_sha",
+    "report_of_another_checkpoint",
     "check_registry_settings",
     "check_task_contract",
     "champion_gate",
@@ -128,9 +128,9 @@ def check_inputs(checkpoint: str | Path, validation: str | Path, report: str | P
         if (rdir / "manifest.json").is_file():
             with contextlib.suppress(json.JSONDecodeError):
                 rman = json.loads((rdir / "manifest.json").read_text())
-        made_from = report_phase2_sha(rman)
-        ck_sha = _sha(man["files"]["checkpoint.pt"])
-        if made_from is not None and made_from != ck_sha:  # its page would describe another model
+        mismatch = report_of_another_checkpoint(man, rman)
+        if mismatch:  # its page would describe another model
+            made_from, ck_sha = mismatch
             raise ArtifactError(
                 f"--report {rdir}: describes the Phase 2 checkpoint {made_from[:12]} (its manifest.json "
                 f"inputs.phase2), not {ck_sha[:12]} of {checkpoint} being registered; rerun report for this "
@@ -143,13 +143,18 @@ def check_inputs(checkpoint: str | Path, validation: str | Path, report: str | P
     )
 
 
-def report_phase2_sha(report_manifest: dict[str, Any] | None) -> str | None:
-    """The sha256 of the Phase 2 ``checkpoint.pt`` a report was made from (its manifest's
-    ``inputs.phase2``); None for a report directory without a readable manifest."""
+def report_of_another_checkpoint(checkpoint_manifest: dict[str, Any],
+                                 report_manifest: dict[str, Any] | None) -> tuple[str, str] | None:
+    """(the report's Phase 2 checkpoint sha256, this checkpoint's) when a report was made from
+    another checkpoint than ``checkpoint_manifest``'s (the report manifest's ``inputs.phase2``);
+    None when they match or the report has no readable manifest to tell."""
     if not isinstance(report_manifest, dict) or not isinstance(report_manifest.get("inputs"), dict):
         return None
     made_from = report_manifest["inputs"].get("phase2")
-    return _sha(made_from) if isinstance(made_from, str) and made_from else None
+    if not isinstance(made_from, str) or not made_from:
+        return None
+    ck_sha = _sha((checkpoint_manifest.get("files") or {}).get("checkpoint.pt"))
+    return None if _sha(made_from) == ck_sha else (_sha(made_from), ck_sha)
 
 
 def _finite_number(v: Any) -> bool:

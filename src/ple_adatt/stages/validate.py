@@ -62,7 +62,8 @@ def _gx_rows(value: str) -> int | None:
 def run(args: argparse.Namespace) -> int:
     from ..artifacts import check_output_dir
 
-    out = check_output_dir(args.out, kind="validation", inputs=(args.data, args.config, *args.expectations))  # before the MLflow run opens and any work: fail now, not after the counts
+    # before the MLflow run opens and any work: fail now, not after the counts
+    out = check_output_dir(args.out, kind="validation", inputs=(args.data, args.config, *args.expectations))
     if args.failure_report:
         check_output_dir(args.failure_report, "--failure-report", kind="validation_failed",
                          inputs=(args.data, args.config, *args.expectations))
