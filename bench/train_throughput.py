@@ -23,8 +23,12 @@ the timed loop never reads a value back to the host.
 from __future__ import annotations
 
 import argparse
+import os
+import statistics
 import sys
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -138,32 +142,41 @@ def sync(device: torch.device) -> None:
 
 
 def time_steps(step, steps: int, warmup: int, device: torch.device,
-               peak_from_start: bool = False) -> tuple[float, float]:
-    """Mean seconds per step after ``warmup`` steps, and the peak memory allocated (GiB). The
-    peak counts from after the warm-up (autotuning's trial buffers are not the step's), or with
-    ``peak_from_start`` from before it: CUDA graphs allocate their pools while being captured
-    in the warm-up, and replays never go through the allocator."""
+               peak_from_start: bool = False) -> tuple[float, float, float]:
+    """Mean seconds per step after ``warmup`` steps, the peak memory allocated (GiB) and the
+    warm-up's seconds. The peak counts from after the warm-up (autotuning's trial buffers are
+    not the step's), or with ``peak_from_start`` from before it: CUDA graphs allocate their
+    pools while being captured in the warm-up, and replays never go through the allocator."""
     if device.type == "cuda" and peak_from_start:
         torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
     for _ in range(warmup):
         step()
     sync(device)
-    WARMUP_SECONDS.append(time.perf_counter() - t0)
+    warm = time.perf_counter() - t0
     if device.type == "cuda" and not peak_from_start:
         torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
     for _ in range(steps):
         step()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
+    sync(device)
     dt = (time.perf_counter() - t0) / steps
     peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
-    return dt, peak
+    return dt, peak, warm
 
 
-def run_project(s: dict, data: TensorData, device: torch.device, adatt: bool, interval: int, amp: bool,
-                steps: int, warmup: int, label: str = "", in_backward: bool = True) -> tuple[float, float, int]:
+@dataclass
+class Prepared:
+    """One benchmark run, built and ready: its step, parameter count, and how to warm it up."""
+
+    step: Callable[[], None]
+    params: int
+    warmup: int  # steps before the first timing (CUDA graphs: their warm-up and capture too)
+    peak_from_start: bool = False
+
+
+def prepare_project(s: dict, data: TensorData, device: torch.device, adatt: bool, interval: int, amp: bool,
+                    warmup: int, in_backward: bool = True) -> Prepared:
     cfg = project_config(s, interval, amp, in_backward)
     specs = [TaskSpec(f"t{i}", f"y{i}", "binary") for i in range(s["tasks"])]
     torch.manual_seed(0)
@@ -190,17 +203,13 @@ def run_project(s: dict, data: TensorData, device: torch.device, adatt: bool, in
 
     if graphs is not None:  # each kind of step: warm-up runs, then its capture, before timing
         warmup = max(warmup, (graphs.warmup_steps + 1) * (interval if adatt else 1) + 1)
-    dt, peak = time_steps(step, steps, warmup, device, peak_from_start=graphs is not None)
-    if PROFILE_DIR is not None:
-        profile_steps(step, device, label)
-    return dt, peak, sum(p.numel() for p in system.parameters())
+    return Prepared(step, sum(p.numel() for p in system.parameters()), warmup, peak_from_start=graphs is not None)
 
 
 PROFILE_DIR: Path | None = None
 COMPILE: str | None = None  # a torch.compile mode, or None for eager
 CUDA_GRAPH = False  # --cuda-graph
 FUSED_MIXTURE = True  # --no-fused-mixture turns it off
-WARMUP_SECONDS: list[float] = []  # warm-up time of each run (includes torch.compile's compilation)
 
 
 def profile_steps(step, device: torch.device, label: str, n: int = 5) -> None:
@@ -220,8 +229,8 @@ def profile_steps(step, device: torch.device, label: str, n: int = 5) -> None:
     (PROFILE_DIR / f"profile_{name}.txt").write_text(f"{label}, {n} steps\n{table}\n")
 
 
-def run_naive(s: dict, data: TensorData, device: torch.device, interval: int, amp: bool,
-              steps: int, warmup: int) -> tuple[float, float, int]:
+def prepare_naive(s: dict, data: TensorData, device: torch.device, interval: int, amp: bool,
+                  warmup: int) -> Prepared:
     torch.manual_seed(0)
     d_in = s["numeric"] + s["cats"] * s["emb"]
     model = NaivePLE(s, d_in).to(device)
@@ -253,8 +262,7 @@ def run_naive(s: dict, data: TensorData, device: torch.device, interval: int, am
         opt.zero_grad(set_to_none=True)
         counter[0] += 1
 
-    dt, peak = time_steps(step, steps, warmup, device)
-    return dt, peak, sum(p.numel() for p in model.parameters())
+    return Prepared(step, sum(p.numel() for p in model.parameters()), warmup)
 
 
 def task_gradient_check(s: dict, data: TensorData, device: torch.device, amp: bool, reps: int = 10) -> None:
@@ -333,12 +341,52 @@ def mixture_check(s: dict, device: torch.device, reps: int = 20) -> None:
     print(f"CGC mixture forward + backward, batch {B}: {', '.join(line)}", flush=True)
 
 
+def time_interleaved(runs: dict[str, tuple[str, Callable[[], Prepared]]], steps: int, rounds: int,
+                     device: torch.device, batch: int) -> dict[str, list[float]]:
+    """Time every run ``rounds`` times, interleaved (a b c d, a b c d, ...), and print each
+    run's median. Every run is built and warmed up once, in the first round, and stays alive,
+    so that a later round times the same compiled and captured steps. Interleaving puts each
+    round's runs under the same machine load; a ratio is taken within a round. Peak memory is
+    the first round's, less what the runs built before it still hold."""
+    times: dict[str, list[float]] = {k: [] for k in runs}
+    prepared: dict[str, Prepared] = {}
+    peaks: dict[str, float] = {}
+    warm: dict[str, float] = {}
+    cuda = device.type == "cuda"
+    start = torch.cuda.memory_allocated() if cuda else 0
+    for r in range(rounds):
+        for key, (label, prepare) in runs.items():
+            if key not in prepared:
+                others = (torch.cuda.memory_allocated() - start) / 2**30 if cuda else 0.0
+                prep = prepared[key] = prepare()
+                dt, peak, warm[key] = time_steps(prep.step, steps, prep.warmup, device, prep.peak_from_start)
+                peaks[key] = peak - others
+                if PROFILE_DIR is not None:
+                    profile_steps(prep.step, device, label)
+            else:
+                dt, _, _ = time_steps(prepared[key].step, steps, 0, device)
+            times[key].append(dt)
+            if rounds > 1:
+                print(f"  round {r + 1}/{rounds} {label[:3]} {dt * 1e3:.2f} ms/step", flush=True)
+    for key, (label, _) in runs.items():
+        med = statistics.median(times[key])
+        mem = f"{peaks[key]:6.2f} GiB" if cuda else "   n/a   "
+        spread = f"  rounds {min(times[key]) * 1e3:.2f}-{max(times[key]) * 1e3:.2f} ms" if rounds > 1 else ""
+        print(f"{label:<48} {med * 1e3:9.2f} ms/step {batch / med / 1e6:8.4f} M samples/s "
+              f"peak {mem}  params {prepared[key].params / 1e6:.2f}M  warm-up {warm[key]:.1f} s{spread}", flush=True)
+    return times
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--shape", choices=sorted(SHAPES), default="small")
     ap.add_argument("--device", default="auto", help="auto | cpu | cuda")
     ap.add_argument("--steps", type=int, default=None, help="timed steps per run (default 50)")
     ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--rounds", type=int, default=3,
+                    help="time every run this many times, interleaved (a b c d, a b c d, ...); prints the median "
+                         "and each ratio's median over rounds (default 3)")
+    ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU runs; default: torch's)")
     ap.add_argument("--no-amp", action="store_true", help="disable bf16 autocast on CUDA")
     ap.add_argument("--batch", type=int, default=None, help="override the shape's batch size")
     ap.add_argument("--only", default="abcd", help="which runs, e.g. 'bd' (default abcd; e: interval 1 with the "
@@ -373,48 +421,60 @@ def main() -> None:
     s = dict(SHAPES[args.shape])
     if args.batch:
         s["batch"] = args.batch
+    if args.rounds < 1 or args.warmup < 0 or (args.steps is not None and args.steps < 1):
+        ap.error("--rounds and --steps must be at least 1, --warmup at least 0")
+    if args.threads is not None:
+        if args.threads < 1:
+            ap.error(f"--threads must be at least 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
     steps = args.steps or 50
     amp = not args.no_amp
     data = make_data(s, s["batch"] * 8, device)
     print(f"shape {args.shape}: {s['tasks']} tasks, batch {s['batch']}, device {device}"
           f"{' (' + torch.cuda.get_device_name() + ')' if device.type == 'cuda' else ''}, "
           f"torch {torch.__version__}, threads {torch.get_num_threads()}, amp {'bf16' if amp and device.type == 'cuda' else 'off'}"
-          f"{', compile ' + COMPILE if COMPILE else ''}{', CUDA graphs' if CUDA_GRAPH else ''}")
+          f"{', compile ' + COMPILE if COMPILE else ''}{', CUDA graphs' if CUDA_GRAPH else ''}"
+          f", {steps} steps x {args.rounds} rounds{load_average()}", flush=True)
     if args.grads:
         task_gradient_check(s, data, device, amp)
         mixture_check(s, device)
     runs = {
-        "a": ("(a) naive reference, adaTT loop, interval 10", lambda lb: run_naive(s, data, device, 10, amp, steps,
-                                                                                   args.warmup)),
-        "b": ("(b) project model, adaTT off", lambda lb: run_project(s, data, device, False, 10, amp, steps,
-                                                                     args.warmup, lb)),
-        "c": ("(c) project model, adaTT interval 10", lambda lb: run_project(s, data, device, True, 10, amp, steps,
-                                                                            args.warmup, lb)),
-        "d": ("(d) project model, adaTT interval 1", lambda lb: run_project(s, data, device, True, 1, amp, steps,
-                                                                           args.warmup, lb)),
-        "e": ("(e) interval 1, separate backward (seed order)", lambda lb: run_project(
-            s, data, device, True, 1, amp, steps, args.warmup, lb, in_backward=False)),
+        "a": ("(a) naive reference, adaTT loop, interval 10",
+              lambda: prepare_naive(s, data, device, 10, amp, args.warmup)),
+        "b": ("(b) project model, adaTT off",
+              lambda: prepare_project(s, data, device, False, 10, amp, args.warmup)),
+        "c": ("(c) project model, adaTT interval 10",
+              lambda: prepare_project(s, data, device, True, 10, amp, args.warmup)),
+        "d": ("(d) project model, adaTT interval 1",
+              lambda: prepare_project(s, data, device, True, 1, amp, args.warmup)),
+        "e": ("(e) interval 1, separate backward (seed order)",
+              lambda: prepare_project(s, data, device, True, 1, amp, args.warmup, in_backward=False)),
     }
     unknown = sorted(set(args.only) - set(runs))
     if unknown:
         ap.error(f"--only: unknown run(s) {unknown}; valid: a, b, c, d, e")
-    times: dict[str, float] = {}
-    for key in sorted(set(args.only)):
-        label, fn = runs[key]
-        dt, peak, params = fn(label)
-        times[key] = dt
-        mem = f"{peak:6.2f} GiB" if device.type == "cuda" else "   n/a   "
-        print(f"{label:<48} {dt * 1e3:9.2f} ms/step {s['batch'] / dt / 1e6:8.4f} M samples/s "
-              f"peak {mem}  params {params / 1e6:.2f}M  warm-up {WARMUP_SECONDS[-1]:.1f} s", flush=True)
+    order = sorted(set(args.only))
+    times = time_interleaved({k: runs[k] for k in order}, steps, args.rounds, device, s["batch"])
     ratios = []
-    for num, den, text in [("a", "c", "(c) vs (a) {:.2f}x faster"), ("a", "b", "(b) vs (a) {:.2f}x"),
-                           ("d", "b", "(d) step / (b) step {:.2f}x"), ("c", "b", "(c) step / (b) step {:.2f}x"),
-                           ("e", "b", "(e) step / (b) step {:.2f}x")]:
+    for num, den, text in [("a", "c", "(c) vs (a) {}x faster"), ("a", "b", "(b) vs (a) {}x"),
+                           ("d", "b", "(d) step / (b) step {}x"), ("c", "b", "(c) step / (b) step {}x"),
+                           ("e", "b", "(e) step / (b) step {}x")]:
         if num in times and den in times:
-            ratios.append(text.format(times[num] / times[den]))
+            paired = [n / d for n, d in zip(times[num], times[den], strict=True)]  # the same round: same load
+            spread = f" [{min(paired):.2f}-{max(paired):.2f}]" if len(paired) > 1 else ""
+            ratios.append(text.format(f"{statistics.median(paired):.2f}") + spread)
     if ratios:
-        print("ratios: " + "; ".join(ratios))
+        rounds = f" (median of {args.rounds} rounds' paired ratios [min-max])" if args.rounds > 1 else ""
+        print(f"ratios{rounds}: " + "; ".join(ratios))
     print(f"CGC mixture: {mixture_path(device)}")
+
+
+def load_average() -> str:
+    """The 1-minute load average, where the OS has one: CPU timings move with other work."""
+    try:
+        return f", load average {os.getloadavg()[0]:.2f} on {os.cpu_count()} CPUs"
+    except (AttributeError, OSError):
+        return ""
 
 
 def mixture_path(device: torch.device) -> str:
