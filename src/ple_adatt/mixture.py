@@ -13,7 +13,7 @@ full (T, B, d) tensor. On CUDA, autocast also runs the softmax (hence the gates)
 so every pass is float32: at the seed's shape (16 tasks, batch 16384, d 128, 6 experts per
 task) about 7.6 GB moved per step, about 2.5 ms of an H100's bandwidth.
 
-The fused path reads each input once and writes each result once: about 0.6 GB. Forward: one
+The fused path reads each input once and writes each result once: about 0.7 GB. Forward: one
 program per (task, block of rows) accumulates the K products in float32 registers. Backward:
 one program per (shared expert, block of rows) walks the tasks, summing the expert's
 gradient over them and writing each task's gate gradient; one program per (task, block of
