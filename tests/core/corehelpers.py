@@ -28,9 +28,10 @@ def make_batch(n: int = 64, seed: int = 0, clusters: int = 3) -> TensorData:
     return TensorData(x_num, x_cat, y, cluster)
 
 
-def forward_with_distinct_heads(n: int, device: str = "cpu", amp: bool = False):
+def forward_with_distinct_heads(n: int, device: str = "cpu", amp: bool = False, absent: tuple[int, ...] = ()):
     """The cpu_small system on BATCH_SPECS with wide random heads (so the tasks' gradients
-    differ), one forward and its losses: (system, model output, LossOutput)."""
+    differ), one forward and its losses: (system, model output, LossOutput). The tasks in
+    ``absent`` have no label in the batch."""
     from pathlib import Path
 
     import torch
@@ -42,7 +43,10 @@ def forward_with_distinct_heads(n: int, device: str = "cpu", amp: bool = False):
     torch.manual_seed(0)
     system = build_system(cfg, BATCH_SPECS, 5, [4, 4], 3).to(device)
     torch.nn.init.normal_(system.model.head.weight, std=0.5)
-    b = make_batch(n).to(device)
+    b = make_batch(n)
+    for t in absent:
+        b.y[:, t] = float("nan")
+    b = b.to(device)
     with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp and device == "cuda"):
         out = system.model(b.x_num, b.x_cat, b.cluster)
         lo = system.losses(out.out, b.y)

@@ -53,13 +53,29 @@ def test_fused_kernel_equals_the_closed_form_on_odd_shapes(interpreter, B, IN, H
     assert _rel(out, ref) < 1e-5
 
 
-def test_fused_method_gives_the_loop_reference_affinity(interpreter):
-    system, out, lo = forward_with_distinct_heads(96)
+@pytest.mark.parametrize("absent", [(), (4,), (0, 2)], ids=["all-labelled", "no-retrieval-label", "two-unlabelled"])
+def test_fused_method_gives_the_loop_reference_affinity(interpreter, absent):
+    """Also with tasks that have no label in the whole batch (the retrieval task among them):
+    the kernel's rows for them are exactly zero, as the loop's, and the affinity is finite."""
+    from ple_adatt.transfer.adatt import TaskAffinityComputer
+
+    system, out, lo = forward_with_distinct_heads(96, absent=absent)
+    assert [t for t in range(5) if not bool(lo.present[t])] == list(absent)
     fused = system.model.shared_task_gradients(lo.weighted, lo.present, out, "fused")
     loop = system.model.shared_task_gradients(lo.weighted, lo.present, out, "loop")
+    assert torch.isfinite(fused).all()
+    for t in range(5):
+        assert (float(fused[t].abs().max()) == 0) == (t in absent) == (float(loop[t].abs().max()) == 0), t
     assert _rel(fused, loop) < 1e-5
     cos_f, cos_l = (F.normalize(g, dim=1) @ F.normalize(g, dim=1).T for g in (fused, loop))
     assert float((cos_f - cos_l).abs().max()) < 1e-3
+    a_fused, a_loop = TaskAffinityComputer(system.task_names), TaskAffinityComputer(system.task_names)
+    a_fused.update(fused)
+    a_loop.update(loop)
+    assert int(a_fused.update_count) == 1 and torch.isfinite(a_fused.affinity_matrix).all()
+    torch.testing.assert_close(a_fused.affinity_matrix, a_loop.affinity_matrix, rtol=0, atol=1e-5)
+    for t in absent:
+        assert float(a_fused.affinity_matrix[t].abs().max()) == 0 == float(a_fused.affinity_matrix[:, t].abs().max())
 
 
 @pytest.mark.parametrize("kwargs,message", [({"variant": "tiled"}, "unknown kernel variant 'tiled'"),

@@ -77,23 +77,41 @@ def test_logit_transfer_edges_apply_in_topological_order_whatever_order_they_are
         build(specs, three)
 
 
-@pytest.mark.parametrize("seed", [0, 1])
-def test_batched_per_task_gradients_equal_the_autograd_loop(specs, model_cfg, loss_cfgs, seed):
+@pytest.mark.parametrize("seed,absent", [(0, ()), (1, ()), (0, (4,)), (1, (1, 2))],
+                         ids=["seed0", "seed1", "no-retrieval-label", "two-tasks-unlabelled"])
+def test_batched_per_task_gradients_equal_the_autograd_loop(specs, model_cfg, loss_cfgs, seed, absent):
+    """Also with tasks that have no label in the whole batch (the retrieval task among them):
+    their rows are exactly zero, as in the loop, and the affinity stays finite."""
+    from ple_adatt.transfer.adatt import TaskAffinityComputer
+
     model = build(specs, model_cfg)
     torch.nn.init.normal_(model.head.weight, std=0.5)  # non-zero readouts, as after training
     crit = MultiTaskLoss(model.heads, loss_cfgs)
     b = make_batch(48, seed=seed)
+    for t in absent:
+        b.y[:, t] = float("nan")
     out = model(b.x_num, b.x_cat, b.cluster)
     lo = crit(out.out, b.y, model.target_loc, model.target_scale, model.item_embeddings)
+    assert [i for i in range(5) if not bool(lo.present[i])] == list(absent)
     fast = model.shared_task_gradients(lo.weighted, lo.present, out, "batched")
     ref = model.shared_task_gradients(lo.weighted, lo.present, out, "loop")
     assert fast.shape == (5, sum(p.numel() for p in model.shared_parameters()))
-    assert float(ref.abs().max()) > 0
+    assert torch.isfinite(fast).all()
+    for t in range(5):  # every labelled task has a gradient; only the unlabelled ones are zero
+        assert (float(ref[t].abs().max()) == 0) == (t in absent), t
+        assert (float(fast[t].abs().max()) == 0) == (t in absent), t
     torch.testing.assert_close(fast, ref, rtol=1e-4, atol=1e-6)
     # the cosine (what adaTT consumes) agrees within 1e-3 as the GPU benchmark requires
     n1 = torch.nn.functional.normalize(fast, dim=1)
     n2 = torch.nn.functional.normalize(ref, dim=1)
     assert float((n1 @ n1.T - n2 @ n2.T).abs().max()) < 1e-3
+    a_fast, a_ref = TaskAffinityComputer(model.task_names), TaskAffinityComputer(model.task_names)
+    a_fast.update(fast)
+    a_ref.update(ref)
+    assert int(a_fast.update_count) == 1 and torch.isfinite(a_fast.affinity_matrix).all()
+    torch.testing.assert_close(a_fast.affinity_matrix, a_ref.affinity_matrix, rtol=0, atol=1e-5)
+    for t in absent:  # an absent task is unrelated to every task (itself included) this step
+        assert float(a_fast.affinity_matrix[t].abs().max()) == 0 == float(a_fast.affinity_matrix[:, t].abs().max())
     # the graph is retained for the training backward
     lo.weighted.sum().backward()
 
