@@ -132,7 +132,9 @@ class MultiTaskLoss(nn.Module):
         ids = torch.nan_to_num(target, nan=0.0).long()
         q = F.normalize(query.float(), dim=-1)  # (B, D)
         v = F.normalize(items(ids).float(), dim=-1)  # (B, D)
-        logits = q @ v.t() / temperature  # (B, B): row b vs every in-batch positive
+        # float32 under any autocast: float16 logits could not hold the -1e9 below (nor 1/temperature)
+        with torch.autocast(q.device.type, enabled=False):
+            logits = q @ v.t() / temperature  # (B, B): row b vs every in-batch positive
         same = ids.view(-1, 1) == ids.view(1, -1)
         valid_col = mask.view(1, -1) & (~same | torch.eye(len(ids), dtype=torch.bool, device=ids.device))
         logits = logits.masked_fill(~valid_col, -1e9)

@@ -83,6 +83,21 @@ def test_infonce_prefers_the_matching_item():
     assert float(good) == pytest.approx(math.log(1 + math.exp(-10)), rel=1e-3)  # float32
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_infonce_under_half_precision_autocast_computes_in_float32(dtype):
+    """training.amp_dtype: float16 with a retrieval task: float16 logits cannot hold the
+    -1e9 that masks in-batch duplicates (the masked_fill raised an overflow error)."""
+    torch.manual_seed(0)
+    items = torch.nn.Embedding(6, 8)
+    q = torch.randn(5, 8)
+    target = torch.tensor([0.0, 1.0, 1.0, float("nan"), 4.0])  # a shared item (masked) and a missing target
+    ref, n = MultiTaskLoss.infonce(q, items, target, 0.05)
+    with torch.autocast("cpu", dtype=dtype):
+        got, m = MultiTaskLoss.infonce(q, items, target, 0.05)
+    assert got.dtype == torch.float32 and int(m) == int(n) == 4
+    assert float(got) == pytest.approx(float(ref), rel=1e-6)
+
+
 def test_gate_entropy_of_uniform_gates_is_log_k():
     g = torch.full((2, 5, 4), 0.25)
     assert float(gate_entropy(g)) == pytest.approx(math.log(4))
