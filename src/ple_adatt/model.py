@@ -21,7 +21,7 @@ reference. All give the same gradients (tested).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -59,6 +59,10 @@ class ModelOutput:
     gates: Tensor  # (T, B, K) CGC gate weights over [shared experts; own task experts]
     cgc_out: Tensor  # (T, B, d) gated expert mixture per task (input of the towers)
     shared_cache: tuple[Tensor, Tensor, Tensor]  # (x, pre-activation, hidden) of shared experts
+
+
+#: rows per block of the einsum reference in the fused kernel's first-use check
+CHECK_ROWS = 2048
 
 
 # --------------------------------------------------------------------------- building blocks
@@ -365,13 +369,26 @@ class PLEClusterModel(nn.Module):
                     return kernels.shared_task_grads(x, pre, w2, d_cgc, output.gates, hid=hid)
                 grads = kernels.shared_task_grads_or_none(x, pre, w2, d_cgc, output.gates, hid=hid)
                 if grads is not None and not kernels.checked():
-                    grads = kernels.check_once(grads, self._einsum_task_gradients(d_cgc, output))
+                    grads = kernels.check_once(grads, self._einsum_reference(d_cgc, output))
                 if grads is not None:
                     return grads
             return self._einsum_task_gradients(d_cgc, output)
 
     def _einsum_task_gradients(self, d_cgc: Tensor, output: ModelOutput) -> Tensor:
         return self.shared_experts.per_task_grads(output.shared_cache, self._shared_output_grads(d_cgc, output))
+
+    def _einsum_reference(self, d_cgc: Tensor, output: ModelOutput, rows: int = CHECK_ROWS) -> Tensor:
+        """The einsum path's gradients summed over blocks of ``rows`` rows (they are sums over
+        rows): the kernel's first-use check then holds (T, E, rows, h) temporaries, not the
+        whole batch's (2 GiB in bf16 at batch 16384, several GiB with the products around it)."""
+        x, pre, hid = output.shared_cache
+        total = None
+        for start in range(0, d_cgc.shape[1], rows):
+            r = slice(start, start + rows)
+            part = replace(output, gates=output.gates[:, r], shared_cache=(x[r], pre[:, r], hid[:, r]))
+            g = self._einsum_task_gradients(d_cgc[:, r], part)
+            total = g if total is None else total.add_(g)
+        return total
 
     @torch.compiler.disable
     def shared_task_and_representation_gradients(self, task_losses: Tensor, present: Tensor,

@@ -32,7 +32,9 @@ def test_batched_task_gradients_match_the_loop_under_bf16_autocast():
     fast = system.model.shared_task_gradients(lo.weighted, lo.present, out, "batched")
     ref = system.model.shared_task_gradients(lo.weighted, lo.present, out, "loop")
     n1, n2 = (torch.nn.functional.normalize(g, dim=1) for g in (fast, ref))
-    assert float((n1 @ n1.T - n2 @ n2.T).abs().max()) < 1e-2  # bf16 activations
+    # issue 8's 1e-3, in bf16 too: the half path measured 1.2e-5 at this shape in float16 on the CPU
+    # (tests/core/test_kernels_half.py); bf16 rounds 8x coarser
+    assert float((n1 @ n1.T - n2 @ n2.T).abs().max()) < 1e-3
 
 
 def test_training_runs_on_cuda_with_amp_and_data_on_the_device():
@@ -59,7 +61,7 @@ def test_fused_kernel_matches_the_loop_on_cuda(amp, layout, variant, monkeypatch
     grads = {m: system.model.shared_task_gradients(lo.weighted, lo.present, out, m) for m in ("fused", "einsum", "loop")}
     cos = {m: torch.nn.functional.normalize(g, dim=1) @ torch.nn.functional.normalize(g, dim=1).T
            for m, g in grads.items()}
-    tol = 1e-2 if amp else 1e-3
+    tol = 1e-3  # issue 8's target, bf16 included (the loop runs under the same autocast)
     assert float((cos["fused"] - cos["loop"]).abs().max()) < tol
     assert float((cos["fused"] - cos["einsum"]).abs().max()) < tol
     if not amp:  # exact float32 products in the kernel
