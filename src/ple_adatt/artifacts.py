@@ -292,6 +292,23 @@ def check_output_dir(out: str | Path, option: str = "--out", *, kind: str | None
     return out
 
 
+def check_run_dir(out: str | Path, option: str = "--out", *, inputs: tuple[str | Path | None, ...] = ()) -> Path:
+    """Check a directory that a stage writes its outputs into, keeping what else it holds
+    (``ple-adatt train``'s OUT: OUT/phase1, OUT/phase2): it must not hold any of ``inputs``
+    (``--out configs`` or ``--out data`` would scatter checkpoints among them) and must not be
+    another stage's output (its manifest.json), which that stage could then no longer replace."""
+    out = Path(out)
+    for given in inputs:
+        if given is not None and is_within(Path(given), out):
+            raise ArtifactError(f"{option} {out}: holds the input {given}; give the run a directory of its own "
+                                "(e.g. runs/train)")
+    seen = _output_identity(_read_manifest_quietly(out)) if out.is_dir() else None
+    if seen is not None:
+        raise ArtifactError(f"{option} {out}: is a {seen} output (its manifest.json), not a run directory; give the "
+                            "run a directory of its own (e.g. runs/train)")
+    return check_output_dir(out, option, replaced=False)
+
+
 def is_within(path: str | Path, parent: str | Path) -> bool:
     """``path`` is ``parent`` or lies below it (after resolving links)."""
     try:

@@ -25,14 +25,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..artifacts import atomic_output_dir, check_output_dir
+    from ..artifacts import atomic_output_dir, check_output_dir, check_run_dir
     from .train_common import run_phase1, run_phase2, summarize
 
     out = Path(args.out)
-    check_output_dir(out, replaced=False)
+    inputs = (args.data, args.validation, args.config, args.data_config)
+    check_run_dir(out, inputs=inputs)
     for phase in ("phase1", "phase2"):  # each is replaced whole; OUT itself keeps what else it holds
-        check_output_dir(out / phase, f"--out {out}: its", kind="checkpoint", phase=phase,
-                         inputs=(args.data, args.validation, args.config, args.data_config))
+        check_output_dir(out / phase, f"--out {out}: its", kind="checkpoint", phase=phase, inputs=inputs)
     created = not out.exists()
     try:
         # phase2 replaces OUT/phase2 first, then phase1 OUT/phase1 (with: last in, first out)
