@@ -22,6 +22,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor, nn
 
+from . import kernels
 from .config import EVAL_BATCH_MIN, ConfigError, TaskSpec, TrainConfig
 from .data.dataset import TensorData
 from .errors import TrainingError
@@ -73,6 +74,22 @@ def resolve_device(name: str) -> torch.device:
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"key `device` is {name!r} but CUDA is not available here; use device: auto or cpu")
     return dev
+
+
+def resolve_training_device(cfg: TrainConfig) -> torch.device:
+    """The device of ``cfg``, refusing what cannot run there before any data is loaded:
+    ``transfer.grad_method: fused`` needs CUDA and triton (or the CPU under Triton's
+    interpreter, ``TRITON_INTERPRET=1``, for tests)."""
+    device = resolve_device(cfg.device)
+    if cfg.transfer.grad_method == "fused":
+        if device.type != "cuda" and not kernels.interpreted():
+            raise ConfigError(f"key `transfer.grad_method` is 'fused', which runs the Triton kernel on CUDA, but this "
+                              f"run's device is {device.type}; use grad_method: batched (the kernel on CUDA, einsums "
+                              f"elsewhere) or einsum")
+        if device.type == "cuda" and not kernels.available(device):
+            raise ConfigError("key `transfer.grad_method` is 'fused', which needs triton, and triton is not "
+                              "installed here; pip install triton, or use grad_method: batched")
+    return device
 
 
 def set_regression_targets(model: PLEClusterModel, y: Tensor) -> None:

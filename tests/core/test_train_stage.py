@@ -55,6 +55,43 @@ def test_a_finished_run_writes_both_checkpoints_and_leaves_the_rest_of_out_alone
     assert (out / "phase2" / "checkpoint.pt").is_file() and (out / "validate" / "manifest.json").is_file()
 
 
+def _train_with(data: Path, out: Path, config: Path, *extra: str) -> int:
+    return cli.main(["train", "--no-tracking", "--data", str(data), "--data-config",
+                     str(ROOT / "configs/data/synthetic.yaml"), "--config", str(config), "--out", str(out),
+                     *FAST, *extra])
+
+
+def test_out_must_not_be_another_stages_output_or_hold_the_inputs(data, tmp_path, capsys):
+    """`--out runs/validate` left a validate output that `make validate` then refused to replace;
+    `--out configs` put phase1/ and phase2/ among the configs."""
+    validate = tmp_path / "validate"
+    validate.mkdir()
+    (validate / "manifest.json").write_text('{"kind": "validation", "files": []}')
+    assert _train_with(data, validate, ROOT / "configs/train/cpu_small.yaml") == 2
+    assert f"--out {validate}: is a validation output (its manifest.json), not a run directory" in \
+        capsys.readouterr().err
+    assert sorted(p.name for p in validate.iterdir()) == ["manifest.json"]
+
+    configs = tmp_path / "configs"
+    configs.mkdir()
+    config = configs / "train.yaml"
+    config.write_text((ROOT / "configs/train/cpu_small.yaml").read_text())
+    assert _train_with(data, configs, config) == 2
+    assert f"--out {configs}: holds the input {config}; give the run a directory of its own" in capsys.readouterr().err
+    assert sorted(p.name for p in configs.iterdir()) == ["train.yaml"]
+
+
+def test_grad_method_fused_without_cuda_is_a_config_error_before_the_data_loads(data, tmp_path, monkeypatch, capsys):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # the tests' interpreter would let the kernel run
+    out = tmp_path / "run"
+    assert _train_with(data, out, ROOT / "configs/train/cpu_small.yaml", "--set", "transfer.grad_method=fused") == 2
+    captured = capsys.readouterr()
+    assert "key `transfer.grad_method` is 'fused', which runs the Triton kernel on CUDA, but this run's device is " \
+           "cpu; use grad_method: batched" in captured.err
+    assert "Traceback" not in captured.err and "loading" not in captured.out  # one line, before any data
+    assert not out.exists()
+
+
 def test_sigterm_during_training_removes_the_partial_output(data, tmp_path):
     """timeout or Kubernetes stops a step with SIGTERM: the temporary output directory goes, as
     on Ctrl-C, and the exit code says so."""

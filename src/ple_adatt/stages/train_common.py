@@ -103,7 +103,7 @@ def run_phase1(
     """
     from ..checkpoint import save_checkpoint
     from ..data.dataset import prepare_splits
-    from ..training import Trainer, build_system, resolve_device, set_regression_targets
+    from ..training import Trainer, build_system, resolve_training_device, set_regression_targets
 
     t0 = time.perf_counter()
     check_output_dir(out, kind="checkpoint", phase="phase1", inputs=(data, validation, config, data_config))  # before any training: a bad --out must not cost the run
@@ -125,13 +125,13 @@ def run_phase1(
             raise StageError(f"tasks {unknown} are not declared in {data_config} or not enabled by validation; "
                              f"trainable tasks: {', '.join(tasks)}")
         tasks = [t for t in tasks if t in only_tasks]
+    device = resolve_training_device(train_cfg)  # before the data: a config the device cannot run fails first
     _seed(train_cfg.seed)
     log(f"loading {data} ({len(tasks)} tasks)")
     pre, train, val = prepare_splits(data, data_cfg, tasks, max_rows=train_cfg.max_rows, config_src=data_config)
     specs = [data_cfg.task(n) for n in tasks]
     system = build_system(train_cfg, specs, train.x_num.shape[1], pre.cardinalities(data_cfg), data_cfg.num_clusters)
     set_regression_targets(system.model, train.y)
-    device = resolve_device(train_cfg.device)
     trainer = Trainer(system, train, val, train_cfg, device, log=log, on_epoch=on_epoch)
     trainer.run_phase1()
     metrics = trainer.final_metrics(use_cluster_heads=False)
@@ -188,7 +188,7 @@ def run_phase2(
     """
     from ..checkpoint import load_checkpoint, save_checkpoint
     from ..data.dataset import load_split
-    from ..training import Trainer, resolve_device
+    from ..training import Trainer, resolve_training_device
 
     t0 = time.perf_counter()
     check_output_dir(out, kind="checkpoint", phase="phase2", inputs=(checkpoint, data, config, data_config))  # before any training: a bad --out must not cost the run
@@ -206,6 +206,7 @@ def run_phase2(
                 f"{checkpoint}; use the data config Phase 1 was trained with"
             )
     train_cfg = _phase2_config(ck.train_cfg, config, overrides, data_cfg, Path(checkpoint))
+    device = resolve_training_device(train_cfg)  # before the data
     tasks = list(ck.manifest["tasks"])
     data_hash = path_sha256(data)
     same_data = ck.manifest.get("inputs", {}).get("data") == data_hash
@@ -218,7 +219,6 @@ def run_phase2(
     val = load_split(data, data_cfg, ck.preprocessor, "val", tasks,
                      None if train_cfg.max_rows is None else max(train_cfg.max_rows // 4, 1), config_src=data_config,
                      check=not same_data)
-    device = resolve_device(train_cfg.device)
     trainer = Trainer(ck.system, train, val, train_cfg, device, log=log, on_epoch=on_epoch)
     trainer.events = list(ck.manifest.get("events", []))
     trainer.run_phase2()
