@@ -126,12 +126,21 @@ def main() -> None:
     ap.add_argument("--arch", type=int, default=90, help="compute capability x 10 (90: H100/H200)")
     ap.add_argument("--tiles", default=None,
                     help="BBxBHxWARPSxSTAGES,... (default: the autotuner's lists for each layout)")
-    ap.add_argument("--variants", default=",".join(kernels.VARIANTS))
+    ap.add_argument("--variants", default=",".join(kernels.VARIANTS),
+                    help=f"comma-separated, of {', '.join(kernels.VARIANTS)} (default: all)")
     ap.add_argument("--check", action="store_true",
                     help="exit 1 unless every config compiles without spills and with warpgroup MMAs")
     args = ap.parse_args()
+    unknown = [v for v in args.variants.split(",") if v not in kernels.VARIANTS]
+    if unknown:
+        ap.error(f"--variants: unknown {unknown}; valid: {', '.join(kernels.VARIANTS)}")
     if args.tiles:
-        given = [tuple(int(v) for v in t.split("x")) for t in args.tiles.split(",")]
+        try:
+            given = [tuple(int(v) for v in t.split("x")) for t in args.tiles.split(",")]
+        except ValueError:
+            given = []
+        if not given or any(len(t) != 4 or min(t) < 1 for t in given):
+            ap.error(f"--tiles {args.tiles!r}: expected BBxBHxWARPSxSTAGES,... of positive integers, e.g. 64x64x8x3")
         tiles = {(v, lay): given for v in kernels.VARIANTS for lay in kernels.LAYOUTS}
     else:
         tiles = kernels.TILES

@@ -219,6 +219,11 @@ def main() -> None:
                          "not costed as the fused kernels")
     ap.add_argument("--fp32", action="store_true", help="record without bf16 autocast")
     args = ap.parse_args()
+    unknown = sorted(set(args.only) - set("bd"))
+    if unknown or not args.only:
+        ap.error(f"--only {args.only!r}: valid steps are b and d (e.g. --only bd); unknown: {unknown}")
+    if args.top < 1:
+        ap.error(f"--top must be at least 1, got {args.top}")
     s = dict(tt.SHAPES[args.shape])
     if args.batch:
         s["batch"] = args.batch

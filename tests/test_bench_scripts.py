@@ -67,3 +67,15 @@ def test_every_autotune_config_of_the_kernel_compiles_for_hopper_without_spills(
     from ple_adatt import kernels
 
     assert len(rows) == sum(len(v) for v in kernels.TILES.values())
+
+
+@pytest.mark.parametrize("script,args,message", [
+    ("bench/roofline.py", ["--only", "x"], "--only 'x': valid steps are b and d"),
+    ("bench/kernel_report.py", ["--variants", "fusd"], "--variants: unknown ['fusd']; valid: fused, split"),
+    ("bench/kernel_report.py", ["--tiles", "64x64"], "--tiles '64x64': expected BBxBHxWARPSxSTAGES"),
+    ("bench/train_throughput.py", ["--rounds", "0"], "--rounds and --steps must be at least 1"),
+])
+def test_bench_scripts_refuse_a_mistyped_option_value_in_one_line(script, args, message):
+    """A typo in a value once did nothing and exited 0 (roofline --only) or ended in a traceback."""
+    res = subprocess.run([sys.executable, script, *args], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 2 and message in res.stderr and "Traceback" not in res.stderr
