@@ -13,7 +13,9 @@ DATA ?= $(DEFAULT_DATA)
 DATA_CONFIG ?= configs/data/synthetic.yaml
 TRAIN_CONFIG ?= configs/train/cpu_small.yaml
 ROWS ?= 20000
-OUT ?= runs/train
+# the train run directory: make train writes it, make report reads it (OUT=... on the command
+# line). Not taken from the environment, where OUT is a common name (bench/gpu_session.sh's $$OUT)
+OUT = runs/train
 
 .PHONY: help setup test test-all lint data validate train bench roofline bench-validate adult clean clean-all report \
 	components compile submit run stage images mlflow-ui compare
@@ -141,9 +143,10 @@ images:  ## build the CPU and CUDA images <REGISTRY>/ple-adatt-{cpu,cuda}:<versi
 	DOCKER_BUILDKIT=1 docker build -f docker/Dockerfile.cuda --build-arg VERSION=$(VERSION) --build-arg GIT_COMMIT=$(GIT_COMMIT) -t $(REGISTRY)/ple-adatt-cuda:$(VERSION) .
 	$(if $(PUSH),docker push $(REGISTRY)/ple-adatt-cpu:$(VERSION) && docker push $(REGISTRY)/ple-adatt-cuda:$(VERSION))
 
-report: setup  ## affinity / negative-transfer report of runs/train (OUT=...) and VALIDATE_OUT into REPORT_OUT=runs/report
+REPORT_OUT ?= runs/report
+report: setup  ## affinity / negative-transfer report of the train run OUT (runs/train) and VALIDATE_OUT into REPORT_OUT (runs/report)
 	$(BIN)/ple-adatt report --phase1 $(OUT)/phase1 --phase2 $(OUT)/phase2 --validation $(VALIDATE_OUT) \
-		--out $(or $(REPORT_OUT),runs/report)
+		--out $(REPORT_OUT)
 
 MLFLOW_PORT ?= 5000
 mlflow-ui: setup  ## open the MLflow UI on the local store ./mlflow.db (artifacts ./mlartifacts) at http://127.0.0.1:5000 (MLFLOW_PORT=)
