@@ -260,7 +260,7 @@ class AdaptiveTaskTransfer(nn.Module):
         if epoch >= self.freeze_epoch and not self._frozen:
             self.is_frozen.fill_(True)
             self._frozen = True
-            logger.info("adaTT: transfer weights frozen (epoch %d)", epoch)
+            logger.info("adaTT: transfer weights frozen after epoch %d", epoch + 1)  # 1-based, as the epoch lines
             events.append("adatt_freeze_epoch")
         return events
 
