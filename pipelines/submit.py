@@ -14,7 +14,8 @@ compiled pipeline's inputs, the data and train configs they name (paths inside t
 which holds this repository's ``configs/`` under ``/app``) loaded with the ``--set``
 overrides, ``gx_rows``, and the MLflow tracking URI, which must be a server
 (``http(s)://``): an empty or local one (sqlite, file) would leave every step's MLflow runs
-in its pod, lost when the pod ends (``--allow-local-mlflow`` accepts that). Then one
+in its pod, lost when the pod ends (``--allow-local-mlflow`` accepts that); a malformed one
+(``mlflow:5000``, no scheme) is refused as the stages refuse it, opt-out or not. Then one
 ``GET /apis/v2beta1/healthz`` tells a refused token, a login redirect or a host that is not
 a KFP API apart from an unreachable one. Every failure ends with one line on stderr and
 exit code 2.
@@ -122,6 +123,28 @@ def _is_server(uri: str) -> bool:
     return uri.strip().startswith(("http://", "https://"))
 
 
+def _check_uri_form(uri: str, from_param: bool, train_config: str) -> None:
+    """Refuse a tracking URI that every step would refuse as malformed (``mlflow:5000``, ``htp://...``),
+    whatever --allow-local-mlflow says, with the stages' own check (``ple_adatt.tracking.check_uri``).
+    A sqlite store is left alone: its directory is the pod's, not this machine's."""
+    from ple_adatt.tracking import TrackingError, TrackingTarget, check_uri
+
+    if not uri or uri.lower().startswith("sqlite:"):
+        return
+    if from_param:
+        origin = "the pipeline parameter mlflow_tracking_uri"
+        fix = "pass a tracking server with PARAMS='mlflow_tracking_uri=http://...' (--param mlflow_tracking_uri=...)"
+    else:
+        origin = f"tracking.tracking_uri of {train_config}"
+        fix = f"fix tracking.tracking_uri in {train_config} (or --set tracking.tracking_uri=...)"
+    target = TrackingTarget(uri=uri, experiment="", source="argument", retries=0, retry_wait_s=0.0,
+                            artifact_location=None, origin_note=origin, fix_note=fix)
+    try:
+        check_uri(target)
+    except TrackingError as e:
+        raise SubmitError(str(e)) from None
+
+
 def check_params(params: dict[str, Any], inputs: dict[str, dict[str, Any]], *, allow_local_mlflow: bool = False,
                  root: Path = REPO_ROOT) -> None:
     """Refuse, in one line, run parameters the pipeline would fail on (SubmitError); nothing is sent."""
@@ -159,6 +182,7 @@ def check_params(params: dict[str, Any], inputs: dict[str, dict[str, Any]], *, a
         raise SubmitError(str(e).replace(str(root) + os.sep, "")) from None
     uri = str(value("mlflow_tracking_uri") or "").strip()
     effective = uri or (train_cfg.tracking.tracking_uri or "").strip()
+    _check_uri_form(effective, bool(uri), str(value("train_config")))
     if not _is_server(effective) and train_cfg.tracking.require_server:
         raise SubmitError(f"{value('train_config')} sets tracking.require_server: true, so every step would refuse "
                           f"the tracking URI {effective!r}; pass a tracking server with "

@@ -348,3 +348,35 @@ def test_the_dataset_given_twice_with_different_values_is_refused(stub, package,
         capsys.readouterr()
     (run,) = _calls(stub, "POST", "/apis/v2beta1/runs")
     assert json.loads(run["body"])["runtime_config"]["parameters"]["data_uri"] == "s3://b/d.parquet"
+
+
+@pytest.mark.parametrize(("uri", "why"), [
+    ("mlflow:5000", "it is a host and port without a scheme (did you mean http://mlflow:5000?)"),
+    ("htp://mlflow:5000", "'htp' is not a scheme MLflow can track to"),
+])
+def test_a_malformed_tracking_uri_is_refused_as_such_even_with_allow_local_mlflow(stub, package, capsys, uri, why):
+    """It used to be taken for a store inside the pods, which --allow-local-mlflow let through:
+    every step would then have refused it on the cluster."""
+    base = ["--package", str(package), "--host", _host(stub), "--token", TOKEN, "--data-uri", "s3://b/d",
+            "--param", "train_config=configs/train/cpu_small.yaml", "--param", f"mlflow_tracking_uri={uri}"]
+    for extra in ([], ["--allow-local-mlflow"], ["--allow-local-mlflow", "--set", "tracking.require_server=false"]):
+        assert submit_main([*base, *extra]) == 2
+        err = capsys.readouterr().err.strip()
+        assert "\n" not in err and err.startswith(f"submit: error: MLflow tracking URI {uri!r} (from the pipeline "
+                                                  "parameter mlflow_tracking_uri) cannot be used: "), err
+        assert why in err and "inside each step's pod" not in err, err
+    assert stub.state["requests"] == []
+
+
+def test_a_malformed_tracking_uri_of_the_train_config_is_refused_naming_the_config(tmp_path):
+    from pipelines.pipeline import compile_pipeline
+    from pipelines.submit import SubmitError, check_params, pipeline_inputs
+
+    inputs = pipeline_inputs(compile_pipeline(str(tmp_path / "p.yaml")))
+    with pytest.raises(SubmitError, match=r"'localhost:5000' \(from tracking.tracking_uri of "
+                                          r"configs/train/cpu_small.yaml\) cannot be used: it is a host and port"):
+        check_params({"data_uri": "s3://b/d", "train_config": "configs/train/cpu_small.yaml",
+                      "overrides": ["tracking.tracking_uri=localhost:5000"]}, inputs, allow_local_mlflow=True)
+    # a sqlite store's directory is the pod's, not this machine's: not checked here
+    check_params({"data_uri": "s3://b/d", "train_config": "configs/train/cpu_small.yaml",
+                  "mlflow_tracking_uri": "sqlite:////nowhere/here/mlflow.db"}, inputs, allow_local_mlflow=True)
