@@ -10,8 +10,8 @@ are Kubernetes settings and do nothing locally. Each step's output goes to
 ``runs/local/.<pid>.pipeline.log`` while the run goes (the path is printed first; ``tail -f`` it),
 which moves to ``runs/local/ple-adatt-<timestamp>/pipeline.log`` when it ends; the terminal gets the step progress (each
 step's start and end, with times), a failed step's own error line, and a summary. The train
-and data configs (with ``--set``) are checked before anything runs. MLflow defaults to the
-project's sqlite store (``$MLFLOW_TRACKING_URI`` wins).
+and data configs (with ``--set``) and the tracking URI are checked before anything runs. MLflow
+defaults to the project's sqlite store (``$MLFLOW_TRACKING_URI`` wins).
 
 Ctrl-C stops the run in one line (exit 130): the running step gets the same SIGINT and marks
 its MLflow run KILLED, the run directory gets its ``run.json`` (``"status": "interrupted"``,
@@ -170,14 +170,33 @@ def _wait_for_steps(grace_s: float = 10.0) -> None:
         time.sleep(0.1)
 
 
-def _check_configs(params: dict[str, Any]) -> None:
-    """The configs (and --set) fail here, in one line, before kfp.local starts a step."""
+def _check_configs(params: dict[str, Any]) -> Any:
+    """The configs (and --set) fail here, in one line, before kfp.local starts a step; the train config."""
     from ple_adatt.config import ConfigError, load_data_config, load_train_config
 
     try:
-        load_train_config(params["train_config"], params["overrides"], data=load_data_config(params["data_config"]))
+        return load_train_config(params["train_config"], params["overrides"],
+                                 data=load_data_config(params["data_config"]))
     except ConfigError as e:
         raise LocalRunError(str(e)) from None
+
+
+def _check_tracking(train_cfg: Any, uri: str, origin: str, fix: str) -> None:
+    """The tracking URI fails here, in one line naming where it came from, as every step's
+    tracking would refuse it (a host and port without a scheme, a sqlite store in a directory
+    that does not exist, a local store under ``tracking.require_server``): the stages' own
+    checks, before any step runs or a run directory is made. Moot when the steps track nothing."""
+    from ple_adatt.stages.common import no_tracking_env
+    from ple_adatt.tracking import ORIGIN_ENV, TrackingError, check_uri, origin_env, resolve_target, restored_environ
+
+    if no_tracking_env():
+        return
+    with restored_environ("MLFLOW_TRACKING_URI", ORIGIN_ENV):
+        os.environ.update(origin_env(uri, origin, fix))  # what the steps get
+        try:
+            check_uri(resolve_target(train_cfg.tracking))
+        except TrackingError as e:
+            raise LocalRunError(str(e)) from None
 
 
 def default_tracking_uri() -> str:
@@ -257,7 +276,7 @@ def run_locally(
         "mlflow_tracking_uri": uri,
         "gx_rows": gx_rows,
     }
-    _check_configs(params)
+    _check_tracking(_check_configs(params), uri, origin, fix)
     pipeline = _load_pipeline(package)
     root = Path(root).resolve()
     root.mkdir(parents=True, exist_ok=True)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -394,3 +395,52 @@ def test_the_summary_of_an_untracked_run_names_no_store(tmp_path):
                               "mlflow_tracking_uri": "sqlite:////x/mlflow.db"})
     text = summarize_run(tmp_path)
     assert "MLflow: not tracked (PLE_ADATT_NO_TRACKING=1)" in text and "mlflow ui" not in text
+
+
+@pytest.mark.parametrize(("env", "explicit", "origin"), [
+    ("localhost:5000", None, "$MLFLOW_TRACKING_URI"),
+    (None, "localhost:5000", "--mlflow-tracking-uri"),
+])
+def test_a_malformed_tracking_uri_fails_before_any_step_runs(tmp_path, monkeypatch, env, explicit, origin):
+    """make run MLFLOW_TRACKING_URI=localhost:5000 used to fail in its first step, leaving a failed
+    run directory whose run.json then carried the bad URI into make stage."""
+    from ple_adatt.data.synthetic import write_parquet
+
+    data = write_parquet(tmp_path / "tiny.parquet", rows=300, seed=1)
+    monkeypatch.delenv("PLE_ADATT_NO_TRACKING", raising=False)
+    if env is None:
+        monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    else:
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", env)
+    with pytest.raises(LocalRunError, match=rf"'localhost:5000' \(from {re.escape(origin)}\) cannot be used: it is a "
+                                            r"host and port without a scheme \(did you mean http://localhost:5000\?\)"):
+        run_locally(data=data, root=tmp_path / "runs", mlflow_tracking_uri=explicit)
+    assert not (tmp_path / "runs").exists()
+
+
+def test_a_tracking_uri_the_stages_would_refuse_fails_before_any_step_runs(tmp_path, monkeypatch):
+    from ple_adatt.data.synthetic import write_parquet
+
+    import pipelines.local as local
+
+    data = write_parquet(tmp_path / "tiny.parquet", rows=300, seed=1)
+    monkeypatch.delenv("PLE_ADATT_NO_TRACKING", raising=False)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    with pytest.raises(LocalRunError, match=r"the directory .*missing-dir.* does not exist"):
+        run_locally(data=data, root=tmp_path / "runs",
+                    mlflow_tracking_uri=f"sqlite:///{tmp_path / 'missing-dir' / 'mlflow.db'}")
+    with pytest.raises(LocalRunError, match=r"tracking.require_server is true .* \(from --mlflow-tracking-uri\)"):
+        run_locally(data=data, root=tmp_path / "runs", overrides=["tracking.require_server=true"],
+                    mlflow_tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    assert not (tmp_path / "runs").exists()
+
+    def reached(package):  # past the pre-checks: the pipeline would run now
+        raise LocalRunError("pre-checks passed")
+
+    monkeypatch.setattr(local, "_load_pipeline", reached)
+    monkeypatch.setenv("PLE_ADATT_NO_TRACKING", "1")  # the steps track nothing: their URI is not used
+    with pytest.raises(LocalRunError, match="pre-checks passed"):
+        run_locally(data=data, root=tmp_path / "runs", mlflow_tracking_uri="localhost:5000")
+    monkeypatch.delenv("PLE_ADATT_NO_TRACKING")
+    with pytest.raises(LocalRunError, match="pre-checks passed"):
+        run_locally(data=data, root=tmp_path / "runs", mlflow_tracking_uri="http://127.0.0.1:1")
