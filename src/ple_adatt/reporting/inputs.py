@@ -198,26 +198,40 @@ def _show(v: Any) -> str:
     return json.dumps(v, sort_keys=True) if isinstance(v, (dict, list)) else repr(v)
 
 
+def provenance_difference(a: dict[str, Any], b: dict[str, Any]
+                          ) -> tuple[list[str], list[str], tuple[str, str] | None]:
+    """Compare two :func:`loss_provenance` records key by key (``PROVENANCE_KEYS`` order).
+
+    Returns (keys found equal, keys only one side records, the first differing key with what
+    it is, e.g. ``("max_rows", "train_config.max_rows")``, or None). Shared by ``report
+    --baselines`` and ``ple-adatt compare``, so both refuse the same differences.
+    """
+    checked, missing = [], []
+    for key in PROVENANCE_KEYS:
+        if key not in a and key not in b:
+            continue
+        if key not in a or key not in b:
+            missing.append(key)
+            continue
+        if a[key] != b[key]:
+            return checked, missing, (key, WHAT.get(key, f"the {a.get('loss', b.get('loss'))} loss parameter {key}"))
+        checked.append(key)
+    return checked, missing, None
+
+
 def _check_provenance(source: str, task: str, phase: str, base: dict[str, Any],
                       joint: tuple[Path, dict[str, Any]]) -> tuple[list[str], list[str]]:
     """Refuse a baseline whose loss is not comparable; return (keys checked, keys unrecorded)."""
     jdir, jman = joint
     want = loss_provenance(jman, task)
-    checked, missing = [], []
-    for key in PROVENANCE_KEYS:
-        if key not in base and key not in want:
-            continue
-        if key not in base or key not in want:
-            missing.append(key)
-            continue
-        if base[key] != want[key]:
-            what = WHAT.get(key, f"the {base.get('loss', want.get('loss'))} loss parameter {key}")
-            raise ArtifactError(
-                f"--baselines {source}: task {task!r} is not comparable with --{phase} {jdir}: `{key}` "
-                f"({what}) is {_show(base[key])} in the baseline, {_show(want[key])} in the joint run; TCI "
-                "needs baselines trained on the same data and split with the same loss definition (e.g. "
-                "`ple-adatt compare` with the joint run's data and config)")
-        checked.append(key)
+    checked, missing, diff = provenance_difference(base, want)
+    if diff is not None:
+        key, what = diff
+        raise ArtifactError(
+            f"--baselines {source}: task {task!r} is not comparable with --{phase} {jdir}: `{key}` "
+            f"({what}) is {_show(base[key])} in the baseline, {_show(want[key])} in the joint run; TCI "
+            "needs baselines trained on the same data and split with the same loss definition (e.g. "
+            "`ple-adatt compare` with the joint run's data and config)")
     return checked, missing
 
 
