@@ -187,7 +187,14 @@ def _check_tracking(train_cfg: Any, uri: str, origin: str, fix: str) -> None:
     that does not exist, a local store under ``tracking.require_server``): the stages' own
     checks, before any step runs or a run directory is made. Moot when the steps track nothing."""
     from ple_adatt.stages.common import no_tracking_env
-    from ple_adatt.tracking import ORIGIN_ENV, TrackingError, check_uri, origin_env, resolve_target, restored_environ
+    from ple_adatt.tracking import (
+        ORIGIN_ENV,
+        TrackingError,
+        check_uri,
+        origin_env,
+        resolve_target,
+        restored_environ,
+    )
 
     if no_tracking_env():
         return

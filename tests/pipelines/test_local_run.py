@@ -419,9 +419,8 @@ def test_a_malformed_tracking_uri_fails_before_any_step_runs(tmp_path, monkeypat
 
 
 def test_a_tracking_uri_the_stages_would_refuse_fails_before_any_step_runs(tmp_path, monkeypatch):
-    from ple_adatt.data.synthetic import write_parquet
-
     import pipelines.local as local
+    from ple_adatt.data.synthetic import write_parquet
 
     data = write_parquet(tmp_path / "tiny.parquet", rows=300, seed=1)
     monkeypatch.delenv("PLE_ADATT_NO_TRACKING", raising=False)
