@@ -11,9 +11,16 @@ from __future__ import annotations
 
 import argparse
 import sys
+from typing import Any
 
 try:
-    from .pipeline import PipelineOptions, StepResources, TrainingResources, compile_pipeline
+    from .pipeline import (
+        PipelineOptions,
+        StepResources,
+        TrainingResources,
+        compile_pipeline,
+        quantity_error,
+    )
 except KeyboardInterrupt:  # make run starts here: Ctrl-C in its first seconds lands in kfp's import
     print("compile: interrupted (Ctrl-C)", file=sys.stderr)
     raise SystemExit(130) from None
@@ -34,18 +41,31 @@ def options_from_args(args: argparse.Namespace) -> PipelineOptions:
     )
 
 
+def _quantity(kind: str) -> Any:
+    """An argparse ``type``: a Kubernetes ``kind`` quantity, refused at parsing as ``argument --opt: 'x' is not ...``."""
+    def check(value: str) -> str:
+        why = quantity_error(kind, value)
+        if why:
+            raise argparse.ArgumentTypeError(why)
+        return value
+
+    check.__name__ = f"{kind} quantity"
+    return check
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     d, t = PipelineOptions(), TrainingResources()
+    memory, cpu = _quantity("memory"), _quantity("cpu")
     parser.add_argument("--out", default=DEFAULT_OUT, help=f"IR YAML to write (default {DEFAULT_OUT})")
     parser.add_argument("--registry", help="image registry (default $PLE_ADATT_REGISTRY, else ghcr.io/ple-adatt)")
     parser.add_argument("--no-gpu", action="store_true", help="train on CPU nodes: CPU image, no accelerator request")
     parser.add_argument("--accelerator-type", default=t.accelerator_type, help=f"default {t.accelerator_type}")
     parser.add_argument("--gpus", type=int, default=t.accelerators, help="GPUs per training step (default 1)")
-    parser.add_argument("--cpu", default=t.cpu, help=f"CPU request and limit of a training step (default {t.cpu})")
-    parser.add_argument("--memory", default=t.memory, help=f"memory of a training step (default {t.memory})")
-    parser.add_argument("--shm-size", default=t.shm_size, help=f"memory-backed /dev/shm size (default {t.shm_size})")
-    parser.add_argument("--step-cpu", default=d.cpu_step.cpu, help="CPU of validate/report/register (default 2)")
-    parser.add_argument("--step-memory", default=d.cpu_step.memory, help="memory of validate/report/register (default 8Gi)")
+    parser.add_argument("--cpu", default=t.cpu, type=cpu, help=f"CPU request and limit of a training step (default {t.cpu})")
+    parser.add_argument("--memory", default=t.memory, type=memory, help=f"memory of a training step (default {t.memory})")
+    parser.add_argument("--shm-size", default=t.shm_size, type=memory, help=f"memory-backed /dev/shm size (default {t.shm_size})")
+    parser.add_argument("--step-cpu", default=d.cpu_step.cpu, type=cpu, help="CPU of validate/report/register (default 2)")
+    parser.add_argument("--step-memory", default=d.cpu_step.memory, type=memory, help="memory of validate/report/register (default 8Gi)")
     parser.add_argument("--retries", type=int, default=d.retries, help="retries of a failed step (default 2)")
     parser.add_argument("--cache-training", action="store_true", help="let KFP reuse training outputs for equal inputs")
     parser.add_argument("--cache-validate", action="store_true",
@@ -54,8 +74,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from ple_adatt.cli import refuse_unknown_options  # stdlib only at import
+
     parser = argparse.ArgumentParser(prog="python -m pipelines.compile", description=__doc__.splitlines()[0])
     add_arguments(parser)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    refuse_unknown_options(parser, argv)  # --no-gpus: "did you mean --no-gpu?"
     args = parser.parse_args(argv)
     try:
         opts = options_from_args(args)

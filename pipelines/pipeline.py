@@ -19,6 +19,7 @@ never is (each run registers its model version).
 """
 
 
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -37,6 +38,38 @@ TASKS = ("validate", "train-phase1", "train-phase2", "report", "register")
 DATASET_TASK = "importer"
 
 
+#: a memory quantity both kfp (its ``set_memory_*`` check) and Kubernetes take: an integer with an
+#: optional binary (Ki..Ei) or decimal (M..E) suffix; kfp refuses Kubernetes' ``k``, Kubernetes kfp's ``K``
+_MEMORY = re.compile(r"[0-9]+(Ki|Mi|Gi|Ti|Pi|Ei|M|G|T|P|E)?")
+_MEMORY_LIKE = re.compile(r"([0-9]+)\s*([kmgtpe])(?:i?b?)", re.IGNORECASE)  # 16GB, 512mb, 8 gib: meant 16Gi, ...
+#: a CPU quantity (kfp's check): cores (8, 0.5) or millicores (500m)
+_CPU = re.compile(r"([0-9]*[.])?[0-9]+m?")
+
+
+def quantity_error(kind: str, value: str) -> str | None:
+    """Why ``value`` is no Kubernetes ``kind`` ("memory" or "cpu") quantity a step can ask for; None if it is one."""
+    value = str(value)
+    if kind == "cpu":
+        if _CPU.fullmatch(value) and float(value.rstrip("m")) > 0:
+            return None
+        return (f"{value!r} is not a Kubernetes CPU quantity: a positive number of cores or millicores, "
+                "e.g. 8, 0.5 or 500m")
+    if _MEMORY.fullmatch(value) and int(value.rstrip("KMGTPEi")) > 0:
+        return None
+    hint = ""
+    if m := _MEMORY_LIKE.fullmatch(value.strip()):
+        hint = f" (did you mean {m.group(1)}{m.group(2).upper()}i?)"
+    return (f"{value!r} is not a Kubernetes memory quantity{hint}: a positive integer with an optional suffix Ki, Mi, "
+            "Gi, Ti (powers of 1024) or M, G, T (powers of 1000), e.g. 16Gi")
+
+
+def _check_quantities(obj: Any, fields: dict[str, str]) -> None:
+    for name, kind in fields.items():
+        value = getattr(obj, name)
+        if value is not None and (why := quantity_error(kind, value)):
+            raise ValueError(f"{name} {why}")
+
+
 @dataclass(frozen=True)
 class StepResources:
     """Kubernetes requests/limits of one step (quantities as Kubernetes writes them)."""
@@ -45,6 +78,9 @@ class StepResources:
     memory: str
     cpu_limit: str | None = None
     memory_limit: str | None = None
+
+    def __post_init__(self) -> None:
+        _check_quantities(self, {"cpu": "cpu", "memory": "memory", "cpu_limit": "cpu", "memory_limit": "memory"})
 
 
 @dataclass(frozen=True)
@@ -59,6 +95,7 @@ class TrainingResources:
     shm_size: str = "8Gi"  # the memory-backed /dev/shm emptyDir
 
     def __post_init__(self) -> None:
+        _check_quantities(self, {"cpu": "cpu", "memory": "memory", "shm_size": "memory"})
         if self.gpu and self.accelerators < 1:
             raise ValueError(f"accelerators must be >= 1 with a GPU, got {self.accelerators}; "
                              "pass --no-gpu for a CPU-only cluster")
