@@ -10,9 +10,10 @@ step over the collected Phase 2 checkpoints.
 
 Same components, images and placement as the main pipeline (``pipelines/pipeline.py``, which
 this module leaves unchanged). Strategies, single-task baselines and seeds are compile-time
-lists (the baselines default to every task of ``--data-config``; ``--single-tasks none`` drops
-them); the data and configs are run-time parameters, and a baseline task must be trainable
-under the run's data config and validation result.
+lists (the baselines default to every task of ``--data-config``, and ``--single-tasks`` must
+name tasks of it; ``--single-tasks none`` drops them); the data and configs are run-time
+parameters, and a baseline task must be trainable under the run's data config and validation
+result.
 
 Seeds: without ``--seeds`` every branch trains at the train config's ``seed`` (``seed=<n>``
 in ``overrides`` picks another) and the comparison page carries the one-seed caveat. With
@@ -54,6 +55,26 @@ def tasks_of(data_config: str) -> list[str]:
     return load_data_config(data_config).task_names
 
 
+def check_single_tasks(tasks: list[str], data_config: str = DEFAULT_DATA_CONFIG) -> list[str]:
+    """``--single-tasks``: each a task of ``data_config`` (the tasks ``ple-adatt compare --tasks``
+    checks against), once; ValueError naming the valid tasks and the closest one otherwise."""
+    import difflib
+
+    valid = tasks_of(data_config)
+    bad = [t for t in tasks if t not in valid]
+    if bad:
+        def named(t: str) -> str:
+            close = difflib.get_close_matches(t, valid, n=1)
+            return f"{t!r}" + (f" (did you mean {close[0]!r}?)" if close else "")
+
+        raise ValueError(f"--single-tasks: unknown task{'s' if len(bad) > 1 else ''} {', '.join(map(named, bad))} "
+                         f"in {data_config}; tasks: {', '.join(valid)}")
+    twice = next((t for i, t in enumerate(tasks) if t in tasks[:i]), None)
+    if twice is not None:
+        raise ValueError(f"--single-tasks: {twice!r} is named twice")
+    return list(tasks)
+
+
 def parse_seeds(text: str | None) -> list[int] | None:
     """``--seeds``: a count N (seeds 0..N-1) or a comma-separated list, checked as ``ple-adatt
     compare --seeds`` checks it (ValueError with its message); None when not given."""
@@ -76,10 +97,12 @@ def seed_items(names: list[str], key: str, seeds: list[int]) -> list[dict[str, s
 def build_compare_pipeline(strategies: list[str] | tuple[str, ...] = DEFAULT_STRATEGIES,
                            options: PipelineOptions | None = None,
                            single_tasks: list[str] | None = None,
-                           seeds: list[int] | None = None) -> Any:
+                           seeds: list[int] | None = None,
+                           data_config: str = DEFAULT_DATA_CONFIG) -> Any:
     """The compare pipeline for ``strategies`` (validated against the package's names) and
-    single-task baselines of ``single_tasks`` (default: every task of the synthetic config);
-    ``seeds``: train every strategy and baseline under each (None: one run at the config's seed)."""
+    single-task baselines of ``single_tasks`` (default: every task of ``data_config``; each must
+    be one of its tasks); ``seeds``: train every strategy and baseline under each (None: one run
+    at the config's seed)."""
     from ple_adatt.config import STRATEGY_NAMES
 
     bad = [s for s in strategies if s not in STRATEGY_NAMES]
@@ -88,7 +111,7 @@ def build_compare_pipeline(strategies: list[str] | tuple[str, ...] = DEFAULT_STR
     if seeds is not None:
         seeds = parse_seeds(",".join(map(str, seeds)) + ",")  # the CLI's checks: range, duplicates, empty
     opts = options or PipelineOptions()
-    singles = list(tasks_of(DEFAULT_DATA_CONFIG) if single_tasks is None else single_tasks)
+    singles = tasks_of(data_config) if single_tasks is None else check_single_tasks(list(single_tasks), data_config)
     items: list[Any] = list(strategies) if seeds is None else seed_items(list(strategies), "strategy", seeds)
     single_items: list[Any] = singles if seeds is None else seed_items(singles, "only_tasks", seeds)
     what = "" if seeds is None else f" x seeds {','.join(map(str, seeds))}"
@@ -155,13 +178,13 @@ def build_compare_pipeline(strategies: list[str] | tuple[str, ...] = DEFAULT_STR
 
 def compile_compare_pipeline(path: str, strategies: list[str] | tuple[str, ...] = DEFAULT_STRATEGIES,
                              options: PipelineOptions | None = None, single_tasks: list[str] | None = None,
-                             seeds: list[int] | None = None) -> str:
+                             seeds: list[int] | None = None, data_config: str = DEFAULT_DATA_CONFIG) -> str:
     from pathlib import Path
 
     from kfp import compiler
 
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    compiler.Compiler().compile(build_compare_pipeline(strategies, options, single_tasks, seeds),
+    compiler.Compiler().compile(build_compare_pipeline(strategies, options, single_tasks, seeds, data_config),
                                 package_path=str(path))
     return str(path)
 
@@ -179,6 +202,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="train every strategy and baseline under several seeds, as `ple-adatt compare --seeds`: "
                              "a count N (seeds 0..N-1) or a comma-separated list; the comparison then shows mean ± sd "
                              "and paired 95%% intervals. Default: one run at the train config's seed")
+    from ple_adatt.cli import refuse_unknown_options  # stdlib only at import
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    refuse_unknown_options(parser, argv)  # --strategy: "did you mean --strategies?"
     args = parser.parse_args(argv)
     strategies = [s.strip() for s in args.strategies.split(",") if s.strip()]
     try:
@@ -189,7 +216,8 @@ def main(argv: list[str] | None = None) -> int:
         else:
             singles = [t.strip() for t in args.single_tasks.split(",") if t.strip()]
         seeds = parse_seeds(args.seeds)
-        path = compile_compare_pipeline(args.out, strategies, PipelineOptions(registry=args.registry), singles, seeds)
+        path = compile_compare_pipeline(args.out, strategies, PipelineOptions(registry=args.registry), singles, seeds,
+                                        args.data_config)
     except ValueError as e:
         print(f"compare_pipeline: error: {e}", file=sys.stderr)
         return 2
