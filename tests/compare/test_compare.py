@@ -133,6 +133,127 @@ def test_compare_report_only_from_existing_runs(synthetic, tmp_path):
     first = json.loads((synthetic / "compare.json").read_text())
     assert [s["name"] for s in r["strategies"]] == ["adatt", "mgda"]
     assert r["strategies"][1]["delta_m"] == pytest.approx(first["strategies"][4]["delta_m"])
+    # runs and baselines of one compare are comparable: nothing refused, nothing to warn about
+    assert r["warnings"] == [] and "Warning:" not in (out / "compare.md").read_text()
+
+
+# ------------------------------------- report only: the runs and baselines must be comparable
+
+
+def _copy_run(src: Path, dst: Path, edit) -> Path:
+    """A copy of a compare run whose phase1 and phase2 manifests ``edit`` changes in place."""
+    import shutil
+
+    shutil.copytree(src, dst)
+    for m in dst.glob("phase*/manifest.json"):
+        man = json.loads(m.read_text())
+        edit(man)
+        m.write_text(json.dumps(man))
+    return dst
+
+
+def _refused_compare(capsys, out: Path, *argv: str) -> str:
+    capsys.readouterr()
+    assert main(["compare", "--no-tracking", "--out", str(out), *argv]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1, err
+    assert not out.exists()
+    return err
+
+
+@pytest.fixture(scope="module")
+def all_rows_run(synthetic, tmp_path_factory):
+    """A real joint run on every row (max_rows null), as `make train` makes it, of the fixture's
+    tasks: not comparable with the fixture's runs and baselines (max_rows 1500)."""
+    d = tmp_path_factory.mktemp("all-rows")
+    data = next(synthetic.parent.glob("syn.parquet"))
+    assert main(["train-phase1", "--no-tracking", "--data", str(data), "--data-config",
+                 str(ROOT / "configs/data/synthetic.yaml"), "--config", str(TINY), "--out", str(d / "run" / "phase1"),
+                 "--only-tasks", ",".join(SYN_TASKS), "--set", "max_rows=null",
+                 "--set", "training.shared_expert_epochs=1"]) == 0
+    return d / "run"
+
+
+def test_report_only_refuses_baselines_of_another_max_rows(synthetic, all_rows_run, tmp_path, capsys):
+    """The audit's case: a joint run on all rows against compare_tiny's baselines (max_rows 1500)
+    is refused in one line naming both runs, the key and both values, as `report --baselines` does."""
+    err = _refused_compare(capsys, tmp_path / "cmp", "--runs", f"adatt={all_rows_run}",
+                           "--singles", str(synthetic / "single_task"))
+    assert f"single-task baseline 'churn' ({synthetic / 'single_task/churn/phase2'}) is not comparable with " \
+           f"run 'adatt' ({all_rows_run / 'phase1'}): `max_rows` (train_config.max_rows) is 1500 in the baseline, " \
+           "None in the run" in err
+    # report refuses the same baselines with the same key and values
+    assert "`max_rows` (train_config.max_rows) is 1500 in the baseline, None in the joint run" in \
+        _report_refusal(synthetic, all_rows_run, capsys, tmp_path)
+
+
+def _report_refusal(synthetic: Path, run: Path, capsys, tmp_path: Path) -> str:
+    from ple_adatt.artifacts import ArtifactError
+
+    man = json.loads((run / "phase1" / "manifest.json").read_text())
+    with pytest.raises(ArtifactError) as e:
+        load_baselines(synthetic / "single_task", SYN_TASKS, joint={"phase2": (run / "phase1", man)})
+    return str(e.value)
+
+
+def test_report_only_refuses_runs_that_differ_from_each_other(synthetic, all_rows_run, tmp_path, capsys):
+    err = _refused_compare(capsys, tmp_path / "cmp", "--runs", f"adatt={synthetic / 'runs/adatt'}",
+                           "--runs", f"pcgrad={all_rows_run}")
+    assert f"run 'pcgrad' ({all_rows_run / 'phase1'}) is not comparable with run 'adatt' " \
+           f"({synthetic / 'runs/adatt/phase2'}): `max_rows` (train_config.max_rows) is None in 'pcgrad', 1500 in " \
+           "'adatt'" in err
+
+    def focal(man):
+        man["train_config"].setdefault("tasks", {}).setdefault("ctr", {})["loss"] = "focal"
+
+    other = _copy_run(synthetic / "runs/mgda", tmp_path / "mgda-focal", focal)
+    err = _refused_compare(capsys, tmp_path / "cmp", "--runs", f"adatt={synthetic / 'runs/adatt'}",
+                           "--runs", f"mgda={other}", "--singles", str(synthetic / "single_task"))
+    assert f"run 'mgda' ({other / 'phase2'}) is not comparable with run 'adatt'" in err
+    assert "`loss` (the loss of task 'ctr') is 'focal' in 'mgda', 'bce' in 'adatt'" in err
+
+    def fewer_tasks(man):
+        man["tasks"] = man["tasks"][:-1]
+
+    other = _copy_run(synthetic / "runs/mgda", tmp_path / "mgda-4", fewer_tasks)
+    err = _refused_compare(capsys, tmp_path / "cmp", "--runs", f"adatt={synthetic / 'runs/adatt'}",
+                           "--runs", f"mgda={other}")
+    assert f"run 'mgda' ({other / 'phase2'}) is not comparable with run 'adatt'" in err
+    assert "it trains tasks ['ctr', 'cvr', 'churn', 'ltv'], 'adatt' trains ['ctr', 'cvr', 'churn', 'ltv', 'nba']" in err
+
+
+def test_report_only_allows_what_a_comparison_varies_and_warns_about_training(synthetic, tmp_path, capsys):
+    """Strategy, transfer.* and seed may differ; another training schedule is a warning (as
+    `report --baselines` warns), shown on stderr and on both pages."""
+
+    def varied(man):
+        man["train_config"]["seed"] = 7
+        man["train_config"]["transfer"]["mgda"] = {"on": "representation"}
+        man["train_config"]["training"]["shared_expert_epochs"] = 5
+
+    other = _copy_run(synthetic / "runs/mgda", tmp_path / "mgda-5", varied)
+    out = tmp_path / "cmp"
+    capsys.readouterr()
+    assert main(["compare", "--no-tracking", "--out", str(out), "--runs", f"adatt={synthetic / 'runs/adatt'}",
+                 "--runs", f"mgda={other}", "--singles", str(synthetic / "single_task")]) == 0
+    err = capsys.readouterr().err
+    warning = ("run 'mgda' was trained differently from run 'adatt' (mgda vs adatt): training.shared_expert_epochs "
+               "5 vs 2; the comparison then also reflects these differences")
+    assert warning in err and "seed" not in err and "transfer" not in err
+    r = json.loads((out / "compare.json").read_text())
+    assert r["warnings"] == [warning]
+    assert f"> **Warning: {warning}.**" in (out / "compare.md").read_text()
+    assert "input-warning" in (out / "compare.html").read_text()
+
+
+def test_compare_refuses_training_options_with_runs(synthetic, tmp_path, capsys):
+    """--data (and the other training options) with --runs would be ignored: refused, as --seeds is."""
+    err = _refused_compare(capsys, tmp_path / "cmp", "--runs", f"adatt={synthetic / 'runs/adatt'}",
+                           "--data", str(synthetic.parent / "syn.parquet"))
+    assert "--data: only used to train new runs; with --runs (report only) nothing trains" in err
+    err = _refused_compare(capsys, tmp_path / "cmp", "--runs", f"adatt={synthetic / 'runs/adatt'}",
+                           "--config", str(TINY), "--set", "seed=1", "--strategies", "adatt")
+    assert "--config, --set, --strategies: only used to train new runs" in err and "drop them" in err
 
 
 def test_compare_rejects_unknown_strategies_and_missing_inputs(tmp_path, capsys):

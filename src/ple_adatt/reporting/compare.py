@@ -38,7 +38,7 @@ from ..metrics import PRIMARY_METRIC
 from .analysis import tci
 
 __all__ = ["COMPARE_SCHEMA_VERSION", "compare_numbers", "delta_m", "paired_difference", "pareto_front",
-           "render_markdown", "render_html", "read_run", "read_runs", "t_quantile_975"]
+           "render_markdown", "render_html", "read_run", "read_runs", "t_quantile_975", "check_comparable"]
 
 #: 2: several seeds per strategy (``seeds``, mean / sd, paired comparisons, median timings);
 #: 3: ``ranking`` (order by mean delta-m with each strategy's verdict against the reference)
@@ -108,6 +108,97 @@ def read_runs(path: str | Path) -> list[dict[str, Any]]:
     p = Path(path)
     seeded = sorted((d for d in p.glob("seed-*") if d.is_dir()), key=lambda d: d.name) if p.is_dir() else []
     return [read_run(d) for d in seeded] if seeded else [read_run(p)]
+
+
+#: provenance keys that belong to the run, not to one task
+RUN_KEYS = ("data_hash", "split", "max_rows")
+COMPARABLE_HINT = ("the strategy, `transfer.*` and the seed may differ; differences in how a run was trained "
+                   "(`model`, `training`) are warnings")
+
+
+def _where(role: str, name: str, man: dict[str, Any]) -> str:
+    return f"{role} {name!r} ({man.get('_dir')})"
+
+
+def check_comparable(runs: dict[str, list[dict[str, Any]]],
+                     singles: dict[str, list[dict[str, Any]]] | None = None) -> list[str]:
+    """Refuse runs whose numbers cannot be compared; return warnings for what only differs in training.
+
+    ``runs``: strategy -> checkpoint manifests (one per seed); ``singles``: task -> single-task
+    manifests. Every run must train the same tasks as the first one, and every run and every
+    single-task baseline must agree with every run on what the validation losses and metrics
+    depend on (:func:`~ple_adatt.reporting.inputs.loss_provenance`: data hash, split,
+    ``max_rows``, target spec, loss and its parameters), the same check ``ple-adatt report
+    --baselines`` applies. The strategy, ``transfer.*`` and the seed may differ (they are what
+    a comparison varies); other ``model`` / ``training`` differences (epochs, learning rate,
+    ...) are returned as warnings, as ``report --baselines`` warns about them.
+    """
+    from .inputs import _show, _training_diffs, loss_provenance, provenance_difference
+
+    every = [(name, man) for name, ms in runs.items() for man in ms]
+    if not every:
+        return []
+    ref_name, ref = every[0]
+
+    def refuse(this: str, that: str, key: str, what: str, a: Any, b: Any, la: str, lb: str, why: str) -> None:
+        raise ArtifactError(f"{this} is not comparable with {that}: `{key}` ({what}) is {_show(a)} in {la}, "
+                            f"{_show(b)} in {lb}; {why}")
+
+    run_why = ("compare runs trained on the same data, split, max_rows, tasks and loss definitions ("
+               + COMPARABLE_HINT + ")")
+    base_why = ("delta-m and TCI need single-task baselines trained on the same data, split and max_rows with the "
+                "same loss definitions as the runs (e.g. `ple-adatt compare` with the runs' data and config; "
+                + COMPARABLE_HINT + ")")
+    # every run against every other: same tasks, same loss provenance per task
+    for i, (name, man) in enumerate(every):
+        for oname, oman in every[:i]:
+            this, that = _where("run", name, man), _where("run", oname, oman)
+            if list(man.get("tasks") or []) != list(oman.get("tasks") or []):
+                raise ArtifactError(f"{this} is not comparable with {that}: it trains tasks {list(man.get('tasks') or [])}"
+                                    f", {oname!r} trains {list(oman.get('tasks') or [])}; {run_why}")
+            for t in man.get("tasks") or []:
+                a, b = loss_provenance(man, t), loss_provenance(oman, t)
+                diff = provenance_difference(a, b)[2]
+                if diff:
+                    key, what = diff
+                    la, lb = (repr(name), repr(oname)) if name != oname else (man.get("_dir"), oman.get("_dir"))
+                    refuse(this, that, key, what if key in RUN_KEYS else f"{what} of task {t!r}", a[key], b[key],
+                           str(la), str(lb), run_why)
+    # every single-task baseline against every run
+    for t, ms in (singles or {}).items():
+        for bman in ms:
+            b = loss_provenance(bman, t)
+            for name, man in every:
+                a = loss_provenance(man, t)
+                diff = provenance_difference(b, a)[2]
+                if diff:
+                    refuse(_where("single-task baseline", t, bman), _where("run", name, man), diff[0], diff[1],
+                           b[diff[0]], a[diff[0]], "the baseline", "the run", base_why)
+    warnings = []
+    trained: dict[str, dict[tuple[str, str, str], None]] = {}
+    for name, man in every[1:]:
+        if name != ref_name:
+            for key, a, b in _training_diffs(man, ref):
+                if key != "seed":
+                    trained.setdefault(name, {})[(key, _show(a), _show(b))] = None
+    for name, diffs in trained.items():
+        warnings.append(f"run {name!r} was trained differently from run {ref_name!r} ({name} vs {ref_name}): "
+                        + "; ".join(f"{k} {a} vs {b}" for k, a, b in diffs)
+                        + "; the comparison then also reflects these differences")
+    by_diff: dict[tuple[str, str, str], list[str]] = {}
+    for t, ms in (singles or {}).items():
+        for bman in ms:
+            for key, a, b in _training_diffs(bman, ref):
+                ts = by_diff.setdefault((key, _show(a), _show(b)), []) if key != "seed" else None
+                if ts is not None and t not in ts:
+                    ts.append(t)
+    if by_diff:
+        n = len(singles or {})
+        warnings.append(f"the single-task baselines were trained differently from run {ref_name!r} (baseline vs run): "
+                        + "; ".join(f"{k} {a} vs {b} ({', '.join(ts) if len(ts) < n else 'every task'})"
+                                    for (k, a, b), ts in by_diff.items())
+                        + "; delta-m and TCI then also reflect these differences")
+    return warnings
 
 
 def _kinds(man: dict[str, Any]) -> dict[str, str]:
@@ -261,11 +352,12 @@ def _cost_summary(costs: list[dict[str, Any]]) -> dict[str, Any]:
 
 def compare_numbers(runs: dict[str, Any], singles: dict[str, Any] | None = None,
                     *, data: str | None = None, command: str | None = None,
-                    machine: dict[str, Any] | None = None) -> dict[str, Any]:
+                    machine: dict[str, Any] | None = None, warnings: list[str] | None = None) -> dict[str, Any]:
     """Everything the comparison shows. ``runs``: strategy -> checkpoint manifest, or a list
     of them (one per seed, the seed read from each manifest's config); ``singles``: task ->
     single-task manifest or list of them (may be empty). ``machine``: where the timed runs
-    ran (shown beside the cost table)."""
+    ran (shown beside the cost table). ``warnings``: what :func:`check_comparable` found
+    (shown at the top of both pages)."""
     if not runs:
         raise ArtifactError("nothing to compare: no strategy run was given")
     by_run = {name: _by_seed(_as_list(m), f"strategy {name!r}") for name, m in runs.items()}
@@ -392,6 +484,7 @@ def compare_numbers(runs: dict[str, Any], singles: dict[str, Any] | None = None,
         "ranking_by_delta_m": [s["name"] for s in ranked],
         "ranking": ranking,
         "ranking_text": ranking_text,
+        "warnings": list(warnings or []),
         "few_seeds_warning": (FEW_SEEDS_WARNING.format(n=fewest, df=fewest - 1, t=t_quantile_975(fewest - 1))
                               if fewest is not None and fewest < 3 else None),
         "multiplicity_note": (MULTIPLICITY_NOTE.format(k=len(tested), ref=reference, e=len(tested) / 20)
@@ -490,6 +583,8 @@ def render_markdown(r: dict[str, Any]) -> str:
                  else "; Δm against the mean single-task baseline" if r.get("single_task") else "") + ".", ""]
     if r.get("few_seeds_warning"):
         lines += [f"> **Few seeds: {r['few_seeds_warning']}.**", ""]
+    for text in r.get("warnings") or []:
+        lines += [f"> **Warning: {text}.**", ""]
     head = ("| strategy | " + " | ".join(f"{t['name']} {t['metric']}{'↑' if t['higher_is_better'] else '↓'}"
                                         for t in tasks)
             + f" | Δm % vs single | {ref} − this, Δm (paired) | Pareto | gates frozen from |")
@@ -600,6 +695,8 @@ def render_html(r: dict[str, Any]) -> str:
     if r.get("few_seeds_warning"):
         w.append(f'<div class="caveat" id="few-seeds-warning"><b>Few seeds:</b> {escape(r["few_seeds_warning"])}.'
                  "</div>")
+    for text in r.get("warnings") or []:
+        w.append(f'<div class="caveat input-warning"><b>Warning:</b> {escape(text)}.</div>')
     w.append("<h2>Per-task validation metrics (Phase 2 checkpoints)</h2><table><tr><th class=l>strategy</th>")
     w += [f"<th>{escape(t['name'])}<br><span class=muted>{escape(t['metric'])} "
           f"{'↑' if t['higher_is_better'] else '↓'}</span></th>" for t in tasks]

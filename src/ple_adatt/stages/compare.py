@@ -28,6 +28,13 @@ Before the first timed run, one short untimed warm-up (one Phase 1 epoch of the 
 strategy, discarded) absorbs the process's one-time start-up, so the cost table does not charge
 it to whichever strategy trains first; each seed also trains the strategies in a rotated order.
 
+Before the report, every run is checked against every other and every baseline against every
+run, as ``ple-adatt report --baselines`` checks its baselines: a difference in the data, split,
+``max_rows``, tasks, a target or a loss definition is refused (one line naming both runs, the
+key and both values); strategy, ``transfer.*`` and seed may differ; other training differences
+are warnings. With ``--runs`` (report only) the training options (``--data``, ``--config``, ...)
+are refused, as ``--seeds`` is: nothing trains.
+
 Every strategy's config (and the single-task baselines') is loaded and validated before the
 first one trains, so a bad combination fails in seconds, not after the earlier strategies.
 ``OUT`` is written like every stage output: into a temporary sibling directory renamed into
@@ -272,6 +279,7 @@ def write_comparison(runs: dict[str, Any], singles: dict[str, Any], out: str | P
     from ..artifacts import make_manifest, path_sha256, write_json
     from ..reporting.compare import (
         COMPARE_SCHEMA_VERSION,
+        check_comparable,
         compare_numbers,
         read_runs,
         render_html,
@@ -293,7 +301,13 @@ def write_comparison(runs: dict[str, Any], singles: dict[str, Any], out: str | P
     if final_out is not None:
         for man in every:
             man["_dir"] = str(_relocate(Path(man["_dir"]), out, Path(final_out)))
-    report = compare_numbers(mans, single_mans, data=data, command=command, machine=machine)
+    # the same comparability checks as `report --baselines`, between every run and every other
+    # run and between every run and every baseline: a difference in data, split, max_rows, tasks
+    # or loss definition is refused; one only in how a run was trained is a warning
+    warnings = check_comparable(mans, single_mans)
+    for w in warnings:
+        print(f"ple-adatt compare: warning: {w}", file=sys.stderr)
+    report = compare_numbers(mans, single_mans, data=data, command=command, machine=machine, warnings=warnings)
     out.mkdir(parents=True, exist_ok=True)
     if single_mans:  # the mean over seeds of each task's single-task validation loss
         losses = {t: sum(m["metrics"]["tasks"][t]["loss"] for m in ms) / len(ms) for t, ms in single_mans.items()}
@@ -357,6 +371,7 @@ def run(args: argparse.Namespace) -> int:
         if args.seeds is not None:
             raise StageError(f"--seeds {args.seeds}: trains new runs; with --runs the seeds are read from the runs' "
                              "manifests (repeat --runs NAME=DIR once per seed)")
+        refuse_training_options(args)
         runs: dict[str, Any] = _pairs(args.runs, "--runs")
         singles: dict[str, Any] = {}
         if args.singles:
@@ -383,6 +398,23 @@ def run(args: argparse.Namespace) -> int:
     print(f"wrote {args.out}/compare.html, compare.md, compare.json"
           + (f" and {args.out}/baselines.json (for `ple-adatt report --baselines`)" if singles else ""))
     return 0
+
+
+#: options that only a training compare uses (argparse dest -> option)
+TRAINING_OPTIONS = {"data": "--data", "data_config": "--data-config", "config": "--config",
+                    "validation": "--validation", "tasks": "--tasks", "no_single_task": "--no-single-task",
+                    "overrides": "--set"}
+
+
+def refuse_training_options(args: argparse.Namespace) -> None:
+    """With ``--runs`` nothing trains: refuse the options that would only be ignored (as ``--seeds``)."""
+    given = [opt for dest, opt in TRAINING_OPTIONS.items() if getattr(args, dest, None)]
+    if getattr(args, "strategies", None) not in (None, ",".join(STRATEGY_NAMES)):
+        given.append("--strategies")
+    if given:
+        raise StageError(f"{', '.join(given)}: only used to train new runs; with --runs (report only) nothing "
+                         "trains and the runs' manifests record their data and config, so drop "
+                         f"{'it' if len(given) == 1 else 'them'} (or drop --runs to train)")
 
 
 #: what a compare writes into OUT; a new compare replaces OUT whole
