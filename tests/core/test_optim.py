@@ -34,6 +34,26 @@ def test_per_expert_learning_rates_make_their_own_param_groups():
     assert sum(len(g["params"]) for g in opt.param_groups) == n_trainable
 
 
+def test_the_cpu_takes_the_fused_adamw_and_it_updates_as_the_default_one():
+    """One fused call per step instead of a loop over the tensors (CPU step time); the same update."""
+    cfg, system = system_for([])
+    _, copy = system_for([])
+    fused, looped = make_optimizer(system, cfg), torch.optim.AdamW(
+        [p for p in copy.parameters() if p.requires_grad], lr=cfg.training.learning_rate,
+        weight_decay=cfg.training.weight_decay)
+    assert fused.param_groups[0]["fused"] and not looped.param_groups[0]["fused"]
+    assert not make_optimizer(system, cfg, capturable=True).param_groups[0]["fused"]  # graphs: their own path
+    trainable = [p for p in system.parameters() if p.requires_grad]
+    for _ in range(3):
+        for a, b in zip(trainable, [p for p in copy.parameters() if p.requires_grad], strict=True):
+            a.grad = torch.randn_like(a)
+            b.grad = a.grad.clone()
+        fused.step()
+        looped.step()
+    for a, b in zip(trainable, [p for p in copy.parameters() if p.requires_grad], strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
 def test_unknown_expert_in_expert_lr_is_a_config_error():
     from ple_adatt.config import ConfigError
 
