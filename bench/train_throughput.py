@@ -347,7 +347,8 @@ def time_interleaved(runs: dict[str, tuple[str, Callable[[], Prepared]]], steps:
     run's median. Every run is built and warmed up once, in the first round, and stays alive,
     so that a later round times the same compiled and captured steps. Interleaving puts each
     round's runs under the same machine load; a ratio is taken within a round. Peak memory is
-    the first round's, less what the runs built before it still hold."""
+    the first round's, less what the runs built before it still hold. With one round each run
+    is freed once timed, as before rounds existed."""
     times: dict[str, list[float]] = {k: [] for k in runs}
     prepared: dict[str, Prepared] = {}
     peaks: dict[str, float] = {}
@@ -366,6 +367,8 @@ def time_interleaved(runs: dict[str, tuple[str, Callable[[], Prepared]]], steps:
             else:
                 dt, _, _ = time_steps(prepared[key].step, steps, 0, device)
             times[key].append(dt)
+            if rounds == 1:  # nothing comes back to it: free its model, optimizer and graphs now
+                prepared[key] = Prepared(lambda: None, prepared[key].params, 0)
             if rounds > 1:
                 print(f"  round {r + 1}/{rounds} {label[:3]} {dt * 1e3:.2f} ms/step", flush=True)
     for key, (label, _) in runs.items():
@@ -454,6 +457,12 @@ def main() -> None:
     if unknown:
         ap.error(f"--only: unknown run(s) {unknown}; valid: a, b, c, d, e")
     order = sorted(set(args.only))
+    if COMPILE == "reduce-overhead" and args.rounds > 1:
+        # torch.compile's CUDA graph trees share one memory pool across the compiled models, and
+        # a model replayed after another's graphs ran re-records or finds its outputs overwritten
+        print(f"note: --compile reduce-overhead times one round (not {args.rounds}): its CUDA graph trees "
+              "cannot interleave models", flush=True)
+        args.rounds = 1
     times = time_interleaved({k: runs[k] for k in order}, steps, args.rounds, device, s["batch"])
     ratios = []
     for num, den, text in [("a", "c", "(c) vs (a) {}x faster"), ("a", "b", "(b) vs (a) {}x"),
