@@ -405,6 +405,9 @@ class Trainer:
         scaler.scale(total / accum).backward()
         if step.pending is not None and step.pending[0]:  # measure_in_backward
             caught, out = step.pending
+            if len(caught) != 1:  # another backward through the CGC outputs would be read as this step's
+                raise TrainingError(f"measure_in_backward: {len(caught)} gradients reached the CGC outputs in one "
+                                    "step, expected the training backward's one")
             model = self.system.model
             self.system.transfer.observe(model.task_gradients_from_cgc(caught[0], out, self.cfg.transfer.grad_method))
         if step.surgery is not None:

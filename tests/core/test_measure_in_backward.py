@@ -153,3 +153,19 @@ def test_a_non_finite_observation_leaves_the_affinity_alone():
     state = comp.affinity_matrix.clone(), int(comp.update_count)
     comp.update(torch.tensor([[float("nan"), 0.0], [1.0, 1.0]]))
     assert torch.equal(comp.affinity_matrix, state[0]) and int(comp.update_count) == state[1]
+
+
+def test_a_second_gradient_through_the_cgc_outputs_is_refused_not_read_as_the_steps():
+    """The hook keeps every gradient that reaches the CGC outputs; only the training backward's
+    may be read. Another backward in between (a strategy or a caller measuring on its own) once
+    went unnoticed: the first one caught was used."""
+    from ple_adatt.errors import TrainingError
+
+    tr = _trainer(True, 0)
+    step = tr.forward_losses(tr.train_data.subset(torch.arange(128)), epoch=1, use_cluster_heads=False)
+    assert step.pending is not None
+    tr.system.model._cgc_grads(step.losses.weighted, step.losses.present, step.pending[1])
+    before = tr.system.transfer.affinity_computer.affinity_matrix.clone()
+    with pytest.raises(TrainingError, match="2 gradients reached the CGC outputs in one step"):
+        tr.backward(step, tr.make_scaler())
+    assert torch.equal(tr.system.transfer.affinity_computer.affinity_matrix, before)
