@@ -188,7 +188,7 @@ def run_phase2(
     """
     from ..checkpoint import load_checkpoint, save_checkpoint
     from ..data.dataset import load_split
-    from ..training import Trainer, resolve_training_device
+    from ..training import Trainer, resolve_device
 
     t0 = time.perf_counter()
     check_output_dir(out, kind="checkpoint", phase="phase2", inputs=(checkpoint, data, config, data_config))  # before any training: a bad --out must not cost the run
@@ -206,7 +206,7 @@ def run_phase2(
                 f"{checkpoint}; use the data config Phase 1 was trained with"
             )
     train_cfg = _phase2_config(ck.train_cfg, config, overrides, data_cfg, Path(checkpoint))
-    device = resolve_training_device(train_cfg)  # before the data
+    device = resolve_device(train_cfg.device)  # not the kernel's check: Phase 2 sets the transfer aside
     tasks = list(ck.manifest["tasks"])
     data_hash = path_sha256(data)
     same_data = ck.manifest.get("inputs", {}).get("data") == data_hash
