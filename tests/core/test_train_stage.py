@@ -81,6 +81,36 @@ def test_out_must_not_be_another_stages_output_or_hold_the_inputs(data, tmp_path
     assert sorted(p.name for p in configs.iterdir()) == ["train.yaml"]
 
 
+def test_out_may_hold_other_stages_outputs_the_run_reads(data, tmp_path, monkeypatch, capsys):
+    """`--out runs --validation runs/validate`: the validation result is another stage's output
+    beside the run's phase1/ and phase2/, never written to, so OUT may hold it."""
+    validate = tmp_path / "runs" / "validate"
+    validate.mkdir(parents=True)
+    (validate / "manifest.json").write_text('{"kind": "validation", "files": []}')
+
+    def reached(**kwargs):
+        raise StageError("the --out checks passed")
+
+    monkeypatch.setattr("ple_adatt.stages.train_common.run_phase1", reached)
+    assert _train_with(data, tmp_path / "runs", ROOT / "configs/train/cpu_small.yaml", "--validation",
+                       str(validate)) == 2
+    assert "the --out checks passed" in capsys.readouterr().err
+
+
+def test_phase2_of_a_fused_phase1_runs_where_the_kernel_cannot(data, tmp_path, monkeypatch, capsys):
+    """Phase 2 sets the transfer aside, so a Phase 1 trained with grad_method: fused (on a GPU)
+    continues on a CPU; the kernel's device check is Phase 1's only."""
+    p1 = tmp_path / "p1"
+    assert cli.main(["train-phase1", "--no-tracking", "--data", str(data), "--data-config",
+                     str(ROOT / "configs/data/synthetic.yaml"), "--config", str(ROOT / "configs/train/cpu_small.yaml"),
+                     "--out", str(p1), "--set", "transfer.grad_method=fused", "--set", "max_rows=300",
+                     "--set", "model.shared_hidden=16", "--set", "model.expert_dim=8", *FAST]) == 0  # a small kernel: interpreted
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # now a machine that cannot run the kernel
+    assert cli.main(["train-phase2", "--no-tracking", "--checkpoint", str(p1), "--data", str(data),
+                     "--out", str(tmp_path / "p2"), "--set", "training.cluster_finetune_epochs=1"]) == 0
+    assert (tmp_path / "p2" / "checkpoint.pt").is_file()
+
+
 def test_grad_method_fused_without_cuda_is_a_config_error_before_the_data_loads(data, tmp_path, monkeypatch, capsys):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # the tests' interpreter would let the kernel run
     out = tmp_path / "run"

@@ -30,7 +30,8 @@ def run(args: argparse.Namespace) -> int:
 
     out = Path(args.out)
     inputs = (args.data, args.validation, args.config, args.data_config)
-    check_run_dir(out, inputs=inputs)
+    # OUT may hold other stages' outputs (runs/ with runs/validate), not the data or configs
+    check_run_dir(out, inputs=(args.data, args.config, args.data_config))
     for phase in ("phase1", "phase2"):  # each is replaced whole; OUT itself keeps what else it holds
         check_output_dir(out / phase, f"--out {out}: its", kind="checkpoint", phase=phase, inputs=inputs)
     created = not out.exists()
