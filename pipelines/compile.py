@@ -63,7 +63,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--gpus", type=int, default=t.accelerators, help="GPUs per training step (default 1)")
     parser.add_argument("--cpu", default=t.cpu, type=cpu, help=f"CPU request and limit of a training step (default {t.cpu})")
     parser.add_argument("--memory", default=t.memory, type=memory, help=f"memory of a training step (default {t.memory})")
-    parser.add_argument("--shm-size", default=t.shm_size, type=memory, help=f"memory-backed /dev/shm size (default {t.shm_size})")
+    parser.add_argument("--shm-size", default=t.shm_size, type=_quantity("size"),
+                        help=f"memory-backed /dev/shm size, a Kubernetes quantity (default {t.shm_size})")
     parser.add_argument("--step-cpu", default=d.cpu_step.cpu, type=cpu, help="CPU of validate/report/register (default 2)")
     parser.add_argument("--step-memory", default=d.cpu_step.memory, type=memory, help="memory of validate/report/register (default 8Gi)")
     parser.add_argument("--retries", type=int, default=d.retries, help="retries of a failed step (default 2)")

@@ -38,29 +38,45 @@ TASKS = ("validate", "train-phase1", "train-phase2", "report", "register")
 DATASET_TASK = "importer"
 
 
-#: a memory quantity both kfp (its ``set_memory_*`` check) and Kubernetes take: an integer with an
-#: optional binary (Ki..Ei) or decimal (M..E) suffix; kfp refuses Kubernetes' ``k``, Kubernetes kfp's ``K``
+#: a memory quantity kfp's ``set_memory_*`` takes (and Kubernetes too): an integer with an optional
+#: binary (Ki..Ei) or decimal (M..E) suffix; kfp refuses Kubernetes' ``k`` and decimals, Kubernetes kfp's ``K``
 _MEMORY = re.compile(r"[0-9]+(Ki|Mi|Gi|Ti|Pi|Ei|M|G|T|P|E)?")
-_MEMORY_LIKE = re.compile(r"([0-9]+)\s*([kmgtpe])(?:i?b?)", re.IGNORECASE)  # 16GB, 512mb, 8 gib: meant 16Gi, ...
+_MEMORY_LIKE = re.compile(r"([0-9]+)\s*([kmgtpe])(i?)b?", re.IGNORECASE)  # 16GB, 512mb, 8 GiB: meant 16G, 512M, 8Gi
+#: a Kubernetes quantity (what an emptyDir's sizeLimit takes; kfp passes it through unchecked)
+_QUANTITY = re.compile(r"\+?([0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]+|Ki|Mi|Gi|Ti|Pi|Ei|m|k|M|G|T|P|E)?")
 #: a CPU quantity (kfp's check): cores (8, 0.5) or millicores (500m)
 _CPU = re.compile(r"([0-9]*[.])?[0-9]+m?")
 
 
+def _memory_hint(value: str) -> str:
+    m = _MEMORY_LIKE.fullmatch(value.strip())
+    if not m:
+        return ""
+    n, unit, binary = m.group(1), m.group(2).upper(), m.group(3)
+    if binary:
+        return f" (did you mean {n}{unit}i?)"
+    return f" (did you mean {n}000?)" if unit == "K" else f" (did you mean {n}{unit}?)"
+
+
 def quantity_error(kind: str, value: str) -> str | None:
-    """Why ``value`` is no Kubernetes ``kind`` ("memory" or "cpu") quantity a step can ask for; None if it is one."""
+    """Why ``value`` cannot be a step's ``kind`` quantity, or None: "cpu" and "memory" as kfp's
+    resource setters take them, "size" as Kubernetes takes it (the /dev/shm emptyDir's size)."""
     value = str(value)
     if kind == "cpu":
         if _CPU.fullmatch(value) and float(value.rstrip("m")) > 0:
             return None
         return (f"{value!r} is not a Kubernetes CPU quantity: a positive number of cores or millicores, "
                 "e.g. 8, 0.5 or 500m")
+    if kind == "size":
+        m = _QUANTITY.fullmatch(value)
+        if m and float(m.group(1)) > 0:
+            return None
+        return (f"{value!r} is not a Kubernetes quantity{_memory_hint(value)}: a positive number with an optional "
+                "suffix Ki, Mi, Gi, Ti (powers of 1024) or k, M, G, T (powers of 1000), e.g. 8Gi")
     if _MEMORY.fullmatch(value) and int(value.rstrip("KMGTPEi")) > 0:
         return None
-    hint = ""
-    if m := _MEMORY_LIKE.fullmatch(value.strip()):
-        hint = f" (did you mean {m.group(1)}{m.group(2).upper()}i?)"
-    return (f"{value!r} is not a Kubernetes memory quantity{hint}: a positive integer with an optional suffix Ki, Mi, "
-            "Gi, Ti (powers of 1024) or M, G, T (powers of 1000), e.g. 16Gi")
+    return (f"{value!r} is not a memory quantity kfp accepts{_memory_hint(value)}: a positive integer with an "
+            "optional suffix Ki, Mi, Gi, Ti (powers of 1024) or M, G, T (powers of 1000), e.g. 16Gi")
 
 
 def _check_quantities(obj: Any, fields: dict[str, str]) -> None:
@@ -95,7 +111,7 @@ class TrainingResources:
     shm_size: str = "8Gi"  # the memory-backed /dev/shm emptyDir
 
     def __post_init__(self) -> None:
-        _check_quantities(self, {"cpu": "cpu", "memory": "memory", "shm_size": "memory"})
+        _check_quantities(self, {"cpu": "cpu", "memory": "memory", "shm_size": "size"})
         if self.gpu and self.accelerators < 1:
             raise ValueError(f"accelerators must be >= 1 with a GPU, got {self.accelerators}; "
                              "pass --no-gpu for a CPU-only cluster")

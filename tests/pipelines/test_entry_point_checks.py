@@ -33,29 +33,31 @@ def test_a_misspelt_option_gets_a_did_you_mean(tmp_path, capsys, fn, prog, typo,
     assert not (tmp_path / "o.yaml").exists()
 
 
-@pytest.mark.parametrize(("option", "value", "hint"), [
-    ("--shm-size", "banana", "e.g. 16Gi"),
-    ("--shm-size", "16GB", "did you mean 16Gi?"),
-    ("--shm-size", "0", "e.g. 16Gi"),
-    ("--memory", "64GB", "did you mean 64Gi?"),
-    ("--memory", "32K", "did you mean 32Ki?"),  # kfp takes K, Kubernetes does not
-    ("--step-memory", "16GB", "did you mean 16Gi?"),
-    ("--step-memory", "8 gib", "did you mean 8Gi?"),
-    ("--cpu", "eight", "e.g. 8, 0.5 or 500m"),
-    ("--step-cpu", "2 cores", "e.g. 8, 0.5 or 500m"),
-    ("--cpu", "0m", "e.g. 8, 0.5 or 500m"),
+@pytest.mark.parametrize(("option", "value", "what", "hint"), [
+    ("--shm-size", "banana", "a Kubernetes quantity", "e.g. 8Gi"),
+    ("--shm-size", "16GB", "a Kubernetes quantity", "did you mean 16G?"),  # 16e9 bytes, as written
+    ("--shm-size", "0", "a Kubernetes quantity", "e.g. 8Gi"),
+    ("--memory", "64GB", "a memory quantity kfp accepts", "did you mean 64G?"),
+    ("--memory", "1.5Gi", "a memory quantity kfp accepts", "e.g. 16Gi"),  # Kubernetes' grammar, not kfp's
+    ("--memory", "512k", "a memory quantity kfp accepts", "did you mean 512000?"),
+    ("--step-memory", "16GB", "a memory quantity kfp accepts", "did you mean 16G?"),
+    ("--step-memory", "8 gib", "a memory quantity kfp accepts", "did you mean 8Gi?"),
+    ("--cpu", "eight", "a Kubernetes CPU quantity", "e.g. 8, 0.5 or 500m"),
+    ("--step-cpu", "2 cores", "a Kubernetes CPU quantity", "e.g. 8, 0.5 or 500m"),
+    ("--cpu", "0m", "a Kubernetes CPU quantity", "e.g. 8, 0.5 or 500m"),
 ])
-def test_compile_refuses_a_bad_kubernetes_quantity_naming_the_option_and_value(tmp_path, capsys, option, value,
-                                                                              hint):
+def test_compile_refuses_a_bad_quantity_naming_the_option_and_value(tmp_path, capsys, option, value, what, hint):
     out = tmp_path / "c.yaml"
     err = _usage_error(capsys, compile_main, ["--out", str(out), option, value])
-    assert err.startswith(f"python -m pipelines.compile: error: argument {option}: {value!r} is not a Kubernetes "), err
+    assert err.startswith(f"python -m pipelines.compile: error: argument {option}: {value!r} is not {what}"), err
     assert hint in err, err
     assert not out.exists()
 
 
 @pytest.mark.parametrize(("option", "value"), [("--shm-size", "16Gi"), ("--memory", "64G"), ("--step-memory", "512Mi"),
-                                               ("--cpu", "0.5"), ("--step-cpu", "500m"), ("--shm-size", "1Ti")])
+                                               ("--cpu", "0.5"), ("--step-cpu", "500m"), ("--shm-size", "1Ti"),
+                                               # the emptyDir's size goes to Kubernetes as written: its grammar
+                                               ("--shm-size", "1.5Gi"), ("--shm-size", "512k"), ("--shm-size", "1e9")])
 def test_compile_takes_valid_kubernetes_quantities(tmp_path, option, value):
     out = tmp_path / "c.yaml"
     assert compile_main(["--out", str(out), option, value]) == 0
@@ -63,9 +65,9 @@ def test_compile_takes_valid_kubernetes_quantities(tmp_path, option, value):
 
 
 def test_resources_built_in_python_are_checked_too():
-    with pytest.raises(ValueError, match=r"shm_size '16GB' is not a Kubernetes memory quantity.*did you mean 16Gi\?"):
+    with pytest.raises(ValueError, match=r"shm_size '16GB' is not a Kubernetes quantity.*did you mean 16G\?"):
         TrainingResources(shm_size="16GB")
-    with pytest.raises(ValueError, match=r"memory '8gb' is not a Kubernetes memory quantity"):
+    with pytest.raises(ValueError, match=r"memory '8gb' is not a memory quantity kfp accepts"):
         StepResources(cpu="2", memory="8gb")
     with pytest.raises(ValueError, match=r"cpu_limit 'x' is not a Kubernetes CPU quantity"):
         StepResources(cpu="2", memory="8Gi", cpu_limit="x")
