@@ -369,6 +369,7 @@ def time_interleaved(runs: dict[str, tuple[str, Callable[[], Prepared]]], steps:
             times[key].append(dt)
             if rounds == 1:  # nothing comes back to it: free its model, optimizer and graphs now
                 prepared[key] = Prepared(lambda: None, prepared[key].params, 0)
+                prep = None  # the last reference: the next run is built without this one
             if rounds > 1:
                 print(f"  round {r + 1}/{rounds} {label[:3]} {dt * 1e3:.2f} ms/step", flush=True)
     for key, (label, _) in runs.items():
@@ -457,10 +458,10 @@ def main() -> None:
     if unknown:
         ap.error(f"--only: unknown run(s) {unknown}; valid: a, b, c, d, e")
     order = sorted(set(args.only))
-    if COMPILE == "reduce-overhead" and args.rounds > 1:
+    if COMPILE in ("reduce-overhead", "max-autotune") and args.rounds > 1:
         # torch.compile's CUDA graph trees share one memory pool across the compiled models, and
         # a model replayed after another's graphs ran re-records or finds its outputs overwritten
-        print(f"note: --compile reduce-overhead times one round (not {args.rounds}): its CUDA graph trees "
+        print(f"note: --compile {COMPILE} times one round (not {args.rounds}): its CUDA graph trees "
               "cannot interleave models", flush=True)
         args.rounds = 1
     times = time_interleaved({k: runs[k] for k in order}, steps, args.rounds, device, s["batch"])
