@@ -246,6 +246,21 @@ def test_report_only_allows_what_a_comparison_varies_and_warns_about_training(sy
     assert "input-warning" in (out / "compare.html").read_text()
 
 
+def test_report_only_warns_about_runs_on_other_features(synthetic, tmp_path, capsys):
+    """Same data and split, another feature set or cluster column: a different model of the same
+    tasks, named in a warning (it once passed silently)."""
+
+    def fewer_features(man):
+        man["data_config"]["numeric_features"] = man["data_config"]["numeric_features"][:2]
+
+    other = _copy_run(synthetic / "runs/mgda", tmp_path / "mgda-2f", fewer_features)
+    capsys.readouterr()
+    assert main(["compare", "--no-tracking", "--out", str(tmp_path / "cmp"), "--runs",
+                 f"adatt={synthetic / 'runs/adatt'}", "--runs", f"mgda={other}"]) == 0
+    err = capsys.readouterr().err
+    assert "run 'mgda' was trained differently from run 'adatt' (mgda vs adatt): data_config.numeric_features" in err
+
+
 def test_compare_refuses_training_options_with_runs(synthetic, tmp_path, capsys):
     """--data (and the other training options) with --runs would be ignored: refused, as --seeds is."""
     err = _refused_compare(capsys, tmp_path / "cmp", "--runs", f"adatt={synthetic / 'runs/adatt'}",

@@ -235,12 +235,21 @@ def _check_provenance(source: str, task: str, phase: str, base: dict[str, Any],
     return checked, missing
 
 
+#: what the model reads from the data config besides the tasks and the split (those are in the loss provenance)
+INPUT_KEYS = ("numeric_features", "categorical_features", "cluster_column", "num_clusters")
+
+
 def _training_diffs(bman: dict[str, Any], jman: dict[str, Any]) -> list[tuple[str, Any, Any]]:
-    """Settings of ``model``, ``training`` and ``seed`` in which a baseline was trained differently."""
+    """Settings of ``model``, ``training``, ``seed`` and the model's inputs (features, clusters)
+    in which a baseline was trained differently."""
     bt, jt = bman.get("train_config") or {}, jman.get("train_config") or {}
     out = []
     if bt.get("seed") != jt.get("seed"):
         out.append(("seed", bt.get("seed"), jt.get("seed")))
+    bd, jd = bman.get("data_config") or {}, jman.get("data_config") or {}
+    for k in INPUT_KEYS:
+        if bd.get(k) != jd.get(k):
+            out.append((f"data_config.{k}", bd.get(k), jd.get(k)))
     for section in ("model", "training"):
         b, j = bt.get(section) or {}, jt.get(section) or {}
         for k in sorted(set(b) | set(j)):
