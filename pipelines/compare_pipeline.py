@@ -202,11 +202,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="train every strategy and baseline under several seeds, as `ple-adatt compare --seeds`: "
                              "a count N (seeds 0..N-1) or a comma-separated list; the comparison then shows mean ± sd "
                              "and paired 95%% intervals. Default: one run at the train config's seed")
-    from ple_adatt.cli import refuse_unknown_options  # stdlib only at import
+    from ple_adatt.cli import parse_args_strictly  # stdlib only at import
 
-    argv = list(sys.argv[1:] if argv is None else argv)
-    refuse_unknown_options(parser, argv)  # --strategy: "did you mean --strategies?"
-    args = parser.parse_args(argv)
+    args = parse_args_strictly(parser, argv)  # --strategy: "did you mean --strategies?"
     strategies = [s.strip() for s in args.strategies.split(",") if s.strip()]
     try:
         if args.single_tasks is None:

@@ -75,13 +75,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from ple_adatt.cli import refuse_unknown_options  # stdlib only at import
+    from ple_adatt.cli import parse_args_strictly  # stdlib only at import
 
     parser = argparse.ArgumentParser(prog="python -m pipelines.compile", description=__doc__.splitlines()[0])
     add_arguments(parser)
-    argv = list(sys.argv[1:] if argv is None else argv)
-    refuse_unknown_options(parser, argv)  # --no-gpus: "did you mean --no-gpu?"
-    args = parser.parse_args(argv)
+    args = parse_args_strictly(parser, argv)  # --no-gpus: "did you mean --no-gpu?"
     try:
         opts = options_from_args(args)
         path = compile_pipeline(args.out, opts)

@@ -387,11 +387,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--mlflow-tracking-uri", help="default $MLFLOW_TRACKING_URI, else sqlite:///<project>/mlflow.db")
     parser.add_argument("--gx-rows", default="100000", help="rows the GX suite sees ('all' or a count)")
     parser.add_argument("--verbose", action="store_true", help="print every step's output here, not only to the log")
-    from ple_adatt.cli import refuse_unknown_options  # stdlib only at import
+    from ple_adatt.cli import parse_args_strictly  # stdlib only at import
 
-    argv = list(sys.argv[1:] if argv is None else argv)
-    refuse_unknown_options(parser, argv)  # a misspelt option gets "did you mean ...?"
-    args = parser.parse_args(argv)
+    args = parse_args_strictly(parser, argv)  # a misspelt option gets "did you mean ...?"
     try:
         run_dir = run_locally(data=args.data, package=args.package, data_config=args.data_config,
                               train_config=args.train_config, overrides=args.overrides, root=args.root,

@@ -293,11 +293,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data-config", help="data config instead of the run's")
     parser.add_argument("--train-config", help="train config instead of the run's (train-phase1)")
     parser.add_argument("--mlflow-tracking-uri", help="default $MLFLOW_TRACKING_URI, else the run's (its run.json)")
-    from ple_adatt.cli import refuse_unknown_options  # stdlib only at import
+    from ple_adatt.cli import parse_args_strictly  # stdlib only at import
 
-    argv = list(sys.argv[1:] if argv is None else argv)
-    refuse_unknown_options(parser, argv)  # a misspelt option gets "did you mean ...?"
-    args = parser.parse_args(argv)
+    args = parse_args_strictly(parser, argv)  # a misspelt option gets "did you mean ...?"
     try:
         if args.run:
             run = Path(args.run)

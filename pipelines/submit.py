@@ -370,11 +370,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--allow-local-mlflow", action="store_true",
                         help="start the run even though the steps would track to a store inside their pods "
                         "(empty, sqlite or file mlflow_tracking_uri), which is lost when each pod ends")
-    from ple_adatt.cli import refuse_unknown_options  # stdlib only at import: no torch, no kfp
+    from ple_adatt.cli import parse_args_strictly  # stdlib only at import
 
-    argv = list(sys.argv[1:] if argv is None else argv)
-    refuse_unknown_options(parser, argv)  # a misspelt option gets "did you mean --namespace?"
-    args = parser.parse_args(argv)
+    args = parse_args_strictly(parser, argv)  # a misspelt option gets "did you mean --namespace?"
     try:
         params: dict[str, Any] = parse_params(args.param)
         if args.data_uri:

@@ -83,6 +83,14 @@ def refuse_unknown_options(parser: argparse.ArgumentParser, argv: list[str]) -> 
         parser.error(f"unrecognized option {option}" + (f" (did you mean {close[0]}?)" if close else ""))
 
 
+def parse_args_strictly(parser: argparse.ArgumentParser, argv: list[str] | None = None) -> argparse.Namespace:
+    """``parser.parse_args``, with a misspelt option named first (:func:`refuse_unknown_options`):
+    the entry points of ``pipelines/`` parse this way, as ``ple-adatt`` does."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    refuse_unknown_options(parser, argv)
+    return parser.parse_args(argv)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
