@@ -30,3 +30,16 @@ def model_cfg() -> ModelConfig:
 def loss_cfgs() -> list[TaskLossConfig]:
     return [TaskLossConfig(loss="focal", weight=1.0, alpha=0.25, gamma=2.0), TaskLossConfig(loss="bce", weight=1.5),
             TaskLossConfig(loss="ce"), TaskLossConfig(loss="huber", delta=1.0), TaskLossConfig(loss="infonce")]
+
+
+@pytest.fixture
+def interpreter():
+    """Skip unless the Triton kernels run interpreted: a machine without CUDA, where
+    tests/conftest.py switched the interpreter on before triton's import (on a GPU,
+    tests/core/test_gpu.py runs the compiled kernels)."""
+    import torch
+
+    from ple_adatt import kernels
+
+    if torch.cuda.is_available() or not kernels.interpreted():
+        pytest.skip("interpreter test (CPU only); tests/core/test_gpu.py runs the compiled kernels")

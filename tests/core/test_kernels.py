@@ -20,13 +20,6 @@ ROOT = Path(__file__).resolve().parents[2]
 pytest.importorskip("triton", reason="triton is not installed (make setup installs it for the interpreter test)")
 
 
-@pytest.fixture
-def interpreter():
-    """On a machine without CUDA, tests/conftest.py switched the interpreter on before triton's import."""
-    if torch.cuda.is_available() or not kernels.interpreted():
-        pytest.skip("interpreter test (CPU only); tests/core/test_gpu.py runs the compiled kernel")
-
-
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     a, b = a.detach().double(), b.detach().double()
     return float((a - b).norm() / b.norm())

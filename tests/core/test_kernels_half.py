@@ -26,10 +26,7 @@ ROOT = Path(__file__).resolve().parents[2]
 pytest.importorskip("triton", reason="triton is not installed (make setup installs it for the interpreter test)")
 
 
-@pytest.fixture(autouse=True)
-def _interpreter():
-    if torch.cuda.is_available() or not kernels.interpreted():
-        pytest.skip("interpreter test (CPU only); tests/core/test_gpu.py runs the compiled kernel in bf16")
+pytestmark = pytest.mark.usefixtures("interpreter")  # tests/core/conftest.py
 
 
 def _cos(g: torch.Tensor) -> torch.Tensor:

@@ -14,14 +14,6 @@ from ple_adatt import mixture
 pytest.importorskip("triton", reason="triton is not installed (make setup installs it for the interpreter test)")
 
 
-@pytest.fixture
-def interpreter():
-    from ple_adatt import kernels
-
-    if torch.cuda.is_available() or not kernels.interpreted():
-        pytest.skip("interpreter test (CPU only); tests/core/test_gpu.py runs the compiled kernels")
-
-
 def _inputs(T, B, D, E, ET, dtype=torch.float32, seed=0):
     g = torch.Generator().manual_seed(seed)
     gates = torch.softmax(torch.randn(T, B, E + ET, generator=g), -1).requires_grad_()

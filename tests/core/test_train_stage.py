@@ -21,9 +21,7 @@ def data(tmp_path_factory) -> Path:
 
 
 def _train(data: Path, out: Path) -> int:
-    return cli.main(["train", "--no-tracking", "--data", str(data), "--data-config",
-                     str(ROOT / "configs/data/synthetic.yaml"), "--config", str(ROOT / "configs/train/cpu_small.yaml"),
-                     "--out", str(out), *FAST])
+    return _train_with(data, out, ROOT / "configs/train/cpu_small.yaml")
 
 
 def test_a_phase2_failure_leaves_no_phase1_behind_and_keeps_the_old_run(data, tmp_path, monkeypatch, capsys):
