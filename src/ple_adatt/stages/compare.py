@@ -368,9 +368,6 @@ def run(args: argparse.Namespace) -> int:
     command = "ple-adatt " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:2] == ["compare"] else None
     out = Path(args.out)
     if args.runs:
-        if args.seeds is not None:
-            raise StageError(f"--seeds {args.seeds}: trains new runs; with --runs the seeds are read from the runs' "
-                             "manifests (repeat --runs NAME=DIR once per seed)")
         refuse_training_options(args)
         runs: dict[str, Any] = _pairs(args.runs, "--runs")
         singles: dict[str, Any] = {}
@@ -407,7 +404,10 @@ TRAINING_OPTIONS = {"data": "--data", "data_config": "--data-config", "config": 
 
 
 def refuse_training_options(args: argparse.Namespace) -> None:
-    """With ``--runs`` nothing trains: refuse the options that would only be ignored (as ``--seeds``)."""
+    """With ``--runs`` nothing trains: refuse the options that would only be ignored."""
+    if getattr(args, "seeds", None) is not None:
+        raise StageError(f"--seeds {args.seeds}: trains new runs; with --runs the seeds are read from the runs' "
+                         "manifests (repeat --runs NAME=DIR once per seed)")
     given = [opt for dest, opt in TRAINING_OPTIONS.items() if getattr(args, dest, None)]
     if getattr(args, "strategies", None) not in (None, ",".join(STRATEGY_NAMES)):
         given.append("--strategies")
