@@ -217,16 +217,19 @@ def profile_steps(step, device: torch.device, label: str, n: int = 5) -> None:
     from torch.profiler import ProfilerActivity, profile
 
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-    with profile(activities=acts) as prof:
+    with profile(activities=acts, record_shapes=True) as prof:
         for _ in range(n):
             step()
         if device.type == "cuda":
             torch.cuda.synchronize()
     key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
     table = prof.key_averages().table(sort_by=key, row_limit=40)
+    # the same time by operator and input shapes: which layer each kernel's time belongs to
+    shapes = prof.key_averages(group_by_input_shape=True).table(sort_by=key, row_limit=40, max_name_column_width=40,
+                                                                max_shapes_column_width=90)
     name = "".join(c if c.isalnum() else "_" for c in label)[:40]
     PROFILE_DIR.mkdir(parents=True, exist_ok=True)
-    (PROFILE_DIR / f"profile_{name}.txt").write_text(f"{label}, {n} steps\n{table}\n")
+    (PROFILE_DIR / f"profile_{name}.txt").write_text(f"{label}, {n} steps\n{table}\n\nby input shape\n{shapes}\n")
 
 
 def prepare_naive(s: dict, data: TensorData, device: torch.device, interval: int, amp: bool,
