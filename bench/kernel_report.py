@@ -37,18 +37,17 @@ from ple_adatt import kernels, mixture  # noqa: E402
 
 # the seed's shape: shared experts 100 -> 1024 -> 128
 IN, D = 100, 128
-INT_ARGS = ["B", "IN", "H", "D", "P", "PE", "s_xb", "s_pe", "s_pb", "s_dt", "s_db", "s_gt", "s_gb", "s_gk"]
+INT_ARGS = ["B", "IN", "H", "D", "P", "PE", "s_xb", "s_pe", "s_pb", "s_de", "s_db", "s_dt"]
 # The integer arguments' values at the seed's shape (batch 16384, 16 tasks, 4 shared experts of
 # width 1024, 2 task experts each: 6 gate columns; pre is a (B, E*H) GEMM output seen as
-# (E, B, H); x padded to 128 columns). The JIT specialises on them as the compile below does:
+# (E, B, H); x padded to 128 columns; the per-task expert gradients ds are (E, B, T, D)). The JIT specialises on them as the compile below does:
 # a value divisible by 16 (and every pointer: PyTorch allocations are 16-byte aligned) is
 # marked so, which is what lets loads vectorise, and a value of 1 becomes a constant.
 _B, _H, _E, _K, _PE = 16384, 1024, 4, 6, IN * 1024 + 1024 + 1024 * D + D
 SEED_INTS = dict(B=_B, IN=IN, H=_H, D=D, P=_E * _PE, PE=_PE, s_xb=kernels._pow2(IN), s_pe=_H, s_pb=_E * _H,
-                 s_dt=_B * D, s_db=D, s_gt=_B * _K, s_gb=_K, s_gk=1)
+                 s_de=_B * 16 * D, s_db=16 * D, s_dt=D)
 # under bf16 autocast: x, pre, w2, dL/dcgc in bf16; the gates come out of a float32 softmax
-POINTERS = {"x_ptr": "*bf16", "pre_ptr": "*bf16", "w2_ptr": "*bf16", "dc_ptr": "*bf16", "g_ptr": "*fp32",
-            "out_ptr": "*fp32"}
+POINTERS = {"x_ptr": "*bf16", "pre_ptr": "*bf16", "w2_ptr": "*bf16", "ds_ptr": "*bf16", "out_ptr": "*fp32"}
 
 
 def tools() -> Path:

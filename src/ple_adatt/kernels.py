@@ -7,6 +7,10 @@ For every task ``t`` and shared expert ``e`` (an MLP ``s = relu(x W1 + b1) W2 + 
     gW1_te = x^T dh_te      gb1_te = sum_b dh_te   (i, h), (h,)
     gW2_te = hid_e^T ds_te  gb2_te = sum_b ds_te   (h, d), (d,)
 
+The kernel reads ``ds`` for all tasks and experts from one (E, B, T, d) tensor that a small
+kernel writes first (:func:`task_expert_grads`, 0.27 GB in bf16 at the seed's shape): plain
+loads feed the products and pipeline, where a gate product computed in the loop stalled them.
+
 The plain PyTorch form (:meth:`SharedExperts.per_task_grads`) materialises ``dh`` for all
 tasks: T * E * B * h values (2 GiB in bf16 at the seed's shape), written once, masked and
 read again. Here one program owns a (task, expert, block of hidden units) and walks the
@@ -22,9 +26,9 @@ H100 at about 90 TFLOP/s). :func:`tuned_config` says which won.
 
 Two variants split the work differently (:data:`VARIANTS`): ``fused`` does all of it in the
 kernel; ``split`` leaves ``gW2`` (a third of the FLOPs) to one cuBLAS GEMM per expert over
-all tasks, ``hid^T @ [ds_1 .. ds_T]`` (B x T*d, materialised: 0.27 GB in bf16 at the seed's
-shape), and keeps the kernel to the chained ``dh -> gW1`` pair, with half the accumulator
-registers per program. On CUDA the first call for a shape times both once and keeps the
+all tasks, ``hid^T @ [ds_1 .. ds_T]`` (each expert's slice of ``ds`` is its (B, T*d) operand),
+and keeps the kernel to the chained ``dh -> gW1`` pair, with half the accumulator registers
+per program. On CUDA the first call for a shape times both once and keeps the
 faster (:func:`tuned_config` says which).
 
 Triton is optional: :func:`available` says whether the kernel can run (CUDA tensors and an
@@ -54,9 +58,10 @@ DEFAULT_VARIANT: str | None = None  # None: the faster, timed once per shape (th
 # layout's configs as measured on the H100 (64x64x8x3, 64x128x8x2, 128x64x8x2, 32x128x4x3)
 # all spilled: 300-2000 bytes of stack, with 255 registers.
 TILES = {
-    ("fused", "hrows"): [(64, 64, 8, 3), (64, 64, 8, 2), (32, 64, 8, 3)],
+    ("fused", "hrows"): [(64, 64, 8, 3), (64, 64, 8, 2), (32, 64, 8, 3), (64, 64, 8, 4)],
     ("fused", "brows"): [(32, 64, 8, 3)],  # its only config without spills (some dots on HMMA)
-    ("split", "hrows"): [(64, 128, 8, 2), (64, 128, 8, 3), (128, 64, 8, 2), (128, 128, 8, 2), (64, 64, 8, 3)],
+    ("split", "hrows"): [(64, 128, 8, 2), (64, 128, 8, 3), (64, 128, 8, 4), (128, 64, 8, 2), (128, 128, 8, 2),
+                         (64, 64, 8, 3)],
     ("split", "brows"): [(64, 64, 8, 3), (128, 64, 8, 2), (64, 64, 8, 2)],
 }
 
@@ -126,9 +131,9 @@ def _kernel(layouts: tuple[str, ...], with_w2: bool = True):
 
     @triton.autotune(configs=configs, key=["B", "IN", "H", "D", "BI", "BD"])
     @triton.jit
-    def kernel(x_ptr, pre_ptr, w2_ptr, dc_ptr, g_ptr, out_ptr,
+    def kernel(x_ptr, pre_ptr, w2_ptr, ds_ptr, out_ptr,
                B, IN, H, D, P, PE,
-               s_xb, s_pe, s_pb, s_dt, s_db, s_gt, s_gb, s_gk,
+               s_xb, s_pe, s_pb, s_de, s_db, s_dt,
                BI: tl.constexpr, BD: tl.constexpr, PREC: tl.constexpr, WITH_W2: tl.constexpr,
                BB: tl.constexpr, BH: tl.constexpr, HROWS: tl.constexpr):
         t = tl.program_id(0).to(tl.int64)
@@ -150,10 +155,10 @@ def _kernel(layouts: tuple[str, ...], with_w2: bool = True):
         for b0 in range(0, B, BB):
             offs_b = b0 + tl.arange(0, BB)
             mb = offs_b < B
-            gate = tl.load(g_ptr + t * s_gt + offs_b * s_gb + e * s_gk, mask=mb, other=0.0).to(tl.float32)
-            dc = tl.load(dc_ptr + t * s_dt + offs_b[:, None] * s_db + offs_d[None, :],
-                         mask=mb[:, None] & md[None, :], other=0.0).to(tl.float32)
-            ds = (dc * gate[:, None]).to(w2.dtype)  # (BB, BD): dL_t/ds_e on this tile
+            # (BB, BD): dL_t/ds_e on this tile, built by _ds_kernel: a plain load feeds the
+            # product, so the loads pipeline (as K and V tiles do in flash attention)
+            ds = tl.load(ds_ptr + e * s_de + offs_b[:, None] * s_db + t * s_dt + offs_d[None, :],
+                         mask=mb[:, None] & md[None, :], other=0.0)
             if WITH_W2:
                 acc_b2 += tl.sum(ds.to(tl.float32), axis=0)
             # x comes padded to BI columns (zeros): a row-only mask lets the load vectorise
@@ -333,8 +338,7 @@ def shared_task_grads(x: Tensor, pre: Tensor, w2: Tensor, d_cgc: Tensor, gates: 
     w2 = w2.to(dtype).contiguous()
     if pre.stride(2) != 1:
         pre = pre.contiguous()
-    if d_cgc.stride(2) != 1:
-        d_cgc = d_cgc.contiguous()
+    ds, gb2 = task_expert_grads(d_cgc, gates, E, dtype)  # (E, B, T, D), (E, T, D)
     PE = IN * H + H + H * D + D
 
     def run(v: str) -> Tensor:
@@ -344,12 +348,11 @@ def shared_task_grads(x: Tensor, pre: Tensor, w2: Tensor, d_cgc: Tensor, gates: 
             return (T, -(-H // meta["BH"]), E)
 
         _kernel(layouts, v == "fused")[grid](
-            x, pre, w2, d_cgc, gates, out, B, IN, H, D, E * PE, PE,
-            x.stride(0), pre.stride(0), pre.stride(1), d_cgc.stride(0), d_cgc.stride(1),
-            gates.stride(0), gates.stride(1), gates.stride(2),
+            x, pre, w2, ds, out, B, IN, H, D, E * PE, PE,
+            x.stride(0), pre.stride(0), pre.stride(1), ds.stride(0), ds.stride(1), ds.stride(2),
             BI=BI, BD=_pow2(D), PREC="ieee" if dtype == torch.float32 else "tf32", WITH_W2=v == "fused")
         if v == "split":
-            _w2_grads_by_gemm(out.view(T, E, PE), pre.clamp_min(0) if hid is None else hid, d_cgc, gates, IN)
+            _w2_grads_by_gemm(out.view(T, E, PE), pre.clamp_min(0) if hid is None else hid, ds, gb2, IN)
         return out
 
     if variant is None:
@@ -361,19 +364,63 @@ def shared_task_grads(x: Tensor, pre: Tensor, w2: Tensor, d_cgc: Tensor, gates: 
     return run(variant)
 
 
-def _w2_grads_by_gemm(out: Tensor, hid: Tensor, d_cgc: Tensor, gates: Tensor, IN: int) -> None:
+#: rows per program of the ds kernel
+DS_ROWS = 64
+
+
+@functools.cache
+def _ds_kernel():
+    triton, tl = _triton()
+
+    @triton.jit
+    def ds_kernel(dc_ptr, g_ptr, ds_ptr, sum_ptr, B, T, D, s_dt, s_db, s_gt, s_gb, s_gk, s_oe, s_ob, s_ot,
+                  BB: tl.constexpr, BD: tl.constexpr):
+        e = tl.program_id(0).to(tl.int64)
+        blk = tl.program_id(1)
+        offs_b = blk * BB + tl.arange(0, BB)
+        offs_d = tl.arange(0, BD)
+        mb, md = offs_b < B, offs_d < D
+        m = mb[:, None] & md[None, :]
+        for t in range(T):
+            gate = tl.load(g_ptr + t * s_gt + offs_b * s_gb + e * s_gk, mask=mb, other=0.0).to(tl.float32)
+            dc = tl.load(dc_ptr + t * s_dt + offs_b[:, None] * s_db + offs_d[None, :], mask=m, other=0.0)
+            ds = dc.to(tl.float32) * gate[:, None]
+            ds = ds.to(ds_ptr.dtype.element_ty)
+            tl.store(ds_ptr + e * s_oe + offs_b[:, None] * s_ob + t * s_ot + offs_d[None, :], ds, mask=m)
+            # this block's column sums (gb2's share), summed over blocks afterwards: no atomics,
+            # so the result does not depend on the programs' order
+            part = tl.sum(ds.to(tl.float32), axis=0)
+            tl.store(sum_ptr + ((e * tl.num_programs(1) + blk) * T + t) * D + offs_d, part, mask=md)
+
+    return ds_kernel
+
+
+def task_expert_grads(d_cgc: Tensor, gates: Tensor, E: int, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """``ds[e, b, t] = gate[t, b, e] * d_cgc[t, b]`` in ``dtype``, (E, B, T, D): every task's
+    gradient at every shared expert's output, the product rounded once from float32. The
+    kernel reads its (t, e) tiles as plain loads, and in this layout each expert's slice is
+    the (B, T*D) operand of the ``split`` variant's gW2 GEMM. 0.27 GB in bf16 at the seed's
+    shape, one write. Also the second-layer bias gradients ``gb2[e, t] = sum_b ds[e, b, t]``
+    (E, T, D) in float32, from per-block sums of the same pass."""
+    T, B, D = d_cgc.shape
+    if d_cgc.stride(2) != 1:
+        d_cgc = d_cgc.contiguous()
+    ds = torch.empty(E, B, T, D, dtype=dtype, device=d_cgc.device)
+    blocks = -(-B // DS_ROWS)
+    sums = torch.empty(E, blocks, T, D, dtype=torch.float32, device=d_cgc.device)
+    _ds_kernel()[(E, blocks)](
+        d_cgc, gates, ds, sums, B, T, D, d_cgc.stride(0), d_cgc.stride(1), gates.stride(0), gates.stride(1),
+        gates.stride(2), ds.stride(0), ds.stride(1), ds.stride(2), BB=DS_ROWS, BD=_pow2(D))
+    return ds, sums.sum(1)
+
+
+def _w2_grads_by_gemm(out: Tensor, hid: Tensor, ds: Tensor, gb2: Tensor, IN: int) -> None:
     """The ``split`` variant's second layer: gW2 of every task and expert as one batched GEMM
-    over all tasks, ``hid_e^T @ [ds_1e .. ds_Te]``, and gb2 as a small one; written into
-    ``out`` (T, E, PE) where the kernel left them out."""
+    over all tasks, ``hid_e^T @ [ds_1e .. ds_Te]``, and gb2 (E, T, D) from
+    :func:`task_expert_grads`; written into ``out`` (T, E, PE) where the kernel left them out."""
     E, B, H = hid.shape
-    T, _, D = d_cgc.shape
-    dtype = hid.dtype
-    g = gates[..., :E].to(dtype)  # (T, B, E)
-    dc = d_cgc.to(dtype)
-    ds = torch.empty(E, B, T, D, dtype=dtype, device=hid.device)  # contiguous: the GEMM's (B, T*D) operand
-    torch.mul(g.permute(2, 1, 0).unsqueeze(-1), dc.transpose(0, 1).unsqueeze(0), out=ds)
-    gw2 = torch.bmm(hid.transpose(1, 2), ds.reshape(E, B, T * D))  # (E, H, T*D)
-    gb2 = torch.bmm(g.transpose(1, 2), dc)  # (T, E, D), in the products' dtype like gW2
+    T, D = gb2.shape[1:]
+    gw2 = torch.bmm(hid.transpose(1, 2), ds.view(E, B, T * D))  # (E, H, T*D)
     o = IN * H + H
     out[:, :, o:o + H * D].view(T, E, H, D).copy_(gw2.view(E, H, T, D).permute(2, 0, 1, 3))  # one pass
-    out[:, :, o + H * D:].copy_(gb2)
+    out[:, :, o + H * D:].copy_(gb2.transpose(0, 1))
