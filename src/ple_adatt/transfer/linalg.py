@@ -8,18 +8,33 @@ from torch import Tensor
 __all__ = ["gram_matrix"]
 
 
+#: columns per slice of gram_matrix's split product on CUDA
+GRAM_SLICE = 16384
+
+
 def gram_matrix(rows: Tensor) -> Tensor:
     """``rows @ rows.T`` in full float32 precision, whatever the trainer set for TF32.
 
     The trainer turns TF32 on for the model's matmuls (seed 12.3); TF32 rounds the inputs to
     10 mantissa bits, which moves a cosine by up to about 1e-3 and can flip the sign of the
-    dot product of a nearly orthogonal pair (the test PCGrad and MoCoGrad project on). The
-    Gram matrix is a (T, P) x (P, T) product, a few microseconds either way."""
+    dot product of a nearly orthogonal pair (the test PCGrad and MoCoGrad project on).
+
+    On CUDA the (T, P) x (P, T) product is one batched GEMM over column slices of
+    ``GRAM_SLICE``, then a sum: a single GEMM with 16 rows and a million-long inner dimension
+    kept a few thread blocks busy (measured 193 us on an H100 at T = 16, P = 938,496, for
+    60 MB read)."""
     if rows.device.type != "cuda":
         return rows @ rows.t()
     allowed = torch.backends.cuda.matmul.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = False
     try:
-        return rows @ rows.t()
+        t, p = rows.shape
+        n = p // GRAM_SLICE
+        if n < 2:
+            return rows @ rows.t()
+        head = rows[:, :n * GRAM_SLICE].unflatten(1, (n, GRAM_SLICE)).transpose(0, 1)  # (n, T, S), a view
+        gram = torch.bmm(head, head.transpose(1, 2)).sum(0)
+        tail = rows[:, n * GRAM_SLICE:]
+        return gram.addmm_(tail, tail.t()) if tail.shape[1] else gram
     finally:
         torch.backends.cuda.matmul.allow_tf32 = allowed
