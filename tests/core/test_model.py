@@ -7,7 +7,8 @@ import torch
 from corehelpers import make_batch
 
 from ple_adatt.losses import MultiTaskLoss
-from ple_adatt.model import build_model
+from ple_adatt.model import (augment_input, build_model, grouped_linear, shared_input_linear,
+                             shared_input_relu_linear)
 
 
 def build(specs, model_cfg, clusters=3):
@@ -127,3 +128,61 @@ def test_predict_returns_user_units(specs, model_cfg):
     raw = model(b.x_num, b.x_cat).out[3, :, 0]
     torch.testing.assert_close(p["ltv"], raw.detach() * 3.0 + 10.0)
     assert p["brand"].shape == (16, 4)
+
+
+@pytest.mark.parametrize("width", [5, 7, 8, 100])
+def test_augmented_input_puts_the_bias_inside_the_gemm_and_aligns_rows(width):
+    """``augment_input`` appends a ones column and zeros up to a multiple of 8 columns; the
+    layer on it equals addmm with the bias, and its bias gradient equals the batch sum."""
+    torch.manual_seed(0)
+    x = torch.randn(33, width)
+    w = torch.randn(3, width, 4, requires_grad=True)
+    b = torch.randn(3, 1, 4, requires_grad=True)
+    xa = augment_input(x)
+    assert xa.shape[1] % 8 == 0 and xa.shape[1] > width
+    assert torch.equal(xa[:, :width], x) and torch.equal(xa[:, width], torch.ones(33))
+    assert not xa[:, width + 1:].any()
+    got = shared_input_linear(xa, w, b)
+    ref = shared_input_linear(x, w, b)
+    assert torch.allclose(got, ref, atol=1e-5)
+    g = torch.randn_like(ref)
+    gw, gb = torch.autograd.grad(got, (w, b), g)
+    rw, rb = torch.autograd.grad(ref, (w, b), g)
+    assert torch.allclose(gw, rw, atol=1e-4) and torch.allclose(gb, rb, atol=1e-4)
+    # with the ReLU in the GEMM's epilogue: the same values and gradients as a ReLU after it
+    x.requires_grad_(True)
+    xa = augment_input(x)
+    fused = shared_input_relu_linear(xa, w, b)
+    plain = torch.relu(shared_input_linear(x, w, b))
+    assert torch.allclose(fused, plain, atol=1e-5) and (plain == 0).any()
+    for a, r in zip(torch.autograd.grad(fused, (x, w, b), g), torch.autograd.grad(plain, (x, w, b), g)):
+        assert torch.allclose(a, r, atol=1e-4)
+
+
+@pytest.mark.parametrize("amp", [False, True])
+def test_grouped_linear_matches_baddbmm_and_keeps_the_input_gradient_layout(amp):
+    """The input gradient comes back in the input's own layout (a transposed view of a wide
+    hidden layer), so the ReLU backward below runs on one layout; values equal baddbmm's."""
+    torch.manual_seed(1)
+    wide = torch.randn(50, 3 * 6, requires_grad=True)
+    w = torch.randn(3, 6, 4, requires_grad=True)
+    b = torch.randn(3, 1, 4, requires_grad=True)
+    seen = {}
+
+    def keep(grad):
+        seen["stride"] = grad.stride()
+
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
+        x = wide.view(50, 3, 6).transpose(0, 1)  # (G, B, i), strides (6, 18, 1)
+        x.register_hook(keep)
+        got = grouped_linear(x, w, b)
+        ref = torch.baddbmm(b, x, w)
+    assert got.dtype == ref.dtype
+    tol = dict(atol=5e-2, rtol=2e-2) if amp else dict(atol=1e-5)
+    assert torch.allclose(got.float(), ref.float(), **tol)
+    g = torch.randn(got.shape)
+    grads = torch.autograd.grad(got, (wide, w, b), g.to(got.dtype))
+    assert seen["stride"] == x.stride()
+    refs = torch.autograd.grad(ref, (wide, w, b), g.to(ref.dtype))
+    for a, r in zip(grads, refs):
+        assert a.dtype == r.dtype and torch.allclose(a.float(), r.float(), **tol)
