@@ -170,6 +170,31 @@ def test_cuda_graph_steps_train_like_eager_steps(amp, strategy):
         assert rg.val["val_loss"] == pytest.approx(re.val["val_loss"], rel=tol["rtol"])
 
 
+def test_production_step_settings_train_like_eager_steps():
+    """configs/train/production.yaml's step settings together (whole-step CUDA graphs over the
+    torch.compile'd trunk, heads and losses, bf16 autocast) against plain eager steps."""
+    prod = load_train_config(ROOT / "configs/train/production.yaml").training
+    assert prod.cuda_graph and prod.compile and prod.compile_mode == "default" and prod.use_amp
+    base = ["training.use_amp=true", "training.batch_size=128", "training.shared_expert_epochs=2",
+            "transfer.adatt.warmup_epochs=1", "transfer.adatt.freeze_epoch=2"]
+    finals, trainers = [], []
+    for fast in (False, True):
+        flags = ["training.cuda_graph=true", "training.compile=true"] if fast else []
+        trainer = _cuda_trainer(base + flags, 1024, 128, seed=2)
+        trainer.run_phase1()
+        trainers.append(trainer)
+        finals.append({k: v.detach().float().clone() for k, v in trainer.system.state_dict().items()})
+    assert trainers[0].step_graphs is None and trainers[1].step_graphs.captures == 4  # 2 epochs x 2 kinds
+    # compiled kernels round bf16 differently, and AdamW turns a gradient near zero into a full
+    # step either way, so single weights drift apart: compare each tensor as a whole
+    drift = {k: float((finals[1][k] - finals[0][k]).norm() / finals[0][k].norm().clamp_min(1e-12))
+             for k in finals[0] if finals[0][k].is_floating_point() and finals[0][k].norm() > 0}
+    print("largest relative drift:", sorted(drift.items(), key=lambda kv: -kv[1])[:3])
+    assert max(drift.values()) < 2e-2, drift
+    for re, rg in zip(*(t.history for t in trainers)):
+        assert rg.val["val_loss"] == pytest.approx(re.val["val_loss"], rel=1e-2)
+
+
 def test_gram_matrices_of_task_gradients_ignore_tf32():
     """The trainer turns TF32 on; the Gram matrix of the task gradients must stay float32-exact.
     1 + 2^-12 is below TF32's 10 mantissa bits: under TF32 its square would read as 1."""
@@ -181,3 +206,8 @@ def test_gram_matrices_of_task_gradients_ignore_tf32():
     exact = 100_000 * (1.0 + 2.0 ** -12) ** 2
     assert torch.backends.cuda.matmul.allow_tf32  # restored
     assert float((got.double() / exact - 1).abs().max()) < 1e-5
+    # the sliced product (GRAM_SLICE columns per batch, then a tail) against float64
+    for p in (100_003, 3 * 16384, 16384 - 1):
+        g = torch.randn(16, p, device="cuda")
+        ref = g.double() @ g.double().t()
+        assert float(((gram_matrix(g).double() - ref).abs() / ref.abs().max()).max()) < 1e-6, p
