@@ -7,8 +7,13 @@ import torch
 from corehelpers import make_batch
 
 from ple_adatt.losses import MultiTaskLoss
-from ple_adatt.model import (augment_input, build_model, grouped_linear, shared_input_linear,
-                             shared_input_relu_linear)
+from ple_adatt.model import (
+    augment_input,
+    build_model,
+    grouped_linear,
+    shared_input_linear,
+    shared_input_relu_linear,
+)
 
 
 def build(specs, model_cfg, clusters=3):
@@ -186,3 +191,34 @@ def test_grouped_linear_matches_baddbmm_and_keeps_the_input_gradient_layout(amp)
     refs = torch.autograd.grad(ref, (wide, w, b), g.to(ref.dtype))
     for a, r in zip(grads, refs):
         assert a.dtype == r.dtype and torch.allclose(a.float(), r.float(), **tol)
+
+
+@pytest.mark.parametrize("amp", [False, True])
+def test_the_gpus_layers_compute_the_cpus_model(specs, model_cfg, loss_cfgs, amp):
+    """``gpu_layers`` (the augmented input, the ReLU in the GEMM's epilogue, the layout-keeping
+    grouped layers) run here on the CPU: the same outputs, parameter gradients and per-task
+    gradients (einsum path and the seed's loop) as the plain layers, on the same weights."""
+    model = build(specs, model_cfg)
+    torch.nn.init.normal_(model.head.weight, std=0.5)
+    crit = MultiTaskLoss(model.heads, loss_cfgs)
+    b = make_batch(40, seed=3)
+    found = {}
+    for gpu in (False, True):
+        model.gpu_layers = gpu
+        model.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
+            out = model(b.x_num, b.x_cat, b.cluster)
+            lo = crit(out.out, b.y, model.target_loc, model.target_scale, model.item_embeddings)
+        per_task = {m: model.shared_task_gradients(lo.weighted, lo.present, out, m) for m in ("einsum", "loop")}
+        lo.weighted.sum().backward()
+        found[gpu] = (out.out.float(), per_task, {n: p.grad.clone() for n, p in model.named_parameters()
+                                                  if p.grad is not None})
+    model.gpu_layers = None
+    (o0, t0, g0), (o1, t1, g1) = found[False], found[True]
+    tol = dict(rtol=3e-2, atol=3e-3) if amp else dict(rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(o1, o0, **tol)
+    for m in t0:
+        torch.testing.assert_close(t1[m], t0[m], **tol)
+    assert g0.keys() == g1.keys() and len(g0) > 10
+    for n in g0:
+        torch.testing.assert_close(g1[n], g0[n], **tol, msg=n)
