@@ -255,3 +255,14 @@ def test_observe_measures_before_the_freeze_and_not_after():
     t.observe(-GRADS)
     assert torch.equal(t.affinity_computer.affinity_matrix, before)
     assert int(t.affinity_computer.update_count) == 2
+
+
+@pytest.mark.parametrize("cols", [5, 64, 64 * 3, 64 * 3 + 7])
+def test_sliced_gram_equals_the_plain_product(cols):
+    """The Gram matrix of task gradients as CUDA computes it (a batched product over column
+    slices, then the remaining columns) against the plain product in float64."""
+    from ple_adatt.transfer.linalg import sliced_gram
+
+    torch.manual_seed(cols)
+    rows = torch.randn(6, cols, dtype=torch.float64)
+    assert torch.allclose(sliced_gram(rows, width=64), rows @ rows.t(), rtol=1e-12, atol=1e-12)

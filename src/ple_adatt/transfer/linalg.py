@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["gram_matrix"]
+__all__ = ["gram_matrix", "sliced_gram"]
 
 
 #: columns per slice of gram_matrix's split product on CUDA
@@ -28,13 +28,18 @@ def gram_matrix(rows: Tensor) -> Tensor:
     allowed = torch.backends.cuda.matmul.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = False
     try:
-        t, p = rows.shape
-        n = p // GRAM_SLICE
-        if n < 2:
-            return rows @ rows.t()
-        head = rows[:, :n * GRAM_SLICE].unflatten(1, (n, GRAM_SLICE)).transpose(0, 1)  # (n, T, S), a view
-        gram = torch.bmm(head, head.transpose(1, 2)).sum(0)
-        tail = rows[:, n * GRAM_SLICE:]
-        return gram.addmm_(tail, tail.t()) if tail.shape[1] else gram
+        return sliced_gram(rows)
     finally:
         torch.backends.cuda.matmul.allow_tf32 = allowed
+
+
+def sliced_gram(rows: Tensor, width: int = GRAM_SLICE) -> Tensor:
+    """``rows @ rows.T`` as one batched product over column slices of ``width``, summed, plus
+    the remaining columns (a single product when there are fewer than two slices)."""
+    n = rows.shape[1] // width
+    if n < 2:
+        return rows @ rows.t()
+    head = rows[:, :n * width].unflatten(1, (n, width)).transpose(0, 1)  # (n, T, width), a view
+    gram = torch.bmm(head, head.transpose(1, 2)).sum(0)
+    tail = rows[:, n * width:]
+    return gram.addmm_(tail, tail.t()) if tail.shape[1] else gram
