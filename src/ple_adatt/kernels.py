@@ -302,8 +302,8 @@ def shared_task_grads(x: Tensor, pre: Tensor, w2: Tensor, d_cgc: Tensor, gates: 
                       hid: Tensor | None = None) -> Tensor:
     """Per-task gradients on every shared expert's (w1, b1, w2, b2), flattened: (T, P) float32.
 
-    ``x`` (B, i) expert input, ``pre`` (E, B, h) first-layer pre-activation (any strides with
-    a unit last stride), ``w2`` (E, h, d), ``d_cgc`` (T, B, d) dL_t/dcgc_t, ``gates`` (T, B, K)
+    ``x`` (B, i) expert input, ``pre`` (E, B, h) first-layer pre-activation, or anything of its
+    sign (the model passes the hidden layer itself; any strides with a unit last stride), ``w2`` (E, h, d), ``d_cgc`` (T, B, d) dL_t/dcgc_t, ``gates`` (T, B, K)
     whose first E columns weight the shared experts. Matrix products run in ``pre``'s dtype
     (bf16 under autocast) with float32 accumulation; float32 inputs use exact float32 products.
     ``layouts`` limits the autotuner to some of :data:`LAYOUTS` (default :data:`DEFAULT_LAYOUTS`);
