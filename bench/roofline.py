@@ -52,7 +52,12 @@ GPUS = {"h100": (600e12, 3.0e12), "h200": (600e12, 4.2e12)}
 LAUNCH_S = 4e-6  # eager launch cost per kernel (CPU-side dispatch + launch)
 VIEWS = {"view", "_unsafe_view", "t", "transpose", "permute", "expand", "select", "slice", "unsqueeze", "squeeze",
          "detach", "alias", "as_strided", "split", "split_with_sizes", "unbind", "chunk", "narrow", "diagonal",
-         "lift_fresh", "unflatten", "_reshape_alias", "reshape", "view_as"}
+         "lift_fresh", "unflatten", "_reshape_alias", "reshape", "view_as",
+         "empty", "empty_strided", "empty_like", "new_empty", "new_empty_strided"}  # (allocations move nothing)
+
+
+# the first layers' GEMM with its ReLU in the epilogue counts as the addmm it is
+ADDMM, ADDMM_ACTIVATION = torch.ops.aten.addmm, torch.ops.aten._addmm_activation
 
 
 class OpRecorder(TorchDispatchMode):
@@ -84,8 +89,9 @@ class OpRecorder(TorchDispatchMode):
             return out
         tensors = {id(t): t for t in tree_leaves((args, kwargs, out)) if isinstance(t, torch.Tensor)}
         moved = sum(t.numel() * t.element_size() for t in tensors.values())
-        flops = flop_registry[func.overloadpacket](*args, **kwargs, out_val=out) \
-            if func.overloadpacket in flop_registry else 0
+        packet = ADDMM if func.overloadpacket is ADDMM_ACTIVATION else func.overloadpacket
+        flops = flop_registry[packet](*args[:3], out_val=out) if packet is ADDMM else \
+            flop_registry[packet](*args, **kwargs, out_val=out) if packet in flop_registry else 0
         self.add(name, flops, moved)
         return out
 
@@ -173,6 +179,7 @@ def record_step(s: dict, adatt: bool, measure: bool, bf16: bool, gpu: str, kerne
         system.transfer = None
     trainer = Trainer(system, data, data.subset(torch.arange(8)), cfg, torch.device("cpu"), log=lambda m: None)
     trainer.sync_free = True  # the GPU step
+    system.model.gpu_layers = True  # and its layers (the CPU's are chosen by device)
     if bf16:  # the autocast of the GPU runs
         trainer._autocast = lambda: torch.autocast("cpu", dtype=torch.bfloat16)
     opt, scaler = make_optimizer(system, cfg, fused=True), trainer.make_scaler()
