@@ -8,7 +8,7 @@ For every task ``t`` and shared expert ``e`` (an MLP ``s = relu(x W1 + b1) W2 + 
     gW2_te = hid_e^T ds_te  gb2_te = sum_b ds_te   (h, d), (d,)
 
 The kernel reads ``ds`` for all tasks and experts from one (E, B, T, d) tensor that a small
-kernel writes first (:func:`task_expert_grads`, 0.27 GB in bf16 at the seed's shape): plain
+kernel writes first (:func:`expert_output_grads`, 0.27 GB in bf16 at the seed's shape): plain
 loads feed the products and pipeline, where a gate product computed in the loop stalled them.
 
 The plain PyTorch form (:meth:`SharedExperts.per_task_grads`) materialises ``dh`` for all
@@ -302,9 +302,10 @@ def shared_task_grads(x: Tensor, pre: Tensor, w2: Tensor, d_cgc: Tensor, gates: 
                       hid: Tensor | None = None) -> Tensor:
     """Per-task gradients on every shared expert's (w1, b1, w2, b2), flattened: (T, P) float32.
 
-    ``x`` (B, i) expert input, ``pre`` (E, B, h) first-layer pre-activation, or anything of its
-    sign (the model passes the hidden layer itself; any strides with a unit last stride), ``w2`` (E, h, d), ``d_cgc`` (T, B, d) dL_t/dcgc_t, ``gates`` (T, B, K)
-    whose first E columns weight the shared experts. Matrix products run in ``pre``'s dtype
+    ``x`` (B, i) expert input; ``pre`` (E, B, h) first-layer pre-activation, or anything of its
+    sign (the model passes the hidden layer itself), any strides with a unit last stride;
+    ``w2`` (E, h, d); ``d_cgc`` (T, B, d) dL_t/dcgc_t; ``gates`` (T, B, K) whose first E
+    columns weight the shared experts. Matrix products run in ``pre``'s dtype
     (bf16 under autocast) with float32 accumulation; float32 inputs use exact float32 products.
     ``layouts`` limits the autotuner to some of :data:`LAYOUTS` (default :data:`DEFAULT_LAYOUTS`);
     ``variant`` forces one of :data:`VARIANTS` (default: on CUDA the faster, timed on the first
@@ -338,7 +339,7 @@ def shared_task_grads(x: Tensor, pre: Tensor, w2: Tensor, d_cgc: Tensor, gates: 
     w2 = w2.to(dtype).contiguous()
     if pre.stride(2) != 1:
         pre = pre.contiguous()
-    ds, gb2 = task_expert_grads(d_cgc, gates, E, dtype)  # (E, B, T, D), (E, T, D)
+    ds, gb2 = expert_output_grads(d_cgc, gates, E, dtype)  # (E, B, T, D), (E, T, D)
     PE = IN * H + H + H * D + D
 
     def run(v: str) -> Tensor:
@@ -395,7 +396,7 @@ def _ds_kernel():
     return ds_kernel
 
 
-def task_expert_grads(d_cgc: Tensor, gates: Tensor, E: int, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+def expert_output_grads(d_cgc: Tensor, gates: Tensor, E: int, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
     """``ds[e, b, t] = gate[t, b, e] * d_cgc[t, b]`` in ``dtype``, (E, B, T, D): every task's
     gradient at every shared expert's output, the product rounded once from float32. The
     kernel reads its (t, e) tiles as plain loads, and in this layout each expert's slice is
@@ -417,7 +418,7 @@ def task_expert_grads(d_cgc: Tensor, gates: Tensor, E: int, dtype: torch.dtype) 
 def _w2_grads_by_gemm(out: Tensor, hid: Tensor, ds: Tensor, gb2: Tensor, IN: int) -> None:
     """The ``split`` variant's second layer: gW2 of every task and expert as one batched GEMM
     over all tasks, ``hid_e^T @ [ds_1e .. ds_Te]``, and gb2 (E, T, D) from
-    :func:`task_expert_grads`; written into ``out`` (T, E, PE) where the kernel left them out."""
+    :func:`expert_output_grads`; written into ``out`` (T, E, PE) where the kernel left them out."""
     E, B, H = hid.shape
     T, D = gb2.shape[1:]
     gw2 = torch.bmm(hid.transpose(1, 2), ds.view(E, B, T * D))  # (E, H, T*D)

@@ -245,14 +245,12 @@ class SharedExperts(nn.Module):
         """``x`` (B, i), or :func:`augment_input`'s (B, k) for the GPU's layers; the cache
         holds the (B, i) part."""
         w1, b1, w2, b2 = self.stacked()
-        if x.shape[1] == w1.shape[1]:
-            pre = shared_input_linear(x, w1, b1)  # (E, B, h): every expert's first layer in one GEMM
-            hid = F.relu(pre)  # (E, B, h)
-            return torch.baddbmm(b2, hid, w2), (x, pre, hid)  # (E, B, d)
-        # the first layer with its ReLU in one GEMM; the cache's "pre-activation" is then the
-        # hidden layer itself: only its sign is read (pre > 0 <=> hid > 0)
+        # (E, B, h): every expert's first layer in one GEMM (on the GPU with its ReLU). The
+        # cache's "pre-activation" is the hidden layer: only its sign is read (pre > 0 <=> hid > 0)
         hid = shared_input_relu_linear(x, w1, b1)
-        return grouped_linear(hid, w2, b2), (x[:, :w1.shape[1]], hid, hid)
+        augmented = x.shape[1] > w1.shape[1]
+        s = grouped_linear(hid, w2, b2) if augmented else torch.baddbmm(b2, hid, w2)  # (E, B, d)
+        return s, (x[:, :w1.shape[1]], hid, hid)
 
     def per_task_grads(self, cache: tuple[Tensor, Tensor, Tensor], d_s: Tensor) -> Tensor:
         """Closed-form gradients of every task on every shared parameter, all tasks at once.
@@ -434,10 +432,8 @@ class PLEClusterModel(nn.Module):
         te = None
         if self.e_t:
             inner, outer = self.task_expert_in, self.task_expert_out
-            if gpu_layers:
-                te = grouped_linear(shared_input_relu_linear(x, inner.weight, inner.bias), outer.weight, outer.bias)
-            else:
-                te = outer(F.relu(inner(x)))  # (T*E_t, B, d)
+            hid = shared_input_relu_linear(x, inner.weight, inner.bias)  # (T*E_t, B, h)
+            te = grouped_linear(hid, outer.weight, outer.bias) if gpu_layers else outer(hid)  # (T*E_t, B, d)
             te = te.view(self.num_tasks, self.e_t, *te.shape[1:])  # (T, E_t, B, d)
         cgc = mixture.gated_mixture(gates, shared, te, self.fused_mixture)  # (T, B, d)
         return gates, cgc, cache
