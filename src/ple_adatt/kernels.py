@@ -302,8 +302,9 @@ def shared_task_grads(x: Tensor, pre: Tensor, w2: Tensor, d_cgc: Tensor, gates: 
                       hid: Tensor | None = None) -> Tensor:
     """Per-task gradients on every shared expert's (w1, b1, w2, b2), flattened: (T, P) float32.
 
-    ``x`` (B, i) expert input; ``pre`` (E, B, h) first-layer pre-activation, or anything of its
-    sign (the model passes the hidden layer itself), any strides with a unit last stride;
+    ``x`` (B, i) expert input; ``pre`` (E, B, h) first-layer pre-activation, or the hidden
+    layer itself (the model passes that: the kernel reads ``pre > 0`` and ``relu(pre)``, the
+    same for both), any strides with a unit last stride;
     ``w2`` (E, h, d); ``d_cgc`` (T, B, d) dL_t/dcgc_t; ``gates`` (T, B, K) whose first E
     columns weight the shared experts. Matrix products run in ``pre``'s dtype
     (bf16 under autocast) with float32 accumulation; float32 inputs use exact float32 products.
@@ -318,16 +319,20 @@ def shared_task_grads(x: Tensor, pre: Tensor, w2: Tensor, d_cgc: Tensor, gates: 
     variant = DEFAULT_VARIANT if variant is None else variant
     if variant is not None and variant not in VARIANTS:
         raise ValueError(f"unknown kernel variant {variant!r}; valid: {', '.join(VARIANTS)}")
+    E, B, H = pre.shape
+    T, _, D = d_cgc.shape
+    dtype = pre.dtype
+    IN, BI = x.shape[1], _pow2(x.shape[1])
+    if B * max(E * H, T * D, BI) >= 2**31:  # the kernels' row offsets are 32-bit
+        raise ValueError(f"batch {B} too large for the fused kernel's 32-bit row offsets (batch x "
+                         f"max(E*h, T*d, i) = {B * max(E * H, T * D, BI)} must stay under 2^31); "
+                         "use a smaller batch or grad_method: einsum")
     if _triton() is None:
         raise RuntimeError("transfer.grad_method: fused needs triton (pip install triton); "
                            "use grad_method: batched, which falls back to einsum without it")
     if pre.device.type != "cuda" and not interpreted():
         raise RuntimeError(f"transfer.grad_method: fused runs on CUDA (or on the CPU under TRITON_INTERPRET=1), "
                            f"not on {pre.device.type}; use grad_method: batched or einsum")
-    E, B, H = pre.shape
-    T, _, D = d_cgc.shape
-    dtype = pre.dtype
-    IN, BI = x.shape[1], _pow2(x.shape[1])
     x = x.to(dtype)
     if IN != BI or not x.is_contiguous():
         # zero columns up to the tile width (B x BI, 4 MB at the seed's shape): the kernel then

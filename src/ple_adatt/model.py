@@ -58,7 +58,8 @@ class ModelOutput:
     out: Tensor  # (T, B, O) raw task outputs, padded to the widest task
     gates: Tensor  # (T, B, K) CGC gate weights over [shared experts; own task experts]
     cgc_out: Tensor  # (T, B, d) gated expert mixture per task (input of the towers)
-    # (x, pre-activation or anything of its sign, hidden) of the shared experts
+    # (x, pre-activation or the hidden layer itself, hidden) of the shared experts: the
+    # per-task gradients read the sign of the second and relu() of it, the same for both
     shared_cache: tuple[Tensor, Tensor, Tensor]
 
 
@@ -178,8 +179,8 @@ class _GroupedLinear(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             if torch.compiler.is_compiling():  # dynamo refuses a strided out=; inductor picks layouts
                 gx = torch.bmm(grad, wc.transpose(1, 2))
-            else:
-                gx = torch.empty_strided(xc.shape, xc.stride(), dtype=xc.dtype, device=xc.device)
+            else:  # empty_like keeps x's strides when x is dense (an expanded x gets contiguous ones)
+                gx = torch.empty_like(xc)
                 torch.bmm(grad, wc.transpose(1, 2), out=gx)
             gx = gx.to(x_dtype)
         if ctx.needs_input_grad[1]:
@@ -246,7 +247,8 @@ class SharedExperts(nn.Module):
         holds the (B, i) part."""
         w1, b1, w2, b2 = self.stacked()
         # (E, B, h): every expert's first layer in one GEMM (on the GPU with its ReLU). The
-        # cache's "pre-activation" is the hidden layer: only its sign is read (pre > 0 <=> hid > 0)
+        # cache's "pre-activation" is the hidden layer: the per-task gradients read its sign
+        # (pre > 0 <=> hid > 0) and relu() of it (relu(hid) == hid)
         hid = shared_input_relu_linear(x, w1, b1)
         augmented = x.shape[1] > w1.shape[1]
         s = grouped_linear(hid, w2, b2) if augmented else torch.baddbmm(b2, hid, w2)  # (E, B, d)
@@ -418,6 +420,12 @@ class PLEClusterModel(nn.Module):
         # dynamo recompile for dynamic shapes, and the full batches of every later epoch would
         # then run that slower dynamic graph; static, each batch size is one more compile
         options.setdefault("dynamic", False)
+        # each batch size and grad mode (train, its last batch, evaluation, Phase 2 with the
+        # shared experts frozen, predict) is one more graph: past dynamo's default of 8 a
+        # compiled part would fall back to eager for every new shape
+        import torch._dynamo.config as dynamo_config
+
+        dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, 64)
         self._trunk_fn = torch.compile(self.trunk, **options)
         self._heads_fn = torch.compile(self.heads_forward, **options)
 

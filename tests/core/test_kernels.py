@@ -79,6 +79,17 @@ def test_an_unknown_kernel_variant_or_layout_is_named(kwargs, message):
                                   torch.zeros(2, 4, 8), torch.zeros(2, 4, 1), **kwargs)
 
 
+def test_a_batch_past_the_kernels_32_bit_offsets_is_refused_before_any_work():
+    """batch x T*d >= 2^31 would overflow the kernels' row offsets: a clear error (which
+    grad_method: batched turns into the einsum path), not a wrong gradient. Zero-stride inputs:
+    nothing of that size is allocated."""
+    B = 2**27
+    x, pre, w2 = torch.zeros(1, 3).expand(B, 3), torch.zeros(1, 1, 16).expand(1, B, 16), torch.zeros(1, 16, 8)
+    d_cgc, gates = torch.zeros(1, 1, 8).expand(2, B, 8), torch.zeros(1, 1, 1).expand(2, B, 1)
+    with pytest.raises(ValueError, match=r"batch 134217728 too large .* = 2147483648 must stay under 2\^31"):
+        kernels.shared_task_grads(x, pre, w2, d_cgc, gates)
+
+
 def test_batched_uses_einsum_on_the_cpu_and_fused_refuses_without_the_interpreter(monkeypatch):
     assert not kernels.available(torch.device("cpu"))  # batched -> einsum here
     monkeypatch.setenv("TRITON_INTERPRET", "0")

@@ -191,6 +191,11 @@ def test_grouped_linear_matches_baddbmm_and_keeps_the_input_gradient_layout(amp)
     refs = torch.autograd.grad(ref, (wide, w, b), g.to(ref.dtype))
     for a, r in zip(grads, refs):
         assert a.dtype == r.dtype and torch.allclose(a.float(), r.float(), **tol)
+    # an expanded input (stride 0: its gradient buffer cannot take that layout) still sums right
+    one = torch.randn(1, 50, 6, requires_grad=True)
+    got, = torch.autograd.grad(grouped_linear(one.expand(3, 50, 6), w, b), one, g)
+    ref, = torch.autograd.grad(torch.baddbmm(b, one.expand(3, 50, 6), w), one, g)
+    assert torch.allclose(got, ref, atol=1e-4)
 
 
 @pytest.mark.parametrize("amp", [False, True])
