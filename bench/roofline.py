@@ -109,9 +109,14 @@ def cost_fused_kernel(model, rec: OpRecorder) -> None:
         x, pre, _ = output.shared_cache
         (E, B, H), (T, _, D), IN = pre.shape, d_cgc.shape, x.shape[1]
         half = 2  # bf16 operands
+        ds = E * B * T * D * half  # every task's gradient at every expert's output, written once
+        # kernels.expert_output_grads: dL/dcgc read once per expert, the float32 gates, ds written
+        rec.add("expert_output_grads (Triton, modelled)", 0, E * T * B * D * half + T * B * E * 4 + ds)
         flops = 2 * B * T * E * (IN * H + 2 * H * D)  # dh, gW1, gW2 per task and expert
-        moved = (B * IN + E * B * H + T * B * D + E * H * D) * half + output.gates.numel() * half + grads.numel() * 4
-        rec.add("fused_task_grads (Triton, modelled)", flops, moved)
+        # the kernel reads x, the hidden layer, ds and w2 once and writes the (T, P) float32
+        # gradients; the split variant's gW2 GEMM reads the hidden layer and ds again
+        moved = (B * IN + E * B * H + E * H * D) * half + ds + grads.numel() * 4 + E * B * H * half + ds
+        rec.add("fused_task_grads (Triton + gW2 GEMM, modelled)", flops, moved)
         return grads
 
     model.task_gradients_from_cgc = modelled

@@ -53,7 +53,8 @@ def test_roofline_counts_the_steps_kernels_flops_and_bytes():
     assert int(kd) > int(kb) > 50  # the measuring step adds the per-task gradient kernels
     assert float(gb_d) > float(gb_b) > 0
     assert "estimate on h100" in out
-    assert out.count("fused_task_grads (Triton, modelled)") == 1  # (d) costs the GPU kernel, (b) has none
+    assert out.count("fused_task_grads (Triton + gW2 GEMM, modelled)") == 1  # (d) costs the GPU kernels, (b) none
+    assert out.count("expert_output_grads (Triton, modelled)") == 1
     einsum = _run("bench/roofline.py", "--shape", "small", "--only", "d", "--einsum-grads", "--top", "100")
     assert "fused_task_grads" not in einsum
 
