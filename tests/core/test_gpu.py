@@ -170,23 +170,25 @@ def test_cuda_graph_steps_train_like_eager_steps(amp, strategy):
         assert rg.val["val_loss"] == pytest.approx(re.val["val_loss"], rel=tol["rtol"])
 
 
-def test_production_step_settings_train_like_eager_steps():
-    """configs/train/production.yaml's step settings together (whole-step CUDA graphs over the
-    torch.compile'd trunk, heads and losses, bf16 autocast) against plain eager steps."""
+@pytest.mark.parametrize("with_compile", [False, True])
+def test_production_step_settings_train_like_eager_steps(with_compile):
+    """configs/train/production.yaml's step settings (whole-step CUDA graphs, bf16 autocast;
+    also over torch.compile, its optional extra) against plain eager steps."""
     prod = load_train_config(ROOT / "configs/train/production.yaml").training
-    assert prod.cuda_graph and prod.compile and prod.compile_mode == "default" and prod.use_amp
+    assert prod.cuda_graph and not prod.compile and prod.compile_mode == "default" and prod.use_amp
     base = ["training.use_amp=true", "training.batch_size=128", "training.shared_expert_epochs=2",
             "transfer.adatt.warmup_epochs=1", "transfer.adatt.freeze_epoch=2"]
     finals, trainers = [], []
     for fast in (False, True):
-        flags = ["training.cuda_graph=true", "training.compile=true"] if fast else []
+        flags = ["training.cuda_graph=true", f"training.compile={'true' if with_compile else 'false'}"] if fast else []
         trainer = _cuda_trainer(base + flags, 1024, 128, seed=2)
         trainer.run_phase1()
         trainers.append(trainer)
         finals.append({k: v.detach().float().clone() for k, v in trainer.system.state_dict().items()})
     assert trainers[0].step_graphs is None and trainers[1].step_graphs.captures == 4  # 2 epochs x 2 kinds
     # compiled kernels round bf16 differently, and AdamW turns a gradient near zero into a full
-    # step either way, so single weights drift apart: compare each tensor as a whole
+    # step either way, so single weights drift apart: compare each tensor as a whole (measured
+    # on an H100 with compile: 0.43 % at most)
     drift = {k: float((finals[1][k] - finals[0][k]).norm() / finals[0][k].norm().clamp_min(1e-12))
              for k in finals[0] if finals[0][k].is_floating_point() and finals[0][k].norm() > 0}
     print("largest relative drift:", sorted(drift.items(), key=lambda kv: -kv[1])[:3])
