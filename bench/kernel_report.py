@@ -40,12 +40,13 @@ IN, D = 100, 128
 INT_ARGS = ["B", "IN", "H", "D", "P", "PE", "s_xb", "s_pe", "s_pb", "s_de", "s_db", "s_dt"]
 # The integer arguments' values at the seed's shape (batch 16384, 16 tasks, 4 shared experts of
 # width 1024, 2 task experts each: 6 gate columns; pre is a (B, E*H) GEMM output seen as
-# (E, B, H); x padded to 128 columns; the per-task expert gradients ds are (E, B, T, D)). The JIT specialises on them as the compile below does:
+# (E, B, H); x padded to 128 columns; ds, each task's gradient at each expert's output, is
+# (E, B, T, D) for 16 tasks). The JIT specialises on them as the compile below does:
 # a value divisible by 16 (and every pointer: PyTorch allocations are 16-byte aligned) is
 # marked so, which is what lets loads vectorise, and a value of 1 becomes a constant.
-_B, _H, _E, _K, _PE = 16384, 1024, 4, 6, IN * 1024 + 1024 + 1024 * D + D
+_B, _H, _E, _K, _PE, _TASKS = 16384, 1024, 4, 6, IN * 1024 + 1024 + 1024 * D + D, 16
 SEED_INTS = dict(B=_B, IN=IN, H=_H, D=D, P=_E * _PE, PE=_PE, s_xb=kernels._pow2(IN), s_pe=_H, s_pb=_E * _H,
-                 s_de=_B * 16 * D, s_db=16 * D, s_dt=D)
+                 s_de=_B * _TASKS * D, s_db=_TASKS * D, s_dt=D)
 # under bf16 autocast: x, pre, w2, dL/dcgc in bf16; the gates come out of a float32 softmax
 POINTERS = {"x_ptr": "*bf16", "pre_ptr": "*bf16", "w2_ptr": "*bf16", "ds_ptr": "*bf16", "out_ptr": "*fp32"}
 
@@ -94,7 +95,7 @@ def _resources(ck) -> dict:
 MIXTURE_FP32 = ("g_ptr", "dg_ptr")
 # their integer arguments at the seed's shape (16 tasks; gates and their gradient (T, B, 6);
 # experts, task experts, outputs and their gradients contiguous), for the JIT's specialisation
-_T, _ET = 16, 2
+_T, _ET = _TASKS, 2
 MIXTURE_INTS = dict(T=_T, B=_B, D=D, E=_E, ET=_ET, s_gt=_B * _K, s_gb=_K, s_gk=1, s_dgt=_B * _K, s_dgb=_K, s_dgk=1,
                     s_se=_B * D, s_sb=D, s_tt=_ET * _B * D, s_tk=_B * D, s_tb=D, s_dtt=_ET * _B * D, s_dtk=_B * D,
                     s_dtb=D, s_ot=_B * D, s_ob=D, s_dot=_B * D, s_dob=D)
