@@ -14,8 +14,9 @@ These are the compiler's facts, not timings: a config that spills is slow on any
 the autotuner's list should not need to find that out on the device.
 
 The CGC mixture's three kernels (``ple_adatt.mixture``: forward, backward over the shared
-experts, backward over the task experts) are elementwise, with no matrix instructions; they
-are listed with their registers and spills, and ``--check`` fails on a spill there too.
+experts, backward over the task experts) and the per-task gradients' ds kernel
+(``kernels.expert_output_grads``) are elementwise, with no matrix instructions; they are listed
+with their registers and spills, and ``--check`` fails on a spill there too.
 """
 
 from __future__ import annotations
@@ -91,32 +92,40 @@ def _resources(ck) -> dict:
                 hmma=ops["HMMA"], shared=ck.metadata.shared)
 
 
-# the mixture kernels' pointers under bf16 autocast: float32 gates (the softmax) and their gradient
-MIXTURE_FP32 = ("g_ptr", "dg_ptr")
+# the elementwise kernels' pointers under bf16 autocast: float32 gates (the softmax), their
+# gradient, and the ds kernel's per-block sums
+FP32_POINTERS = ("g_ptr", "dg_ptr", "sum_ptr")
 # their integer arguments at the seed's shape (16 tasks; gates and their gradient (T, B, 6);
-# experts, task experts, outputs and their gradients contiguous), for the JIT's specialisation
+# experts, task experts, outputs and their gradients contiguous; ds (E, B, T, D)), for the
+# JIT's specialisation
 _T, _ET = _TASKS, 2
-MIXTURE_INTS = dict(T=_T, B=_B, D=D, E=_E, ET=_ET, s_gt=_B * _K, s_gb=_K, s_gk=1, s_dgt=_B * _K, s_dgb=_K, s_dgk=1,
-                    s_se=_B * D, s_sb=D, s_tt=_ET * _B * D, s_tk=_B * D, s_tb=D, s_dtt=_ET * _B * D, s_dtk=_B * D,
-                    s_dtb=D, s_ot=_B * D, s_ob=D, s_dot=_B * D, s_dob=D)
+ELEMENTWISE_INTS = dict(T=_T, B=_B, D=D, E=_E, ET=_ET, s_gt=_B * _K, s_gb=_K, s_gk=1, s_dgt=_B * _K, s_dgb=_K,
+                        s_dgk=1, s_se=_B * D, s_sb=D, s_tt=_ET * _B * D, s_tk=_B * D, s_tb=D, s_dtt=_ET * _B * D,
+                        s_dtk=_B * D, s_dtb=D, s_ot=_B * D, s_ob=D, s_dot=_B * D, s_dob=D,
+                        s_dt=_B * D, s_db=D, s_oe=_B * _T * D)
+DS_INTS = {**ELEMENTWISE_INTS, "s_ob": _T * D, "s_ot": D}  # the ds kernel's (E, B, T, D) output strides
 
 
-def compile_mixture(arch: int) -> dict[str, dict]:
-    """Each CGC mixture kernel, at the block size and warps it launches with, for sm_<arch>."""
+def compile_elementwise(arch: int) -> dict[str, dict]:
+    """The CGC mixture's kernels and the per-task gradients' ds kernel, each at the block size
+    and warps it launches with, for sm_<arch>."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
+    launches = [(jit, mixture.BLOCK_ROWS, mixture.NUM_WARPS, ELEMENTWISE_INTS) for jit in mixture._kernels()]
+    launches.append((kernels._ds_kernel(), kernels.DS_ROWS, 4, DS_INTS))  # triton's default warps
     found = {}
-    for jit in mixture._kernels():
-        consts = dict(BB=mixture.BLOCK_ROWS, BD=kernels._pow2(D))
-        consts.update({a: 1 for a in jit.arg_names if MIXTURE_INTS.get(a) == 1})
-        sig = {a: ("constexpr" if a in consts else "*fp32" if a in MIXTURE_FP32 else
+    for jit, rows, warps, ints in launches:
+        consts = dict(BB=rows, BD=kernels._pow2(D))
+        consts.update({a: 1 for a in jit.arg_names if ints.get(a) == 1})
+        sig = {a: ("constexpr" if a in consts else "*fp32" if a in FP32_POINTERS else
                    "*bf16" if a.endswith("_ptr") else "i32") for a in jit.arg_names}
-        aligned = [a for a in jit.arg_names if a not in consts and (a.endswith("_ptr") or MIXTURE_INTS[a] % 16 == 0)]
+        aligned = [a for a in jit.arg_names
+                   if a not in consts and (a.endswith("_ptr") or ints[a] % 16 == 0)]
         src = ASTSource(fn=jit, signature=sig, constexprs={(jit.arg_names.index(k),): v for k, v in consts.items()},
                         attrs={(jit.arg_names.index(a),): [["tt.divisibility", 16]] for a in aligned})
-        ck = triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": mixture.NUM_WARPS, "num_stages": 1})
+        ck = triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": warps, "num_stages": 1})
         found[jit.__name__] = _resources(ck)
     return found
 
@@ -163,17 +172,18 @@ def main() -> None:
                       f"{r['hmma']:>5} {r['shared'] / 1024:>8.0f}", flush=True)
                 if r["spill_st"] or r["spill_ld"] or not r["hgmma"]:
                     bad.append(name)
-    print(f"\nCGC mixture kernels (block {mixture.BLOCK_ROWS} x {kernels._pow2(D)}, {mixture.NUM_WARPS} warps; "
-          "elementwise, no MMAs)")
+    print(f"\nElementwise kernels: the CGC mixture's (block {mixture.BLOCK_ROWS} x {kernels._pow2(D)}, "
+          f"{mixture.NUM_WARPS} warps) and the per-task gradients' ds kernel ({kernels.DS_ROWS} x "
+          f"{kernels._pow2(D)}, 4 warps); no MMAs")
     print(f"{'kernel':<22} {'regs':>5} {'stack':>6} {'STL':>4} {'LDL':>4}")
     try:
-        for name, r in compile_mixture(args.arch).items():
+        for name, r in compile_elementwise(args.arch).items():
             print(f"{name:<22} {r['regs']:>5} {r['stack']:>6} {r['spill_st']:>4} {r['spill_ld']:>4}", flush=True)
             if r["spill_st"] or r["spill_ld"]:
-                bad.append(f"mixture {name}")
+                bad.append(f"elementwise {name}")
     except Exception as exc:  # noqa: BLE001 - report it, and fail --check
-        print(f"CGC mixture kernels do not compile: {str(exc).splitlines()[0][:100]}")
-        bad.append("mixture kernels")
+        print(f"elementwise kernels do not compile: {str(exc).splitlines()[0][:100]}")
+        bad.append("elementwise kernels")
     if args.check and bad:
         print(f"{len(bad)} config(s) spill, lack warpgroup MMAs or do not compile:")
         for name in bad:

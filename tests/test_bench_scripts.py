@@ -68,6 +68,8 @@ def test_every_autotune_config_of_the_kernel_compiles_for_hopper_without_spills(
     from ple_adatt import kernels
 
     assert len(rows) == sum(len(v) for v in kernels.TILES.values())
+    elementwise = [ln.split()[0] for ln in out.splitlines() if ln.startswith(("mix_", "ds_kernel"))]
+    assert elementwise == ["mix_forward", "mix_backward_shared", "mix_backward_task", "ds_kernel"]
 
 
 @pytest.mark.parametrize("script,args,message", [
