@@ -692,7 +692,8 @@ def _check_cuda_graph(cfg: TrainConfig, src: str) -> None:
                           "or max-autotune-no-cudagraphs")
     if cfg.transfer.strategy not in GRAPH_STRATEGIES:
         raise ConfigError(f"{src}: key `training.cuda_graph` supports `transfer.strategy` {list(GRAPH_STRATEGIES)}, "
-                          f"not {cfg.transfer.strategy!r} (its min-norm solver runs on the host every step)")
+                          f"not {cfg.transfer.strategy!r} (its min-norm solver runs on the host every step); "
+                          "set `training.cuda_graph: false` (--set training.cuda_graph=false) to train it eagerly")
     if cfg.transfer.grad_method == "loop":
         raise ConfigError(f"{src}: key `training.cuda_graph` cannot replay `transfer.grad_method: loop` (the seed's "
                           "per-task autograd loop reads on the host which tasks are present); use batched, fused "
