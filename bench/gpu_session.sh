@@ -11,8 +11,9 @@
 #   eager   bench_eager.txt: runs a-e with the per-task gradient check, then b and d with the
 #           CGC mixture in PyTorch (--no-fused-mixture); prof/profile_*.txt: kernel-time
 #           tables of the eager runs
-#   graphs  bench_graphs.txt: runs b-d with whole-step CUDA graphs, eager and with
-#           torch.compile default, and with torch.compile reduce-overhead
+#   graphs  bench_graphs.txt: runs a-d with whole-step CUDA graphs (production.yaml's steps),
+#           then over torch.compile default, then b-d with torch.compile reduce-overhead; (a),
+#           the naive reference, always runs eagerly, so each line's (c)/(a) is in-run
 # Each command has its own time limit, so a hang in one still leaves the others' output.
 set -u
 out=${1:-${OUT:-runs/gpu-session}}
@@ -48,8 +49,8 @@ if [[ " $parts " == *" eager "* ]]; then
   "${bench[@]}" --only bd --no-fused-mixture 2>&1 | grep -v -i warn | tail -4 | tee -a "$out/bench_eager.txt"
 fi
 if [[ " $parts " == *" graphs "* ]]; then
-  for extra in "--cuda-graph" "--cuda-graph --compile default" "--compile reduce-overhead"; do
+  for extra in "--only abcd --cuda-graph" "--only abcd --cuda-graph --compile default" "--only bcd --compile reduce-overhead"; do
     # shellcheck disable=SC2086  # $extra holds several arguments
-    "${bench[@]}" --only bcd $extra 2>&1 | grep -v -i warn | tail -5
+    "${bench[@]}" $extra 2>&1 | grep -v -i warn | grep -E "^\(|^ratios|^CGC"
   done | tee "$out/bench_graphs.txt"
 fi
