@@ -191,7 +191,6 @@ def test_production_step_settings_train_like_eager_steps(with_compile):
     # on an H100 with compile: 0.43 % at most)
     drift = {k: float((finals[1][k] - finals[0][k]).norm() / finals[0][k].norm().clamp_min(1e-12))
              for k in finals[0] if finals[0][k].is_floating_point() and finals[0][k].norm() > 0}
-    print("largest relative drift:", sorted(drift.items(), key=lambda kv: -kv[1])[:3])
     assert max(drift.values()) < 2e-2, drift
     for re, rg in zip(*(t.history for t in trainers)):
         assert rg.val["val_loss"] == pytest.approx(re.val["val_loss"], rel=1e-2)
