@@ -65,6 +65,7 @@ def compile_one(variant: str, layout: str, bb: int, bh: int, warps: int, stages:
 
     fn = kernels._kernel((layout,), variant == "fused").fn
     consts = dict(BI=kernels._pow2(IN), BD=kernels._pow2(D), PREC="tf32", WITH_W2=variant == "fused",
+                  ONES_COL=kernels._pow2(IN) > IN,
                   BB=bb, BH=bh, HROWS=layout == "hrows")
     consts.update({k: 1 for k in INT_ARGS if SEED_INTS[k] == 1})
     ints = [k for k in INT_ARGS if k not in consts]
