@@ -292,9 +292,13 @@ def task_gradient_check(s: dict, data: TensorData, device: torch.device, amp: bo
         # each kernel variant and tile layout on its own, then the default choice ("fused")
         runs = [(f"fused[{v},{lay}]", "fused", (lay,), v) for v in kernels.VARIANTS for lay in kernels.LAYOUTS
                 if "fused" in methods]
+        # and the hidden-rows layout with gb1 by the row reduction it had before the ones column
+        runs += [(f"fused[{v},hrows,gb1-reduce]", "fused", ("hrows",), v) for v in kernels.VARIANTS
+                 if "fused" in methods]
         runs += [(m, m, kernels.LAYOUTS, None) for m in methods]
         for label, m, layouts, variant in runs:
             kernels.DEFAULT_LAYOUTS, kernels.DEFAULT_VARIANT = layouts, variant
+            kernels.GB1_FROM_ONES_COLUMN = "gb1-reduce" not in label
             g = system.model.shared_task_gradients(lo.weighted, lo.present, out, m)
             sync(device)
             t0 = time.perf_counter()
@@ -305,6 +309,7 @@ def task_gradient_check(s: dict, data: TensorData, device: torch.device, amp: bo
             cos[label] = n @ n.T
             line.append(f"{label} {(time.perf_counter() - t0) / reps * 1e3:.2f} ms")
         kernels.DEFAULT_LAYOUTS, kernels.DEFAULT_VARIANT = kernels.LAYOUTS, None
+        kernels.GB1_FROM_ONES_COLUMN = True
         if "fused" in methods:
             line.append(f"fused chose: {kernels.tuned_config()}")
         diffs = [f"{m} {float((cos[m] - cos['loop']).abs().max()):.1e}" for m in cos if m != "loop"]

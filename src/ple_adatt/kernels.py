@@ -55,6 +55,9 @@ LAYOUTS = ("hrows", "brows")  # hidden block as rows / batch tile as rows
 VARIANTS = ("fused", "split")  # all in the kernel / gW2 as a cuBLAS GEMM
 DEFAULT_LAYOUTS = LAYOUTS  # what the autotuner chooses among (the bench times each on its own)
 DEFAULT_VARIANT: str | None = None  # None: the faster, timed once per shape (the bench forces each)
+# gb1 from a ones column of the padded x (where x has room below the tile width); False: the
+# row reduction of every dh tile that came before it (the bench's --grads times both)
+GB1_FROM_ONES_COLUMN = True
 # The autotuner's tile configs, (BB, BH, warps, stages), per (variant, layout): those that
 # compile for sm_90 without spilling registers and with warpgroup MMAs (HGMMA), by
 # bench/kernel_report.py (which tests/test_bench_scripts.py runs with --check). The first
@@ -343,7 +346,7 @@ def shared_task_grads(x: Tensor, pre: Tensor, w2: Tensor, d_cgc: Tensor, gates: 
         raise RuntimeError(f"transfer.grad_method: fused runs on CUDA (or on the CPU under TRITON_INTERPRET=1), "
                            f"not on {pre.device.type}; use grad_method: batched or einsum")
     x = x.to(dtype)
-    ones_col = IN < BI
+    ones_col = IN < BI and GB1_FROM_ONES_COLUMN
     if ones_col or not x.is_contiguous():
         # columns up to the tile width (B x BI, 4 MB at the seed's shape): the kernel then
         # loads whole aligned rows, vectorised, where a mask at column IN made it load
