@@ -5,6 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 TRITON_FOR_TESTS := 3.9.0
+SETUP_FREE_KB := 3670016
 export MLFLOW_DISABLE_TELEMETRY ?= true
 export PYTHONUNBUFFERED := 1
 
@@ -25,6 +26,10 @@ help:  ## list the commands
 
 $(STAMP): pyproject.toml
 	@command -v $(PY) >/dev/null || { echo "error: $(PY) not found; install Python 3.11 or run make PY=/path/to/python3.11"; exit 1; }
+	@# a first install needs about 3.5 GB (torch, mlflow, GX, kfp): say so before pip runs out midway
+	@test -x $(BIN)/python || { free=$$(df -Pk . | awk 'NR==2 {print $$4}'); \
+		if [ "$${free:-0}" -lt $(SETUP_FREE_KB) ]; then \
+			echo "error: setting up $(VENV) needs about 3.5 GB free on the disk of $(CURDIR); $$((free / 1024)) MB are free"; exit 1; fi; }
 	@test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	@echo "installing ple-adatt and its pinned dependencies into $(VENV) (2-3 minutes the first time)"
 	@$(BIN)/pip install -q -e '.[dev]' 2>&1 | grep -v -E '^WARNING: Location .* is ignored' || true

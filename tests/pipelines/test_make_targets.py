@@ -49,3 +49,15 @@ def test_make_stage_forwards_only_what_was_given():
     given = _make("-n", "stage", "STAGE=train-phase1", "RUN=runs/local/x", "DATA=d.parquet",
                   "DATA_CONFIG=dc.yaml", "TRAIN_CONFIG=tc.yaml").stdout
     assert "--data d.parquet" in given and "--data-config dc.yaml" in given and "--train-config tc.yaml" in given
+
+
+def test_setup_on_a_disk_too_full_for_the_venv_says_so_before_installing(tmp_path):
+    # a copy of the Makefile alone: with no .venv there, setup checks the free space first
+    (tmp_path / "Makefile").write_text((ROOT / "Makefile").read_text())
+    (tmp_path / "pyproject.toml").write_text((ROOT / "pyproject.toml").read_text())
+    r = subprocess.run(["make", "--no-print-directory", "setup", "SETUP_FREE_KB=999999999999"], cwd=tmp_path,
+                       capture_output=True, text=True)
+    assert r.returncode != 0
+    assert f"needs about 3.5 GB free on the disk of {tmp_path}" in r.stdout + r.stderr
+    assert "MB are free" in r.stdout + r.stderr
+    assert not (tmp_path / ".venv").exists()  # nothing half-installed
