@@ -49,7 +49,8 @@ if [[ " $parts " == *" eager "* ]]; then
   "${bench[@]}" --only bd --no-fused-mixture 2>&1 | grep -v -i warn | tail -4 | tee -a "$out/bench_eager.txt"
 fi
 if [[ " $parts " == *" graphs "* ]]; then
-  for extra in "--only abcd --cuda-graph" "--only abcd --cuda-graph --compile default" "--only bcd --compile reduce-overhead"; do
+  # (f): (b) with the experts' biases in their layers, the A/B of leaving them to the mixture
+  for extra in "--only abcdf --cuda-graph" "--only abcd --cuda-graph --compile default" "--only bcd --compile reduce-overhead"; do
     # shellcheck disable=SC2086  # $extra holds several arguments
     "${bench[@]}" $extra 2>&1 | grep -v -i warn | grep -E "^\(|^ratios|^CGC"
   done | tee "$out/bench_graphs.txt"

@@ -95,7 +95,7 @@ def _resources(ck) -> dict:
 
 # the elementwise kernels' pointers under bf16 autocast: float32 gates (the softmax), their
 # gradient, and the ds kernel's per-block sums
-FP32_POINTERS = ("g_ptr", "dg_ptr", "sum_ptr")
+FP32_POINTERS = ("g_ptr", "dg_ptr", "sum_ptr", "sb_ptr", "tb_ptr", "sbp_ptr", "tbp_ptr")  # gates, sums, biases
 # their integer arguments at the seed's shape (16 tasks; gates and their gradient (T, B, 6);
 # experts, task experts, outputs and their gradients contiguous; ds (E, B, T, D)), for the
 # JIT's specialisation
@@ -119,6 +119,8 @@ def compile_elementwise(arch: int) -> dict[str, dict]:
     found = {}
     for jit, rows, warps, ints in launches:
         consts = dict(BB=rows, BD=kernels._pow2(D))
+        if "HAS_BIAS" in jit.arg_names:  # the GPU's layers leave the experts' biases to the mixture
+            consts["HAS_BIAS"] = True
         consts.update({a: 1 for a in jit.arg_names if ints.get(a) == 1})
         sig = {a: ("constexpr" if a in consts else "*fp32" if a in FP32_POINTERS else
                    "*bf16" if a.endswith("_ptr") else "i32") for a in jit.arg_names}

@@ -128,13 +128,13 @@ def cost_fused_mixture(rec: OpRecorder, fused: bool) -> None:
 
     class Modelled(torch.autograd.Function):
         @staticmethod
-        def forward(ctx, gates, shared, task):
+        def forward(ctx, gates, shared, task, shared_bias, task_bias):
             rec.paused = True
             try:
-                out = mixture.reference_mixture(gates, shared, task)
+                out = mixture.reference_mixture(gates, shared, task, shared_bias, task_bias)
             finally:
                 rec.paused = False
-            ctx.save_for_backward(gates, shared, task)
+            ctx.save_for_backward(gates, shared, task, shared_bias, task_bias)
             T, B, K = gates.shape
             experts = shared.numel() + (0 if task is None else task.numel())
             rec.add("fused_cgc_mixture (Triton, modelled)", 2 * T * B * K * shared.shape[-1],
@@ -143,27 +143,32 @@ def cost_fused_mixture(rec: OpRecorder, fused: bool) -> None:
 
         @staticmethod
         def backward(ctx, d_out):
-            gates, shared, task = ctx.saved_tensors
-            ins = [t.detach().requires_grad_() for t in (gates, shared, task) if t is not None]
+            saved = ctx.saved_tensors
+            given = [t is not None for t in saved]
+            ins = [t.detach().requires_grad_() for t in saved if t is not None]
             rec.paused = True
             try:
                 with torch.enable_grad():
-                    out = mixture.reference_mixture(ins[0], ins[1], ins[2] if task is not None else None)
-                    grads = torch.autograd.grad(out, ins, d_out)
+                    it = iter(ins)
+                    out = mixture.reference_mixture(*(next(it) if g else None for g in given))
+                    grads = iter(torch.autograd.grad(out, ins, d_out))
             finally:
                 rec.paused = False
+            gates, shared, task = saved[:3]
             T, B, K = gates.shape
             experts = shared.numel() + (0 if task is None else task.numel())
-            # both kernels read dL/dcgc; each reads its experts and gates and writes their gradients
+            # both kernels read dL/dcgc; each reads its experts and gates and writes their
+            # gradients (the bias gradients' per-block sums are small: left out)
             moved = (2 * d_out.numel() + 2 * experts) * shared.element_size() + 2 * T * B * K * 4
             rec.add("fused_cgc_mixture backward (Triton, modelled)", 4 * T * B * K * shared.shape[-1], moved)
-            return grads[0], grads[1], grads[2] if task is not None else None
+            return tuple(next(grads) if g else None for g in given)
 
     if fused:
-        mixture.gated_mixture = lambda gates, shared, task, fused=True: Modelled.apply(gates, shared, task)
+        mixture.gated_mixture = lambda gates, shared, task, fused=True, shared_bias=None, task_bias=None: \
+            Modelled.apply(gates, shared, task, shared_bias, task_bias)
     else:
-        mixture.gated_mixture = lambda gates, shared, task, fused=True: mixture.reference_mixture(
-            gates.float(), shared, task)
+        mixture.gated_mixture = lambda gates, shared, task, fused=True, *biases: mixture.reference_mixture(
+            gates.float(), shared, task, *biases)
 
 
 _GATED_MIXTURE = mixture.gated_mixture

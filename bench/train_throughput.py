@@ -11,6 +11,9 @@ Prints samples/s, step time and peak memory of
   (c) adaTT on, grad_interval 10 (batched per-task gradients);
   (d) adaTT on, grad_interval 1 (exact per-task gradients every step);
   (e) with ``--only ...e``: (d) with the seed's separate backward (measure_in_backward=false);
+  (f) with ``--only ...f``: (b) with the experts' second-layer biases in their own layers
+      (``PLEClusterModel.mixture_biases = False``), where the GPU's layers otherwise leave them
+      to the fused CGC mixture: an A/B of that change in one run;
 ``--cuda-graph`` replays each whole project step as a CUDA graph (training.cuda_graph),
 ``--compile [MODE]`` compiles the trunk, heads and losses (training.compile),
 ``--no-fused-mixture`` mixes the CGC experts in PyTorch, not in the Triton kernels
@@ -176,11 +179,12 @@ class Prepared:
 
 
 def prepare_project(s: dict, data: TensorData, device: torch.device, adatt: bool, interval: int, amp: bool,
-                    warmup: int, in_backward: bool = True) -> Prepared:
+                    warmup: int, in_backward: bool = True, mixture_biases: bool = True) -> Prepared:
     cfg = project_config(s, interval, amp, in_backward)
     specs = [TaskSpec(f"t{i}", f"y{i}", "binary") for i in range(s["tasks"])]
     torch.manual_seed(0)
     system = build_system(cfg, specs, s["numeric"], [s["card"]] * s["cats"], 8)
+    system.model.mixture_biases = mixture_biases
     if not adatt:
         system.transfer = None
     trainer = Trainer(system, data, data.subset(torch.arange(8, device=device)), cfg, device, log=lambda m: None)
@@ -402,7 +406,8 @@ def main() -> None:
     ap.add_argument("--no-amp", action="store_true", help="disable bf16 autocast on CUDA")
     ap.add_argument("--batch", type=int, default=None, help="override the shape's batch size")
     ap.add_argument("--only", default="abcd", help="which runs, e.g. 'bd' (default abcd; e: interval 1 with the "
-                                                      "seed's separate backward, transfer.measure_in_backward=false)")
+                                                      "seed's separate backward, transfer.measure_in_backward=false; "
+                                                      "f: (b) with the experts' biases in their layers)")
     ap.add_argument("--profile", type=Path, default=None, help="write per-kernel time tables of each run here")
     ap.add_argument("--compile", nargs="?", const="default", default=None, metavar="MODE",
                     help="training.compile: torch.compile trunk, heads, losses (MODE: default, reduce-overhead "
@@ -461,10 +466,12 @@ def main() -> None:
               lambda: prepare_project(s, data, device, True, 1, amp, args.warmup)),
         "e": ("(e) interval 1, separate backward (seed order)",
               lambda: prepare_project(s, data, device, True, 1, amp, args.warmup, in_backward=False)),
+        "f": ("(f) adaTT off, expert biases in their layers",
+              lambda: prepare_project(s, data, device, False, 10, amp, args.warmup, mixture_biases=False)),
     }
     unknown = sorted(set(args.only) - set(runs))
     if unknown:
-        ap.error(f"--only: unknown run(s) {unknown}; valid: a, b, c, d, e")
+        ap.error(f"--only: unknown run(s) {unknown}; valid: a, b, c, d, e, f")
     order = sorted(set(args.only))
     if COMPILE in ("reduce-overhead", "max-autotune") and args.rounds > 1:
         # torch.compile's CUDA graph trees share one memory pool across the compiled models, and
@@ -476,7 +483,7 @@ def main() -> None:
     ratios = []
     for num, den, text in [("a", "c", "(c) vs (a) {}x faster"), ("a", "b", "(b) vs (a) {}x"),
                            ("d", "b", "(d) step / (b) step {}x"), ("c", "b", "(c) step / (b) step {}x"),
-                           ("e", "b", "(e) step / (b) step {}x")]:
+                           ("e", "b", "(e) step / (b) step {}x"), ("f", "b", "(f) step / (b) step {}x")]:
         if num in times and den in times:
             paired = [n / d for n, d in zip(times[num], times[den], strict=True)]  # the same round: same load
             spread = f" [{min(paired):.2f}-{max(paired):.2f}]" if len(paired) > 1 else ""

@@ -161,13 +161,13 @@ class _GroupedLinear(torch.autograd.Function):
     into ``x``'s layout. Products run in the autocast dtype, as autocast's own baddbmm does."""
 
     @staticmethod
-    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
+    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
         dtype = _compute_dtype(x)
         with torch.autocast(x.device.type, enabled=False):
             xc, wc = x.to(dtype), weight.to(dtype)
-            out = torch.baddbmm(bias.to(dtype), xc, wc)
+            out = torch.bmm(xc, wc) if bias is None else torch.baddbmm(bias.to(dtype), xc, wc)
         ctx.save_for_backward(xc, wc)
-        ctx.dtypes = (x.dtype, weight.dtype, bias.dtype)
+        ctx.dtypes = (x.dtype, weight.dtype, None if bias is None else bias.dtype)
         return out
 
     @staticmethod
@@ -190,9 +190,9 @@ class _GroupedLinear(torch.autograd.Function):
         return gx, gw, gb
 
 
-def grouped_linear(x: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
-    """``G`` linear maps of ``G`` inputs, x (G, B, i), weight (G, i, o), bias (G, 1, o), whose
-    input gradient has ``x``'s layout (:class:`_GroupedLinear`)."""
+def grouped_linear(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    """``G`` linear maps of ``G`` inputs, x (G, B, i), weight (G, i, o), bias (G, 1, o) or None
+    (no bias: a plain bmm), whose input gradient has ``x``'s layout (:class:`_GroupedLinear`)."""
     return _GroupedLinear.apply(x, weight, bias)
 
 
@@ -242,17 +242,25 @@ class SharedExperts(nn.Module):
             torch.stack([e.b2 for e in ex]).unsqueeze(1),  # (E, 1, d)
         )
 
-    def forward(self, x: Tensor) -> tuple[Tensor, tuple[Tensor, Tensor, Tensor]]:
+    def forward(self, x: Tensor, with_bias: bool = True) -> tuple[Tensor, tuple[Tensor, Tensor, Tensor]]:
         """``x`` (B, i), or :func:`augment_input`'s (B, k) for the GPU's layers; the cache
-        holds the (B, i) part."""
+        holds the (B, i) part. ``with_bias=False`` leaves the second layers' bias out of the
+        output, for the CGC mixture to add (:meth:`output_bias`)."""
         w1, b1, w2, b2 = self.stacked()
         # (E, B, h): every expert's first layer in one GEMM (on the GPU with its ReLU). The
         # cache's "pre-activation" is the hidden layer: the per-task gradients read its sign
         # (pre > 0 <=> hid > 0) and relu() of it (relu(hid) == hid)
         hid = shared_input_relu_linear(x, w1, b1)
         augmented = x.shape[1] > w1.shape[1]
-        s = grouped_linear(hid, w2, b2) if augmented else torch.baddbmm(b2, hid, w2)  # (E, B, d)
+        if augmented:
+            s = grouped_linear(hid, w2, b2 if with_bias else None)  # (E, B, d)
+        else:
+            s = torch.baddbmm(b2, hid, w2) if with_bias else torch.bmm(hid, w2)
         return s, (x[:, :w1.shape[1]], hid, hid)
+
+    def output_bias(self) -> Tensor:
+        """The second layers' biases, (E, 1, d)."""
+        return torch.stack([e.b2 for e in self.experts.values()]).unsqueeze(1)
 
     def per_task_grads(self, cache: tuple[Tensor, Tensor, Tensor], d_s: Tensor) -> Tensor:
         """Closed-form gradients of every task on every shared parameter, all tasks at once.
@@ -402,6 +410,11 @@ class PLEClusterModel(nn.Module):
     # graphs 5.15 -> 4.09 ms. The CPU runs the plain layers about 10 % faster (no Python
     # backward). None: by the input's device; tests set True to run the GPU's layers on the CPU.
     gpu_layers: bool | None = None
+    # With the GPU's layers and the fused mixture: the experts' second-layer biases are added in
+    # the mixture's kernels (ple_adatt.mixture), not by baddbmm's broadcast copy into the experts'
+    # outputs (134 us on an H100 at the seed's task experts, 32 x 16384 x 128) and a pass for
+    # their gradients. Unmeasured on a GPU yet; the bench's --mixture-biases times both.
+    mixture_biases: bool = True
 
     def _trunk(self, x_num: Tensor, x_cat: Tensor) -> tuple[Tensor, Tensor, tuple[Tensor, Tensor, Tensor]]:
         return (self._trunk_fn or self.trunk)(x_num, x_cat)
@@ -435,15 +448,21 @@ class PLEClusterModel(nn.Module):
         gpu_layers = x.is_cuda if self.gpu_layers is None else self.gpu_layers
         if gpu_layers:
             x = augment_input(x)  # (B, d_in + 1 + padding)
-        shared, cache = self.shared_experts(x)  # (E_s, B, d)
+        # with the fused mixture, the experts' second layers leave their bias to it
+        # (mixture_biases): no broadcast copy of the bias into their outputs, no bias-gradient pass
+        fold = gpu_layers and self.fused_mixture and self.mixture_biases
+        shared, cache = self.shared_experts(x, with_bias=not fold)  # (E_s, B, d)
         gates = torch.softmax(self.task_expert_attention(x), dim=-1)  # (T, B, E_s + E_t)
-        te = None
+        te = biases = None
         if self.e_t:
             inner, outer = self.task_expert_in, self.task_expert_out
             hid = shared_input_relu_linear(x, inner.weight, inner.bias)  # (T*E_t, B, h)
-            te = grouped_linear(hid, outer.weight, outer.bias) if gpu_layers else outer(hid)  # (T*E_t, B, d)
+            te = grouped_linear(hid, outer.weight, None if fold else outer.bias) if gpu_layers else outer(hid)
             te = te.view(self.num_tasks, self.e_t, *te.shape[1:])  # (T, E_t, B, d)
-        cgc = mixture.gated_mixture(gates, shared, te, self.fused_mixture)  # (T, B, d)
+        if fold:
+            task_bias = None if te is None else self.task_expert_out.bias.view(self.num_tasks, self.e_t, 1, -1)
+            biases = (self.shared_experts.output_bias(), task_bias)
+        cgc = mixture.gated_mixture(gates, shared, te, self.fused_mixture, *(biases or ()))  # (T, B, d)
         return gates, cgc, cache
 
     def heads_forward(self, cgc: Tensor, cluster: Tensor | None, use_cluster_heads: bool) -> Tensor:

@@ -41,6 +41,74 @@ def test_fused_mixture_equals_the_pytorch_form_forward_and_backward(interpreter,
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
+def _biases(T, D, E, ET, seed=2):
+    g = torch.Generator().manual_seed(seed)
+    shared_bias = torch.randn(E, 1, D, generator=g).requires_grad_()
+    task_bias = torch.randn(T, ET, 1, D, generator=g).requires_grad_() if ET else None
+    return shared_bias, task_bias
+
+
+def _run_biased(fn, gates, shared, task, shared_bias, task_bias, grad):
+    ins = [t for t in (gates, shared, task, shared_bias, task_bias) if t is not None]
+    out = fn(gates, shared, task, shared_bias, task_bias)
+    return (out, *torch.autograd.grad(out, ins, grad))
+
+
+@pytest.mark.parametrize("T,B,D,E,ET", [(4, 70, 24, 3, 2), (3, 33, 17, 2, 0), (1, 5, 128, 1, 1)])
+def test_experts_biases_added_in_the_fused_mixture_equal_the_pytorch_form(interpreter, T, B, D, E, ET):
+    """The experts' last layers may leave their bias to the mixture: the kernels add the bias
+    rows as they load each expert and return the biases' gradients (per-block sums)."""
+    gates, shared, task = _inputs(T, B, D, E, ET)
+    shared_bias, task_bias = _biases(T, D, E, ET)
+    grad = torch.randn(T, B, D, generator=torch.Generator().manual_seed(1))
+    fused = _run_biased(mixture.fused_mixture, gates, shared, task, shared_bias, task_bias, grad)
+    ref = _run_biased(mixture.reference_mixture, gates, shared, task, shared_bias, task_bias, grad)
+    assert len(fused) == len(ref) == 4 + (2 if ET else 0)
+    for a, b in zip(fused, ref):
+        assert a.dtype == b.dtype and a.shape == b.shape
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    # against the formula: the biased mixture is the plain one of biased experts, and a bias's
+    # gradient is the sum over the batch of its expert's gradient
+    plain = _run(mixture.reference_mixture, gates, shared + shared_bias,
+                 None if task is None else task + task_bias, grad)
+    torch.testing.assert_close(fused[0], plain[0], rtol=1e-5, atol=1e-5)
+    d_shared, d_shared_bias = fused[2], fused[3 + (1 if ET else 0)]
+    torch.testing.assert_close(d_shared_bias, d_shared.sum(1, keepdim=True), rtol=1e-4, atol=1e-4)
+    if ET:
+        torch.testing.assert_close(fused[5], fused[3].sum(2, keepdim=True), rtol=1e-4, atol=1e-4)
+
+
+def test_bf16_experts_with_float32_biases_give_float32_bias_gradients(interpreter):
+    gates, shared, task = _inputs(3, 50, 16, 2, 2, dtype=torch.bfloat16)
+    shared_bias, task_bias = _biases(3, 16, 2, 2)
+    grad = torch.randn(3, 50, 16).bfloat16()
+    fused = _run_biased(mixture.fused_mixture, gates, shared, task, shared_bias, task_bias, grad)
+    ref = _run_biased(mixture.reference_mixture, gates, shared, task, shared_bias, task_bias, grad)
+    assert [t.dtype for t in fused] == [torch.bfloat16, torch.float32, torch.bfloat16, torch.bfloat16,
+                                        torch.float32, torch.float32]
+    # relative to each result's largest value (as the first-use check on the GPU): the 3.9
+    # interpreter rounds float32 -> bf16 by truncation, where the GPU (and PyTorch) round to
+    # nearest, and the biased experts are rounded to bf16 once more than the unbiased ones
+    for a, b in zip(fused, ref):
+        assert float((a.float() - b.float()).abs().max()) <= 1e-2 * float(b.float().abs().max())
+
+
+@pytest.mark.parametrize("which,message", [
+    ("task-only", "task_bias without shared_bias"),
+    ("shared-only", r"task_bias is None; with shared_bias the task experts need their biases too, \(2, 1, 1, 4\)"),
+    ("wrong-shape", r"shared_bias has shape \(2, 4\); the shared experts need \(2, 1, 4\)"),
+])
+def test_mismatched_expert_biases_are_named_on_either_path(interpreter, which, message):
+    gates, shared, task = _inputs(2, 8, 4, 2, 1)
+    shared_bias, task_bias = _biases(2, 4, 2, 1)
+    biases = {"task-only": (None, task_bias), "shared-only": (shared_bias, None),
+              "wrong-shape": (shared_bias.view(2, 4), task_bias)}[which]
+    for fn in (mixture.fused_mixture, mixture.reference_mixture, mixture.gated_mixture):
+        with pytest.raises(ValueError, match=message):
+            fn(gates, shared, task, *biases) if fn is not mixture.gated_mixture else fn(gates, shared, task, True,
+                                                                                        *biases)
+
+
 def test_the_mixture_is_the_gate_weighted_sum_of_experts(interpreter):
     """Against the formula itself, not the other implementation: one-hot gates pick an expert."""
     T, B, D, E, ET = 2, 40, 8, 2, 1
@@ -82,7 +150,7 @@ def test_a_wrong_or_failing_kernel_is_switched_off_after_its_first_use(monkeypat
     monkeypatch.setattr(mixture, "fused_available", lambda device: not mixture.failed())
     calls = []
 
-    def wrong(gates, shared, task):
+    def wrong(gates, shared, task, *biases):
         calls.append(1)
         return mixture.reference_mixture(gates, shared.flip(1), task)  # rows scrambled
 

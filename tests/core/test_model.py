@@ -198,12 +198,39 @@ def test_grouped_linear_matches_baddbmm_and_keeps_the_input_gradient_layout(amp)
     assert torch.allclose(got, ref, atol=1e-4)
 
 
-@pytest.mark.parametrize("amp", [False, True])
-def test_the_gpus_layers_compute_the_cpus_model(specs, model_cfg, loss_cfgs, amp):
+@pytest.mark.parametrize("amp,fold", [(False, True), (True, False), (True, True)])
+def test_the_gpus_layers_compute_the_cpus_model(specs, model_cfg, loss_cfgs, amp, fold):
     """``gpu_layers`` (the augmented input, the ReLU in the GEMM's epilogue, the layout-keeping
-    grouped layers) run here on the CPU: the same outputs, parameter gradients and per-task
-    gradients (einsum path and the seed's loop) as the plain layers, on the same weights."""
+    grouped layers, and with ``fold`` the experts' biases left to the mixture, which adds them
+    in PyTorch here) run on the CPU: the same outputs, parameter gradients and per-task
+    gradients (einsum path and the seed's loop) as the plain layers, on the same weights.
+
+    In bf16 the folded biases round the experts' outputs twice (the GEMM's bf16 output, then
+    the sum with the bias) where baddbmm rounds once: each tensor is then compared by its
+    relative norm, 5e-2 (measured up to 2.5e-2, on the InfoNCE task at temperature 0.1; 2e-3
+    without folding)."""
+    _compare_gpu_layers_with_plain(specs, model_cfg, loss_cfgs, amp, fold)
+
+
+def test_the_gpus_layers_with_biases_in_the_fused_mixture_compute_the_cpus_model(interpreter, monkeypatch, specs,
+                                                                                  model_cfg, loss_cfgs):
+    """As above, with the mixture's Triton kernels (interpreted; float32: the interpreter's bf16
+    rounds by truncation) adding the experts' second-layer biases and returning their gradients."""
+    from ple_adatt import mixture
+
+    monkeypatch.setattr(mixture.GUARD, "failures", [])
+    monkeypatch.setattr(mixture.GUARD, "checked", True)  # no first-use check: compare directly
+    monkeypatch.setattr(mixture, "fused_available", lambda device: True)
+    seen = []
+    fused = mixture.fused_mixture
+    monkeypatch.setattr(mixture, "fused_mixture", lambda *a: seen.append(a[3] is not None) or fused(*a))
+    _compare_gpu_layers_with_plain(specs, model_cfg, loss_cfgs, False)
+    assert seen == [False, True]  # the plain layers add their biases; the GPU's leave them to the kernels
+
+
+def _compare_gpu_layers_with_plain(specs, model_cfg, loss_cfgs, amp, fold=True):
     model = build(specs, model_cfg)
+    model.mixture_biases = fold
     torch.nn.init.normal_(model.head.weight, std=0.5)
     crit = MultiTaskLoss(model.heads, loss_cfgs)
     b = make_batch(40, seed=3)
@@ -221,9 +248,17 @@ def test_the_gpus_layers_compute_the_cpus_model(specs, model_cfg, loss_cfgs, amp
     model.gpu_layers = None
     (o0, t0, g0), (o1, t1, g1) = found[False], found[True]
     tol = dict(rtol=3e-2, atol=3e-3) if amp else dict(rtol=1e-4, atol=1e-5)
-    torch.testing.assert_close(o1, o0, **tol)
+
+    def close(a, b, what):
+        if amp and fold:
+            rel = float((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30))
+            assert rel < 5e-2, f"{what}: relative difference {rel:.3g}"
+        else:
+            torch.testing.assert_close(a, b, **tol, msg=what)
+
+    close(o1, o0, "outputs")
     for m in t0:
-        torch.testing.assert_close(t1[m], t0[m], **tol)
+        close(t1[m], t0[m], f"per-task gradients ({m})")
     assert g0.keys() == g1.keys() and len(g0) > 10
     for n in g0:
-        torch.testing.assert_close(g1[n], g0[n], **tol, msg=n)
+        close(g1[n], g0[n], n)
