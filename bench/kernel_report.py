@@ -34,7 +34,7 @@ os.environ.pop("TRITON_INTERPRET", None)  # compile for the GPU, not the interpr
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
-from ple_adatt import kernels, mixture  # noqa: E402
+from ple_adatt import kernels, mixture, towers  # noqa: E402
 
 # the seed's shape: shared experts 100 -> 1024 -> 128
 IN, D = 100, 128
@@ -95,7 +95,8 @@ def _resources(ck) -> dict:
 
 # the elementwise kernels' pointers under bf16 autocast: float32 gates (the softmax), their
 # gradient, and the ds kernel's per-block sums
-FP32_POINTERS = ("g_ptr", "dg_ptr", "sum_ptr", "sb_ptr", "tb_ptr", "sbp_ptr", "tbp_ptr")  # gates, sums, biases
+# gates, sums, biases (parameters stay float32 under autocast)
+FP32_POINTERS = ("g_ptr", "dg_ptr", "sum_ptr", "sb_ptr", "tb_ptr", "sbp_ptr", "tbp_ptr", "b_ptr", "part_ptr")
 # their integer arguments at the seed's shape (16 tasks; gates and their gradient (T, B, 6);
 # experts, task experts, outputs and their gradients contiguous; ds (E, B, T, D)), for the
 # JIT's specialisation
@@ -105,6 +106,8 @@ ELEMENTWISE_INTS = dict(T=_T, B=_B, D=D, E=_E, ET=_ET, s_gt=_B * _K, s_gb=_K, s_
                         s_dtk=_B * D, s_dtb=D, s_ot=_B * D, s_ob=D, s_dot=_B * D, s_dob=D,
                         s_dt=_B * D, s_db=D, s_oe=_B * _T * D)
 DS_INTS = {**ELEMENTWISE_INTS, "s_ob": _T * D, "s_ot": D}  # the ds kernel's (E, B, T, D) output strides
+TOWER_H = 256  # the seed's tower width
+TOWER_INTS = dict(B=_B, H=TOWER_H)
 
 
 def compile_elementwise(arch: int) -> dict[str, dict]:
@@ -114,11 +117,14 @@ def compile_elementwise(arch: int) -> dict[str, dict]:
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    launches = [(jit, mixture.BLOCK_ROWS, mixture.NUM_WARPS, ELEMENTWISE_INTS) for jit in mixture._kernels()]
-    launches.append((kernels._ds_kernel(), kernels.DS_ROWS, 4, DS_INTS))  # triton's default warps
+    wide = dict(BD=kernels._pow2(D))
+    launches = [(jit, mixture.BLOCK_ROWS, mixture.NUM_WARPS, ELEMENTWISE_INTS, wide) for jit in mixture._kernels()]
+    launches.append((kernels._ds_kernel(), kernels.DS_ROWS, 4, DS_INTS, wide))  # triton's default warps
+    launches += [(jit, towers.BLOCK_ROWS, towers.NUM_WARPS, TOWER_INTS, dict(BH=kernels._pow2(TOWER_H)))
+                 for jit in towers._kernels()]
     found = {}
-    for jit, rows, warps, ints in launches:
-        consts = dict(BB=rows, BD=kernels._pow2(D))
+    for jit, rows, warps, ints, width in launches:
+        consts = dict(BB=rows, **width)
         if "HAS_BIAS" in jit.arg_names:  # the GPU's layers leave the experts' biases to the mixture
             consts["HAS_BIAS"] = True
         consts.update({a: 1 for a in jit.arg_names if ints.get(a) == 1})
@@ -176,8 +182,9 @@ def main() -> None:
                 if r["spill_st"] or r["spill_ld"] or not r["hgmma"]:
                     bad.append(name)
     print(f"\nElementwise kernels: the CGC mixture's (block {mixture.BLOCK_ROWS} x {kernels._pow2(D)}, "
-          f"{mixture.NUM_WARPS} warps) and the per-task gradients' ds kernel ({kernels.DS_ROWS} x "
-          f"{kernels._pow2(D)}, 4 warps); no MMAs")
+          f"{mixture.NUM_WARPS} warps), the per-task gradients' ds kernel ({kernels.DS_ROWS} x "
+          f"{kernels._pow2(D)}, 4 warps) and the towers' bias+ReLU ({towers.BLOCK_ROWS} x {TOWER_H}, "
+          f"{towers.NUM_WARPS} warps); no MMAs")
     print(f"{'kernel':<22} {'regs':>5} {'stack':>6} {'STL':>4} {'LDL':>4}")
     try:
         for name, r in compile_elementwise(args.arch).items():

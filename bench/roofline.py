@@ -43,7 +43,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 import train_throughput as tt  # noqa: E402
 
-from ple_adatt import mixture  # noqa: E402
+from ple_adatt import mixture, towers  # noqa: E402
 from ple_adatt.config import TaskSpec  # noqa: E402
 from ple_adatt.training import Trainer, build_system, make_optimizer  # noqa: E402
 
@@ -171,11 +171,48 @@ def cost_fused_mixture(rec: OpRecorder, fused: bool) -> None:
             gates.float(), shared, task, *biases)
 
 
+def cost_fused_tower(rec: OpRecorder) -> None:
+    """Cost the towers' bias+ReLU as the fused kernel's traffic (forward: read the GEMM's output
+    and write the layer's; backward: read the gradient and the output, write the input's
+    gradient; the bias gradients' per-block sums are small: left out). Undone by
+    :func:`restore_mixture`."""
+
+    class Modelled(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x, bias):
+            rec.paused = True
+            try:
+                out = torch.relu(x + bias.to(x.dtype))
+            finally:
+                rec.paused = False
+            ctx.save_for_backward(out)
+            rec.add("fused_tower_bias_relu (Triton, modelled)", 2 * x.numel(), 2 * x.numel() * x.element_size())
+            return out
+
+        @staticmethod
+        def backward(ctx, grad):
+            (out,) = ctx.saved_tensors
+            rec.paused = True
+            try:
+                d_x = grad * (out > 0)
+                d_b = d_x.float().sum(1, keepdim=True)
+            finally:
+                rec.paused = False
+            rec.add("fused_tower_bias_relu backward (Triton, modelled)", 2 * out.numel(),
+                    3 * out.numel() * out.element_size())
+            return d_x, d_b
+
+    towers.tower_layer = lambda cgc, weight, bias, fused=True: (
+        Modelled.apply(torch.bmm(cgc, weight), bias) if fused else towers.reference_tower_layer(cgc, weight, bias))
+
+
 _GATED_MIXTURE = mixture.gated_mixture
+_TOWER_LAYER = towers.tower_layer
 
 
 def restore_mixture() -> None:
     mixture.gated_mixture = _GATED_MIXTURE
+    towers.tower_layer = _TOWER_LAYER
 
 
 def record_step(s: dict, adatt: bool, measure: bool, bf16: bool, gpu: str, kernel: bool = True,
@@ -198,6 +235,8 @@ def record_step(s: dict, adatt: bool, measure: bool, bf16: bool, gpu: str, kerne
     if kernel:
         cost_fused_kernel(system.model, rec)
     cost_fused_mixture(rec, fused_mixture)
+    if fused_mixture:  # the Triton kernels around the GEMMs: the mixture's and the towers'
+        cost_fused_tower(rec)
     try:
         with rec:
             trainer.train_step(data, 1, False, opt, scaler, measure=measure)

@@ -14,6 +14,8 @@ Prints samples/s, step time and peak memory of
   (f) with ``--only ...f``: (b) with the experts' second-layer biases in their own layers
       (``PLEClusterModel.mixture_biases = False``), where the GPU's layers otherwise leave them
       to the fused CGC mixture: an A/B of that change in one run;
+  (g) with ``--only ...g``: (b) with the towers' first layer in PyTorch (``fused_tower = False``),
+      where the GPU's layers otherwise run its bias and ReLU as one Triton pass;
 ``--cuda-graph`` replays each whole project step as a CUDA graph (training.cuda_graph),
 ``--compile [MODE]`` compiles the trunk, heads and losses (training.compile),
 ``--no-fused-mixture`` mixes the CGC experts in PyTorch, not in the Triton kernels
@@ -179,12 +181,13 @@ class Prepared:
 
 
 def prepare_project(s: dict, data: TensorData, device: torch.device, adatt: bool, interval: int, amp: bool,
-                    warmup: int, in_backward: bool = True, mixture_biases: bool = True) -> Prepared:
+                    warmup: int, in_backward: bool = True, mixture_biases: bool = True,
+                    fused_tower: bool = True) -> Prepared:
     cfg = project_config(s, interval, amp, in_backward)
     specs = [TaskSpec(f"t{i}", f"y{i}", "binary") for i in range(s["tasks"])]
     torch.manual_seed(0)
     system = build_system(cfg, specs, s["numeric"], [s["card"]] * s["cats"], 8)
-    system.model.mixture_biases = mixture_biases
+    system.model.mixture_biases, system.model.fused_tower = mixture_biases, fused_tower
     if not adatt:
         system.transfer = None
     trainer = Trainer(system, data, data.subset(torch.arange(8, device=device)), cfg, device, log=lambda m: None)
@@ -407,7 +410,8 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=None, help="override the shape's batch size")
     ap.add_argument("--only", default="abcd", help="which runs, e.g. 'bd' (default abcd; e: interval 1 with the "
                                                       "seed's separate backward, transfer.measure_in_backward=false; "
-                                                      "f: (b) with the experts' biases in their layers)")
+                                                      "f: (b) with the experts' biases in their layers; "
+                                                      "g: (b) with the towers' bias and ReLU in PyTorch)")
     ap.add_argument("--profile", type=Path, default=None, help="write per-kernel time tables of each run here")
     ap.add_argument("--compile", nargs="?", const="default", default=None, metavar="MODE",
                     help="training.compile: torch.compile trunk, heads, losses (MODE: default, reduce-overhead "
@@ -468,10 +472,12 @@ def main() -> None:
               lambda: prepare_project(s, data, device, True, 1, amp, args.warmup, in_backward=False)),
         "f": ("(f) adaTT off, expert biases in their layers",
               lambda: prepare_project(s, data, device, False, 10, amp, args.warmup, mixture_biases=False)),
+        "g": ("(g) adaTT off, towers' bias and ReLU in PyTorch",
+              lambda: prepare_project(s, data, device, False, 10, amp, args.warmup, fused_tower=False)),
     }
     unknown = sorted(set(args.only) - set(runs))
     if unknown:
-        ap.error(f"--only: unknown run(s) {unknown}; valid: a, b, c, d, e, f")
+        ap.error(f"--only: unknown run(s) {unknown}; valid: a, b, c, d, e, f, g")
     order = sorted(set(args.only))
     if COMPILE in ("reduce-overhead", "max-autotune") and args.rounds > 1:
         # torch.compile's CUDA graph trees share one memory pool across the compiled models, and
@@ -483,7 +489,8 @@ def main() -> None:
     ratios = []
     for num, den, text in [("a", "c", "(c) vs (a) {}x faster"), ("a", "b", "(b) vs (a) {}x"),
                            ("d", "b", "(d) step / (b) step {}x"), ("c", "b", "(c) step / (b) step {}x"),
-                           ("e", "b", "(e) step / (b) step {}x"), ("f", "b", "(f) step / (b) step {}x")]:
+                           ("e", "b", "(e) step / (b) step {}x"), ("f", "b", "(f) step / (b) step {}x"),
+                           ("g", "b", "(g) step / (b) step {}x")]:
         if num in times and den in times:
             paired = [n / d for n, d in zip(times[num], times[den], strict=True)]  # the same round: same load
             spread = f" [{min(paired):.2f}-{max(paired):.2f}]" if len(paired) > 1 else ""

@@ -109,53 +109,12 @@ def fused_available(device: torch.device) -> bool:
 
 def gated_mixture(gates: Tensor, shared: Tensor, task: Tensor | None, fused: bool = True,
                   shared_bias: Tensor | None = None, task_bias: Tensor | None = None) -> Tensor:
-    """The CGC mixture: the fused kernel where it can run (and ``fused``), else PyTorch."""
-    biases = (shared_bias, task_bias)
-    if not fused or torch.compiler.is_compiling() or not fused_available(gates.device) or gates.shape[1] == 0:
-        return reference_mixture(gates, shared, task, *biases)
-    try:
-        if not GUARD.checked:
-            if not torch.is_grad_enabled() or torch.is_inference_mode_enabled():
-                return reference_mixture(gates, shared, task, *biases)  # the check needs autograd: until it has run
-            if not _check_once(gates, shared, task, *biases):
-                return reference_mixture(gates, shared, task, *biases)
-        return fused_mixture(gates, shared, task, *biases)
-    except torch.cuda.OutOfMemoryError:
-        raise  # the batch's problem, not the kernels': the trainer skips it and the kernels stay on
-    except ValueError:
-        raise  # inputs that do not fit together: the caller's error, the same on either path
-    except Exception as exc:  # noqa: BLE001 - any Triton/driver failure: keep training on PyTorch
-        GUARD.switch_off(f"{type(exc).__name__}: {exc}")
-        return reference_mixture(gates, shared, task, *biases)
-
-
-def _check_once(gates: Tensor, shared: Tensor, task: Tensor | None, shared_bias: Tensor | None = None,
-                task_bias: Tensor | None = None, tol: float = 2e-2) -> bool:
-    """Compare the kernel's forward and gradients with the PyTorch form's once per process, on
-    the batch at hand (detached copies; one host read). Relative to each result's largest
-    magnitude: bf16 outputs round at about 4e-3."""
-    GUARD.checked = True
-    given = [t is not None for t in (gates, shared, task, shared_bias, task_bias)]
-    ins = [t.detach().requires_grad_() for t in (gates, shared, task, shared_bias, task_bias) if t is not None]
-
-    def call(fn):
-        it = iter(ins)
-        return fn(*(next(it) if g else None for g in given))
-
-    with torch.enable_grad():
-        outs = [call(fn) for fn in (fused_mixture, reference_mixture)]
-        # its own generator: the check must not shift the training's random stream
-        gen = torch.Generator(device=outs[1].device).manual_seed(0)
-        grad = torch.randn(outs[1].shape, generator=gen, device=outs[1].device).to(outs[1].dtype)
-        grads = [torch.autograd.grad(o, ins, grad) for o in outs]
-    worst = 0.0
-    for a, b in zip((outs[0], *grads[0]), (outs[1], *grads[1])):
-        a, b = a.detach().float(), b.detach().float()
-        worst = max(worst, float((a - b).abs().max() / b.abs().max().clamp_min(1e-30)))
-    if worst > tol:
-        GUARD.switch_off(f"its result differs from the PyTorch form by {worst:.3g} of the largest value")
-        return False
-    return True
+    """The CGC mixture: the fused kernel where it can run (and ``fused``), else PyTorch
+    (:func:`ple_adatt.kernels.checked_call`: checked on first use, switched off on a failure)."""
+    _check_biases(shared, task, shared_bias, task_bias)  # the caller's error on either path
+    use = fused and fused_available(gates.device) and gates.shape[1] > 0
+    return kernels.checked_call(GUARD, fused_mixture, reference_mixture, (gates, shared, task, shared_bias, task_bias),
+                                use)
 
 
 def fused_mixture(gates: Tensor, shared: Tensor, task: Tensor | None, shared_bias: Tensor | None = None,

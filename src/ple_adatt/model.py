@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import kernels, mixture
+from . import kernels, mixture, towers
 from .config import ModelConfig, TaskSpec, cycle_message, find_cycle
 
 __all__ = ["GRAD_METHODS", "HeadSpec", "ModelOutput", "PLEClusterModel", "build_model"]
@@ -415,6 +415,10 @@ class PLEClusterModel(nn.Module):
     # outputs (134 us on an H100 at the seed's task experts, 32 x 16384 x 128) and a pass for
     # their gradients. Unmeasured on a GPU yet; the bench's --mixture-biases times both.
     mixture_biases: bool = True
+    # With the GPU's layers: the towers' first layer as bmm and one Triton pass for its bias and
+    # ReLU (ple_adatt.towers) instead of baddbmm's bias copy, a ReLU pass, and in the backward a
+    # threshold pass and a bias-gradient pass. Unmeasured on a GPU yet; bench run (g) is the A/B.
+    fused_tower: bool = True
 
     def _trunk(self, x_num: Tensor, x_cat: Tensor) -> tuple[Tensor, Tensor, tuple[Tensor, Tensor, Tensor]]:
         return (self._trunk_fn or self.trunk)(x_num, x_cat)
@@ -467,7 +471,10 @@ class PLEClusterModel(nn.Module):
 
     def heads_forward(self, cgc: Tensor, cluster: Tensor | None, use_cluster_heads: bool) -> Tensor:
         """Towers, global or per-cluster heads and logit transfer: (T, B, O)."""
-        hid = self.tower_dropout(F.relu(self.tower(cgc)))  # (T, B, h)
+        gpu_layers = cgc.is_cuda if self.gpu_layers is None else self.gpu_layers
+        # relu(baddbmm(b, cgc, W)), on the GPU as bmm and one bias+ReLU kernel (ple_adatt.towers)
+        hid = towers.tower_layer(cgc, self.tower.weight, self.tower.bias, fused=gpu_layers and self.fused_tower)
+        hid = self.tower_dropout(hid)  # (T, B, h)
         out = self.head(hid)  # (T, B, O)
         if use_cluster_heads and self.num_clusters and cluster is not None:
             per = torch.einsum("tbh,ctho->ctbo", hid, self.cluster_head_weight) + self.cluster_head_bias

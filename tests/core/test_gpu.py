@@ -101,6 +101,33 @@ def test_fused_cgc_mixture_matches_pytorch_on_cuda(dtype, biases):
             torch.testing.assert_close(a.float(), b.float(), rtol=tol, atol=tol * 4)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_tower_layer_matches_pytorch_on_cuda(dtype):
+    """The compiled bias+ReLU kernels of the towers (ple_adatt.towers) at an odd batch and the
+    seed's widths, forward and gradients, under autocast for bf16 as the model runs them;
+    tests/core/test_towers.py checks the same program under the interpreter on the CPU."""
+    from ple_adatt import towers
+
+    assert towers.fused_available(torch.device("cuda"))
+    g = torch.Generator(device="cuda").manual_seed(0)
+    T, B, d, h = 16, 4099, 128, 256
+    args = (torch.randn(T, B, d, device="cuda", generator=g).requires_grad_(),
+            (torch.randn(T, d, h, device="cuda", generator=g) / d ** 0.5).requires_grad_(),
+            torch.randn(T, 1, h, device="cuda", generator=g).requires_grad_())
+    results = []
+    for fn in (towers.fused_tower_layer, towers.reference_tower_layer):
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+            out = fn(*args)
+        grad = torch.randn(out.shape, device="cuda", generator=torch.Generator(device="cuda").manual_seed(1))
+        results.append((out, *torch.autograd.grad(out, args, grad.to(out.dtype))))
+    # relative to each result's largest value: in bf16 the fused form rounds the GEMM's output
+    # before adding the bias, baddbmm after (and sums the bias gradient in float32, not bf16)
+    tol = 1e-4 if dtype == torch.float32 else 2e-2
+    for a, b in zip(*results, strict=True):
+        assert a.dtype == b.dtype and a.shape == b.shape
+        assert float((a.float() - b.float()).abs().max()) <= tol * float(b.float().abs().max())
+
+
 def test_compiled_training_step_matches_eager():
     cfg = load_train_config(ROOT / "configs/train/cpu_small.yaml", ["device=cuda", "training.use_amp=false"])
     losses = []

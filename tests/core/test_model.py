@@ -212,20 +212,25 @@ def test_the_gpus_layers_compute_the_cpus_model(specs, model_cfg, loss_cfgs, amp
     _compare_gpu_layers_with_plain(specs, model_cfg, loss_cfgs, amp, fold)
 
 
-def test_the_gpus_layers_with_biases_in_the_fused_mixture_compute_the_cpus_model(interpreter, monkeypatch, specs,
-                                                                                  model_cfg, loss_cfgs):
-    """As above, with the mixture's Triton kernels (interpreted; float32: the interpreter's bf16
-    rounds by truncation) adding the experts' second-layer biases and returning their gradients."""
-    from ple_adatt import mixture
+def test_the_gpus_layers_through_the_fused_kernels_compute_the_cpus_model(interpreter, monkeypatch, specs,
+                                                                           model_cfg, loss_cfgs):
+    """As above, through the Triton kernels (interpreted; float32: the interpreter's bf16 rounds
+    by truncation): the mixture's, adding the experts' second-layer biases and returning their
+    gradients, and the towers' bias+ReLU."""
+    from ple_adatt import mixture, towers
 
-    monkeypatch.setattr(mixture.GUARD, "failures", [])
-    monkeypatch.setattr(mixture.GUARD, "checked", True)  # no first-use check: compare directly
-    monkeypatch.setattr(mixture, "fused_available", lambda device: True)
     seen = []
-    fused = mixture.fused_mixture
-    monkeypatch.setattr(mixture, "fused_mixture", lambda *a: seen.append(a[3] is not None) or fused(*a))
+    for module, name in ((mixture, "fused_mixture"), (towers, "fused_tower_layer")):
+        monkeypatch.setattr(module.GUARD, "failures", [])
+        monkeypatch.setattr(module.GUARD, "checked", True)  # no first-use check: compare directly
+        monkeypatch.setattr(module, "fused_available", lambda device: True)
+        fused = getattr(module, name)
+        monkeypatch.setattr(module, name, lambda *a, fused=fused, name=name: seen.append(
+            (name, len(a) > 3 and a[3] is not None)) or fused(*a))
     _compare_gpu_layers_with_plain(specs, model_cfg, loss_cfgs, False)
-    assert seen == [False, True]  # the plain layers add their biases; the GPU's leave them to the kernels
+    # the plain layers: the mixture kernels alone, the layers adding their biases; the GPU's: the
+    # biases left to the mixture's kernels, the towers' kernel
+    assert seen == [("fused_mixture", False), ("fused_mixture", True), ("fused_tower_layer", False)]
 
 
 def _compare_gpu_layers_with_plain(specs, model_cfg, loss_cfgs, amp, fold=True):

@@ -1,0 +1,103 @@
+"""The towers' fused bias+ReLU layer (ple_adatt.towers): the Triton kernels against the PyTorch
+form and against the formula. On the CPU the kernels run under Triton's interpreter (switched on
+by tests/conftest.py); tests/core/test_gpu.py runs them compiled, in bf16. Skipped where triton is
+not installed (make setup installs it)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ple_adatt import towers
+
+pytest.importorskip("triton", reason="triton is not installed (make setup installs it for the interpreter test)")
+
+
+def _inputs(G, B, d, h, dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    cgc = torch.randn(G, B, d, generator=g).to(dtype).requires_grad_()
+    weight = (torch.randn(G, d, h, generator=g) / d ** 0.5).requires_grad_()
+    bias = torch.randn(G, 1, h, generator=g).requires_grad_()
+    return cgc, weight, bias
+
+
+def _run(fn, args, grad):
+    out = fn(*args)
+    return (out, *torch.autograd.grad(out, args, grad))
+
+
+# odd shapes: rows not a multiple of the block, h not a power of two
+@pytest.mark.parametrize("G,B,d,h", [(3, 70, 8, 24), (1, 5, 16, 256), (4, 33, 5, 17)])
+def test_fused_tower_layer_equals_the_pytorch_form_forward_and_backward(interpreter, G, B, d, h):
+    args = _inputs(G, B, d, h)
+    grad = torch.randn(G, B, h, generator=torch.Generator().manual_seed(1))
+    fused = _run(towers.fused_tower_layer, args, grad)
+    ref = _run(towers.reference_tower_layer, args, grad)
+    for a, b in zip(fused, ref, strict=True):
+        assert a.dtype == b.dtype and a.shape == b.shape
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_the_kernel_is_relu_of_input_plus_bias_and_the_bias_gradient_sums_the_passed_gradient(interpreter):
+    """Against the formula, not the other implementation."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 40, 12, generator=g).requires_grad_()
+    bias = torch.randn(2, 1, 12, generator=g).requires_grad_()
+    out = towers.fused_bias_relu(x, bias)
+    expect = (x + bias).clamp_min(0)
+    torch.testing.assert_close(out, expect.detach())
+    assert (out == 0).any() and (out > 0).any()  # both sides of the ReLU are exercised
+    grad = torch.randn(2, 40, 12, generator=g)
+    d_x, d_b = torch.autograd.grad(out, (x, bias), grad)
+    passed = grad * (expect > 0)
+    torch.testing.assert_close(d_x, passed)
+    torch.testing.assert_close(d_b, passed.sum(1, keepdim=True))
+
+
+def test_bf16_input_with_a_float32_bias_gives_bf16_output_and_a_float32_bias_gradient(interpreter):
+    """As on CUDA under autocast: the bmm's bf16 output, the float32 bias parameter."""
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(3, 50, 16, generator=g).bfloat16().requires_grad_()
+    bias = torch.randn(3, 1, 16, generator=g).requires_grad_()
+    out = towers.fused_bias_relu(x, bias)
+    d_x, d_b = torch.autograd.grad(out, (x, bias), torch.randn(3, 50, 16, generator=g).bfloat16())
+    assert (out.dtype, d_x.dtype, d_b.dtype) == (torch.bfloat16, torch.bfloat16, torch.float32)
+    # the 3.9 interpreter rounds float32 -> bf16 by truncation (the GPU rounds to nearest)
+    expect = (x.float() + bias).clamp_min(0).detach()
+    assert float((out.float() - expect).abs().max()) <= 1e-2 * float(expect.abs().max())
+
+
+def test_a_bias_of_the_wrong_shape_is_named(interpreter):
+    x = torch.randn(2, 8, 4)
+    with pytest.raises(ValueError, match=r"bias has shape \(2, 4\); a \(G, B, h\) = \(2, 8, 4\) input needs \(2, 1, 4\)"):
+        towers.fused_bias_relu(x, torch.zeros(2, 4))
+
+
+def test_tower_layer_takes_pytorch_on_the_cpu_and_where_switched_off(monkeypatch):
+    calls = []
+    monkeypatch.setattr(towers, "fused_tower_layer", lambda *a: calls.append(1))
+    args = _inputs(2, 8, 4, 6)
+    out = towers.tower_layer(*args)  # CPU: not available
+    monkeypatch.setattr(towers, "fused_available", lambda device: True)
+    towers.tower_layer(*args, fused=False)  # the model's layers are the CPU's
+    assert calls == [] and out.shape == (2, 8, 6)
+
+
+def test_a_wrong_tower_kernel_is_switched_off_after_its_first_use(monkeypatch, caplog):
+    monkeypatch.setattr(towers.GUARD, "failures", [])
+    monkeypatch.setattr(towers.GUARD, "checked", False)
+    monkeypatch.setattr(towers, "fused_available", lambda device: not towers.failed())
+    calls = []
+
+    def wrong(cgc, weight, bias):
+        calls.append(1)
+        return towers.reference_tower_layer(cgc, weight, bias * 2)
+
+    monkeypatch.setattr(towers, "fused_tower_layer", wrong)
+    args = _inputs(2, 8, 4, 6)
+    with caplog.at_level("WARNING"):
+        out = towers.tower_layer(*args)
+    torch.testing.assert_close(out, towers.reference_tower_layer(*args))
+    assert towers.failed() and "fused tower bias+ReLU kernel off" in caplog.text
+    towers.tower_layer(*args)
+    assert len(calls) == 1  # checked once, then off
