@@ -227,6 +227,7 @@ def record_step(s: dict, adatt: bool, measure: bool, bf16: bool, gpu: str, kerne
     trainer = Trainer(system, data, data.subset(torch.arange(8)), cfg, torch.device("cpu"), log=lambda m: None)
     trainer.sync_free = True  # the GPU step
     system.model.gpu_layers = True  # and its layers (the CPU's are chosen by device)
+    system.model.fused_mixture = fused_mixture  # training.fused_mixture (the experts' biases follow it)
     if bf16:  # the autocast of the GPU runs
         trainer._autocast = lambda: torch.autocast("cpu", dtype=torch.bfloat16)
     opt, scaler = make_optimizer(system, cfg, fused=True), trainer.make_scaler()

@@ -289,7 +289,9 @@ class TrainingConfig:
     # every strategy but mgda (whose solver runs on the host)
     cuda_graph: bool = False
     # the CGC mixture as fused Triton kernels on CUDA (ple_adatt.mixture): each input read
-    # once, each result written once; checked against the PyTorch form on first use
+    # once, each result written once, the experts' second-layer biases added there; and the
+    # towers' bias+ReLU as one kernel (ple_adatt.towers); each checked against the PyTorch form
+    # on first use
     fused_mixture: bool = True
     amp_dtype: Literal["bfloat16", "float16"] = "bfloat16"
     cosine_t0: int = 10

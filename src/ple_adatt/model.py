@@ -402,7 +402,8 @@ class PLEClusterModel(nn.Module):
     # between two autograd nodes, not an intermediate inside one compiled graph.
     _trunk_fn = None
     _heads_fn = None
-    # the CGC mixture as fused Triton kernels on CUDA (ple_adatt.mixture); training.fused_mixture
+    # the CGC mixture as fused Triton kernels on CUDA (ple_adatt.mixture), and with the GPU's
+    # layers the towers' bias+ReLU kernel (ple_adatt.towers); training.fused_mixture
     fused_mixture = True
     # The layers that read the shared input, as the GPU runs them: augment_input (the bias a
     # GEMM row, aligned rows), the ReLU in the GEMM's epilogue, grouped second layers whose
@@ -473,7 +474,8 @@ class PLEClusterModel(nn.Module):
         """Towers, global or per-cluster heads and logit transfer: (T, B, O)."""
         gpu_layers = cgc.is_cuda if self.gpu_layers is None else self.gpu_layers
         # relu(baddbmm(b, cgc, W)), on the GPU as bmm and one bias+ReLU kernel (ple_adatt.towers)
-        hid = towers.tower_layer(cgc, self.tower.weight, self.tower.bias, fused=gpu_layers and self.fused_tower)
+        fused = gpu_layers and self.fused_mixture and self.fused_tower  # training.fused_mixture: both kernels
+        hid = towers.tower_layer(cgc, self.tower.weight, self.tower.bias, fused=fused)
         hid = self.tower_dropout(hid)  # (T, B, h)
         out = self.head(hid)  # (T, B, O)
         if use_cluster_heads and self.num_clusters and cluster is not None:
