@@ -20,8 +20,8 @@ ROOT = Path(__file__).resolve().parents[2]
 SPECS = BATCH_SPECS
 
 
-def _three_adatt_steps(compiled: bool, device: str = "cpu",
-                       mode: str = "default") -> tuple[list[float], torch.Tensor, torch.Tensor]:
+def _three_adatt_steps(compiled: bool, device: str = "cpu", mode: str = "default",
+                       gpu_layers: bool | None = None) -> tuple[list[float], torch.Tensor, torch.Tensor]:
     overrides = ["transfer.grad_interval=1", "transfer.adatt.warmup_epochs=0", "transfer.adatt.freeze_epoch=3",
                  f"training.compile={'true' if compiled else 'false'}", f"training.compile_mode={mode}",
                  f"device={device}", "training.use_amp=false"]
@@ -29,6 +29,7 @@ def _three_adatt_steps(compiled: bool, device: str = "cpu",
     torch.manual_seed(0)
     system = build_system(cfg, SPECS, 5, [4, 4], 3)
     system.model.tower_dropout.p = 0.0
+    system.model.gpu_layers = gpu_layers
     trainer = Trainer(system, make_batch(384), make_batch(64, seed=1), cfg, torch.device(device), log=lambda m: None)
     opt, scaler = make_optimizer(system, cfg, fused=trainer.sync_free), trainer.make_scaler()
     totals = []
@@ -47,6 +48,24 @@ def test_compiled_training_matches_eager_on_losses_affinity_and_weights():
     assert compiled[0] == pytest.approx(eager[0], rel=1e-5, abs=1e-6)
     assert float((compiled[1] - eager[1]).abs().max()) < 1e-5  # affinity from the per-task gradients
     assert float((compiled[2] - eager[2]).abs().max()) < 1e-5  # heads after three AdamW steps
+
+
+def test_the_gpus_layers_compile_to_the_eager_training_without_tracing_the_kernels_checks(monkeypatch):
+    """The GPU's layers (custom autograd functions, the biases left to the mixture, the towers'
+    kernel path) under torch.compile on the CPU, against eager steps with the same layers. Under
+    compile the fused kernels give way to the PyTorch forms, and their availability checks
+    must not be traced at all (on CUDA a traced check is a graph break in the middle of the
+    trunk): each is asked only outside compiled code."""
+    from ple_adatt import mixture, towers
+
+    asked = []
+    for module in (mixture, towers):
+        monkeypatch.setattr(module, "fused_available", lambda device: asked.append(torch.compiler.is_compiling()))
+    eager, compiled = _three_adatt_steps(False, gpu_layers=True), _three_adatt_steps(True, gpu_layers=True)
+    assert asked and not any(asked)  # asked in the eager run, never while compiling
+    assert compiled[0] == pytest.approx(eager[0], rel=1e-5, abs=1e-6)
+    assert float((compiled[1] - eager[1]).abs().max()) < 1e-5
+    assert float((compiled[2] - eager[2]).abs().max()) < 1e-5
 
 
 
