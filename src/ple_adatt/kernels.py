@@ -98,6 +98,15 @@ class KernelGuard:
         return self.failures[0] if self.failures else None
 
 
+def require_runnable(what: str, device: torch.device) -> None:
+    """Raise, naming ``what``, unless its Triton kernels can run on ``device``: CUDA with
+    triton, or the CPU under Triton's interpreter."""
+    if _triton() is None:
+        raise RuntimeError(f"{what} needs triton (pip install triton)")
+    if device.type != "cuda" and not interpreted():
+        raise RuntimeError(f"{what} runs on CUDA (or on the CPU under TRITON_INTERPRET=1), not on {device.type}")
+
+
 def matches_reference(guard: KernelGuard, fused, reference, args: tuple, tol: float = 2e-2) -> bool:
     """The first-use check of an autograd-aware fused op: ``fused(*args)`` against
     ``reference(*args)``, forward and the gradients of every tensor argument (detached copies;

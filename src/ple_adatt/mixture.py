@@ -121,11 +121,7 @@ def gated_mixture(gates: Tensor, shared: Tensor, task: Tensor | None, fused: boo
 def fused_mixture(gates: Tensor, shared: Tensor, task: Tensor | None, shared_bias: Tensor | None = None,
                   task_bias: Tensor | None = None) -> Tensor:
     """The Triton kernels (autograd-aware): same contract as :func:`reference_mixture`."""
-    if kernels._triton() is None:
-        raise RuntimeError("the fused CGC mixture needs triton (pip install triton)")
-    if gates.device.type != "cuda" and not kernels.interpreted():
-        raise RuntimeError(f"the fused CGC mixture runs on CUDA (or on the CPU under TRITON_INTERPRET=1), "
-                           f"not on {gates.device.type}")
+    kernels.require_runnable("the fused CGC mixture", gates.device)
     T, B, K = gates.shape
     E = shared.shape[0]
     e_t = 0 if task is None else task.shape[1]

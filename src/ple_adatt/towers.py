@@ -67,11 +67,7 @@ def tower_layer(cgc: Tensor, weight: Tensor, bias: Tensor, fused: bool = True) -
 def fused_bias_relu(x: Tensor, bias: Tensor) -> Tensor:
     """``relu(x + bias)`` in ``x``'s dtype: ``x`` (G, B, h), ``bias`` (G, 1, h) in any float dtype
     (the parameter's float32 under autocast); the bias gradient comes back in the bias's dtype."""
-    if kernels._triton() is None:
-        raise RuntimeError("the fused tower kernel needs triton (pip install triton)")
-    if x.device.type != "cuda" and not kernels.interpreted():
-        raise RuntimeError(f"the fused tower kernel runs on CUDA (or on the CPU under TRITON_INTERPRET=1), "
-                           f"not on {x.device.type}")
+    kernels.require_runnable("the fused tower kernel", x.device)
     G, _, H = x.shape
     if tuple(bias.shape) != (G, 1, H):
         raise ValueError(f"bias has shape {tuple(bias.shape)}; a (G, B, h) = {tuple(x.shape)} input needs ({G}, 1, {H})")

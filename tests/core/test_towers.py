@@ -101,3 +101,14 @@ def test_a_wrong_tower_kernel_is_switched_off_after_its_first_use(monkeypatch, c
     assert towers.failed() and "fused tower bias+ReLU kernel off" in caplog.text
     towers.tower_layer(*args)
     assert len(calls) == 1  # checked once, then off
+
+
+def test_the_fused_kernel_asked_for_where_it_cannot_run_says_so(monkeypatch):
+    from ple_adatt import kernels
+
+    monkeypatch.setattr(kernels, "interpreted", lambda: False)
+    with pytest.raises(RuntimeError, match="the fused tower kernel runs on CUDA .*, not on cpu"):
+        towers.fused_bias_relu(torch.randn(2, 8, 4), torch.zeros(2, 1, 4))
+    monkeypatch.setattr(kernels, "_triton", lambda: None)
+    with pytest.raises(RuntimeError, match=r"the fused tower kernel needs triton \(pip install triton\)"):
+        towers.fused_bias_relu(torch.randn(2, 8, 4), torch.zeros(2, 1, 4))
