@@ -499,6 +499,10 @@ def main() -> None:
         rounds = f" (median of {args.rounds} rounds' paired ratios [min-max])" if args.rounds > 1 else ""
         print(f"ratios{rounds}: " + "; ".join(ratios))
     print(f"CGC mixture: {mixture_path(device)}")
+    from ple_adatt import towers
+
+    if towers.failed():  # (g) against (b) would then time PyTorch against PyTorch
+        print(f"towers' bias+ReLU: PyTorch, the fused kernel was switched off ({towers.GUARD.reason()})")
 
 
 def load_average() -> str:

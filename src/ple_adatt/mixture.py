@@ -127,6 +127,10 @@ def fused_mixture(gates: Tensor, shared: Tensor, task: Tensor | None, shared_bia
     e_t = 0 if task is None else task.shape[1]
     if E + e_t != K:
         raise ValueError(f"gates have {K} columns for {E} shared and {e_t} task experts")
+    D = shared.shape[2]
+    if max(T * max(e_t, 1) * D, T * K, E * D) * B >= 2**31:  # the kernels' offsets are 32-bit
+        raise ValueError(f"batch {B} too large for the fused CGC mixture's 32-bit offsets ({T} tasks, {E} shared "
+                         f"and {e_t} task experts of width {D}); use a smaller batch or training.fused_mixture: false")
     _check_biases(shared, task, shared_bias, task_bias)
     return _FusedMixture.apply(gates, shared, task, shared_bias, task_bias)
 

@@ -414,7 +414,7 @@ class PLEClusterModel(nn.Module):
     # With the GPU's layers and the fused mixture: the experts' second-layer biases are added in
     # the mixture's kernels (ple_adatt.mixture), not by baddbmm's broadcast copy into the experts'
     # outputs (134 us on an H100 at the seed's task experts, 32 x 16384 x 128) and a pass for
-    # their gradients. Unmeasured on a GPU yet; the bench's --mixture-biases times both.
+    # their gradients. Unmeasured on a GPU yet; bench run (f) is the A/B.
     mixture_biases: bool = True
     # With the GPU's layers: the towers' first layer as bmm and one Triton pass for its bias and
     # ReLU (ple_adatt.towers) instead of baddbmm's bias copy, a ReLU pass, and in the backward a

@@ -263,3 +263,11 @@ def test_the_config_switch_reaches_models_rebuilt_outside_a_trainer():
     for value in (True, False):
         train_cfg = load_train_config(cfg, [f"training.fused_mixture={str(value).lower()}"])
         assert build_system(train_cfg, BATCH_SPECS, 5, [4, 4], 3).model.fused_mixture is value
+
+
+def test_a_batch_past_the_mixture_kernels_32_bit_offsets_is_refused_by_name(interpreter):
+    # meta tensors: the shapes without the 4 GB (16 tasks, 2 task experts, 524288 rows, d 256)
+    T, B, D, E, ET = 16, 524288, 256, 4, 2
+    gates = torch.empty(T, B, E + ET, device="meta")
+    with pytest.raises(ValueError, match="batch 524288 too large for the fused CGC mixture's 32-bit offsets"):
+        mixture.fused_mixture(gates, torch.empty(E, B, D, device="meta"), torch.empty(T, ET, B, D, device="meta"))

@@ -112,3 +112,28 @@ def test_the_fused_kernel_asked_for_where_it_cannot_run_says_so(monkeypatch):
     monkeypatch.setattr(kernels, "_triton", lambda: None)
     with pytest.raises(RuntimeError, match=r"the fused tower kernel needs triton \(pip install triton\)"):
         towers.fused_bias_relu(torch.randn(2, 8, 4), torch.zeros(2, 1, 4))
+
+
+def test_a_first_use_check_that_runs_out_of_memory_runs_again_on_the_next_call(monkeypatch):
+    """The check holds both forms' forward and backward for the whole batch: where it runs out
+    of memory the trainer skips the batch, and the next call must check again, not take an
+    unchecked kernel."""
+    monkeypatch.setattr(towers.GUARD, "failures", [])
+    monkeypatch.setattr(towers.GUARD, "checked", False)
+    monkeypatch.setattr(towers, "fused_available", lambda device: not towers.failed())
+    calls = []
+
+    def oom_then_wrong(cgc, weight, bias):
+        calls.append(1)
+        if len(calls) == 1:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory")
+        return towers.reference_tower_layer(cgc, weight, bias * 2)
+
+    monkeypatch.setattr(towers, "fused_tower_layer", oom_then_wrong)
+    args = _inputs(2, 8, 4, 6)
+    with pytest.raises(torch.cuda.OutOfMemoryError):
+        towers.tower_layer(*args)
+    assert not towers.GUARD.checked and not towers.failed()
+    out = towers.tower_layer(*args)  # checked now: the wrong kernel is caught and switched off
+    torch.testing.assert_close(out, towers.reference_tower_layer(*args))
+    assert towers.failed() and len(calls) == 2
