@@ -267,3 +267,31 @@ def _compare_gpu_layers_with_plain(specs, model_cfg, loss_cfgs, amp, fold=True):
     assert g0.keys() == g1.keys() and len(g0) > 10
     for n in g0:
         close(g1[n], g0[n], n)
+
+
+def test_phase2_with_frozen_shared_experts_runs_the_gpus_layers_through_the_kernels(interpreter, monkeypatch, specs,
+                                                                                      model_cfg, loss_cfgs):
+    """Phase 2 freezes the shared experts: their biases, left to the mixture's kernels, then need
+    no gradient. The per-task gradients (einsum, and the fused per-task kernel) still agree, and
+    the task-side parameters train."""
+    from ple_adatt import mixture, towers
+
+    for module in (mixture, towers):
+        monkeypatch.setattr(module.GUARD, "failures", [])
+        monkeypatch.setattr(module.GUARD, "checked", False)  # the real first-use checks run
+        monkeypatch.setattr(module, "fused_available", lambda device: True)
+    model = build(specs, model_cfg)
+    torch.nn.init.normal_(model.head.weight, std=0.5)
+    model.gpu_layers = True
+    model.freeze_shared_experts(True)
+    crit = MultiTaskLoss(model.heads, loss_cfgs)
+    b = make_batch(37, seed=5)  # not a multiple of the kernels' 16-row blocks
+    out = model(b.x_num, b.x_cat, b.cluster)
+    lo = crit(out.out, b.y, model.target_loc, model.target_scale, model.item_embeddings)
+    assert "FusedMixture" in type(out.cgc_out.grad_fn).__name__ and not mixture.failed() and not towers.failed()
+    einsum = model.shared_task_gradients(lo.weighted, lo.present, out, "einsum")
+    fused = model.shared_task_gradients(lo.weighted, lo.present, out, "fused")
+    assert float((fused - einsum).norm() / einsum.norm()) < 1e-4
+    lo.weighted.sum().backward()
+    assert all(p.grad is None for p in model.shared_experts.parameters())
+    assert float(model.task_expert_out.bias.grad.abs().sum()) > 0 and float(model.tower.bias.grad.abs().sum()) > 0
