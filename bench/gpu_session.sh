@@ -49,9 +49,9 @@ if [[ " $parts " == *" eager "* ]]; then
   "${bench[@]}" --only bd --no-fused-mixture 2>&1 | grep -v -i warn | tail -4 | tee -a "$out/bench_eager.txt"
 fi
 if [[ " $parts " == *" graphs "* ]]; then
-  # (f), (g): (b) with the experts' biases in their layers, and with the towers' bias+ReLU in
-  # PyTorch: the A/B of the ninth session's two elementwise changes
-  for extra in "--only abcdfg --cuda-graph" "--only abcd --cuda-graph --compile default" "--only bcd --compile reduce-overhead"; do
+  # (f), (g), (h): (b) with the experts' biases in their layers, with the towers' bias+ReLU in
+  # PyTorch, with the experts' ReLU masks by a threshold pass: the A/Bs of the ninth session's changes
+  for extra in "--only abcdfgh --cuda-graph" "--only abcd --cuda-graph --compile default" "--only bcd --compile reduce-overhead"; do
     # shellcheck disable=SC2086  # $extra holds several arguments
     "${bench[@]}" $extra 2>&1 | grep -v -i warn | grep -E "^\(|^ratios|^CGC"
   done | tee "$out/bench_graphs.txt"

@@ -34,7 +34,7 @@ os.environ.pop("TRITON_INTERPRET", None)  # compile for the GPU, not the interpr
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
-from ple_adatt import kernels, mixture, towers  # noqa: E402
+from ple_adatt import kernels, mixture, relu_dgrad, towers  # noqa: E402
 
 # the seed's shape: shared experts 100 -> 1024 -> 128
 IN, D = 100, 128
@@ -139,6 +139,29 @@ def compile_elementwise(arch: int) -> dict[str, dict]:
     return found
 
 
+# the experts' masked input gradient at the seed's task experts (32 groups of 100 -> 256 -> 128):
+# grad (G, B, 128) contiguous, the weight (G, 256, 128), the hidden layer (B, G*256) seen as (G, B, 256)
+_G, _HT = _TASKS * _ET, 256
+DGRAD_INTS = dict(B=_B, N_IN=_HT, N_OUT=D, s_gg=_B * D, s_gb=D, s_wg=_HT * D, s_wi=D, s_xg=_HT, s_xb=_G * _HT,
+                  s_og=_HT, s_ob=_G * _HT)
+
+
+def compile_masked_dgrad(arch: int, bm: int, bn: int, bk: int, warps: int, stages: int) -> dict:
+    """One tile config of :mod:`ple_adatt.relu_dgrad`'s kernel, bf16 operands, for sm_<arch>."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    fn = relu_dgrad._kernel().fn
+    consts = dict(PREC="tf32", BM=bm, BN=bn, BK=bk)
+    sig = {a: ("constexpr" if a in consts else "*bf16" if a.endswith("_ptr") else "i32") for a in fn.arg_names}
+    aligned = [a for a in fn.arg_names if a not in consts and (a.endswith("_ptr") or DGRAD_INTS[a] % 16 == 0)]
+    src = ASTSource(fn=fn, signature=sig, constexprs={(fn.arg_names.index(k),): v for k, v in consts.items()},
+                    attrs={(fn.arg_names.index(a),): [["tt.divisibility", 16]] for a in aligned})
+    ck = triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": warps, "num_stages": stages})
+    return _resources(ck)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--arch", type=int, default=90, help="compute capability x 10 (90: H100/H200)")
@@ -194,6 +217,22 @@ def main() -> None:
     except Exception as exc:  # noqa: BLE001 - report it, and fail --check
         print(f"elementwise kernels do not compile: {str(exc).splitlines()[0][:100]}")
         bad.append("elementwise kernels")
+    print(f"\nThe experts' masked input gradient (ple_adatt.relu_dgrad), the seed's task experts "
+          f"({_G} x {_B} x {D} -> {_HT}), bf16")
+    print(f"{'BM':>4} {'BN':>4} {'BK':>4} {'warps':>5} {'stages':>6} {'regs':>5} {'stack':>6} {'STL':>4} {'LDL':>4} "
+          f"{'HGMMA':>6} {'HMMA':>5} {'smem KB':>8}")
+    for bm, bn, bk, warps, stages in relu_dgrad.TILES:
+        name = f"masked_dgrad {bm}x{bn}x{bk} {warps} warps {stages} stages"
+        try:
+            r = compile_masked_dgrad(args.arch, bm, bn, bk, warps, stages)
+        except Exception as exc:  # noqa: BLE001 - report the config, go on with the others
+            print(f"{name}  does not compile: {str(exc).splitlines()[0][:80]}", flush=True)
+            bad.append(name)
+            continue
+        print(f"{bm:>4} {bn:>4} {bk:>4} {warps:>5} {stages:>6} {r['regs']:>5} {r['stack']:>6} {r['spill_st']:>4} "
+              f"{r['spill_ld']:>4} {r['hgmma']:>6} {r['hmma']:>5} {r['shared'] / 1024:>8.0f}", flush=True)
+        if r["spill_st"] or r["spill_ld"] or not r["hgmma"]:
+            bad.append(name)
     if args.check and bad:
         print(f"{len(bad)} config(s) spill, lack warpgroup MMAs or do not compile:")
         for name in bad:

@@ -43,7 +43,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 import train_throughput as tt  # noqa: E402
 
-from ple_adatt import mixture, towers  # noqa: E402
+from ple_adatt import mixture, relu_dgrad, towers  # noqa: E402
 from ple_adatt.config import TaskSpec  # noqa: E402
 from ple_adatt.training import Trainer, build_system, make_optimizer  # noqa: E402
 
@@ -206,13 +206,37 @@ def cost_fused_tower(rec: OpRecorder) -> None:
         Modelled.apply(torch.bmm(cgc, weight), bias) if fused else towers.reference_tower_layer(cgc, weight, bias))
 
 
+def cost_fused_dgrad(rec: OpRecorder) -> None:
+    """Cost the experts' masked input gradient as the fused kernel's traffic (read the output
+    gradient, the weight and the hidden layer's sign; write the masked gradient once), where
+    PyTorch writes the product and a threshold pass reads it back. Undone by
+    :func:`restore_mixture`."""
+
+    def modelled(grad, weight, x, fused=True):
+        rec.paused = True
+        try:
+            out = relu_dgrad.reference_masked_input_grad(grad, weight, x)
+        finally:
+            rec.paused = False
+        G, B, o = grad.shape
+        i = weight.shape[1]
+        size = x.element_size()
+        rec.add("fused_masked_input_grad (Triton, modelled)", 2 * G * B * i * o,
+                (grad.numel() + weight.numel() + 2 * x.numel()) * size)
+        return out
+
+    relu_dgrad.masked_input_grad = modelled
+
+
 _GATED_MIXTURE = mixture.gated_mixture
 _TOWER_LAYER = towers.tower_layer
+_MASKED_INPUT_GRAD = relu_dgrad.masked_input_grad
 
 
 def restore_mixture() -> None:
     mixture.gated_mixture = _GATED_MIXTURE
     towers.tower_layer = _TOWER_LAYER
+    relu_dgrad.masked_input_grad = _MASKED_INPUT_GRAD
 
 
 def record_step(s: dict, adatt: bool, measure: bool, bf16: bool, gpu: str, kernel: bool = True,
@@ -236,8 +260,9 @@ def record_step(s: dict, adatt: bool, measure: bool, bf16: bool, gpu: str, kerne
     if kernel:
         cost_fused_kernel(system.model, rec)
     cost_fused_mixture(rec, fused_mixture)
-    if fused_mixture:  # the Triton kernels around the GEMMs: the mixture's and the towers'
+    if fused_mixture:  # the Triton kernels around the GEMMs: the mixture's, the towers', the experts' dgrad
         cost_fused_tower(rec)
+        cost_fused_dgrad(rec)
     try:
         with rec:
             trainer.train_step(data, 1, False, opt, scaler, measure=measure)

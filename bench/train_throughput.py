@@ -16,6 +16,9 @@ Prints samples/s, step time and peak memory of
       to the fused CGC mixture: an A/B of that change in one run;
   (g) with ``--only ...g``: (b) with the towers' first layer in PyTorch (``fused_tower = False``),
       where the GPU's layers otherwise run its bias and ReLU as one Triton pass;
+  (h) with ``--only ...h``: (b) with the experts' hidden-layer gradients masked by a
+      threshold pass (``fused_relu_dgrad = False``), where the GPU's layers otherwise mask them in
+      a Triton GEMM's epilogue;
 ``--cuda-graph`` replays each whole project step as a CUDA graph (training.cuda_graph),
 ``--compile [MODE]`` compiles the trunk, heads and losses (training.compile),
 ``--no-fused-mixture`` mixes the CGC experts in PyTorch, not in the Triton kernels
@@ -182,12 +185,13 @@ class Prepared:
 
 def prepare_project(s: dict, data: TensorData, device: torch.device, adatt: bool, interval: int, amp: bool,
                     warmup: int, in_backward: bool = True, mixture_biases: bool = True,
-                    fused_tower: bool = True) -> Prepared:
+                    fused_tower: bool = True, fused_relu_dgrad: bool = True) -> Prepared:
     cfg = project_config(s, interval, amp, in_backward)
     specs = [TaskSpec(f"t{i}", f"y{i}", "binary") for i in range(s["tasks"])]
     torch.manual_seed(0)
     system = build_system(cfg, specs, s["numeric"], [s["card"]] * s["cats"], 8)
-    system.model.mixture_biases, system.model.fused_tower = mixture_biases, fused_tower
+    model = system.model
+    model.mixture_biases, model.fused_tower, model.fused_relu_dgrad = mixture_biases, fused_tower, fused_relu_dgrad
     if not adatt:
         system.transfer = None
     trainer = Trainer(system, data, data.subset(torch.arange(8, device=device)), cfg, device, log=lambda m: None)
@@ -411,7 +415,8 @@ def main() -> None:
     ap.add_argument("--only", default="abcd", help="which runs, e.g. 'bd' (default abcd; e: interval 1 with the "
                                                       "seed's separate backward, transfer.measure_in_backward=false; "
                                                       "f: (b) with the experts' biases in their layers; "
-                                                      "g: (b) with the towers' bias and ReLU in PyTorch)")
+                                                      "g: (b) with the towers' bias and ReLU in PyTorch; "
+                                                      "h: (b) with the experts' ReLU masks by a pass)")
     ap.add_argument("--profile", type=Path, default=None, help="write per-kernel time tables of each run here")
     ap.add_argument("--compile", nargs="?", const="default", default=None, metavar="MODE",
                     help="training.compile: torch.compile trunk, heads, losses (MODE: default, reduce-overhead "
@@ -474,10 +479,12 @@ def main() -> None:
               lambda: prepare_project(s, data, device, False, 10, amp, args.warmup, mixture_biases=False)),
         "g": ("(g) adaTT off, towers' bias and ReLU in PyTorch",
               lambda: prepare_project(s, data, device, False, 10, amp, args.warmup, fused_tower=False)),
+        "h": ("(h) adaTT off, experts' ReLU masks by a pass",
+              lambda: prepare_project(s, data, device, False, 10, amp, args.warmup, fused_relu_dgrad=False)),
     }
     unknown = sorted(set(args.only) - set(runs))
     if unknown:
-        ap.error(f"--only: unknown run(s) {unknown}; valid: a, b, c, d, e, f, g")
+        ap.error(f"--only: unknown run(s) {unknown}; valid: a, b, c, d, e, f, g, h")
     order = sorted(set(args.only))
     if COMPILE in ("reduce-overhead", "max-autotune") and args.rounds > 1:
         # torch.compile's CUDA graph trees share one memory pool across the compiled models, and
@@ -490,7 +497,7 @@ def main() -> None:
     for num, den, text in [("a", "c", "(c) vs (a) {}x faster"), ("a", "b", "(b) vs (a) {}x"),
                            ("d", "b", "(d) step / (b) step {}x"), ("c", "b", "(c) step / (b) step {}x"),
                            ("e", "b", "(e) step / (b) step {}x"), ("f", "b", "(f) step / (b) step {}x"),
-                           ("g", "b", "(g) step / (b) step {}x")]:
+                           ("g", "b", "(g) step / (b) step {}x"), ("h", "b", "(h) step / (b) step {}x")]:
         if num in times and den in times:
             paired = [n / d for n, d in zip(times[num], times[den], strict=True)]  # the same round: same load
             spread = f" [{min(paired):.2f}-{max(paired):.2f}]" if len(paired) > 1 else ""
@@ -499,10 +506,11 @@ def main() -> None:
         rounds = f" (median of {args.rounds} rounds' paired ratios [min-max])" if args.rounds > 1 else ""
         print(f"ratios{rounds}: " + "; ".join(ratios))
     print(f"CGC mixture: {mixture_path(device)}")
-    from ple_adatt import towers
+    from ple_adatt import relu_dgrad, towers
 
-    if towers.failed():  # (g) against (b) would then time PyTorch against PyTorch
-        print(f"towers' bias+ReLU: PyTorch, the fused kernel was switched off ({towers.GUARD.reason()})")
+    for guard in (towers.GUARD, relu_dgrad.GUARD):  # (g) or (h) against (b) would time PyTorch against PyTorch
+        if guard.failed():
+            print(f"{guard.what}: off, {guard.fallback} instead ({guard.reason()})")
 
 
 def load_average() -> str:

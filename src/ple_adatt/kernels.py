@@ -107,20 +107,24 @@ def require_runnable(what: str, device: torch.device) -> None:
         raise RuntimeError(f"{what} runs on CUDA (or on the CPU under TRITON_INTERPRET=1), not on {device.type}")
 
 
-def matches_reference(guard: KernelGuard, fused, reference, args: tuple, tol: float = 2e-2) -> bool:
-    """The first-use check of an autograd-aware fused op: ``fused(*args)`` against
-    ``reference(*args)``, forward and the gradients of every tensor argument (detached copies;
-    ``None`` arguments pass through), each relative to the reference's largest magnitude (bf16
-    outputs round at about 4e-3). One host read. A mismatch switches ``guard`` off (one
-    warning) and returns False."""
-    ins = [None if a is None else a.detach().requires_grad_() for a in args]
-    given = [a for a in ins if a is not None]
-    with torch.enable_grad():
-        outs = [fn(*ins) for fn in (fused, reference)]
-        # its own generator: the check must not shift the training's random stream
-        gen = torch.Generator(device=outs[1].device).manual_seed(0)
-        grad = torch.randn(outs[1].shape, generator=gen, device=outs[1].device).to(outs[1].dtype)
-        grads = [torch.autograd.grad(o, given, grad) for o in outs]
+def matches_reference(guard: KernelGuard, fused, reference, args: tuple, tol: float = 2e-2,
+                      differentiable: bool = True) -> bool:
+    """The first-use check of a fused op: ``fused(*args)`` against ``reference(*args)``, and for
+    an autograd-aware op (``differentiable``) the gradients of every tensor argument too
+    (detached copies; ``None`` arguments pass through), each relative to the reference's largest
+    magnitude (bf16 outputs round at about 4e-3). One host read. A mismatch switches ``guard``
+    off (one warning) and returns False."""
+    if differentiable:
+        ins = [None if a is None else a.detach().requires_grad_() for a in args]
+        given = [a for a in ins if a is not None]
+        with torch.enable_grad():
+            outs = [fn(*ins) for fn in (fused, reference)]
+            # its own generator: the check must not shift the training's random stream
+            gen = torch.Generator(device=outs[1].device).manual_seed(0)
+            grad = torch.randn(outs[1].shape, generator=gen, device=outs[1].device).to(outs[1].dtype)
+            grads = [torch.autograd.grad(o, given, grad) for o in outs]
+    else:
+        outs, grads = [fn(*args) for fn in (fused, reference)], [(), ()]
     worst = 0.0
     for a, b in zip((outs[0], *grads[0]), (outs[1], *grads[1])):
         a, b = a.detach().float(), b.detach().float()
@@ -133,20 +137,22 @@ def matches_reference(guard: KernelGuard, fused, reference, args: tuple, tol: fl
     return True
 
 
-def checked_call(guard: KernelGuard, fused, reference, args: tuple, use_fused: bool):
+def checked_call(guard: KernelGuard, fused, reference, args: tuple, use_fused: bool, differentiable: bool = True):
     """``fused(*args)`` where ``use_fused`` (the caller's: device, switch, guard) and outside
     ``torch.compile`` (whose inductor fuses the PyTorch form itself), else ``reference(*args)``.
-    The first call with autograd on is checked against the reference
-    (:func:`matches_reference`); an error in the fused op (a Triton or driver failure) switches
-    ``guard`` off with one warning and the reference takes over: a broken kernel costs speed,
-    never a wrong model or a failed run. An out-of-memory error is the batch's, and raised."""
+    The first call is checked against the reference (:func:`matches_reference`; an
+    autograd-aware op with its gradients, at its first call with autograd on; an op that runs
+    inside a backward, ``differentiable=False``, on its values); an error in the fused op (a
+    Triton or driver failure) switches ``guard`` off with one warning and the reference takes
+    over: a broken kernel costs speed, never a wrong model or a failed run. An out-of-memory
+    error is the batch's, and raised."""
     if not use_fused or torch.compiler.is_compiling():
         return reference(*args)
     try:
         if not guard.checked:
-            if not torch.is_grad_enabled() or torch.is_inference_mode_enabled():
+            if differentiable and (not torch.is_grad_enabled() or torch.is_inference_mode_enabled()):
                 return reference(*args)  # the check needs autograd: until it has run
-            if not matches_reference(guard, fused, reference, args):
+            if not matches_reference(guard, fused, reference, args, differentiable=differentiable):
                 return reference(*args)
         return fused(*args)
     except torch.cuda.OutOfMemoryError:

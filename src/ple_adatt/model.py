@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import kernels, mixture, towers
+from . import kernels, mixture, relu_dgrad, towers
 from .config import ModelConfig, TaskSpec, cycle_message, find_cycle
 
 __all__ = ["GRAD_METHODS", "HeadSpec", "ModelOutput", "PLEClusterModel", "build_model"]
@@ -104,14 +104,17 @@ def shared_input_linear(x: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
     return (x @ _augmented_weight(weight, bias, x.shape[1])).view(-1, g, o).transpose(0, 1)
 
 
-def shared_input_relu_linear(x: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
+def shared_input_relu_linear(x: Tensor, weight: Tensor, bias: Tensor, masked_downstream: bool = False) -> Tensor:
     """``relu(shared_input_linear(x, weight, bias))``; for :func:`augment_input`'s ``x`` the
     ReLU runs in the GEMM's epilogue (cuBLASLt, ``torch._addmm_activation``) instead of a
-    pass of its own over the (B, G*o) output."""
+    pass of its own over the (B, G*o) output. ``masked_downstream``: the output's only
+    differentiable use is a :func:`grouped_linear` with ``relu_input=True``, which hands back its
+    gradient already masked by the ReLU, so the backward skips its own mask pass."""
     g, i, o = weight.shape
     if x.shape[1] == i:
         return F.relu(shared_input_linear(x, weight, bias))
-    return _ReluGemm.apply(x, _augmented_weight(weight, bias, x.shape[1])).view(-1, g, o).transpose(0, 1)
+    w = _augmented_weight(weight, bias, x.shape[1])
+    return _ReluGemm.apply(x, w, masked_downstream).view(-1, g, o).transpose(0, 1)
 
 
 def _augmented_weight(weight: Tensor, bias: Tensor, k: int) -> Tensor:
@@ -132,22 +135,25 @@ class _ReluGemm(torch.autograd.Function):
     (its sign is the ReLU's mask). Products in the autocast dtype, as autocast's mm."""
 
     @staticmethod
-    def forward(ctx, x: Tensor, w: Tensor) -> Tensor:
+    def forward(ctx, x: Tensor, w: Tensor, masked_downstream: bool = False) -> Tensor:
         dtype = _compute_dtype(x)
         with torch.autocast(x.device.type, enabled=False):
             xc, wc = x.to(dtype), w.to(dtype)
             out = torch._addmm_activation(xc.new_zeros(wc.shape[1]), xc, wc)  # the bias is a row of w
         ctx.save_for_backward(xc, wc, out)
         ctx.dtypes = (x.dtype, w.dtype)
+        ctx.masked_downstream = masked_downstream
         return out
 
     @staticmethod
     def backward(ctx, grad: Tensor):
         xc, wc, out = ctx.saved_tensors
-        grad = torch.ops.aten.threshold_backward(grad.to(out.dtype), out, 0)
+        grad = grad.to(out.dtype)
+        if not ctx.masked_downstream:  # else the grouped layer above applied the ReLU's mask
+            grad = torch.ops.aten.threshold_backward(grad, out, 0)
         gx = (grad @ wc.t()).to(ctx.dtypes[0]) if ctx.needs_input_grad[0] else None
         gw = (xc.t() @ grad).to(ctx.dtypes[1]) if ctx.needs_input_grad[1] else None
-        return gx, gw
+        return gx, gw, None
 
 
 class _GroupedLinear(torch.autograd.Function):
@@ -158,16 +164,22 @@ class _GroupedLinear(torch.autograd.Function):
     contiguous (G, B, i) gradient, so the ReLU backward that follows ran on two layouts at
     once (measured 443 us instead of 269 on an H100 at 32 x 16384 x 256) and the layer
     below needed its gradient as (B, G*i) again. Here cuBLAS writes the gradient straight
-    into ``x``'s layout. Products run in the autocast dtype, as autocast's own baddbmm does."""
+    into ``x``'s layout. Products run in the autocast dtype, as autocast's own baddbmm does.
+
+    ``relu_input``: ``x`` is a ReLU's output (of :func:`shared_input_relu_linear` with
+    ``masked_downstream``), and the input gradient comes back masked by it, on the GPU in the
+    GEMM's epilogue (:mod:`ple_adatt.relu_dgrad`, where ``fused_dgrad``)."""
 
     @staticmethod
-    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None, relu_input: bool = False,
+                fused_dgrad: bool = True) -> Tensor:
         dtype = _compute_dtype(x)
         with torch.autocast(x.device.type, enabled=False):
             xc, wc = x.to(dtype), weight.to(dtype)
             out = torch.bmm(xc, wc) if bias is None else torch.baddbmm(bias.to(dtype), xc, wc)
         ctx.save_for_backward(xc, wc)
         ctx.dtypes = (x.dtype, weight.dtype, None if bias is None else bias.dtype)
+        ctx.relu_input, ctx.fused_dgrad = relu_input, fused_dgrad
         return out
 
     @staticmethod
@@ -177,23 +189,24 @@ class _GroupedLinear(torch.autograd.Function):
         grad = grad.to(xc.dtype)
         gx = gw = gb = None
         if ctx.needs_input_grad[0]:
-            if torch.compiler.is_compiling():  # dynamo refuses a strided out=; inductor picks layouts
-                gx = torch.bmm(grad, wc.transpose(1, 2))
-            else:  # empty_like keeps x's strides when x is dense (an expanded x gets contiguous ones)
-                gx = torch.empty_like(xc)
-                torch.bmm(grad, wc.transpose(1, 2), out=gx)
+            if ctx.relu_input:
+                gx = relu_dgrad.masked_input_grad(grad, wc, xc, fused=ctx.fused_dgrad)
+            else:
+                gx = relu_dgrad.input_grad_in_layout(grad, wc, xc)
             gx = gx.to(x_dtype)
         if ctx.needs_input_grad[1]:
             gw = torch.bmm(xc.transpose(1, 2), grad).to(w_dtype)
         if ctx.needs_input_grad[2]:
             gb = grad.sum(1, keepdim=True, dtype=torch.float32).to(b_dtype)
-        return gx, gw, gb
+        return gx, gw, gb, None, None
 
 
-def grouped_linear(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+def grouped_linear(x: Tensor, weight: Tensor, bias: Tensor | None, relu_input: bool = False,
+                   fused_dgrad: bool = True) -> Tensor:
     """``G`` linear maps of ``G`` inputs, x (G, B, i), weight (G, i, o), bias (G, 1, o) or None
-    (no bias: a plain bmm), whose input gradient has ``x``'s layout (:class:`_GroupedLinear`)."""
-    return _GroupedLinear.apply(x, weight, bias)
+    (no bias: a plain bmm), whose input gradient has ``x``'s layout (:class:`_GroupedLinear`);
+    ``relu_input``: that gradient comes back masked by ``x > 0``."""
+    return _GroupedLinear.apply(x, weight, bias, relu_input, fused_dgrad)
 
 
 class BatchedLinear(nn.Module):
@@ -242,18 +255,20 @@ class SharedExperts(nn.Module):
             torch.stack([e.b2 for e in ex]).unsqueeze(1),  # (E, 1, d)
         )
 
-    def forward(self, x: Tensor, with_bias: bool = True) -> tuple[Tensor, tuple[Tensor, Tensor, Tensor]]:
+    def forward(self, x: Tensor, with_bias: bool = True,
+                fused_dgrad: bool = True) -> tuple[Tensor, tuple[Tensor, Tensor, Tensor]]:
         """``x`` (B, i), or :func:`augment_input`'s (B, k) for the GPU's layers; the cache
         holds the (B, i) part. ``with_bias=False`` leaves the second layers' bias out of the
-        output, for the CGC mixture to add (:meth:`output_bias`)."""
+        output, for the CGC mixture to add (:meth:`output_bias`); ``fused_dgrad``: the GPU's
+        layers mask the hidden layer's gradient in a Triton kernel (:mod:`ple_adatt.relu_dgrad`)."""
         w1, b1, w2, b2 = self.stacked()
-        # (E, B, h): every expert's first layer in one GEMM (on the GPU with its ReLU). The
-        # cache's "pre-activation" is the hidden layer: the per-task gradients read its sign
-        # (pre > 0 <=> hid > 0) and relu() of it (relu(hid) == hid)
-        hid = shared_input_relu_linear(x, w1, b1)
         augmented = x.shape[1] > w1.shape[1]
+        # (E, B, h): every expert's first layer in one GEMM (on the GPU with its ReLU, whose
+        # mask the second layer's backward applies). The cache's "pre-activation" is the hidden
+        # layer: the per-task gradients read its sign (pre > 0 <=> hid > 0) and relu() of it
+        hid = shared_input_relu_linear(x, w1, b1, masked_downstream=augmented)
         if augmented:
-            s = grouped_linear(hid, w2, b2 if with_bias else None)  # (E, B, d)
+            s = grouped_linear(hid, w2, b2 if with_bias else None, relu_input=True, fused_dgrad=fused_dgrad)
         else:
             s = torch.baddbmm(b2, hid, w2) if with_bias else torch.bmm(hid, w2)
         return s, (x[:, :w1.shape[1]], hid, hid)
@@ -420,6 +435,10 @@ class PLEClusterModel(nn.Module):
     # ReLU (ple_adatt.towers) instead of baddbmm's bias copy, a ReLU pass, and in the backward a
     # threshold pass and a bias-gradient pass. Unmeasured on a GPU yet; bench run (g) is the A/B.
     fused_tower: bool = True
+    # With the GPU's layers: the experts' hidden-layer gradient masked by their ReLU in the
+    # second layers' input-gradient GEMM (ple_adatt.relu_dgrad, a Triton kernel) instead of a
+    # cuBLAS GEMM and a threshold_backward pass. Unmeasured on a GPU yet; bench run (h) is the A/B.
+    fused_relu_dgrad: bool = True
 
     def _trunk(self, x_num: Tensor, x_cat: Tensor) -> tuple[Tensor, Tensor, tuple[Tensor, Tensor, Tensor]]:
         return (self._trunk_fn or self.trunk)(x_num, x_cat)
@@ -456,13 +475,18 @@ class PLEClusterModel(nn.Module):
         # with the fused mixture, the experts' second layers leave their bias to it
         # (mixture_biases): no broadcast copy of the bias into their outputs, no bias-gradient pass
         fold = gpu_layers and self.fused_mixture and self.mixture_biases
-        shared, cache = self.shared_experts(x, with_bias=not fold)  # (E_s, B, d)
+        fused_dgrad = self.fused_mixture and self.fused_relu_dgrad  # training.fused_mixture: all the kernels
+        shared, cache = self.shared_experts(x, with_bias=not fold, fused_dgrad=fused_dgrad)  # (E_s, B, d)
         gates = torch.softmax(self.task_expert_attention(x), dim=-1)  # (T, B, E_s + E_t)
         te = biases = None
         if self.e_t:
             inner, outer = self.task_expert_in, self.task_expert_out
-            hid = shared_input_relu_linear(x, inner.weight, inner.bias)  # (T*E_t, B, h)
-            te = grouped_linear(hid, outer.weight, None if fold else outer.bias) if gpu_layers else outer(hid)
+            hid = shared_input_relu_linear(x, inner.weight, inner.bias, masked_downstream=gpu_layers)  # (T*E_t, B, h)
+            if gpu_layers:
+                te = grouped_linear(hid, outer.weight, None if fold else outer.bias, relu_input=True,
+                                    fused_dgrad=fused_dgrad)
+            else:
+                te = outer(hid)
             te = te.view(self.num_tasks, self.e_t, *te.shape[1:])  # (T, E_t, B, d)
         if fold:
             task_bias = None if te is None else self.task_expert_out.bias.view(self.num_tasks, self.e_t, 1, -1)

@@ -56,10 +56,10 @@ def test_the_gpus_layers_compile_to_the_eager_training_without_tracing_the_kerne
     compile the fused kernels give way to the PyTorch forms, and their availability checks
     must not be traced at all (on CUDA a traced check is a graph break in the middle of the
     trunk): each is asked only outside compiled code."""
-    from ple_adatt import mixture, towers
+    from ple_adatt import mixture, relu_dgrad, towers
 
     asked = []
-    for module in (mixture, towers):
+    for module in (mixture, towers, relu_dgrad):
         monkeypatch.setattr(module, "fused_available", lambda device: asked.append(torch.compiler.is_compiling()))
     eager, compiled = _three_adatt_steps(False, gpu_layers=True), _three_adatt_steps(True, gpu_layers=True)
     assert asked and not any(asked)  # asked in the eager run, never while compiling

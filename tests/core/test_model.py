@@ -216,11 +216,12 @@ def test_the_gpus_layers_through_the_fused_kernels_compute_the_cpus_model(interp
                                                                            model_cfg, loss_cfgs):
     """As above, through the Triton kernels (interpreted; float32: the interpreter's bf16 rounds
     by truncation): the mixture's, adding the experts' second-layer biases and returning their
-    gradients, and the towers' bias+ReLU."""
-    from ple_adatt import mixture, towers
+    gradients, the towers' bias+ReLU, and the experts' masked hidden-layer gradient."""
+    from ple_adatt import mixture, relu_dgrad, towers
 
     seen = []
-    for module, name in ((mixture, "fused_mixture"), (towers, "fused_tower_layer")):
+    for module, name in ((mixture, "fused_mixture"), (towers, "fused_tower_layer"),
+                         (relu_dgrad, "fused_masked_input_grad")):
         monkeypatch.setattr(module.GUARD, "failures", [])
         monkeypatch.setattr(module.GUARD, "checked", True)  # no first-use check: compare directly
         monkeypatch.setattr(module, "fused_available", lambda device: True)
@@ -229,8 +230,10 @@ def test_the_gpus_layers_through_the_fused_kernels_compute_the_cpus_model(interp
             (name, len(a) > 3 and a[3] is not None)) or fused(*a))
     _compare_gpu_layers_with_plain(specs, model_cfg, loss_cfgs, False)
     # the plain layers: the mixture kernels alone, the layers adding their biases; the GPU's: the
-    # biases left to the mixture's kernels, the towers' kernel
-    assert seen == [("fused_mixture", False), ("fused_mixture", True), ("fused_tower_layer", False)]
+    # biases left to the mixture's kernels, the towers' kernel, and in the backwards (the
+    # loop's and the training's) the masked gradients of both experts' hidden layers
+    assert seen[:3] == [("fused_mixture", False), ("fused_mixture", True), ("fused_tower_layer", False)]
+    assert seen[3:] and {name for name, _ in seen[3:]} == {"fused_masked_input_grad"}
 
 
 def _compare_gpu_layers_with_plain(specs, model_cfg, loss_cfgs, amp, fold=True):
@@ -274,9 +277,9 @@ def test_phase2_with_frozen_shared_experts_runs_the_gpus_layers_through_the_kern
     """Phase 2 freezes the shared experts: their biases, left to the mixture's kernels, then need
     no gradient. The per-task gradients (einsum, and the fused per-task kernel) still agree, and
     the task-side parameters train."""
-    from ple_adatt import mixture, towers
+    from ple_adatt import mixture, relu_dgrad, towers
 
-    for module in (mixture, towers):
+    for module in (mixture, towers, relu_dgrad):
         monkeypatch.setattr(module.GUARD, "failures", [])
         monkeypatch.setattr(module.GUARD, "checked", False)  # the real first-use checks run
         monkeypatch.setattr(module, "fused_available", lambda device: True)
@@ -293,5 +296,6 @@ def test_phase2_with_frozen_shared_experts_runs_the_gpus_layers_through_the_kern
     fused = model.shared_task_gradients(lo.weighted, lo.present, out, "fused")
     assert float((fused - einsum).norm() / einsum.norm()) < 1e-4
     lo.weighted.sum().backward()
+    assert relu_dgrad.GUARD.checked and not relu_dgrad.failed()  # the task experts' backward took the kernel
     assert all(p.grad is None for p in model.shared_experts.parameters())
     assert float(model.task_expert_out.bias.grad.abs().sum()) > 0 and float(model.tower.bias.grad.abs().sum()) > 0
