@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import math
 import os
 
 import torch
@@ -108,12 +109,14 @@ def require_runnable(what: str, device: torch.device) -> None:
 
 
 def matches_reference(guard: KernelGuard, fused, reference, args: tuple, tol: float = 2e-2,
-                      differentiable: bool = True) -> bool:
+                      differentiable: bool = True) -> bool | None:
     """The first-use check of a fused op: ``fused(*args)`` against ``reference(*args)``, and for
     an autograd-aware op (``differentiable``) the gradients of every tensor argument too
     (detached copies; ``None`` arguments pass through), each relative to the reference's largest
-    magnitude (bf16 outputs round at about 4e-3). One host read. A mismatch switches ``guard``
-    off (one warning) and returns False."""
+    magnitude (bf16 outputs round at about 4e-3). One host read. A mismatch (a NaN where the
+    reference is finite counts as one) switches ``guard`` off (one warning) and returns False.
+    Where the reference itself is not finite (a step whose loss overflowed: its backward
+    carries NaN by design) nothing can be compared: None, and the guard stays unchecked."""
     if differentiable:
         ins = [None if a is None else a.detach().requires_grad_() for a in args]
         given = [a for a in ins if a is not None]
@@ -125,14 +128,20 @@ def matches_reference(guard: KernelGuard, fused, reference, args: tuple, tol: fl
             grads = [torch.autograd.grad(o, given, grad) for o in outs]
     else:
         outs, grads = [fn(*args) for fn in (fused, reference)], [(), ()]
-    worst = 0.0
+    finite, worst = [], []
     for a, b in zip((outs[0], *grads[0]), (outs[1], *grads[1])):
         a, b = a.detach().float(), b.detach().float()
-        worst = max(worst, float((a - b).abs().max() / b.abs().max().clamp_min(1e-30)))
+        finite.append(torch.isfinite(b).all().float())
+        worst.append((a - b).abs().max() / b.abs().max().clamp_min(1e-30) if b.numel() else b.new_zeros(()))
+    stats = torch.stack([*finite, *worst]).tolist()  # the one host read
+    n = len(finite)
+    if min(stats[:n]) < 1:
+        return None
     # only now: a check that ran out of memory (the trainer skips that batch) runs again next time
     guard.checked = True
-    if worst > tol:
-        guard.switch_off(f"its result differs from the PyTorch form by {worst:.3g} of the largest value")
+    worst_value = max(stats[n:], key=lambda v: math.inf if math.isnan(v) else v)
+    if math.isnan(worst_value) or worst_value > tol:
+        guard.switch_off(f"its result differs from the PyTorch form by {worst_value:.3g} of the largest value")
         return False
     return True
 
@@ -153,7 +162,7 @@ def checked_call(guard: KernelGuard, fused, reference, args: tuple, use_fused: b
             if differentiable and (not torch.is_grad_enabled() or torch.is_inference_mode_enabled()):
                 return reference(*args)  # the check needs autograd: until it has run
             if not matches_reference(guard, fused, reference, args, differentiable=differentiable):
-                return reference(*args)
+                return reference(*args)  # a mismatch (now off), or nothing comparable yet
         return fused(*args)
     except torch.cuda.OutOfMemoryError:
         raise  # the batch's problem, not the kernels': the trainer skips it and the kernels stay on

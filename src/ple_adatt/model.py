@@ -271,7 +271,11 @@ class SharedExperts(nn.Module):
             s = grouped_linear(hid, w2, b2 if with_bias else None, relu_input=True, fused_dgrad=fused_dgrad)
         else:
             s = torch.baddbmm(b2, hid, w2) if with_bias else torch.bmm(hid, w2)
-        return s, (x[:, :w1.shape[1]], hid, hid)
+        # detached: the cache is read without autograd (the per-task gradients); the GPU's first
+        # layer trusts the grouped layer to mask the hidden layer's gradient, so a differentiable
+        # use of the hidden layer elsewhere would skip its ReLU's mask: refuse it instead
+        hid_c = hid.detach()
+        return s, (x[:, :w1.shape[1]].detach(), hid_c, hid_c)
 
     def output_bias(self) -> Tensor:
         """The second layers' biases, (E, 1, d)."""

@@ -73,8 +73,16 @@ def fused_masked_input_grad(grad: Tensor, weight: Tensor, x: Tensor) -> Tensor:
 
     _kernel()[grid](grad, weight, x, out, B, i, o, grad.stride(0), grad.stride(1), weight.stride(0), weight.stride(1),
                     x.stride(0), x.stride(1), out.stride(0), out.stride(1),
-                    PREC="ieee" if grad.dtype == torch.float32 else "tf32")
+                    PREC=_precision(grad.dtype))
     return out
+
+
+def _precision(dtype: torch.dtype) -> str:
+    """float32 products as cuBLAS would take them: TF32 where the trainer allows it (it does on
+    CUDA), exact otherwise; bf16 and fp16 operands are what they are."""
+    if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
+        return "ieee"
+    return "tf32"
 
 
 def failed() -> bool:

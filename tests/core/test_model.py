@@ -249,6 +249,9 @@ def _compare_gpu_layers_with_plain(specs, model_cfg, loss_cfgs, amp, fold=True):
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
             out = model(b.x_num, b.x_cat, b.cluster)
             lo = crit(out.out, b.y, model.target_loc, model.target_scale, model.item_embeddings)
+        # the cache is read without autograd: detached, since the GPU's first layer leaves its
+        # ReLU's mask to the grouped layer, and a gradient taken through the cache would miss it
+        assert not any(t.requires_grad for t in out.shared_cache)
         per_task = {m: model.shared_task_gradients(lo.weighted, lo.present, out, m) for m in ("einsum", "loop")}
         lo.weighted.sum().backward()
         found[gpu] = (out.out.float(), per_task, {n: p.grad.clone() for n, p in model.named_parameters()

@@ -85,3 +85,30 @@ def test_a_correct_kernel_passes_its_first_use_check_inside_a_backward(interpret
         out = relu_dgrad.masked_input_grad(*args)
     assert relu_dgrad.GUARD.checked and not relu_dgrad.failed()
     torch.testing.assert_close(out, relu_dgrad.reference_masked_input_grad(*args))
+
+
+def _wrong_kernel(monkeypatch, wrong):
+    monkeypatch.setattr(relu_dgrad.GUARD, "failures", [])
+    monkeypatch.setattr(relu_dgrad.GUARD, "checked", False)
+    monkeypatch.setattr(relu_dgrad, "fused_available", lambda device: not relu_dgrad.failed())
+    monkeypatch.setattr(relu_dgrad, "fused_masked_input_grad", wrong)
+
+
+def test_a_first_gradient_that_is_not_finite_defers_the_check_to_the_next_one(monkeypatch):
+    """The first backward may carry NaN by design (a step whose loss overflowed): nothing can be
+    compared then, so the check waits for a finite gradient instead of passing a wrong kernel."""
+    _wrong_kernel(monkeypatch, lambda *a: relu_dgrad.reference_masked_input_grad(*a) * 1.1)
+    grad, weight, x = _inputs(2, 8, 4, 6)
+    with torch.no_grad():
+        out = relu_dgrad.masked_input_grad(torch.full_like(grad, float("nan")), weight, x)
+        assert out.isnan().any() and not relu_dgrad.GUARD.checked and not relu_dgrad.failed()
+        relu_dgrad.masked_input_grad(grad, weight, x)
+    assert relu_dgrad.GUARD.checked and relu_dgrad.failed()
+
+
+def test_a_kernel_that_returns_nan_where_the_reference_is_finite_is_switched_off(monkeypatch):
+    _wrong_kernel(monkeypatch, lambda *a: relu_dgrad.reference_masked_input_grad(*a) * float("nan"))
+    args = _inputs(2, 8, 4, 6)
+    with torch.no_grad():
+        out = relu_dgrad.masked_input_grad(*args)
+    assert relu_dgrad.failed() and torch.isfinite(out).all()
