@@ -162,6 +162,21 @@ def compile_masked_dgrad(arch: int, bm: int, bn: int, bk: int, warps: int, stage
     return _resources(ck)
 
 
+def report_mma_config(name: str, bad: list[str], compile_fn, *args, kernel: str = "") -> None:
+    """Compile one tile config (``compile_fn(*args)``), print its row after ``name``, and add it
+    (``kernel`` and ``name``) to ``bad`` if it does not compile, spills, or has no warpgroup MMA."""
+    try:
+        r = compile_fn(*args)
+    except Exception as exc:  # noqa: BLE001 - report the config, go on with the others
+        print(f"{name}  does not compile: {str(exc).splitlines()[0][:80]}", flush=True)
+        bad.append(f"{kernel} {name}")
+        return
+    print(f"{name} {r['regs']:>5} {r['stack']:>6} {r['spill_st']:>4} {r['spill_ld']:>4} {r['hgmma']:>6} "
+          f"{r['hmma']:>5} {r['shared'] / 1024:>8.0f}", flush=True)
+    if r["spill_st"] or r["spill_ld"] or not r["hgmma"]:
+        bad.append(f"{kernel} {name}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--arch", type=int, default=90, help="compute capability x 10 (90: H100/H200)")
@@ -193,17 +208,8 @@ def main() -> None:
     for variant in args.variants.split(","):
         for layout in kernels.LAYOUTS:
             for bb, bh, warps, stages in tiles[variant, layout]:
-                name = f"{variant:<7} {layout:<6} {bb:>4} {bh:>4} {warps:>5} {stages:>6}"
-                try:
-                    r = compile_one(variant, layout, bb, bh, warps, stages, args.arch)
-                except Exception as exc:  # noqa: BLE001 - report the config, go on with the others
-                    print(f"{name}  does not compile: {str(exc).splitlines()[0][:80]}", flush=True)
-                    bad.append(name)
-                    continue
-                print(f"{name} {r['regs']:>5} {r['stack']:>6} {r['spill_st']:>4} {r['spill_ld']:>4} {r['hgmma']:>6} "
-                      f"{r['hmma']:>5} {r['shared'] / 1024:>8.0f}", flush=True)
-                if r["spill_st"] or r["spill_ld"] or not r["hgmma"]:
-                    bad.append(name)
+                report_mma_config(f"{variant:<7} {layout:<6} {bb:>4} {bh:>4} {warps:>5} {stages:>6}", bad,
+                                  compile_one, variant, layout, bb, bh, warps, stages, args.arch)
     print(f"\nElementwise kernels: the CGC mixture's (block {mixture.BLOCK_ROWS} x {kernels._pow2(D)}, "
           f"{mixture.NUM_WARPS} warps), the per-task gradients' ds kernel ({kernels.DS_ROWS} x "
           f"{kernels._pow2(D)}, 4 warps) and the towers' bias+ReLU ({towers.BLOCK_ROWS} x {TOWER_H}, "
@@ -222,17 +228,8 @@ def main() -> None:
     print(f"{'BM':>4} {'BN':>4} {'BK':>4} {'warps':>5} {'stages':>6} {'regs':>5} {'stack':>6} {'STL':>4} {'LDL':>4} "
           f"{'HGMMA':>6} {'HMMA':>5} {'smem KB':>8}")
     for bm, bn, bk, warps, stages in relu_dgrad.TILES:
-        name = f"masked_dgrad {bm}x{bn}x{bk} {warps} warps {stages} stages"
-        try:
-            r = compile_masked_dgrad(args.arch, bm, bn, bk, warps, stages)
-        except Exception as exc:  # noqa: BLE001 - report the config, go on with the others
-            print(f"{name}  does not compile: {str(exc).splitlines()[0][:80]}", flush=True)
-            bad.append(name)
-            continue
-        print(f"{bm:>4} {bn:>4} {bk:>4} {warps:>5} {stages:>6} {r['regs']:>5} {r['stack']:>6} {r['spill_st']:>4} "
-              f"{r['spill_ld']:>4} {r['hgmma']:>6} {r['hmma']:>5} {r['shared'] / 1024:>8.0f}", flush=True)
-        if r["spill_st"] or r["spill_ld"] or not r["hgmma"]:
-            bad.append(name)
+        report_mma_config(f"{bm:>4} {bn:>4} {bk:>4} {warps:>5} {stages:>6}", bad, compile_masked_dgrad, args.arch,
+                          bm, bn, bk, warps, stages, kernel="masked_dgrad")
     if args.check and bad:
         print(f"{len(bad)} config(s) spill, lack warpgroup MMAs or do not compile:")
         for name in bad:

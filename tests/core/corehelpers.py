@@ -51,3 +51,12 @@ def forward_with_distinct_heads(n: int, device: str = "cpu", amp: bool = False, 
         out = system.model(b.x_num, b.x_cat, b.cluster)
         lo = system.losses(out.out, b.y)
     return system, out, lo
+
+
+def fresh_guard(monkeypatch, module, available=None) -> None:
+    """A kernel module (ple_adatt.mixture, towers, relu_dgrad) with its guard as a new process
+    finds it (on, not yet checked) and ``fused_available`` made to say yes while the guard is on
+    (or ``available``): its fallback logic runs on the CPU."""
+    monkeypatch.setattr(module.GUARD, "failures", [])
+    monkeypatch.setattr(module.GUARD, "checked", False)
+    monkeypatch.setattr(module, "fused_available", available or (lambda device: not module.failed()))

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from corehelpers import fresh_guard
 
 from ple_adatt import mixture
 
@@ -145,9 +146,7 @@ def test_gated_mixture_takes_pytorch_on_the_cpu_and_where_switched_off(monkeypat
 def test_a_wrong_or_failing_kernel_is_switched_off_after_its_first_use(monkeypatch, caplog):
     """Where the kernel runs (made 'available' here), its first result is checked against the
     PyTorch form; a mismatch or an error costs speed, never a wrong model."""
-    monkeypatch.setattr(mixture.GUARD, "failures", [])
-    monkeypatch.setattr(mixture.GUARD, "checked", False)
-    monkeypatch.setattr(mixture, "fused_available", lambda device: not mixture.failed())
+    fresh_guard(monkeypatch, mixture)
     calls = []
 
     def wrong(gates, shared, task, *biases):
@@ -179,9 +178,7 @@ def test_a_wrong_or_failing_kernel_is_switched_off_after_its_first_use(monkeypat
 def test_without_autograd_the_pytorch_form_runs_until_the_first_use_check_has(interpreter, monkeypatch):
     """The check compares gradients too: under no_grad or inference_mode (serving) before any
     training step, the PyTorch form runs and the check waits; it must not switch the kernel off."""
-    monkeypatch.setattr(mixture.GUARD, "failures", [])
-    monkeypatch.setattr(mixture.GUARD, "checked", False)
-    monkeypatch.setattr(mixture, "fused_available", lambda device: not mixture.failed())
+    fresh_guard(monkeypatch, mixture)
     gates, shared, task = _inputs(2, 20, 8, 2, 1)
     for ctx in (torch.no_grad, torch.inference_mode):
         with ctx():
@@ -196,9 +193,7 @@ def test_without_autograd_the_pytorch_form_runs_until_the_first_use_check_has(in
 
 
 def test_a_correct_kernel_passes_the_first_use_check(interpreter, monkeypatch):
-    monkeypatch.setattr(mixture.GUARD, "failures", [])
-    monkeypatch.setattr(mixture.GUARD, "checked", False)
-    monkeypatch.setattr(mixture, "fused_available", lambda device: not mixture.failed())
+    fresh_guard(monkeypatch, mixture)
     gates, shared, task = _inputs(3, 40, 12, 2, 2)
     state = torch.get_rng_state()
     out = mixture.gated_mixture(gates, shared, task)

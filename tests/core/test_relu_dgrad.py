@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from corehelpers import fresh_guard
 
 from ple_adatt import relu_dgrad
 
@@ -57,9 +58,7 @@ def test_shapes_that_do_not_fit_are_named(interpreter):
 def test_inside_a_backward_the_first_use_is_checked_on_values_and_a_wrong_kernel_switched_off(monkeypatch, caplog):
     """The op runs in a backward, where autograd is off: its first use is checked anyway (on its
     values), and a kernel that disagrees costs speed, never a wrong gradient."""
-    monkeypatch.setattr(relu_dgrad.GUARD, "failures", [])
-    monkeypatch.setattr(relu_dgrad.GUARD, "checked", False)
-    monkeypatch.setattr(relu_dgrad, "fused_available", lambda device: not relu_dgrad.failed())
+    fresh_guard(monkeypatch, relu_dgrad)
     calls = []
 
     def wrong(grad, weight, x):
@@ -77,9 +76,7 @@ def test_inside_a_backward_the_first_use_is_checked_on_values_and_a_wrong_kernel
 
 
 def test_a_correct_kernel_passes_its_first_use_check_inside_a_backward(interpreter, monkeypatch):
-    monkeypatch.setattr(relu_dgrad.GUARD, "failures", [])
-    monkeypatch.setattr(relu_dgrad.GUARD, "checked", False)
-    monkeypatch.setattr(relu_dgrad, "fused_available", lambda device: True)
+    fresh_guard(monkeypatch, relu_dgrad, available=lambda device: True)
     args = _inputs(2, 20, 8, 6)
     with torch.no_grad():
         out = relu_dgrad.masked_input_grad(*args)
@@ -88,9 +85,7 @@ def test_a_correct_kernel_passes_its_first_use_check_inside_a_backward(interpret
 
 
 def _wrong_kernel(monkeypatch, wrong):
-    monkeypatch.setattr(relu_dgrad.GUARD, "failures", [])
-    monkeypatch.setattr(relu_dgrad.GUARD, "checked", False)
-    monkeypatch.setattr(relu_dgrad, "fused_available", lambda device: not relu_dgrad.failed())
+    fresh_guard(monkeypatch, relu_dgrad)
     monkeypatch.setattr(relu_dgrad, "fused_masked_input_grad", wrong)
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from corehelpers import fresh_guard
 
 from ple_adatt import towers
 
@@ -84,9 +85,7 @@ def test_tower_layer_takes_pytorch_on_the_cpu_and_where_switched_off(monkeypatch
 
 
 def test_a_wrong_tower_kernel_is_switched_off_after_its_first_use(monkeypatch, caplog):
-    monkeypatch.setattr(towers.GUARD, "failures", [])
-    monkeypatch.setattr(towers.GUARD, "checked", False)
-    monkeypatch.setattr(towers, "fused_available", lambda device: not towers.failed())
+    fresh_guard(monkeypatch, towers)
     calls = []
 
     def wrong(cgc, weight, bias):
@@ -118,9 +117,7 @@ def test_a_first_use_check_that_runs_out_of_memory_runs_again_on_the_next_call(m
     """The check holds both forms' forward and backward for the whole batch: where it runs out
     of memory the trainer skips the batch, and the next call must check again, not take an
     unchecked kernel."""
-    monkeypatch.setattr(towers.GUARD, "failures", [])
-    monkeypatch.setattr(towers.GUARD, "checked", False)
-    monkeypatch.setattr(towers, "fused_available", lambda device: not towers.failed())
+    fresh_guard(monkeypatch, towers)
     calls = []
 
     def oom_then_wrong(cgc, weight, bias):
