@@ -422,7 +422,8 @@ class PLEClusterModel(nn.Module):
     _trunk_fn = None
     _heads_fn = None
     # the CGC mixture as fused Triton kernels on CUDA (ple_adatt.mixture), and with the GPU's
-    # layers the towers' bias+ReLU kernel (ple_adatt.towers); training.fused_mixture
+    # layers the towers' and the masked-gradient kernels (ple_adatt.towers, relu_dgrad);
+    # training.fused_mixture
     fused_mixture = True
     # The layers that read the shared input, as the GPU runs them: augment_input (the bias a
     # GEMM row, aligned rows), the ReLU in the GEMM's epilogue, grouped second layers whose
@@ -443,6 +444,9 @@ class PLEClusterModel(nn.Module):
     # second layers' input-gradient GEMM (ple_adatt.relu_dgrad, a Triton kernel) instead of a
     # cuBLAS GEMM and a threshold_backward pass. Unmeasured on a GPU yet; bench run (h) is the A/B.
     fused_relu_dgrad: bool = True
+
+    def _gpu_layers(self, t: Tensor) -> bool:
+        return t.is_cuda if self.gpu_layers is None else self.gpu_layers
 
     def _trunk(self, x_num: Tensor, x_cat: Tensor) -> tuple[Tensor, Tensor, tuple[Tensor, Tensor, Tensor]]:
         return (self._trunk_fn or self.trunk)(x_num, x_cat)
@@ -473,7 +477,7 @@ class PLEClusterModel(nn.Module):
     def trunk(self, x_num: Tensor, x_cat: Tensor) -> tuple[Tensor, Tensor, tuple[Tensor, Tensor, Tensor]]:
         """Embeddings, shared and task experts, CGC gates: (gates, cgc, shared-expert cache)."""
         x = self.encode(x_num, x_cat)  # (B, d_in)
-        gpu_layers = x.is_cuda if self.gpu_layers is None else self.gpu_layers
+        gpu_layers = self._gpu_layers(x)
         if gpu_layers:
             x = augment_input(x)  # (B, d_in + 1 + padding)
         # with the fused mixture, the experts' second layers leave their bias to it
@@ -500,9 +504,8 @@ class PLEClusterModel(nn.Module):
 
     def heads_forward(self, cgc: Tensor, cluster: Tensor | None, use_cluster_heads: bool) -> Tensor:
         """Towers, global or per-cluster heads and logit transfer: (T, B, O)."""
-        gpu_layers = cgc.is_cuda if self.gpu_layers is None else self.gpu_layers
         # relu(baddbmm(b, cgc, W)), on the GPU as bmm and one bias+ReLU kernel (ple_adatt.towers)
-        fused = gpu_layers and self.fused_mixture and self.fused_tower  # training.fused_mixture: both kernels
+        fused = self._gpu_layers(cgc) and self.fused_mixture and self.fused_tower  # training.fused_mixture
         hid = towers.tower_layer(cgc, self.tower.weight, self.tower.bias, fused=fused)
         hid = self.tower_dropout(hid)  # (T, B, h)
         out = self.head(hid)  # (T, B, O)
