@@ -27,6 +27,7 @@ runs in float32; the CPU's autocast keeps it in bf16).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 import time
 from collections import defaultdict
@@ -74,6 +75,15 @@ class OpRecorder(TorchDispatchMode):
         self.kernels = 0
         self.paused = False
 
+    @contextlib.contextmanager
+    def unrecorded(self):
+        """Ops run inside are not recorded: the reference computation of a modelled kernel."""
+        self.paused = True
+        try:
+            yield
+        finally:
+            self.paused = False
+
     def add(self, name: str, flops: float, moved: float) -> None:
         self.calls[name] += 1
         self.kernels += 1
@@ -101,11 +111,8 @@ def cost_fused_kernel(model, rec: OpRecorder) -> None:
     einsums = model.task_gradients_from_cgc
 
     def modelled(d_cgc, output, method="batched"):
-        rec.paused = True
-        try:
+        with rec.unrecorded():
             grads = einsums(d_cgc, output, "einsum")
-        finally:
-            rec.paused = False
         x, pre, _ = output.shared_cache
         (E, B, H), (T, _, D), IN = pre.shape, d_cgc.shape, x.shape[1]
         half = 2  # bf16 operands
@@ -129,11 +136,8 @@ def cost_fused_mixture(rec: OpRecorder, fused: bool) -> None:
     class Modelled(torch.autograd.Function):
         @staticmethod
         def forward(ctx, gates, shared, task, shared_bias, task_bias):
-            rec.paused = True
-            try:
+            with rec.unrecorded():
                 out = mixture.reference_mixture(gates, shared, task, shared_bias, task_bias)
-            finally:
-                rec.paused = False
             ctx.save_for_backward(gates, shared, task, shared_bias, task_bias)
             T, B, K = gates.shape
             experts = shared.numel() + (0 if task is None else task.numel())
@@ -146,14 +150,10 @@ def cost_fused_mixture(rec: OpRecorder, fused: bool) -> None:
             saved = ctx.saved_tensors
             given = [t is not None for t in saved]
             ins = [t.detach().requires_grad_() for t in saved if t is not None]
-            rec.paused = True
-            try:
-                with torch.enable_grad():
-                    it = iter(ins)
-                    out = mixture.reference_mixture(*(next(it) if g else None for g in given))
-                    grads = iter(torch.autograd.grad(out, ins, d_out))
-            finally:
-                rec.paused = False
+            with rec.unrecorded(), torch.enable_grad():
+                it = iter(ins)
+                out = mixture.reference_mixture(*(next(it) if g else None for g in given))
+                grads = iter(torch.autograd.grad(out, ins, d_out))
             gates, shared, task = saved[:3]
             T, B, K = gates.shape
             experts = shared.numel() + (0 if task is None else task.numel())
@@ -180,11 +180,8 @@ def cost_fused_tower(rec: OpRecorder) -> None:
     class Modelled(torch.autograd.Function):
         @staticmethod
         def forward(ctx, x, bias):
-            rec.paused = True
-            try:
+            with rec.unrecorded():
                 out = torch.relu(x + bias.to(x.dtype))
-            finally:
-                rec.paused = False
             ctx.save_for_backward(out)
             rec.add("fused_tower_bias_relu (Triton, modelled)", 2 * x.numel(), 2 * x.numel() * x.element_size())
             return out
@@ -192,12 +189,9 @@ def cost_fused_tower(rec: OpRecorder) -> None:
         @staticmethod
         def backward(ctx, grad):
             (out,) = ctx.saved_tensors
-            rec.paused = True
-            try:
+            with rec.unrecorded():
                 d_x = grad * (out > 0)
                 d_b = d_x.float().sum(1, keepdim=True)
-            finally:
-                rec.paused = False
             rec.add("fused_tower_bias_relu backward (Triton, modelled)", 2 * out.numel(),
                     3 * out.numel() * out.element_size())
             return d_x, d_b
@@ -213,11 +207,8 @@ def cost_fused_dgrad(rec: OpRecorder) -> None:
     :func:`restore_mixture`."""
 
     def modelled(grad, weight, x, fused=True):
-        rec.paused = True
-        try:
+        with rec.unrecorded():
             out = relu_dgrad.reference_masked_input_grad(grad, weight, x)
-        finally:
-            rec.paused = False
         G, B, o = grad.shape
         i = weight.shape[1]
         size = x.element_size()
