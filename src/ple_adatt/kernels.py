@@ -146,16 +146,19 @@ def matches_reference(guard: KernelGuard, fused, reference, args: tuple, tol: fl
     return True
 
 
-def checked_call(guard: KernelGuard, fused, reference, args: tuple, use_fused: bool, differentiable: bool = True):
-    """``fused(*args)`` where ``use_fused`` (the caller's: device, switch, guard) and outside
-    ``torch.compile`` (whose inductor fuses the PyTorch form itself), else ``reference(*args)``.
+def checked_call(guard: KernelGuard, fused, reference, args: tuple, wanted: bool, available,
+                 differentiable: bool = True):
+    """``fused(*args)`` where ``wanted`` (the caller's switch), outside ``torch.compile`` (whose
+    inductor fuses the PyTorch form itself) and ``available()`` (device, triton, guard; asked
+    last, so that dynamo never traces it: on CUDA that would be a graph break), else
+    ``reference(*args)``.
     The first call is checked against the reference (:func:`matches_reference`; an
     autograd-aware op with its gradients, at its first call with autograd on; an op that runs
     inside a backward, ``differentiable=False``, on its values); an error in the fused op (a
     Triton or driver failure) switches ``guard`` off with one warning and the reference takes
     over: a broken kernel costs speed, never a wrong model or a failed run. An out-of-memory
     error is the batch's, and raised."""
-    if not use_fused or torch.compiler.is_compiling():
+    if not wanted or torch.compiler.is_compiling() or not available():
         return reference(*args)
     try:
         if not guard.checked:

@@ -112,10 +112,8 @@ def gated_mixture(gates: Tensor, shared: Tensor, task: Tensor | None, fused: boo
     """The CGC mixture: the fused kernel where it can run (and ``fused``), else PyTorch
     (:func:`ple_adatt.kernels.checked_call`: checked on first use, switched off on a failure)."""
     _check_biases(shared, task, shared_bias, task_bias)  # the caller's error on either path
-    # is_compiling first: dynamo must not trace the availability check (a graph break on CUDA)
-    use = fused and not torch.compiler.is_compiling() and fused_available(gates.device) and gates.shape[1] > 0
     return kernels.checked_call(GUARD, fused_mixture, reference_mixture, (gates, shared, task, shared_bias, task_bias),
-                                use)
+                                fused, lambda: fused_available(gates.device) and gates.shape[1] > 0)
 
 
 def fused_mixture(gates: Tensor, shared: Tensor, task: Tensor | None, shared_bias: Tensor | None = None,

@@ -99,9 +99,8 @@ def masked_input_grad(grad: Tensor, weight: Tensor, x: Tensor, fused: bool = Tru
     """The masked input gradient: the fused kernel where it can run (and ``fused``), else
     PyTorch. Called inside a backward (autograd off), so its first use is checked on values
     alone."""
-    use = fused and not torch.compiler.is_compiling() and fused_available(x.device) and grad.shape[1] > 0
-    return kernels.checked_call(GUARD, fused_masked_input_grad, reference_masked_input_grad, (grad, weight, x), use,
-                                differentiable=False)
+    return kernels.checked_call(GUARD, fused_masked_input_grad, reference_masked_input_grad, (grad, weight, x), fused,
+                                lambda: fused_available(x.device) and grad.shape[1] > 0, differentiable=False)
 
 
 @functools.cache

@@ -59,9 +59,8 @@ def fused_available(device: torch.device) -> bool:
 
 def tower_layer(cgc: Tensor, weight: Tensor, bias: Tensor, fused: bool = True) -> Tensor:
     """The towers' first layer: the fused kernel where it can run (and ``fused``), else PyTorch."""
-    # is_compiling first: dynamo must not trace the availability check (a graph break on CUDA)
-    use = fused and not torch.compiler.is_compiling() and fused_available(cgc.device) and cgc.shape[1] > 0
-    return kernels.checked_call(GUARD, fused_tower_layer, reference_tower_layer, (cgc, weight, bias), use)
+    return kernels.checked_call(GUARD, fused_tower_layer, reference_tower_layer, (cgc, weight, bias), fused,
+                                lambda: fused_available(cgc.device) and cgc.shape[1] > 0)
 
 
 def fused_bias_relu(x: Tensor, bias: Tensor) -> Tensor:
