@@ -147,16 +147,18 @@ def matches_reference(guard: KernelGuard, fused, reference, args: tuple, tol: fl
 
 
 def checked_call(guard: KernelGuard, fused, reference, args: tuple, wanted: bool, available,
-                 differentiable: bool = True):
+                 differentiable: bool = True, check_reference=None):
     """``fused(*args)`` where ``wanted`` (the caller's switch), outside ``torch.compile`` (whose
     inductor fuses the PyTorch form itself) and ``available()`` (device, triton, guard; asked
     last, so that dynamo never traces it: on CUDA that would be a graph break), else
     ``reference(*args)``.
     The first call is checked against the reference (:func:`matches_reference`; an
     autograd-aware op with its gradients, at its first call with autograd on; an op that runs
-    inside a backward, ``differentiable=False``, on its values); an error in the fused op (a
-    Triton or driver failure) switches ``guard`` off with one warning and the reference takes
-    over: a broken kernel costs speed, never a wrong model or a failed run. An out-of-memory
+    inside a backward, ``differentiable=False``, on its values), or against ``check_reference``
+    where the fallback rounds differently from the fused op in a way that the check must not
+    count (a ReLU whose mask flips where the two forms round a value near zero differently); an
+    error in the fused op (a Triton or driver failure) switches ``guard`` off with one warning
+    and the reference takes over: a broken kernel costs speed, never a wrong model or a failed run. An out-of-memory
     error is the batch's, and raised."""
     if not wanted or torch.compiler.is_compiling() or not available():
         return reference(*args)
@@ -164,7 +166,7 @@ def checked_call(guard: KernelGuard, fused, reference, args: tuple, wanted: bool
         if not guard.checked:
             if differentiable and (not torch.is_grad_enabled() or torch.is_inference_mode_enabled()):
                 return reference(*args)  # the check needs autograd: until it has run
-            if not matches_reference(guard, fused, reference, args, differentiable=differentiable):
+            if not matches_reference(guard, fused, check_reference or reference, args, differentiable=differentiable):
                 return reference(*args)  # a mismatch (now off), or nothing comparable yet
         return fused(*args)
     except torch.cuda.OutOfMemoryError:
