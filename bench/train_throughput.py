@@ -19,6 +19,8 @@ Prints samples/s, step time and peak memory of
   (h) with ``--only ...h``: (b) with the experts' hidden-layer gradients masked by a
       threshold pass (``fused_relu_dgrad = False``), where the GPU's layers otherwise mask them in
       a Triton GEMM's epilogue;
+  (i) with ``--only ...i``: (b) with the heads as a GEMM after the towers (``fused_head = False``),
+      where the GPU's layers otherwise sum them in the towers' kernel;
 ``--cuda-graph`` replays each whole project step as a CUDA graph (training.cuda_graph),
 ``--compile [MODE]`` compiles the trunk, heads and losses (training.compile),
 ``--no-fused-mixture`` mixes the CGC experts in PyTorch, not in the Triton kernels
@@ -185,13 +187,14 @@ class Prepared:
 
 def prepare_project(s: dict, data: TensorData, device: torch.device, adatt: bool, interval: int, amp: bool,
                     warmup: int, in_backward: bool = True, mixture_biases: bool = True,
-                    fused_tower: bool = True, fused_relu_dgrad: bool = True) -> Prepared:
+                    fused_tower: bool = True, fused_relu_dgrad: bool = True, fused_head: bool = True) -> Prepared:
     cfg = project_config(s, interval, amp, in_backward)
     specs = [TaskSpec(f"t{i}", f"y{i}", "binary") for i in range(s["tasks"])]
     torch.manual_seed(0)
     system = build_system(cfg, specs, s["numeric"], [s["card"]] * s["cats"], 8)
     model = system.model
     model.mixture_biases, model.fused_tower, model.fused_relu_dgrad = mixture_biases, fused_tower, fused_relu_dgrad
+    model.fused_head = fused_head
     if not adatt:
         system.transfer = None
     trainer = Trainer(system, data, data.subset(torch.arange(8, device=device)), cfg, device, log=lambda m: None)
@@ -360,6 +363,29 @@ def mixture_check(s: dict, device: torch.device, reps: int = 20) -> None:
     print(f"CGC mixture forward + backward, batch {B}: {', '.join(line)}", flush=True)
 
 
+def gram_check(rows: int, cols: int, device: torch.device, reps: int = 20) -> None:
+    """Time the float32 Gram matrix of (rows, cols) per-task gradients (ple_adatt.transfer.linalg)
+    by column-slice width: the measuring step's one product of all task gradients."""
+    from ple_adatt.transfer import linalg
+
+    g = torch.randn(rows, cols, device=device, generator=torch.Generator(device=device).manual_seed(0))
+    exact = (g.double() @ g.double().t())
+    line, allowed = [], torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False  # as linalg.gram_matrix runs it
+    for width in (1024, 2048, 4096, 16384, cols):
+        for i in range(reps + 2):
+            if i == 2:
+                sync(device)
+                t0 = time.perf_counter()
+            out = linalg.sliced_gram(g, width)
+        sync(device)
+        err = float((out.double() - exact).abs().max() / exact.abs().max())
+        line.append(f"{'whole' if width == cols else width} {(time.perf_counter() - t0) / reps * 1e6:.0f} us ({err:.0e})")
+    torch.backends.cuda.matmul.allow_tf32 = allowed
+    print(f"Gram matrix of {rows} x {cols} float32 task gradients, by slice width "
+          f"(ours {linalg.GRAM_SLICE}): {', '.join(line)}", flush=True)
+
+
 def time_interleaved(runs: dict[str, tuple[str, Callable[[], Prepared]]], steps: int, rounds: int,
                      device: torch.device, batch: int) -> dict[str, list[float]]:
     """Time every run ``rounds`` times, interleaved (a b c d, a b c d, ...), and print each
@@ -416,7 +442,8 @@ def main() -> None:
                                                       "seed's separate backward, transfer.measure_in_backward=false; "
                                                       "f: (b) with the experts' biases in their layers; "
                                                       "g: (b) with the towers' bias and ReLU in PyTorch; "
-                                                      "h: (b) with the experts' ReLU masks by a pass)")
+                                                      "h: (b) with the experts' ReLU masks by a pass; "
+                                                      "i: (b) with the heads as a GEMM after the towers)")
     ap.add_argument("--profile", type=Path, default=None, help="write per-kernel time tables of each run here")
     ap.add_argument("--compile", nargs="?", const="default", default=None, metavar="MODE",
                     help="training.compile: torch.compile trunk, heads, losses (MODE: default, reduce-overhead "
@@ -464,6 +491,9 @@ def main() -> None:
     if args.grads:
         task_gradient_check(s, data, device, amp)
         mixture_check(s, device)
+        specs = [TaskSpec(f"t{i}", f"y{i}", "binary") for i in range(s["tasks"])]
+        shared = build_system(project_config(s, 1, amp), specs, s["numeric"], [s["card"]] * s["cats"], 8).model
+        gram_check(s["tasks"], sum(p.numel() for p in shared.shared_parameters()), device)
     runs = {
         "a": ("(a) naive reference, adaTT loop, interval 10",
               lambda: prepare_naive(s, data, device, 10, amp, args.warmup)),
@@ -481,10 +511,12 @@ def main() -> None:
               lambda: prepare_project(s, data, device, False, 10, amp, args.warmup, fused_tower=False)),
         "h": ("(h) adaTT off, experts' ReLU masks by a pass",
               lambda: prepare_project(s, data, device, False, 10, amp, args.warmup, fused_relu_dgrad=False)),
+        "i": ("(i) adaTT off, heads as a GEMM after the towers",
+              lambda: prepare_project(s, data, device, False, 10, amp, args.warmup, fused_head=False)),
     }
     unknown = sorted(set(args.only) - set(runs))
     if unknown:
-        ap.error(f"--only: unknown run(s) {unknown}; valid: a, b, c, d, e, f, g, h")
+        ap.error(f"--only: unknown run(s) {unknown}; valid: a, b, c, d, e, f, g, h, i")
     order = sorted(set(args.only))
     if COMPILE in ("reduce-overhead", "max-autotune") and args.rounds > 1:
         # torch.compile's CUDA graph trees share one memory pool across the compiled models, and
@@ -497,7 +529,8 @@ def main() -> None:
     for num, den, text in [("a", "c", "(c) vs (a) {}x faster"), ("a", "b", "(b) vs (a) {}x"),
                            ("d", "b", "(d) step / (b) step {}x"), ("c", "b", "(c) step / (b) step {}x"),
                            ("e", "b", "(e) step / (b) step {}x"), ("f", "b", "(f) step / (b) step {}x"),
-                           ("g", "b", "(g) step / (b) step {}x"), ("h", "b", "(h) step / (b) step {}x")]:
+                           ("g", "b", "(g) step / (b) step {}x"), ("h", "b", "(h) step / (b) step {}x"),
+                           ("i", "b", "(i) step / (b) step {}x")]:
         if num in times and den in times:
             paired = [n / d for n, d in zip(times[num], times[den], strict=True)]  # the same round: same load
             spread = f" [{min(paired):.2f}-{max(paired):.2f}]" if len(paired) > 1 else ""
@@ -508,7 +541,7 @@ def main() -> None:
     print(f"CGC mixture: {mixture_path(device)}")
     from ple_adatt import relu_dgrad, towers
 
-    for guard in (towers.GUARD, relu_dgrad.GUARD):  # (g) or (h) against (b) would time PyTorch against PyTorch
+    for guard in (towers.GUARD, towers.HEAD_GUARD, relu_dgrad.GUARD):  # an A/B would time PyTorch against PyTorch
         if guard.failed():
             print(f"{guard.what}: off, {guard.fallback} instead ({guard.reason()})")
 

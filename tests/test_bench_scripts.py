@@ -22,22 +22,27 @@ def _run(*args: str) -> str:
 
 def test_train_throughput_prints_every_run_and_the_ratios():
     out = _run("bench/train_throughput.py", "--steps", "2", "--warmup", "1", "--rounds", "2", "--threads", "1",
-               "--only", "abcdefgh", "--grads")
+               "--only", "abcdefghi", "--grads")
     assert "threads 1," in out and "2 steps x 2 rounds" in out
-    order = re.findall(r"^  round [12]/2 \(([a-h])\) [\d.]+ ms/step$", out, re.M)
-    assert order == list("abcdefgh") * 2  # interleaved: every run once per round, under the same load
+    order = re.findall(r"^  round [12]/2 \(([a-i])\) [\d.]+ ms/step$", out, re.M)
+    assert order == list("abcdefghi") * 2  # interleaved: every run once per round, under the same load
     for label in ("(a) naive reference", "(b) project model, adaTT off", "(c) project model, adaTT interval 10",
                   "(d) project model, adaTT interval 1", "(e) interval 1, separate backward",
                   "(f) adaTT off, expert biases in their layers", "(g) adaTT off, towers' bias and ReLU in PyTorch",
-                  "(h) adaTT off, experts' ReLU masks by a pass"):
+                  "(h) adaTT off, experts' ReLU masks by a pass", "(i) adaTT off, heads as a GEMM after the towers"):
         line = next(ln for ln in out.splitlines() if ln.startswith(label))
         assert float(re.search(r"([\d.]+) ms/step", line).group(1)) > 0
     # a ratio per round (the same machine load), their median and range
     assert re.search(r"ratios \(median of 2 rounds' paired ratios \[min-max\]\): \(c\) vs \(a\) [\d.]+x faster "
                      r"\[[\d.]+-[\d.]+\]", out)
-    # the A/Bs of the experts' biases, the towers' kernel and the masked input gradient
+    # the A/Bs of the experts' biases, the towers' kernel, the masked input gradient, the heads
     assert re.search(r"\(f\) step / \(b\) step [\d.]+x.*\(g\) step / \(b\) step [\d.]+x.*"
-                     r"\(h\) step / \(b\) step [\d.]+x", out)
+                     r"\(h\) step / \(b\) step [\d.]+x.*\(i\) step / \(b\) step [\d.]+x", out)
+    # the Gram matrix by slice width: each width's time and its error against float64
+    gram = re.search(r"Gram matrix of 16 x (\d+) float32 task gradients, by slice width \(ours \d+\): (.*)", out)
+    assert gram and int(gram.group(1)) > 1000
+    errors = [float(e) for e in re.findall(r"\d+ us \(([\d.e+-]+)\)", gram.group(2))]
+    assert len(errors) == 5 and max(errors) < 1e-5
     diff = float(re.search(r"max \|affinity - loop\|: einsum ([\d.e+-]+)", out).group(1))
     assert diff < 1e-3
     assert "CGC mixture: fused kernels need CUDA and triton (here: cpu); not timed" in out

@@ -434,16 +434,21 @@ class PLEClusterModel(nn.Module):
     # With the GPU's layers and the fused mixture: the experts' second-layer biases are added in
     # the mixture's kernels (ple_adatt.mixture), not by baddbmm's broadcast copy into the experts'
     # outputs (134 us on an H100 at the seed's task experts, 32 x 16384 x 128) and a pass for
-    # their gradients. Unmeasured on a GPU yet; bench run (f) is the A/B.
+    # their gradients. Measured on an H100 with CUDA graphs: -0.20 ms a plain step (bench run (f)).
     mixture_biases: bool = True
     # With the GPU's layers: the towers' first layer as bmm and one Triton pass for its bias and
     # ReLU (ple_adatt.towers) instead of baddbmm's bias copy, a ReLU pass, and in the backward a
-    # threshold pass and a bias-gradient pass. Unmeasured on a GPU yet; bench run (g) is the A/B.
+    # threshold pass and a bias-gradient pass. Measured: -0.22 ms a plain step (bench run (g)).
     fused_tower: bool = True
     # With the GPU's layers: the experts' hidden-layer gradient masked by their ReLU in the
     # second layers' input-gradient GEMM (ple_adatt.relu_dgrad, a Triton kernel) instead of a
-    # cuBLAS GEMM and a threshold_backward pass. Unmeasured on a GPU yet; bench run (h) is the A/B.
+    # cuBLAS GEMM and a threshold_backward pass. Measured: -0.24 ms a plain step (bench run (h)).
     fused_relu_dgrad: bool = True
+    # With the towers' kernel: the heads (up to towers.MAX_FUSED_OUT outputs) summed in the same
+    # kernel, and their backward in the towers' backward kernel, where dropout is off and Phase 2's
+    # cluster heads are not in use: no GEMV over the hidden layer either way, no K = 1 GEMM writing
+    # its gradient (about 100 us on an H100 at the seed's shape). Bench run (i) is the A/B.
+    fused_head: bool = True
 
     def _gpu_layers(self, t: Tensor) -> bool:
         return t.is_cuda if self.gpu_layers is None else self.gpu_layers
@@ -506,10 +511,17 @@ class PLEClusterModel(nn.Module):
         """Towers, global or per-cluster heads and logit transfer: (T, B, O)."""
         # relu(baddbmm(b, cgc, W)), on the GPU as bmm and one bias+ReLU kernel (ple_adatt.towers)
         fused = self._gpu_layers(cgc) and self.fused_mixture and self.fused_tower  # training.fused_mixture
+        cluster_heads = bool(use_cluster_heads and self.num_clusters and cluster is not None)
+        if (fused and self.fused_head and not cluster_heads and self.out_dim <= towers.MAX_FUSED_OUT
+                and not (self.training and self.tower_dropout.p > 0)):
+            # the heads' few outputs summed in the towers' kernel: the hidden layer's gradient is
+            # never written whole (ple_adatt.towers.tower_head)
+            out = towers.tower_head(cgc, self.tower.weight, self.tower.bias, self.head.weight, self.head.bias)
+            return self._apply_logit_transfer(out) if self.transfer_edges else out
         hid = towers.tower_layer(cgc, self.tower.weight, self.tower.bias, fused=fused)
         hid = self.tower_dropout(hid)  # (T, B, h)
         out = self.head(hid)  # (T, B, O)
-        if use_cluster_heads and self.num_clusters and cluster is not None:
+        if cluster_heads:
             per = torch.einsum("tbh,ctho->ctbo", hid, self.cluster_head_weight) + self.cluster_head_bias
             per = torch.cat([per, out.unsqueeze(0)], dim=0)  # (C+1, T, B, O); index C = global
             idx = cluster.view(1, 1, -1, 1).expand(1, self.num_tasks, -1, self.out_dim)

@@ -28,10 +28,15 @@ from torch import Tensor
 
 from . import kernels
 
-__all__ = ["tower_layer", "reference_tower_layer", "rounded_reference_tower_layer", "fused_tower_layer", "fused_bias_relu", "fused_available",
-           "failed"]
+__all__ = ["tower_layer", "reference_tower_layer", "rounded_reference_tower_layer", "fused_tower_layer",
+           "fused_bias_relu", "fused_available", "failed", "tower_head", "reference_tower_head",
+           "rounded_reference_tower_head", "fused_tower_head", "MAX_FUSED_OUT"]
 
 GUARD = kernels.KernelGuard("fused tower bias+ReLU kernel", "the PyTorch form")
+HEAD_GUARD = kernels.KernelGuard("fused tower+head kernel", "the tower kernel and a GEMM for the heads")
+# the widest head the tower+head kernels take (a loop over the outputs in the tile); wider heads
+# are GEMMs of their own
+MAX_FUSED_OUT = 8
 # rows per program and warps: a (16, 256) tile at 4 warps, as the mixture's kernels (memory-bound:
 # small tiles keep the most programs resident)
 BLOCK_ROWS = 16
@@ -111,6 +116,138 @@ class _BiasReLU(torch.autograd.Function):
         _kernels()[1][(G, rows)](grad, out, d_x, parts, B, H, BB=BLOCK_ROWS, BH=kernels._pow2(H),
                                  num_warps=NUM_WARPS)
         return d_x, parts.sum(1, keepdim=True).to(ctx.bias_dtype)
+
+
+def reference_tower_head(cgc: Tensor, weight: Tensor, bias: Tensor, head_weight: Tensor, head_bias: Tensor) -> Tensor:
+    """The towers and the heads as two layers: :func:`tower_layer` (its kernel where it runs), then
+    ``baddbmm`` for the heads, ``head_weight`` (T, h, O), ``head_bias`` (T, 1, O) -> (T, B, O)."""
+    return torch.baddbmm(head_bias, tower_layer(cgc, weight, bias), head_weight)
+
+
+def rounded_reference_tower_head(cgc: Tensor, weight: Tensor, bias: Tensor, head_weight: Tensor,
+                                 head_bias: Tensor) -> Tensor:
+    """The PyTorch form that rounds as the fused kernels do: the towers as
+    :func:`rounded_reference_tower_layer`, the heads' products and sums in float32 from the
+    rounded hidden layer, the output rounded once (the first-use check's reference)."""
+    hid = rounded_reference_tower_layer(cgc, weight, bias)
+    with torch.autocast(hid.device.type, enabled=False):
+        out = torch.baddbmm(head_bias.float(), hid.float(), head_weight.float())
+    return out.to(hid.dtype)
+
+
+def fused_tower_head(cgc: Tensor, weight: Tensor, bias: Tensor, head_weight: Tensor, head_bias: Tensor) -> Tensor:
+    """``bmm`` for the towers' first layer, then one kernel for its bias and ReLU and the heads
+    (their few outputs are sums along each row of the tile the kernel holds). Its backward is one
+    kernel too: the hidden layer's gradient from the heads' gradient and weights, masked, never
+    written whole; the towers' and the heads' weight and bias gradients as per-block sums."""
+    kernels.require_runnable("the fused tower+head kernel", cgc.device)
+    G, H, n_out = head_weight.shape
+    if n_out > MAX_FUSED_OUT or tuple(head_bias.shape) != (G, 1, n_out):
+        raise ValueError(f"head weight {tuple(head_weight.shape)} and bias {tuple(head_bias.shape)}: the fused "
+                         f"tower+head kernel takes (G, h, O) and (G, 1, O) with O <= {MAX_FUSED_OUT}")
+    x = torch.bmm(cgc, weight)
+    if tuple(bias.shape) != (G, 1, x.shape[2]) or x.shape[2] != H:
+        raise ValueError(f"tower bias {tuple(bias.shape)} and head weight {tuple(head_weight.shape)} do not fit "
+                         f"the towers' output {tuple(x.shape)}")
+    return _TowerHead.apply(x, bias, head_weight, head_bias)
+
+
+def tower_head(cgc: Tensor, weight: Tensor, bias: Tensor, head_weight: Tensor, head_bias: Tensor,
+               fused: bool = True) -> Tensor:
+    """The towers' first layer and the heads, (T, B, O): the fused kernels where they can run (and
+    ``fused``), else :func:`reference_tower_head`. Their first use is checked against
+    :func:`rounded_reference_tower_head`, forward and gradients."""
+    return kernels.checked_call(HEAD_GUARD, fused_tower_head, reference_tower_head,
+                                (cgc, weight, bias, head_weight, head_bias), fused,
+                                lambda: fused_available(cgc.device) and not HEAD_GUARD.failed() and cgc.shape[1] > 0,
+                                check_reference=rounded_reference_tower_head)
+
+
+class _TowerHead(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: Tensor, bias: Tensor, head_weight: Tensor, head_bias: Tensor) -> Tensor:
+        x = x.contiguous()
+        G, B, H = x.shape
+        n_out = head_weight.shape[2]
+        y = torch.empty_like(x)
+        out = torch.empty(G, B, n_out, dtype=x.dtype, device=x.device)
+        _head_kernels()[0][(G, -(-B // BLOCK_ROWS))](x, bias.contiguous(), head_weight.contiguous(), head_bias.contiguous(),
+                                                      y, out, B, H, NO=n_out, BB=BLOCK_ROWS, BH=kernels._pow2(H),
+                                                      num_warps=NUM_WARPS)
+        ctx.save_for_backward(y, head_weight)
+        ctx.dtypes = (bias.dtype, head_weight.dtype, head_bias.dtype)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        y, head_weight = ctx.saved_tensors
+        grad = grad.contiguous()
+        G, B, H = y.shape
+        n_out = head_weight.shape[2]
+        rows = -(-B // BLOCK_ROWS)
+        d_x = torch.empty_like(y)
+        parts_b = torch.empty(G, rows, H, dtype=torch.float32, device=y.device)
+        parts_w = torch.empty(G, rows, n_out, H, dtype=torch.float32, device=y.device)
+        _head_kernels()[1][(G, rows)](grad, y, head_weight.contiguous(), d_x, parts_b, parts_w, B, H, NO=n_out,
+                                      BB=BLOCK_ROWS, BH=kernels._pow2(H), num_warps=NUM_WARPS)
+        b_dtype, w_dtype, hb_dtype = ctx.dtypes
+        return (d_x, parts_b.sum(1, keepdim=True).to(b_dtype), parts_w.sum(1).transpose(1, 2).to(w_dtype),
+                grad.sum(1, keepdim=True, dtype=torch.float32).to(hb_dtype))
+
+
+@functools.cache
+def _head_kernels():
+    """The tower+head forward and backward kernels: x, y, d_x (G, B, h), the heads' output and its
+    gradient (G, B, O), weights (G, h, O), biases (G, 1, h) and (G, 1, O), all contiguous; a
+    program owns one group's block of rows, whole rows of h, so the heads' sums stay in it."""
+    triton, tl = kernels._triton()
+
+    @triton.jit
+    def tower_head_forward(x_ptr, b_ptr, hw_ptr, hb_ptr, y_ptr, out_ptr, B, H, NO: tl.constexpr, BB: tl.constexpr,
+                           BH: tl.constexpr):
+        g = tl.program_id(0).to(tl.int64)
+        offs_b = tl.program_id(1).to(tl.int64) * BB + tl.arange(0, BB)
+        offs_h = tl.arange(0, BH)
+        mb = offs_b < B
+        mh = offs_h < H
+        m2 = mb[:, None] & mh[None, :]
+        tile = g * B * H + offs_b[:, None] * H + offs_h[None, :]
+        x = tl.load(x_ptr + tile, mask=m2, other=0.0).to(tl.float32)
+        b = tl.load(b_ptr + g * H + offs_h, mask=mh, other=0.0).to(tl.float32)
+        y = tl.maximum(x + b[None, :], 0.0).to(y_ptr.dtype.element_ty)
+        tl.store(y_ptr + tile, y, mask=m2)
+        yf = y.to(tl.float32)  # the heads read the hidden layer as rounded, as a GEMM after it would
+        for o in tl.static_range(NO):
+            w = tl.load(hw_ptr + g * H * NO + offs_h * NO + o, mask=mh, other=0.0).to(tl.float32)
+            logit = tl.sum(yf * w[None, :], axis=1) + tl.load(hb_ptr + g * NO + o).to(tl.float32)
+            tl.store(out_ptr + g * B * NO + offs_b * NO + o, logit.to(out_ptr.dtype.element_ty), mask=mb)
+
+    @triton.jit
+    def tower_head_backward(d_ptr, y_ptr, hw_ptr, dx_ptr, pb_ptr, pw_ptr, B, H, NO: tl.constexpr, BB: tl.constexpr,
+                            BH: tl.constexpr):
+        g = tl.program_id(0).to(tl.int64)
+        blk = tl.program_id(1)
+        offs_b = blk.to(tl.int64) * BB + tl.arange(0, BB)
+        offs_h = tl.arange(0, BH)
+        mb = offs_b < B
+        mh = offs_h < H
+        m2 = mb[:, None] & mh[None, :]
+        tile = g * B * H + offs_b[:, None] * H + offs_h[None, :]
+        y = tl.load(y_ptr + tile, mask=m2, other=0.0)
+        yf = y.to(tl.float32)
+        part = g * tl.num_programs(1) + blk
+        dy = tl.zeros((BB, BH), dtype=tl.float32)
+        for o in tl.static_range(NO):
+            d_o = tl.load(d_ptr + g * B * NO + offs_b * NO + o, mask=mb, other=0.0).to(tl.float32)  # (BB,)
+            w = tl.load(hw_ptr + g * H * NO + offs_h * NO + o, mask=mh, other=0.0).to(tl.float32)
+            dy += d_o[:, None] * w[None, :]
+            # this block's share of the heads' weight gradient: the hidden layer times its output's gradient
+            tl.store(pw_ptr + (part * NO + o) * H + offs_h, tl.sum(yf * d_o[:, None], axis=0), mask=mh)
+        dx = tl.where(y > 0, dy, 0.0).to(dx_ptr.dtype.element_ty)
+        tl.store(dx_ptr + tile, dx, mask=m2)
+        tl.store(pb_ptr + part * H + offs_h, tl.sum(dx.to(tl.float32), axis=0), mask=mh)
+
+    return tower_head_forward, tower_head_backward
 
 
 @functools.cache

@@ -106,7 +106,7 @@ def _fresh_guards(monkeypatch):
     must not decide this one's."""
     from ple_adatt import kernels, mixture, relu_dgrad, towers
 
-    guards = [kernels.GUARD, mixture.GUARD, towers.GUARD, relu_dgrad.GUARD]
+    guards = [kernels.GUARD, mixture.GUARD, towers.GUARD, towers.HEAD_GUARD, relu_dgrad.GUARD]
     for guard in guards:
         monkeypatch.setattr(guard, "failures", [])
         monkeypatch.setattr(guard, "checked", False)
@@ -152,19 +152,52 @@ def test_fused_tower_layer_matches_pytorch_on_cuda(dtype, monkeypatch):
     assert towers.GUARD.checked and not towers.failed(), towers.GUARD.reason()
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_tower_head_matches_pytorch_on_cuda(dtype, monkeypatch):
+    """The compiled tower+head kernels at the seed's widths (one output per task) and an odd
+    batch, under autocast for bf16: against the form of the same rounding (forward and every
+    gradient), and the first-use check passes as the model calls it."""
+    from ple_adatt import towers
+
+    _fresh_guards(monkeypatch)
+    g = torch.Generator(device="cuda").manual_seed(0)
+    T, B, d, h, n_out = 16, 4099, 128, 256, 1
+    args = (torch.randn(T, B, d, device="cuda", generator=g).requires_grad_(),
+            (torch.randn(T, d, h, device="cuda", generator=g) / d ** 0.5).requires_grad_(),
+            torch.randn(T, 1, h, device="cuda", generator=g).requires_grad_(),
+            (torch.randn(T, h, n_out, device="cuda", generator=g) / h ** 0.5).requires_grad_(),
+            torch.randn(T, 1, n_out, device="cuda", generator=g).requires_grad_())
+    results = []
+    for fn in (towers.fused_tower_head, towers.rounded_reference_tower_head):
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+            out = fn(*args)
+        grad = torch.randn(out.shape, device="cuda", generator=torch.Generator(device="cuda").manual_seed(1))
+        results.append((out, *torch.autograd.grad(out, args, grad.to(out.dtype))))
+    # the kernel's float32 sums against cuBLAS's (TF32 off here): the output rounds once either way
+    tol = 1e-4 if dtype == torch.float32 else 1e-2
+    for a, b in zip(*results, strict=True):
+        assert a.dtype == b.dtype and a.shape == b.shape
+        assert float((a.float() - b.float()).abs().max()) <= tol * float(b.float().abs().max())
+    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+        towers.tower_head(*args)
+    assert towers.HEAD_GUARD.checked and not towers.HEAD_GUARD.failed(), towers.HEAD_GUARD.reason()
+
+
 def test_every_kernel_passes_its_first_use_check_in_bf16_training(monkeypatch):
     """A training step with the GPU's layers under bf16 autocast, adaTT measuring: every fused
-    kernel (per-task gradients, mixture, towers, masked gradient) runs its first-use check against
-    PyTorch and stays on. A check that fails here would quietly train on the slower PyTorch forms
-    (the eighth-to-ninth-session tower kernel did, at 0.135 of the largest value)."""
+    kernel (per-task gradients, mixture, towers with the heads, then without, masked gradient)
+    runs its first-use check against PyTorch and stays on. A check that fails here would quietly
+    train on the slower PyTorch forms (the ninth session's tower kernel did on an H100, at 0.135
+    of the largest value)."""
     guards = _fresh_guards(monkeypatch)
     trainer = _cuda_trainer(["training.use_amp=true", "transfer.grad_interval=1", "transfer.grad_method=batched",
                              "transfer.adatt.warmup_epochs=0", "transfer.adatt.freeze_epoch=5"], 512, 64)
     from ple_adatt.training import make_optimizer
 
     opt, scaler = make_optimizer(trainer.system, trainer.cfg, fused=True), trainer.make_scaler()
-    for i in range(2):
-        idx = torch.arange(i * 256, (i + 1) * 256, device="cuda")
+    for i in range(3):
+        trainer.system.model.fused_head = i < 2  # the last step: the towers' kernel and a GEMM for the heads
+        idx = torch.arange(i * 128, (i + 1) * 128, device="cuda")
         trainer.backward(trainer.forward_losses(trainer.train_data.subset(idx), epoch=1, use_cluster_heads=False),
                          scaler)
         trainer.optimizer_step(opt, scaler)

@@ -212,15 +212,19 @@ def test_the_gpus_layers_compute_the_cpus_model(specs, model_cfg, loss_cfgs, amp
     _compare_gpu_layers_with_plain(specs, model_cfg, loss_cfgs, amp, fold)
 
 
+@pytest.mark.parametrize("head", [True, False], ids=["tower+head", "tower"])
 def test_the_gpus_layers_through_the_fused_kernels_compute_the_cpus_model(interpreter, monkeypatch, specs,
-                                                                           model_cfg, loss_cfgs):
+                                                                           model_cfg, loss_cfgs, head):
     """As above, through the Triton kernels (interpreted; float32: the interpreter's bf16 rounds
     by truncation): the mixture's, adding the experts' second-layer biases and returning their
-    gradients, the towers' bias+ReLU, and the experts' masked hidden-layer gradient."""
+    gradients, the towers' bias+ReLU with the heads (or without, ``fused_head`` off), and the
+    experts' masked hidden-layer gradient."""
     from ple_adatt import mixture, relu_dgrad, towers
 
     seen = []
-    for module, name in ((mixture, "fused_mixture"), (towers, "fused_tower_layer"),
+    monkeypatch.setattr(towers.HEAD_GUARD, "failures", [])
+    monkeypatch.setattr(towers.HEAD_GUARD, "checked", True)
+    for module, name in ((mixture, "fused_mixture"), (towers, "fused_tower_layer"), (towers, "fused_tower_head"),
                          (relu_dgrad, "fused_masked_input_grad")):
         monkeypatch.setattr(module.GUARD, "failures", [])
         monkeypatch.setattr(module.GUARD, "checked", True)  # no first-use check: compare directly
@@ -228,17 +232,19 @@ def test_the_gpus_layers_through_the_fused_kernels_compute_the_cpus_model(interp
         fused = getattr(module, name)
         monkeypatch.setattr(module, name, lambda *a, fused=fused, name=name: seen.append(
             (name, len(a) > 3 and a[3] is not None)) or fused(*a))
-    _compare_gpu_layers_with_plain(specs, model_cfg, loss_cfgs, False)
+    _compare_gpu_layers_with_plain(specs, model_cfg, loss_cfgs, False, head=head)
     # the plain layers: the mixture kernels alone, the layers adding their biases; the GPU's: the
-    # biases left to the mixture's kernels, the towers' kernel, and in the backwards (the
-    # loop's and the training's) the masked gradients of both experts' hidden layers
-    assert seen[:3] == [("fused_mixture", False), ("fused_mixture", True), ("fused_tower_layer", False)]
+    # biases left to the mixture's kernels, the towers' kernel (with the heads), and in the
+    # backwards (the loop's and the training's) the masked gradients of both experts' hidden layers
+    towers_call = ("fused_tower_head", True) if head else ("fused_tower_layer", False)
+    assert seen[:3] == [("fused_mixture", False), ("fused_mixture", True), towers_call]
     assert seen[3:] and {name for name, _ in seen[3:]} == {"fused_masked_input_grad"}
 
 
-def _compare_gpu_layers_with_plain(specs, model_cfg, loss_cfgs, amp, fold=True):
+def _compare_gpu_layers_with_plain(specs, model_cfg, loss_cfgs, amp, fold=True, head=True):
     model = build(specs, model_cfg)
     model.mixture_biases = fold
+    model.fused_head = head
     torch.nn.init.normal_(model.head.weight, std=0.5)
     crit = MultiTaskLoss(model.heads, loss_cfgs)
     b = make_batch(40, seed=3)
@@ -282,9 +288,10 @@ def test_phase2_with_frozen_shared_experts_runs_the_gpus_layers_through_the_kern
     the task-side parameters train."""
     from ple_adatt import mixture, relu_dgrad, towers
 
+    for guard in (mixture.GUARD, towers.GUARD, towers.HEAD_GUARD, relu_dgrad.GUARD):
+        monkeypatch.setattr(guard, "failures", [])
+        monkeypatch.setattr(guard, "checked", False)  # the real first-use checks run
     for module in (mixture, towers, relu_dgrad):
-        monkeypatch.setattr(module.GUARD, "failures", [])
-        monkeypatch.setattr(module.GUARD, "checked", False)  # the real first-use checks run
         monkeypatch.setattr(module, "fused_available", lambda device: True)
     model = build(specs, model_cfg)
     torch.nn.init.normal_(model.head.weight, std=0.5)
@@ -295,6 +302,7 @@ def test_phase2_with_frozen_shared_experts_runs_the_gpus_layers_through_the_kern
     out = model(b.x_num, b.x_cat, b.cluster)
     lo = crit(out.out, b.y, model.target_loc, model.target_scale, model.item_embeddings)
     assert "FusedMixture" in type(out.cgc_out.grad_fn).__name__ and not mixture.failed() and not towers.failed()
+    assert towers.HEAD_GUARD.checked and not towers.HEAD_GUARD.failed()  # the towers+heads kernel, checked
     einsum = model.shared_task_gradients(lo.weighted, lo.present, out, "einsum")
     fused = model.shared_task_gradients(lo.weighted, lo.present, out, "fused")
     assert float((fused - einsum).norm() / einsum.norm()) < 1e-4

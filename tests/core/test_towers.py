@@ -134,3 +134,67 @@ def test_a_first_use_check_that_runs_out_of_memory_runs_again_on_the_next_call(m
     out = towers.tower_layer(*args)  # checked now: the wrong kernel is caught and switched off
     torch.testing.assert_close(out, towers.reference_tower_layer(*args))
     assert towers.failed() and len(calls) == 2
+
+
+def _head_inputs(G, B, d, h, n_out, seed=0):
+    g = torch.Generator().manual_seed(seed + 10)
+    return (*_inputs(G, B, d, h, seed=seed), (torch.randn(G, h, n_out, generator=g) / h ** 0.5).requires_grad_(),
+            torch.randn(G, 1, n_out, generator=g).requires_grad_())
+
+
+@pytest.mark.parametrize("G,B,d,h,n_out", [(3, 70, 8, 24, 1), (2, 33, 5, 17, 3), (1, 5, 16, 256, towers.MAX_FUSED_OUT)])
+def test_fused_tower_head_equals_both_pytorch_forms_forward_and_backward(interpreter, G, B, d, h, n_out):
+    """The towers' kernel with the heads summed in it: against the two layers (the fallback)
+    and the form the first-use check compares with; in float32 the three agree."""
+    args = _head_inputs(G, B, d, h, n_out)
+    grad = torch.randn(G, B, n_out, generator=torch.Generator().manual_seed(1))
+    fused = _run(towers.fused_tower_head, args, grad)
+    for reference in (towers.reference_tower_head, towers.rounded_reference_tower_head):
+        ref = _run(reference, args, grad)
+        for a, b in zip(fused, ref, strict=True):
+            assert a.dtype == b.dtype and a.shape == b.shape
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_the_tower_head_kernel_is_the_formula(interpreter):
+    """relu(x W + b) V + c and its gradients, from the formula written out."""
+    cgc, w, b, v, c = _head_inputs(2, 40, 6, 12, 2, seed=7)
+    out = towers.fused_tower_head(cgc, w, b, v, c)
+    hid = (cgc @ w + b).clamp_min(0)
+    torch.testing.assert_close(out, (hid @ v + c).detach(), rtol=1e-5, atol=1e-5)
+    assert (hid == 0).any() and (hid > 0).any()
+    grad = torch.randn(2, 40, 2, generator=torch.Generator().manual_seed(8))
+    d_cgc, d_w, d_b, d_v, d_c = torch.autograd.grad(out, (cgc, w, b, v, c), grad)
+    d_hid = (grad @ v.transpose(1, 2)) * (hid > 0)
+    expect = (d_hid @ w.transpose(1, 2), cgc.transpose(1, 2) @ d_hid, d_hid.sum(1, keepdim=True),
+              hid.transpose(1, 2) @ grad, grad.sum(1, keepdim=True))
+    for name, got, want in zip(("cgc", "W", "b", "V", "c"), (d_cgc, d_w, d_b, d_v, d_c), expect, strict=True):
+        torch.testing.assert_close(got, want.detach(), rtol=1e-5, atol=1e-5, msg=name)
+
+
+def test_a_head_too_wide_for_the_kernel_is_named(interpreter):
+    cgc, w, b, v, c = _head_inputs(2, 8, 4, 6, towers.MAX_FUSED_OUT + 1)
+    with pytest.raises(ValueError, match=r"head weight \(2, 6, 9\) and bias \(2, 1, 9\): the fused tower\+head "
+                                         r"kernel takes \(G, h, O\) and \(G, 1, O\) with O <= 8"):
+        towers.fused_tower_head(cgc, w, b, v, c)
+
+
+def test_a_wrong_tower_head_kernel_is_switched_off_after_its_first_use(monkeypatch, caplog):
+    fresh_guard(monkeypatch, towers)
+    monkeypatch.setattr(towers.HEAD_GUARD, "failures", [])
+    monkeypatch.setattr(towers.HEAD_GUARD, "checked", False)
+    calls = []
+
+    def wrong(cgc, weight, bias, head_weight, head_bias):
+        calls.append(1)
+        return towers.reference_tower_head(cgc, weight, bias, head_weight, head_bias + 0.1)
+
+    monkeypatch.setattr(towers, "fused_tower_head", wrong)
+    args = _head_inputs(2, 8, 4, 6, 1)
+    with caplog.at_level("WARNING"):
+        out = towers.tower_head(*args)
+    torch.testing.assert_close(out, towers.reference_tower_head(*args))
+    assert towers.HEAD_GUARD.failed() and "fused tower+head kernel off" in caplog.text
+    assert not towers.failed()  # the towers' own kernel stays on
+    towers.tower_head(*args)
+    assert len(calls) == 1  # checked once, then off
