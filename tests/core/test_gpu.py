@@ -189,9 +189,14 @@ def test_every_kernel_passes_its_first_use_check_in_bf16_training(monkeypatch):
     runs its first-use check against PyTorch and stays on. A check that fails here would quietly
     train on the slower PyTorch forms (the ninth session's tower kernel did on an H100, at 0.135
     of the largest value)."""
+    from ple_adatt import towers
+
     guards = _fresh_guards(monkeypatch)
+    # retrieval_dim 4: the widest head (the multiclass task's 3) fits the tower+head kernel
     trainer = _cuda_trainer(["training.use_amp=true", "transfer.grad_interval=1", "transfer.grad_method=batched",
-                             "transfer.adatt.warmup_epochs=0", "transfer.adatt.freeze_epoch=5"], 512, 64)
+                             "transfer.adatt.warmup_epochs=0", "transfer.adatt.freeze_epoch=5",
+                             "model.retrieval_dim=4"], 512, 64)
+    assert trainer.system.model.out_dim <= towers.MAX_FUSED_OUT
     from ple_adatt.training import make_optimizer
 
     opt, scaler = make_optimizer(trainer.system, trainer.cfg, fused=True), trainer.make_scaler()
