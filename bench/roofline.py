@@ -196,8 +196,38 @@ def cost_fused_tower(rec: OpRecorder) -> None:
                     3 * out.numel() * out.element_size())
             return d_x, d_b
 
+    class ModelledHead(torch.autograd.Function):
+        """The towers' kernel with the heads summed in it (towers.tower_head): the forward reads
+        the GEMM's output and writes the hidden layer (the heads' outputs are small); the backward
+        reads the hidden layer and writes the input's gradient, the hidden layer's own gradient
+        never leaving the kernel."""
+
+        @staticmethod
+        def forward(ctx, x, bias, head_weight, head_bias):
+            with rec.unrecorded():
+                hid = torch.relu(x + bias.to(x.dtype))
+                out = torch.baddbmm(head_bias.to(x.dtype), hid, head_weight.to(x.dtype))
+            ctx.save_for_backward(hid, head_weight)
+            rec.add("fused_tower_head (Triton, modelled)", 2 * x.numel() * (1 + out.shape[-1]),
+                    2 * x.numel() * x.element_size())
+            return out
+
+        @staticmethod
+        def backward(ctx, grad):
+            hid, head_weight = ctx.saved_tensors
+            with rec.unrecorded():
+                d_x = (grad @ head_weight.to(grad.dtype).transpose(1, 2)) * (hid > 0)
+                grads = (d_x, d_x.float().sum(1, keepdim=True), (hid.transpose(1, 2) @ grad).float(),
+                         grad.float().sum(1, keepdim=True))
+            rec.add("fused_tower_head backward (Triton, modelled)", 4 * hid.numel() * grad.shape[-1],
+                    2 * hid.numel() * hid.element_size())
+            return grads
+
     towers.tower_layer = lambda cgc, weight, bias, fused=True: (
         Modelled.apply(torch.bmm(cgc, weight), bias) if fused else towers.reference_tower_layer(cgc, weight, bias))
+    towers.tower_head = lambda cgc, weight, bias, head_weight, head_bias, fused=True: (
+        ModelledHead.apply(torch.bmm(cgc, weight), bias, head_weight, head_bias) if fused
+        else towers.reference_tower_head(cgc, weight, bias, head_weight, head_bias))
 
 
 def cost_fused_dgrad(rec: OpRecorder) -> None:
@@ -221,12 +251,14 @@ def cost_fused_dgrad(rec: OpRecorder) -> None:
 
 _GATED_MIXTURE = mixture.gated_mixture
 _TOWER_LAYER = towers.tower_layer
+_TOWER_HEAD = towers.tower_head
 _MASKED_INPUT_GRAD = relu_dgrad.masked_input_grad
 
 
 def restore_mixture() -> None:
     mixture.gated_mixture = _GATED_MIXTURE
     towers.tower_layer = _TOWER_LAYER
+    towers.tower_head = _TOWER_HEAD
     relu_dgrad.masked_input_grad = _MASKED_INPUT_GRAD
 
 
