@@ -11,7 +11,7 @@
 #   eager   bench_eager.txt: runs a-e with the per-task gradient check, then b and d with the
 #           CGC mixture in PyTorch (--no-fused-mixture); prof/profile_*.txt: kernel-time
 #           tables of the eager runs
-#   graphs  bench_graphs.txt: runs a-d with whole-step CUDA graphs (production.yaml's steps),
+#   graphs  bench_graphs.txt: runs a-d and the A/Bs f-i with whole-step CUDA graphs (production.yaml's steps),
 #           then over torch.compile default, then b-d with torch.compile reduce-overhead; (a),
 #           the naive reference, always runs eagerly, so each line's (c)/(a) is in-run
 # Each command has its own time limit, so a hang in one still leaves the others' output.
@@ -49,10 +49,10 @@ if [[ " $parts " == *" eager "* ]]; then
   "${bench[@]}" --only bd --no-fused-mixture 2>&1 | grep -v -i warn | tail -4 | tee -a "$out/bench_eager.txt"
 fi
 if [[ " $parts " == *" graphs "* ]]; then
-  # (f), (g), (h): (b) with the experts' biases in their layers, with the towers' bias+ReLU in
-  # PyTorch, with the experts' ReLU masks by a threshold pass: the A/Bs of the ninth session's changes
-  for extra in "--only abcdfgh --cuda-graph" "--only abcd --cuda-graph --compile default" "--only bcd --compile reduce-overhead"; do
+  # (f), (g), (h), (i): (b) with the experts' biases in their layers, with the towers' bias+ReLU in
+  # PyTorch, with the experts' ReLU masks by a threshold pass, with the heads as a GEMM: the A/Bs
+  for extra in "--only abcdfghi --cuda-graph" "--only abcd --cuda-graph --compile default" "--only bcd --compile reduce-overhead"; do
     # shellcheck disable=SC2086  # $extra holds several arguments
-    "${bench[@]}" $extra 2>&1 | grep -v -i warn | grep -E "^\(|^ratios|^CGC"
+    "${bench[@]}" $extra 2>&1 | grep -v -i warn | grep -E "^\(|^ratios|^CGC|: off, "
   done | tee "$out/bench_graphs.txt"
 fi

@@ -96,7 +96,8 @@ def _resources(ck) -> dict:
 # the elementwise kernels' pointers under bf16 autocast: float32 gates (the softmax), their
 # gradient, and the ds kernel's per-block sums
 # gates, sums, biases (parameters stay float32 under autocast)
-FP32_POINTERS = ("g_ptr", "dg_ptr", "sum_ptr", "sb_ptr", "tb_ptr", "sbp_ptr", "tbp_ptr", "b_ptr", "part_ptr")
+FP32_POINTERS = ("g_ptr", "dg_ptr", "sum_ptr", "sb_ptr", "tb_ptr", "sbp_ptr", "tbp_ptr", "b_ptr", "part_ptr",
+                 "hw_ptr", "hb_ptr", "pb_ptr", "pw_ptr")
 # their integer arguments at the seed's shape (16 tasks; gates and their gradient (T, B, 6);
 # experts, task experts, outputs and their gradients contiguous; ds (E, B, T, D)), for the
 # JIT's specialisation
@@ -122,6 +123,9 @@ def compile_elementwise(arch: int) -> dict[str, dict]:
     launches.append((kernels._ds_kernel(), kernels.DS_ROWS, 4, DS_INTS, wide))  # triton's default warps
     launches += [(jit, towers.BLOCK_ROWS, towers.NUM_WARPS, TOWER_INTS, dict(BH=kernels._pow2(TOWER_H)))
                  for jit in towers._kernels()]
+    # the towers' kernels with the heads summed in them, one output per task as at the seed's shape
+    launches += [(jit, towers.BLOCK_ROWS, towers.NUM_WARPS, TOWER_INTS, dict(BH=kernels._pow2(TOWER_H), NO=1))
+                 for jit in towers._head_kernels()]
     found = {}
     for jit, rows, warps, ints, width in launches:
         consts = dict(BB=rows, **width)
@@ -212,8 +216,8 @@ def main() -> None:
                                   compile_one, variant, layout, bb, bh, warps, stages, args.arch)
     print(f"\nElementwise kernels: the CGC mixture's (block {mixture.BLOCK_ROWS} x {kernels._pow2(D)}, "
           f"{mixture.NUM_WARPS} warps), the per-task gradients' ds kernel ({kernels.DS_ROWS} x "
-          f"{kernels._pow2(D)}, 4 warps) and the towers' bias+ReLU ({towers.BLOCK_ROWS} x {TOWER_H}, "
-          f"{towers.NUM_WARPS} warps); no MMAs")
+          f"{kernels._pow2(D)}, 4 warps) and the towers' bias+ReLU, alone and with the heads "
+          f"({towers.BLOCK_ROWS} x {TOWER_H}, {towers.NUM_WARPS} warps); no MMAs")
     print(f"{'kernel':<22} {'regs':>5} {'stack':>6} {'STL':>4} {'LDL':>4}")
     try:
         for name, r in compile_elementwise(args.arch).items():
