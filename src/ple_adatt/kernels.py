@@ -146,8 +146,27 @@ def matches_reference(guard: KernelGuard, fused, reference, args: tuple, tol: fl
     return True
 
 
+# the rows a fused op's first-use check runs on: the kernels treat rows alike, so the first rows
+# check them, and the check (both forms, forward and backward, at once) then costs a fraction of a
+# step's memory: at the whole batch a step near the GPU's memory ran out in every check, and the
+# trainer skipped every batch (the first run of the seed's shape peaked at 3.17 GiB, the others at
+# 1.25-1.44)
+FIRST_USE_ROWS = 2048
+
+
+def first_rows(args: tuple, batch_dims: tuple, rows: int | None = None) -> tuple:
+    """``args`` cut to their first ``rows`` rows (default :data:`FIRST_USE_ROWS`) along each one's
+    batch dimension (``batch_dims``, one per argument; None for an argument without one, such as
+    a weight), as views."""
+    rows = FIRST_USE_ROWS if rows is None else rows
+    if len(batch_dims) != len(args):
+        raise ValueError(f"{len(batch_dims)} batch dimensions for {len(args)} arguments")
+    return tuple(a if d is None or a is None or a.shape[d] <= rows else a.narrow(d, 0, rows)
+                 for a, d in zip(args, batch_dims, strict=True))
+
+
 def checked_call(guard: KernelGuard, fused, reference, args: tuple, wanted: bool, available,
-                 differentiable: bool = True, check_reference=None):
+                 differentiable: bool = True, check_reference=None, batch_dims: tuple | None = None):
     """``fused(*args)`` where ``wanted`` (the caller's switch), outside ``torch.compile`` (whose
     inductor fuses the PyTorch form itself) and ``available()`` (device, triton, guard; asked
     last, so that dynamo never traces it: on CUDA that would be a graph break), else
@@ -156,7 +175,9 @@ def checked_call(guard: KernelGuard, fused, reference, args: tuple, wanted: bool
     autograd-aware op with its gradients, at its first call with autograd on; an op that runs
     inside a backward, ``differentiable=False``, on its values), or against ``check_reference``
     where the fallback rounds differently from the fused op in a way that the check must not
-    count (a ReLU whose mask flips where the two forms round a value near zero differently); an
+    count (a ReLU whose mask flips where the two forms round a value near zero differently), on
+    the first :data:`FIRST_USE_ROWS` rows where ``batch_dims`` names each argument's batch dimension
+    (:func:`first_rows`); an
     error in the fused op (a Triton or driver failure) switches ``guard`` off with one warning
     and the reference takes over: a broken kernel costs speed, never a wrong model or a failed run. An out-of-memory
     error is the batch's, and raised."""
@@ -166,7 +187,9 @@ def checked_call(guard: KernelGuard, fused, reference, args: tuple, wanted: bool
         if not guard.checked:
             if differentiable and (not torch.is_grad_enabled() or torch.is_inference_mode_enabled()):
                 return reference(*args)  # the check needs autograd: until it has run
-            if not matches_reference(guard, fused, check_reference or reference, args, differentiable=differentiable):
+            checked = args if batch_dims is None else first_rows(args, batch_dims)
+            if not matches_reference(guard, fused, check_reference or reference, checked,
+                                     differentiable=differentiable):
                 return reference(*args)  # a mismatch (now off), or nothing comparable yet
         return fused(*args)
     except torch.cuda.OutOfMemoryError:

@@ -113,7 +113,8 @@ def gated_mixture(gates: Tensor, shared: Tensor, task: Tensor | None, fused: boo
     (:func:`ple_adatt.kernels.checked_call`: checked on first use, switched off on a failure)."""
     _check_biases(shared, task, shared_bias, task_bias)  # the caller's error on either path
     return kernels.checked_call(GUARD, fused_mixture, reference_mixture, (gates, shared, task, shared_bias, task_bias),
-                                fused, lambda: fused_available(gates.device) and gates.shape[1] > 0)
+                                fused, lambda: fused_available(gates.device) and gates.shape[1] > 0,
+                                batch_dims=(1, 1, 2, None, None))
 
 
 def fused_mixture(gates: Tensor, shared: Tensor, task: Tensor | None, shared_bias: Tensor | None = None,

@@ -100,7 +100,8 @@ def masked_input_grad(grad: Tensor, weight: Tensor, x: Tensor, fused: bool = Tru
     PyTorch. Called inside a backward (autograd off), so its first use is checked on values
     alone."""
     return kernels.checked_call(GUARD, fused_masked_input_grad, reference_masked_input_grad, (grad, weight, x), fused,
-                                lambda: fused_available(x.device) and grad.shape[1] > 0, differentiable=False)
+                                lambda: fused_available(x.device) and grad.shape[1] > 0, differentiable=False,
+                                batch_dims=(1, None, 1))
 
 
 @functools.cache

@@ -79,7 +79,7 @@ def tower_layer(cgc: Tensor, weight: Tensor, bias: Tensor, fused: bool = True) -
     """The towers' first layer: the fused kernel where it can run (and ``fused``), else PyTorch."""
     return kernels.checked_call(GUARD, fused_tower_layer, reference_tower_layer, (cgc, weight, bias), fused,
                                 lambda: fused_available(cgc.device) and cgc.shape[1] > 0,
-                                check_reference=rounded_reference_tower_layer)
+                                check_reference=rounded_reference_tower_layer, batch_dims=(1, None, None))
 
 
 def fused_bias_relu(x: Tensor, bias: Tensor) -> Tensor:
@@ -160,7 +160,7 @@ def tower_head(cgc: Tensor, weight: Tensor, bias: Tensor, head_weight: Tensor, h
     return kernels.checked_call(HEAD_GUARD, fused_tower_head, reference_tower_head,
                                 (cgc, weight, bias, head_weight, head_bias), fused,
                                 lambda: fused_available(cgc.device) and not HEAD_GUARD.failed() and cgc.shape[1] > 0,
-                                check_reference=rounded_reference_tower_head)
+                                check_reference=rounded_reference_tower_head, batch_dims=(1, None, None, None, None))
 
 
 class _TowerHead(torch.autograd.Function):

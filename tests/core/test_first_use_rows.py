@@ -1,0 +1,111 @@
+"""The fused ops' first-use checks run on the batch's first rows (ple_adatt.kernels.first_rows):
+each op names its arguments' batch dimensions, the check sees views of the first
+``FIRST_USE_ROWS`` rows, and the real call the whole batch. The kernels run under Triton's
+interpreter on the views as the GPU would (strided, for the task experts and the hidden layer's
+(B, G*h) layout)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from corehelpers import fresh_guard
+
+from ple_adatt import kernels, mixture, relu_dgrad, towers
+
+pytest.importorskip("triton", reason="triton is not installed (make setup installs it for the interpreter test)")
+
+ROWS, B = 16, 37  # a check on 16 rows of a 37-row batch
+
+
+def test_first_rows_cuts_each_argument_on_its_batch_dimension_as_a_view():
+    a, w, t = torch.randn(3, 40, 5), torch.randn(3, 5, 2), torch.randn(3, 2, 40, 5)
+    cut = kernels.first_rows((a, w, None, t), (1, None, 1, 2), rows=8)
+    assert [None if x is None else tuple(x.shape) for x in cut] == [(3, 8, 5), (3, 5, 2), None, (3, 2, 8, 5)]
+    assert cut[1] is w and cut[0].data_ptr() == a.data_ptr() and cut[3]._base is t  # views, not copies
+    assert kernels.first_rows((a,), (1,), rows=64)[0] is a  # a batch shorter than the rows: as it is
+    with pytest.raises(ValueError, match="2 batch dimensions for 1 arguments"):
+        kernels.first_rows((a,), (1, None))
+
+
+def _recording(monkeypatch, module, name):
+    """Wrap ``module.name`` (the real fused op) to record the batch length of each call."""
+    seen, real = [], getattr(module, name)
+
+    def wrapped(*args):
+        seen.append(args[0].shape[1])
+        return real(*args)
+
+    monkeypatch.setattr(module, name, wrapped)
+    return seen
+
+
+def _tower_args(n_out=None):
+    g = torch.Generator().manual_seed(0)
+    args = [torch.randn(3, B, 8, generator=g), torch.randn(3, 8, 12, generator=g) / 3, torch.randn(3, 1, 12, generator=g)]
+    if n_out:
+        args += [torch.randn(3, 12, n_out, generator=g) / 3, torch.randn(3, 1, n_out, generator=g)]
+    return [a.requires_grad_() for a in args]
+
+
+@pytest.mark.parametrize("op", ["mixture", "tower", "tower_head"])
+def test_an_autograd_ops_first_use_check_runs_on_the_first_rows(interpreter, monkeypatch, op):
+    monkeypatch.setattr(kernels, "FIRST_USE_ROWS", ROWS)
+    if op == "mixture":
+        fresh_guard(monkeypatch, mixture)
+        seen = _recording(monkeypatch, mixture, "fused_mixture")
+        g = torch.Generator().manual_seed(1)
+        args = (torch.softmax(torch.randn(2, B, 5, generator=g), -1).requires_grad_(),
+                torch.randn(3, B, 6, generator=g).requires_grad_(), torch.randn(2, 2, B, 6, generator=g).requires_grad_(),
+                torch.randn(3, 1, 6, generator=g).requires_grad_(), torch.randn(2, 2, 1, 6, generator=g).requires_grad_())
+        guard, reference = mixture.GUARD, mixture.reference_mixture
+
+        def call(*a):
+            return mixture.gated_mixture(*a[:3], True, *a[3:])
+    else:
+        fresh_guard(monkeypatch, towers)
+        monkeypatch.setattr(towers.HEAD_GUARD, "failures", [])
+        monkeypatch.setattr(towers.HEAD_GUARD, "checked", False)
+        head = op == "tower_head"
+        seen = _recording(monkeypatch, towers, "fused_tower_head" if head else "fused_tower_layer")
+        args = tuple(_tower_args(2 if head else None))
+        call = towers.tower_head if head else towers.tower_layer
+        guard = towers.HEAD_GUARD if head else towers.GUARD
+        reference = towers.reference_tower_head if head else towers.reference_tower_layer
+    out = call(*args)
+    assert guard.checked and not guard.failed(), guard.reason()
+    assert seen == [ROWS, B]  # the check's call on the first rows, then the batch's
+    torch.testing.assert_close(out, reference(*args), rtol=1e-5, atol=1e-5)
+
+
+def test_the_masked_gradients_first_use_check_runs_on_the_first_rows_of_the_hidden_layers_layout(interpreter,
+                                                                                                  monkeypatch):
+    """Inside a backward: the hidden layer is a (G, B, i) view of a (B, G*i) tensor, and its
+    first rows are still that layout's prefix."""
+    monkeypatch.setattr(kernels, "FIRST_USE_ROWS", ROWS)
+    fresh_guard(monkeypatch, relu_dgrad)
+    seen = _recording(monkeypatch, relu_dgrad, "fused_masked_input_grad")
+    g = torch.Generator().manual_seed(2)
+    G, i, o = 3, 10, 6
+    grad = torch.randn(G, B, o, generator=g)
+    weight = torch.randn(G, i, o, generator=g)
+    x = torch.randn(B, G * i, generator=g).clamp_min(0).view(B, G, i).transpose(0, 1)
+    out = relu_dgrad.masked_input_grad(grad, weight, x)
+    assert relu_dgrad.GUARD.checked and not relu_dgrad.failed(), relu_dgrad.GUARD.reason()
+    assert seen == [ROWS, B] and out.stride() == x.stride()
+    torch.testing.assert_close(out, relu_dgrad.reference_masked_input_grad(grad, weight, x), rtol=1e-5, atol=1e-5)
+
+
+def test_a_kernel_wrong_only_past_the_first_rows_is_not_what_the_check_is_for(monkeypatch):
+    """What the first rows cannot see: a kernel wrong only on later rows passes its check. The
+    kernels treat every row block alike (one program per block), which is what makes the first
+    rows a fair sample; this test pins down that the check looks at those rows only."""
+    monkeypatch.setattr(kernels, "FIRST_USE_ROWS", ROWS)
+    fresh_guard(monkeypatch, towers)
+
+    def wrong_past_the_first_rows(cgc, weight, bias):
+        out = towers.reference_tower_layer(cgc, weight, bias)
+        return out if cgc.shape[1] <= ROWS else out * 2
+
+    monkeypatch.setattr(towers, "fused_tower_layer", wrong_past_the_first_rows)
+    towers.tower_layer(*_tower_args())
+    assert towers.GUARD.checked and not towers.failed()
