@@ -155,40 +155,60 @@ FIRST_USE_ROWS = 2048
 
 
 def first_rows(args: tuple, batch_dims: tuple, rows: int | None = None) -> tuple:
-    """``args`` cut to their first ``rows`` rows (default :data:`FIRST_USE_ROWS`) along each one's
-    batch dimension (``batch_dims``, one per argument; None for an argument without one, such as
-    a weight), as views."""
+    """``args`` cut to their first rows along each one's batch dimension (``batch_dims``, one per
+    argument; None for an argument without one, such as a weight), as views: at most ``rows``
+    (default :data:`FIRST_USE_ROWS`), as many as leave the same remainder modulo 16 as the whole
+    batch, since Triton compiles a kernel apart for a row count that 16 divides and one it does
+    not, and the check must run the variant the batch runs."""
     rows = FIRST_USE_ROWS if rows is None else rows
     if len(batch_dims) != len(args):
         raise ValueError(f"{len(batch_dims)} batch dimensions for {len(args)} arguments")
-    return tuple(a if d is None or a is None or a.shape[d] <= rows else a.narrow(d, 0, rows)
-                 for a, d in zip(args, batch_dims, strict=True))
+
+    def cut(a: Tensor, d: int) -> Tensor:
+        n = a.shape[d]
+        return a if n <= rows else a.narrow(d, 0, rows - (rows - n) % 16)
+
+    return tuple(a if d is None or a is None else cut(a, d) for a, d in zip(args, batch_dims, strict=True))
 
 
 def checked_call(guard: KernelGuard, fused, reference, args: tuple, wanted: bool, available,
-                 differentiable: bool = True, check_reference=None, batch_dims: tuple | None = None):
+                 differentiable: bool = True, check_reference=None, batch_dims: tuple | None = None,
+                 out_batch_dim: int = 1):
     """``fused(*args)`` where ``wanted`` (the caller's switch), outside ``torch.compile`` (whose
     inductor fuses the PyTorch form itself) and ``available()`` (device, triton, guard; asked
     last, so that dynamo never traces it: on CUDA that would be a graph break), else
     ``reference(*args)``.
-    The first call is checked against the reference (:func:`matches_reference`; an
-    autograd-aware op with its gradients, at its first call with autograd on; an op that runs
-    inside a backward, ``differentiable=False``, on its values), or against ``check_reference``
-    where the fallback rounds differently from the fused op in a way that the check must not
-    count (a ReLU whose mask flips where the two forms round a value near zero differently), on
-    the first :data:`FIRST_USE_ROWS` rows where ``batch_dims`` names each argument's batch dimension
-    (:func:`first_rows`); an
-    error in the fused op (a Triton or driver failure) switches ``guard`` off with one warning
-    and the reference takes over: a broken kernel costs speed, never a wrong model or a failed run. An out-of-memory
-    error is the batch's, and raised."""
+
+    The first call is checked against the reference (:func:`matches_reference`), or against
+    ``check_reference`` where the fallback rounds differently from the fused op in a way that the
+    check must not count (a ReLU whose mask flips where the two forms round a value near zero
+    differently):
+    - an autograd-aware op with its gradients, at its first call with autograd on; where
+      ``batch_dims`` names each argument's batch dimension, both forms run on the batch's first
+      rows (:func:`first_rows`): a check on the whole batch held both forms, forward and
+      backward, at once;
+    - an op that runs inside a backward (``differentiable=False``) on its values: the fused op on
+      the whole batch (an autotuner keyed on the batch then picks the configuration the batch
+      runs), its first rows along ``out_batch_dim`` against the reference's on the first rows.
+    An error in the fused op (a Triton or driver failure) switches ``guard`` off with one warning
+    and the reference takes over: a broken kernel costs speed, never a wrong model or a failed
+    run. An out-of-memory error is the batch's, and raised."""
+    if batch_dims is not None and len(batch_dims) != len(args):  # the caller's bug: not a kernel failure
+        raise ValueError(f"{len(batch_dims)} batch dimensions for {len(args)} arguments")
     if not wanted or torch.compiler.is_compiling() or not available():
         return reference(*args)
     try:
         if not guard.checked:
             if differentiable and (not torch.is_grad_enabled() or torch.is_inference_mode_enabled()):
                 return reference(*args)  # the check needs autograd: until it has run
-            checked = args if batch_dims is None else first_rows(args, batch_dims)
-            if not matches_reference(guard, fused, check_reference or reference, checked,
+            check, checked = fused, args
+            if batch_dims is not None:
+                checked = first_rows(args, batch_dims)
+                if not differentiable:
+                    def check(*_):
+                        out = fused(*args)
+                        return first_rows((out,), (out_batch_dim,))[0]
+            if not matches_reference(guard, check, check_reference or reference, checked,
                                      differentiable=differentiable):
                 return reference(*args)  # a mismatch (now off), or nothing comparable yet
         return fused(*args)

@@ -155,11 +155,12 @@ def fused_tower_head(cgc: Tensor, weight: Tensor, bias: Tensor, head_weight: Ten
 def tower_head(cgc: Tensor, weight: Tensor, bias: Tensor, head_weight: Tensor, head_bias: Tensor,
                fused: bool = True) -> Tensor:
     """The towers' first layer and the heads, (T, B, O): the fused kernels where they can run (and
-    ``fused``), else :func:`reference_tower_head`. Their first use is checked against
+    ``fused``, and the heads at most :data:`MAX_FUSED_OUT` wide), else :func:`reference_tower_head`. Their first use is checked against
     :func:`rounded_reference_tower_head`, forward and gradients."""
     return kernels.checked_call(HEAD_GUARD, fused_tower_head, reference_tower_head,
                                 (cgc, weight, bias, head_weight, head_bias), fused,
-                                lambda: fused_available(cgc.device) and not HEAD_GUARD.failed() and cgc.shape[1] > 0,
+                                lambda: (fused_available(cgc.device) and not HEAD_GUARD.failed() and cgc.shape[1] > 0
+                                         and head_weight.shape[2] <= MAX_FUSED_OUT),
                                 check_reference=rounded_reference_tower_head, batch_dims=(1, None, None, None, None))
 
 

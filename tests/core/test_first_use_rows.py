@@ -1,8 +1,9 @@
 """The fused ops' first-use checks run on the batch's first rows (ple_adatt.kernels.first_rows):
 each op names its arguments' batch dimensions, the check sees views of the first
-``FIRST_USE_ROWS`` rows, and the real call the whole batch. The kernels run under Triton's
-interpreter on the views as the GPU would (strided, for the task experts and the hidden layer's
-(B, G*h) layout)."""
+``FIRST_USE_ROWS`` rows (as many as leave the batch's remainder modulo 16), and the real call the
+whole batch; an op inside a backward runs on the whole batch and only its first rows are compared.
+The kernels run under Triton's interpreter on the views as the GPU would (strided, for the task
+experts and the hidden layer's (B, G*h) layout)."""
 
 from __future__ import annotations
 
@@ -14,7 +15,8 @@ from ple_adatt import kernels, mixture, relu_dgrad, towers
 
 pytest.importorskip("triton", reason="triton is not installed (make setup installs it for the interpreter test)")
 
-ROWS, B = 16, 37  # a check on 16 rows of a 37-row batch
+ROWS, B = 32, 37  # a check on at most 32 rows of a 37-row batch: 21, which leaves 37's remainder mod 16
+CUT = 21
 
 
 def test_first_rows_cuts_each_argument_on_its_batch_dimension_as_a_view():
@@ -23,6 +25,9 @@ def test_first_rows_cuts_each_argument_on_its_batch_dimension_as_a_view():
     assert [None if x is None else tuple(x.shape) for x in cut] == [(3, 8, 5), (3, 5, 2), None, (3, 2, 8, 5)]
     assert cut[1] is w and cut[0].data_ptr() == a.data_ptr() and cut[3]._base is t  # views, not copies
     assert kernels.first_rows((a,), (1,), rows=64)[0] is a  # a batch shorter than the rows: as it is
+    # Triton compiles apart for a row count 16 divides and one it does not: the cut keeps the kind
+    for n, expect in ((16384, 2048), (16383, 2047), (16370, 2034), (2049, 2033), (2048, 2048), (100, 100)):
+        assert kernels.first_rows((torch.empty(1, n),), (1,), rows=2048)[0].shape[1] == expect, n
     with pytest.raises(ValueError, match="2 batch dimensions for 1 arguments"):
         kernels.first_rows((a,), (1, None))
 
@@ -73,14 +78,16 @@ def test_an_autograd_ops_first_use_check_runs_on_the_first_rows(interpreter, mon
         reference = towers.reference_tower_head if head else towers.reference_tower_layer
     out = call(*args)
     assert guard.checked and not guard.failed(), guard.reason()
-    assert seen == [ROWS, B]  # the check's call on the first rows, then the batch's
+    assert seen == [CUT, B]  # the check's call on the first rows, then the batch's
     torch.testing.assert_close(out, reference(*args), rtol=1e-5, atol=1e-5)
 
 
-def test_the_masked_gradients_first_use_check_runs_on_the_first_rows_of_the_hidden_layers_layout(interpreter,
-                                                                                                  monkeypatch):
-    """Inside a backward: the hidden layer is a (G, B, i) view of a (B, G*i) tensor, and its
-    first rows are still that layout's prefix."""
+def test_the_masked_gradients_first_use_check_compares_the_first_rows_of_the_whole_batchs_result(interpreter,
+                                                                                                 monkeypatch):
+    """Inside a backward (values only, no autograd to hold): the kernel runs on the whole batch,
+    so that its autotuner (keyed on the batch) picks the configuration the batch runs, and its
+    first rows are compared with the reference's on the first rows of the hidden layer, a
+    (G, B, i) view of a (B, G*i) tensor."""
     monkeypatch.setattr(kernels, "FIRST_USE_ROWS", ROWS)
     fresh_guard(monkeypatch, relu_dgrad)
     seen = _recording(monkeypatch, relu_dgrad, "fused_masked_input_grad")
@@ -91,7 +98,7 @@ def test_the_masked_gradients_first_use_check_runs_on_the_first_rows_of_the_hidd
     x = torch.randn(B, G * i, generator=g).clamp_min(0).view(B, G, i).transpose(0, 1)
     out = relu_dgrad.masked_input_grad(grad, weight, x)
     assert relu_dgrad.GUARD.checked and not relu_dgrad.failed(), relu_dgrad.GUARD.reason()
-    assert seen == [ROWS, B] and out.stride() == x.stride()
+    assert seen == [B, B] and out.stride() == x.stride()  # the check's whole-batch call, then the batch's
     torch.testing.assert_close(out, relu_dgrad.reference_masked_input_grad(grad, weight, x), rtol=1e-5, atol=1e-5)
 
 
@@ -109,3 +116,24 @@ def test_a_kernel_wrong_only_past_the_first_rows_is_not_what_the_check_is_for(mo
     monkeypatch.setattr(towers, "fused_tower_layer", wrong_past_the_first_rows)
     towers.tower_layer(*_tower_args())
     assert towers.GUARD.checked and not towers.failed()
+
+
+def test_a_wrong_masked_gradient_kernel_is_caught_by_its_first_rows(monkeypatch, caplog):
+    monkeypatch.setattr(kernels, "FIRST_USE_ROWS", ROWS)
+    fresh_guard(monkeypatch, relu_dgrad)
+    monkeypatch.setattr(relu_dgrad, "fused_masked_input_grad",
+                        lambda grad, weight, x: relu_dgrad.reference_masked_input_grad(grad, weight, x) * 1.5)
+    g = torch.Generator().manual_seed(3)
+    grad, weight, x = torch.randn(2, B, 4, generator=g), torch.randn(2, 5, 4, generator=g), torch.rand(2, B, 5, generator=g)
+    with caplog.at_level("WARNING"):
+        out = relu_dgrad.masked_input_grad(grad, weight, x)
+    assert relu_dgrad.failed() and "fused masked input-gradient kernel off" in caplog.text
+    torch.testing.assert_close(out, relu_dgrad.reference_masked_input_grad(grad, weight, x))
+
+
+def test_batch_dimensions_that_do_not_fit_the_arguments_are_the_callers_error_not_a_kernel_failure(monkeypatch):
+    fresh_guard(monkeypatch, towers)
+    with pytest.raises(ValueError, match="2 batch dimensions for 3 arguments"):
+        kernels.checked_call(towers.GUARD, towers.fused_tower_layer, towers.reference_tower_layer,
+                             tuple(_tower_args()), True, lambda: True, batch_dims=(1, None))
+    assert not towers.failed()

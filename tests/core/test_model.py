@@ -310,3 +310,29 @@ def test_phase2_with_frozen_shared_experts_runs_the_gpus_layers_through_the_kern
     assert relu_dgrad.GUARD.checked and not relu_dgrad.failed()  # the task experts' backward took the kernel
     assert all(p.grad is None for p in model.shared_experts.parameters())
     assert float(model.task_expert_out.bias.grad.abs().sum()) > 0 and float(model.tower.bias.grad.abs().sum()) > 0
+
+
+@pytest.mark.parametrize("training,dropout,cluster_heads,fused", [
+    (True, 0.0, False, True),    # Phase 1, no dropout: the towers' kernel with the heads
+    (True, 0.2, False, False),   # dropout between the towers and the heads while training
+    (False, 0.2, False, True),   # evaluation: dropout is the identity
+    (True, 0.0, True, False),    # Phase 2's per-cluster heads read the hidden layer
+])
+def test_the_heads_join_the_towers_kernel_only_where_nothing_reads_the_hidden_layer(
+        monkeypatch, specs, model_cfg, training, dropout, cluster_heads, fused):
+    from ple_adatt import towers
+
+    calls = []
+    real = towers.tower_head
+    monkeypatch.setattr(towers, "tower_head", lambda *a, **k: calls.append(1) or real(*a, **k))
+    model = build(specs, model_cfg)
+    model.gpu_layers = True
+    model.tower_dropout.p = dropout
+    model.train(training)
+    assert model.out_dim <= towers.MAX_FUSED_OUT
+    b = make_batch(20, seed=6)
+    model(b.x_num, b.x_cat, b.cluster, use_cluster_heads=cluster_heads)
+    assert bool(calls) == fused
+    model.fused_head = False  # the switch (bench run (i))
+    model(b.x_num, b.x_cat, b.cluster, use_cluster_heads=cluster_heads)
+    assert len(calls) == int(fused)

@@ -198,3 +198,32 @@ def test_a_wrong_tower_head_kernel_is_switched_off_after_its_first_use(monkeypat
     assert not towers.failed()  # the towers' own kernel stays on
     towers.tower_head(*args)
     assert len(calls) == 1  # checked once, then off
+
+
+def test_a_head_too_wide_for_the_kernel_takes_the_gemm_and_leaves_the_kernel_on(monkeypatch):
+    """tower_head with a head past MAX_FUSED_OUT is the two layers, not a kernel failure: the
+    fused kernel stays on for the next model in the process."""
+    fresh_guard(monkeypatch, towers)
+    monkeypatch.setattr(towers.HEAD_GUARD, "failures", [])
+    monkeypatch.setattr(towers.HEAD_GUARD, "checked", False)
+    args = _head_inputs(2, 8, 4, 6, towers.MAX_FUSED_OUT + 1)
+    out = towers.tower_head(*args)
+    torch.testing.assert_close(out, towers.reference_tower_head(*args))
+    assert not towers.HEAD_GUARD.failed() and not towers.HEAD_GUARD.checked
+
+
+def test_tower_head_under_bf16_autocast_gives_bf16_outputs_and_float32_parameter_gradients(interpreter):
+    """As the GPU runs it: bmm in bf16 under autocast, the float32 parameters; against the form of
+    the same rounding (the 3.9 interpreter truncates float32 -> bf16, the GPU rounds to nearest:
+    relative to the largest value)."""
+    args = _head_inputs(2, 50, 8, 16, 2, seed=4)
+    grad = torch.randn(2, 50, 2, generator=torch.Generator().manual_seed(5)).bfloat16()
+    results = []
+    for fn in (towers.fused_tower_head, towers.rounded_reference_tower_head):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = fn(*args)
+        results.append((out, *torch.autograd.grad(out, args, grad)))
+    assert [t.dtype for t in results[0]] == [torch.bfloat16] + [torch.float32] * 5
+    for a, b in zip(*results, strict=True):
+        assert a.dtype == b.dtype and a.shape == b.shape
+        assert float((a.float() - b.float()).abs().max()) <= 3e-2 * float(b.float().abs().max())
