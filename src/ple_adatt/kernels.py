@@ -148,9 +148,9 @@ def matches_reference(guard: KernelGuard, fused, reference, args: tuple, tol: fl
 
 # the rows a fused op's first-use check runs on: the kernels treat rows alike, so the first rows
 # check them, and the check (both forms, forward and backward, at once) then costs a fraction of a
-# step's memory: at the whole batch a step near the GPU's memory ran out in every check, and the
-# trainer skipped every batch (the first run of the seed's shape peaked at 3.17 GiB, the others at
-# 1.25-1.44)
+# step's memory. On the whole batch, the first run of the seed's shape peaked at 3.17 GiB on an
+# H100 (1.27 GiB now), and a batch near the GPU's memory would have run out in every check, the
+# trainer skipping every batch.
 FIRST_USE_ROWS = 2048
 
 

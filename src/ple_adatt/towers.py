@@ -52,9 +52,9 @@ def rounded_reference_tower_layer(cgc: Tensor, weight: Tensor, bias: Tensor) -> 
     """The PyTorch form that rounds as the fused layer does: the GEMM's output in its dtype (bf16
     under autocast), the bias added in float32, the ReLU's output rounded once. The first-use check
     compares against this one, not :func:`reference_tower_layer`: ``baddbmm`` adds the bias before
-    rounding, so in bf16 about one value in 2000 (4.6e-4 on an H100) changes sign between the forms, and
-    the gradient there is passed by one and zero in the other, a difference of the gradient's full
-    size (0.135 of the largest value measured on an H100 at the seed's shape, which switched the
+    rounding, so in bf16 about one value in 2000 (4.6e-4 on an H100) changes sign between the
+    forms, and the gradient there is passed by one and zero in the other, a difference of the
+    gradient's full size (0.135 of the largest value measured on an H100 at the seed's shape, which switched the
     kernel off). Both forms are correct to bf16's rounding; the check compares like with like."""
     x = torch.bmm(cgc, weight)
     return F.relu(x.float() + bias.float()).to(x.dtype)
@@ -155,7 +155,8 @@ def fused_tower_head(cgc: Tensor, weight: Tensor, bias: Tensor, head_weight: Ten
 def tower_head(cgc: Tensor, weight: Tensor, bias: Tensor, head_weight: Tensor, head_bias: Tensor,
                fused: bool = True) -> Tensor:
     """The towers' first layer and the heads, (T, B, O): the fused kernels where they can run (and
-    ``fused``, and the heads at most :data:`MAX_FUSED_OUT` wide), else :func:`reference_tower_head`. Their first use is checked against
+    ``fused``, and the heads at most :data:`MAX_FUSED_OUT` wide), else
+    :func:`reference_tower_head`. Their first use is checked against
     :func:`rounded_reference_tower_head`, forward and gradients."""
     return kernels.checked_call(HEAD_GUARD, fused_tower_head, reference_tower_head,
                                 (cgc, weight, bias, head_weight, head_bias), fused,
