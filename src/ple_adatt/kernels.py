@@ -161,14 +161,18 @@ def first_rows(args: tuple, batch_dims: tuple, rows: int | None = None) -> tuple
     batch, since Triton compiles a kernel apart for a row count that 16 divides and one it does
     not, and the check must run the variant the batch runs."""
     rows = FIRST_USE_ROWS if rows is None else rows
-    if len(batch_dims) != len(args):
-        raise ValueError(f"{len(batch_dims)} batch dimensions for {len(args)} arguments")
+    _check_batch_dims(args, batch_dims)
 
     def cut(a: Tensor, d: int) -> Tensor:
         n = a.shape[d]
         return a if n <= rows else a.narrow(d, 0, rows - (rows - n) % 16)
 
     return tuple(a if d is None or a is None else cut(a, d) for a, d in zip(args, batch_dims, strict=True))
+
+
+def _check_batch_dims(args: tuple, batch_dims: tuple) -> None:
+    if len(batch_dims) != len(args):
+        raise ValueError(f"{len(batch_dims)} batch dimensions for {len(args)} arguments")
 
 
 def checked_call(guard: KernelGuard, fused, reference, args: tuple, wanted: bool, available,
@@ -193,24 +197,26 @@ def checked_call(guard: KernelGuard, fused, reference, args: tuple, wanted: bool
     An error in the fused op (a Triton or driver failure) switches ``guard`` off with one warning
     and the reference takes over: a broken kernel costs speed, never a wrong model or a failed
     run. An out-of-memory error is the batch's, and raised."""
-    if batch_dims is not None and len(batch_dims) != len(args):  # the caller's bug: not a kernel failure
-        raise ValueError(f"{len(batch_dims)} batch dimensions for {len(args)} arguments")
+    if batch_dims is not None:  # the caller's bug, raised here: inside the try it would switch the kernel off
+        _check_batch_dims(args, batch_dims)
     if not wanted or torch.compiler.is_compiling() or not available():
         return reference(*args)
     try:
         if not guard.checked:
             if differentiable and (not torch.is_grad_enabled() or torch.is_inference_mode_enabled()):
                 return reference(*args)  # the check needs autograd: until it has run
-            check, checked = fused, args
+            check, checked, whole = fused, args, []
             if batch_dims is not None:
                 checked = first_rows(args, batch_dims)
                 if not differentiable:
                     def check(*_):
-                        out = fused(*args)
-                        return first_rows((out,), (out_batch_dim,))[0]
+                        whole.append(fused(*args))  # the batch's result, returned once it passes
+                        return first_rows((whole[0],), (out_batch_dim,))[0]
             if not matches_reference(guard, check, check_reference or reference, checked,
                                      differentiable=differentiable):
                 return reference(*args)  # a mismatch (now off), or nothing comparable yet
+            if whole:
+                return whole[0]
         return fused(*args)
     except torch.cuda.OutOfMemoryError:
         raise  # the batch's problem, not the kernels': the trainer skips it and the kernels stay on

@@ -53,10 +53,16 @@ def forward_with_distinct_heads(n: int, device: str = "cpu", amp: bool = False, 
     return system, out, lo
 
 
+def reset_guard(monkeypatch, guard, checked: bool = False) -> None:
+    """A kernel guard on, as a new process finds it (not yet checked), or marked ``checked`` so
+    that a test compares the kernel with the reference itself."""
+    monkeypatch.setattr(guard, "failures", [])
+    monkeypatch.setattr(guard, "checked", checked)
+
+
 def fresh_guard(monkeypatch, module, available=None) -> None:
     """A kernel module (ple_adatt.mixture, towers, relu_dgrad) with its guard as a new process
     finds it (on, not yet checked) and ``fused_available`` made to say yes while the guard is on
     (or ``available``): its fallback logic runs on the CPU."""
-    monkeypatch.setattr(module.GUARD, "failures", [])
-    monkeypatch.setattr(module.GUARD, "checked", False)
+    reset_guard(monkeypatch, module.GUARD)
     monkeypatch.setattr(module, "fused_available", available or (lambda device: not module.failed()))

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from corehelpers import BATCH_SPECS, forward_with_distinct_heads, make_batch
+from corehelpers import BATCH_SPECS, forward_with_distinct_heads, make_batch, reset_guard
 
 from ple_adatt.config import load_train_config
 from ple_adatt.losses import MultiTaskLoss
@@ -108,8 +108,7 @@ def _fresh_guards(monkeypatch):
 
     guards = [kernels.GUARD, mixture.GUARD, towers.GUARD, towers.HEAD_GUARD, relu_dgrad.GUARD]
     for guard in guards:
-        monkeypatch.setattr(guard, "failures", [])
-        monkeypatch.setattr(guard, "checked", False)
+        reset_guard(monkeypatch, guard)
     return guards
 
 

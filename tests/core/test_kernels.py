@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from corehelpers import forward_with_distinct_heads
+from corehelpers import forward_with_distinct_heads, reset_guard
 
 from ple_adatt import kernels
 from ple_adatt.model import SharedExperts
@@ -122,8 +122,7 @@ def test_batched_falls_back_to_einsum_once_the_kernel_fails(monkeypatch, caplog)
 def test_a_kernel_that_computes_wrong_gradients_is_switched_off_after_its_first_result(monkeypatch, caplog):
     """batched on CUDA checks the kernel's first result against einsum (here: CPU, the kernel
     made 'available' and replaced by one that scrambles task rows)."""
-    monkeypatch.setattr(kernels.GUARD, "failures", [])
-    monkeypatch.setattr(kernels.GUARD, "checked", False)
+    reset_guard(monkeypatch, kernels.GUARD)
     monkeypatch.setattr(kernels, "preferred", lambda device, dtype: not kernels.failed())  # CPU, float32 admitted
     calls = []
 
@@ -143,8 +142,7 @@ def test_a_kernel_that_computes_wrong_gradients_is_switched_off_after_its_first_
 
 
 def test_a_correct_kernel_result_passes_the_first_use_check(monkeypatch):
-    monkeypatch.setattr(kernels.GUARD, "failures", [])
-    monkeypatch.setattr(kernels.GUARD, "checked", False)
+    reset_guard(monkeypatch, kernels.GUARD)
     g = torch.randn(4, 30)
     assert kernels.check_once(g * 1.001, g) is not None and kernels.checked() and not kernels.failed()
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from corehelpers import fresh_guard
+from corehelpers import fresh_guard, reset_guard
 
 from ple_adatt import mixture
 
@@ -162,8 +162,7 @@ def test_a_wrong_or_failing_kernel_is_switched_off_after_its_first_use(monkeypat
     mixture.gated_mixture(gates, shared, task)
     assert len(calls) == 1  # checked once, then off
 
-    monkeypatch.setattr(mixture.GUARD, "failures", [])
-    monkeypatch.setattr(mixture.GUARD, "checked", True)
+    reset_guard(monkeypatch, mixture.GUARD, checked=True)
 
     def broken(*args):
         raise RuntimeError("PTX assembly failed")
@@ -214,8 +213,7 @@ def test_the_model_trains_the_same_through_the_fused_mixture(interpreter, monkey
     the PyTorch trunk's outputs and parameter gradients."""
     from corehelpers import forward_with_distinct_heads
 
-    monkeypatch.setattr(mixture.GUARD, "failures", [])
-    monkeypatch.setattr(mixture.GUARD, "checked", True)  # no first-use check: compare directly
+    reset_guard(monkeypatch, mixture.GUARD, checked=True)  # no first-use check: compare directly
     results = []
     for fused in (True, False):
         monkeypatch.setattr(mixture, "fused_available", lambda device, fused=fused: fused)
@@ -233,8 +231,7 @@ def test_the_model_trains_the_same_through_the_fused_mixture(interpreter, monkey
 def test_an_out_of_memory_error_is_raised_and_leaves_the_kernels_on(monkeypatch):
     """An OOM is the batch's problem (the trainer skips it): it must not switch the kernels off
     for every later run in the process (compare trains all strategies in one)."""
-    monkeypatch.setattr(mixture.GUARD, "failures", [])
-    monkeypatch.setattr(mixture.GUARD, "checked", True)
+    reset_guard(monkeypatch, mixture.GUARD, checked=True)
     monkeypatch.setattr(mixture, "fused_available", lambda device: not mixture.failed())
 
     def oom(*args):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from corehelpers import make_batch
+from corehelpers import make_batch, reset_guard
 
 from ple_adatt.losses import MultiTaskLoss
 from ple_adatt.model import (
@@ -222,12 +222,10 @@ def test_the_gpus_layers_through_the_fused_kernels_compute_the_cpus_model(interp
     from ple_adatt import mixture, relu_dgrad, towers
 
     seen = []
-    monkeypatch.setattr(towers.HEAD_GUARD, "failures", [])
-    monkeypatch.setattr(towers.HEAD_GUARD, "checked", True)
+    reset_guard(monkeypatch, towers.HEAD_GUARD, checked=True)
     for module, name in ((mixture, "fused_mixture"), (towers, "fused_tower_layer"), (towers, "fused_tower_head"),
                          (relu_dgrad, "fused_masked_input_grad")):
-        monkeypatch.setattr(module.GUARD, "failures", [])
-        monkeypatch.setattr(module.GUARD, "checked", True)  # no first-use check: compare directly
+        reset_guard(monkeypatch, module.GUARD, checked=True)  # no first-use check: compare directly
         monkeypatch.setattr(module, "fused_available", lambda device: True)
         fused = getattr(module, name)
         monkeypatch.setattr(module, name, lambda *a, fused=fused, name=name: seen.append(
@@ -289,8 +287,7 @@ def test_phase2_with_frozen_shared_experts_runs_the_gpus_layers_through_the_kern
     from ple_adatt import mixture, relu_dgrad, towers
 
     for guard in (mixture.GUARD, towers.GUARD, towers.HEAD_GUARD, relu_dgrad.GUARD):
-        monkeypatch.setattr(guard, "failures", [])
-        monkeypatch.setattr(guard, "checked", False)  # the real first-use checks run
+        reset_guard(monkeypatch, guard)  # the real first-use checks run
     for module in (mixture, towers, relu_dgrad):
         monkeypatch.setattr(module, "fused_available", lambda device: True)
     model = build(specs, model_cfg)

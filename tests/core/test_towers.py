@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from corehelpers import fresh_guard
+from corehelpers import fresh_guard, reset_guard
 
 from ple_adatt import towers
 
@@ -181,8 +181,7 @@ def test_a_head_too_wide_for_the_kernel_is_named(interpreter):
 
 def test_a_wrong_tower_head_kernel_is_switched_off_after_its_first_use(monkeypatch, caplog):
     fresh_guard(monkeypatch, towers)
-    monkeypatch.setattr(towers.HEAD_GUARD, "failures", [])
-    monkeypatch.setattr(towers.HEAD_GUARD, "checked", False)
+    reset_guard(monkeypatch, towers.HEAD_GUARD)
     calls = []
 
     def wrong(cgc, weight, bias, head_weight, head_bias):
@@ -204,8 +203,7 @@ def test_a_head_too_wide_for_the_kernel_takes_the_gemm_and_leaves_the_kernel_on(
     """tower_head with a head past MAX_FUSED_OUT is the two layers, not a kernel failure: the
     fused kernel stays on for the next model in the process."""
     fresh_guard(monkeypatch, towers)
-    monkeypatch.setattr(towers.HEAD_GUARD, "failures", [])
-    monkeypatch.setattr(towers.HEAD_GUARD, "checked", False)
+    reset_guard(monkeypatch, towers.HEAD_GUARD)
     args = _head_inputs(2, 8, 4, 6, towers.MAX_FUSED_OUT + 1)
     out = towers.tower_head(*args)
     torch.testing.assert_close(out, towers.reference_tower_head(*args))
