@@ -252,6 +252,10 @@ class TransferConfig:
     # second backward through the heads); this step's observation then reaches the transfer
     # weights one step later. false: the seed's order, a separate backward before the loss.
     measure_in_backward: bool = True
+    # with measure_in_backward: on CUDA, start that measurement on a second stream as soon as the
+    # backward reaches the CGC outputs, beside the rest of the backward and the optimizer step
+    # (ple_adatt.side_stream); the same numbers. Elsewhere it runs at that point on the one stream
+    measure_stream: bool = False
     adatt: AdaTTConfig = field(default_factory=AdaTTConfig)
     pcgrad: PCGradConfig = field(default_factory=PCGradConfig)
     mocograd: MoCoGradConfig = field(default_factory=MoCoGradConfig)
@@ -712,6 +716,10 @@ def validate_train_config(cfg: TrainConfig, src: str, data: DataConfig | None = 
         )
     if cfg.transfer.grad_interval < 1:
         raise ConfigError(f"{src}: key `transfer.grad_interval` must be >= 1, got {cfg.transfer.grad_interval}")
+    if cfg.transfer.measure_stream and not cfg.transfer.measure_in_backward:
+        raise ConfigError(f"{src}: key `transfer.measure_stream` moves the measurement that "
+                          "`transfer.measure_in_backward` takes from the training backward onto a second stream; "
+                          "it needs `transfer.measure_in_backward: true` (got false)")
     for k, v in (("ema_decay", a.ema_decay), ("prior_blend_start", a.prior_blend_start),
                  ("prior_blend_end", a.prior_blend_end), ("transfer_lambda", a.transfer_lambda),
                  ("inter_group_strength", a.inter_group_strength)):

@@ -281,14 +281,19 @@ class SharedExperts(nn.Module):
         """The second layers' biases, (E, 1, d)."""
         return torch.stack([e.b2 for e in self.experts.values()]).unsqueeze(1)
 
-    def per_task_grads(self, cache: tuple[Tensor, Tensor, Tensor], d_s: Tensor) -> Tensor:
+    def stacked_w2(self) -> Tensor:
+        """The second layers' weights (E, h, d), a copy: what the per-task gradients read."""
+        return torch.stack([e.w2 for e in self.experts.values()])
+
+    def per_task_grads(self, cache: tuple[Tensor, Tensor, Tensor], d_s: Tensor, w2: Tensor | None = None) -> Tensor:
         """Closed-form gradients of every task on every shared parameter, all tasks at once.
 
-        ``d_s`` (T, E, B, d) is dL_t/dS per task. Returns (T, P) flattened in the order of
+        ``d_s`` (T, E, B, d) is dL_t/dS per task; ``w2`` the second layers' weights
+        (:meth:`stacked_w2`, by default taken now). Returns (T, P) flattened in the order of
         ``self.parameters()`` (per expert: w1, b1, w2, b2).
         """
         x, pre, hid = cache
-        _, _, w2, _ = self.stacked()
+        w2 = self.stacked_w2() if w2 is None else w2
         d_s = d_s.to(hid.dtype)
         g_w2 = torch.einsum("ebh,tebd->tehd", hid, d_s)  # (T, E, h, d)
         g_b2 = d_s.sum(2)  # (T, E, d)
@@ -563,28 +568,32 @@ class PLEClusterModel(nn.Module):
             raise ValueError(f"unknown gradient method {method!r}; valid: {', '.join(GRAD_METHODS)}")
         return self.task_gradients_from_cgc(self._cgc_grads(task_losses, present, output), output, method)
 
-    def task_gradients_from_cgc(self, d_cgc: Tensor, output: ModelOutput, method: str = "batched") -> Tensor:
+    def task_gradients_from_cgc(self, d_cgc: Tensor, output: ModelOutput, method: str = "batched",
+                                w2: Tensor | None = None) -> Tensor:
         """Per-task gradients on the shared-expert parameters from dL_t/dcgc_t (T, B, d); a
-        task's rows scale with its row of ``d_cgc`` (the affinity's cosines do not)."""
+        task's rows scale with its row of ``d_cgc`` (the affinity's cosines do not). ``w2``:
+        the shared experts' second-layer weights as of the forward (a copy, for a measurement
+        that runs while the optimizer updates them; by default taken now)."""
         fused = method == "fused" or (method == "batched" and kernels.preferred(d_cgc.device,
                                                                                  output.shared_cache[1].dtype))
         with torch.no_grad():  # a measurement: no graph through the experts' weights
+            w2 = self.shared_experts.stacked_w2() if w2 is None else w2
             if fused:
                 x, pre, hid = output.shared_cache
-                _, _, w2, _ = self.shared_experts.stacked()
                 if method == "fused":
                     return kernels.shared_task_grads(x, pre, w2, d_cgc, output.gates, hid=hid)
                 grads = kernels.shared_task_grads_or_none(x, pre, w2, d_cgc, output.gates, hid=hid)
                 if grads is not None and not kernels.checked():
-                    grads = kernels.check_once(grads, self._einsum_reference(d_cgc, output))
+                    grads = kernels.check_once(grads, self._einsum_reference(d_cgc, output, w2))
                 if grads is not None:
                     return grads
-            return self._einsum_task_gradients(d_cgc, output)
+            return self._einsum_task_gradients(d_cgc, output, w2)
 
-    def _einsum_task_gradients(self, d_cgc: Tensor, output: ModelOutput) -> Tensor:
-        return self.shared_experts.per_task_grads(output.shared_cache, self._shared_output_grads(d_cgc, output))
+    def _einsum_task_gradients(self, d_cgc: Tensor, output: ModelOutput, w2: Tensor | None = None) -> Tensor:
+        return self.shared_experts.per_task_grads(output.shared_cache, self._shared_output_grads(d_cgc, output), w2)
 
-    def _einsum_reference(self, d_cgc: Tensor, output: ModelOutput, rows: int = CHECK_ROWS) -> Tensor:
+    def _einsum_reference(self, d_cgc: Tensor, output: ModelOutput, w2: Tensor | None = None,
+                          rows: int = CHECK_ROWS) -> Tensor:
         """The einsum path's gradients summed over blocks of ``rows`` rows (they are sums over
         rows): the kernel's first-use check then holds (T, E, rows, h) temporaries, not the
         whole batch's (2 GiB in bf16 at batch 16384, several GiB with the products around it)."""
@@ -593,7 +602,7 @@ class PLEClusterModel(nn.Module):
         for start in range(0, d_cgc.shape[1], rows):
             r = slice(start, start + rows)
             part = replace(output, gates=output.gates[:, r], shared_cache=(x[r], pre[:, r], hid[:, r]))
-            g = self._einsum_task_gradients(d_cgc[:, r], part)
+            g = self._einsum_task_gradients(d_cgc[:, r], part, w2)
             total = g if total is None else total.add_(g)
         return total
 

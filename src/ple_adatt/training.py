@@ -28,13 +28,18 @@ from .data.dataset import TensorData
 from .errors import TrainingError
 from .losses import LossOutput, MultiTaskLoss, gate_entropy
 from .metrics import PRIMARY_METRIC, task_metrics
-from .model import PLEClusterModel, build_model
+from .model import ModelOutput, PLEClusterModel, build_model
+from .side_stream import SideStream
 from .step_graphs import CudaGraphBackend, GraphBackend, StepGraphs, StepOut
 from .transfer import build_strategy
 
 __all__ = ["MultiTaskSystem", "build_system", "Trainer", "resolve_device", "EpochRecord", "StepLosses", "StepOut"]
 
 Log = Callable[[str], None]
+
+# another backward through the CGC outputs would be read as this step's
+_SECOND_GRADIENT = ("measure_in_backward: {} gradients reached the CGC outputs in one step, expected the training "
+                    "backward's one")
 
 
 # ------------------------------------------------------------------------------ the system
@@ -274,6 +279,8 @@ class Trainer:
                 torch.cuda.set_device(device)
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
+        # transfer.measure_stream: the per-task measurement beside the rest of the step (side_stream.py)
+        self.measure_side = SideStream(device) if cfg.transfer.measure_stream else None
         # whole-step CUDA graphs (step_graphs.py); tests may put a stand-in backend here
         self.graph_backend: GraphBackend | None = None
         self.step_graphs: StepGraphs | None = None
@@ -349,6 +356,7 @@ class Trainer:
         :meth:`measure_now`), task transfer, CGC entropy regularisation."""
         system, model, cfg = self.system, self.system.model, self.cfg
         tr = system.transfer
+        self._join_measurement()  # the transfer weights below read the affinity it updates
         with self._autocast():
             out = model(b.x_num, b.x_cat, b.cluster, use_cluster_heads=use_cluster_heads)
             lo = system.losses(out.out, b.y)
@@ -359,7 +367,8 @@ class Trainer:
             measure = self.measure_now() if measure is None else measure
             if measure and self._measure_in_backward(tr) and out.cgc_out.requires_grad:
                 caught: list[Tensor] = []  # dTotal/dcgc = c_t * dL_t/dcgc_t with c_t >= 1
-                out.cgc_out.register_hook(caught.append)
+                out.cgc_out.register_hook(caught.append if self.measure_side is None
+                                          else self._measure_hook(caught, out))
                 pending = (caught, out)
             elif measure:
                 if getattr(tr, "gradient_source", "params") == "representation":
@@ -376,6 +385,32 @@ class Trainer:
         (scale-free cosines) and the method works from dL/dcgc (not the seed's loop)."""
         t = self.cfg.transfer
         return t.measure_in_backward and getattr(tr, "affinity_only", False) and t.grad_method != "loop"
+
+    def _observe(self, d_cgc: Tensor, out: ModelOutput, w2: Tensor | None = None) -> None:
+        """measure_in_backward: per-task gradients from the caught dTotal/dcgc into the affinity."""
+        grads = self.system.model.task_gradients_from_cgc(d_cgc, out, self.cfg.transfer.grad_method, w2)
+        self.system.transfer.observe(grads)
+
+    def _measure_hook(self, caught: list[Tensor], out: ModelOutput) -> Callable[[Tensor], None]:
+        """transfer.measure_stream: the hook on the CGC outputs starts the measurement itself,
+        on the side stream, while the backward goes on through the mixture and the experts."""
+
+        def hook(d_cgc: Tensor) -> None:
+            caught.append(d_cgc)
+            if len(caught) > 1:
+                raise TrainingError(_SECOND_GRADIENT.format(len(caught)))
+            # the optimizer step updates the experts' weights in place while the side stream
+            # reads them: it reads a copy taken here, on the main stream, in order
+            w2 = self.system.model.shared_experts.stacked_w2()
+            x, pre, hid = out.shared_cache
+            self.measure_side.launch(lambda: self._observe(d_cgc, out, w2),
+                                     (d_cgc, out.gates, x, pre, hid, w2))
+
+        return hook
+
+    def _join_measurement(self) -> None:
+        if self.measure_side is not None:
+            self.measure_side.join()
 
     def _shared_grads(self) -> list[Tensor | None]:
         return [None if p.grad is None else p.grad.clone() for p in self.system.model.shared_parameters()]
@@ -403,13 +438,11 @@ class Trainer:
             total = total * torch.where(finite, 1.0, float("nan"))
         before = self._shared_grads() if step.surgery is not None else []
         scaler.scale(total / accum).backward()
-        if step.pending is not None and step.pending[0]:  # measure_in_backward
+        if step.pending is not None and step.pending[0] and self.measure_side is None:  # measure_in_backward
             caught, out = step.pending
             if len(caught) != 1:  # another backward through the CGC outputs would be read as this step's
-                raise TrainingError(f"measure_in_backward: {len(caught)} gradients reached the CGC outputs in one "
-                                    "step, expected the training backward's one")
-            model = self.system.model
-            self.system.transfer.observe(model.task_gradients_from_cgc(caught[0], out, self.cfg.transfer.grad_method))
+                raise TrainingError(_SECOND_GRADIENT.format(len(caught)))
+            self._observe(caught[0], out)
         if step.surgery is not None:
             # the loss scale as a device tensor (get_scale() would read it back to the host)
             scale = scaler.scale(torch.ones((), device=step.total.device))
@@ -423,6 +456,7 @@ class Trainer:
         scaler.step(opt)
         scaler.update()
         opt.zero_grad(set_to_none=True)
+        self._join_measurement()  # the end of a step: a captured graph must join its side stream
 
     def train_step(self, b: TensorData, epoch: int, use_cluster_heads: bool, opt: torch.optim.Optimizer,
                    scaler: torch.amp.GradScaler, measure: bool | None = None) -> StepOut:
@@ -449,6 +483,7 @@ class Trainer:
                 return None
             self.backward(step, scaler, accum, finite)
         except torch.cuda.OutOfMemoryError:  # CUDA OOM skips the batch
+            self._join_measurement()
             opt.zero_grad(set_to_none=True)
             torch.cuda.empty_cache()
             self._event("cuda_oom_skipped", phase, epoch, batch=i)

@@ -66,3 +66,17 @@ def fresh_guard(monkeypatch, module, available=None) -> None:
     (or ``available``): its fallback logic runs on the CPU."""
     reset_guard(monkeypatch, module.GUARD)
     monkeypatch.setattr(module, "fused_available", available or (lambda device: not module.failed()))
+
+
+def fused_runs_here(method: str) -> None:
+    """Skip a ``fused`` case unless the Triton interpreter runs it here (CPU only; the GPU
+    tests run the compiled kernel)."""
+    if method != "fused":
+        return
+    import pytest
+
+    pytest.importorskip("triton", reason="triton is not installed (make setup installs it for the interpreter)")
+    from ple_adatt import kernels
+
+    if torch.cuda.is_available() or not kernels.interpreted():
+        pytest.skip("interpreter test (CPU only); tests/core/test_gpu.py runs the compiled kernel")

@@ -252,12 +252,14 @@ def test_compiled_training_step_matches_eager():
     assert torch.allclose(losses[0][1], losses[1][1], rtol=1e-2, atol=1e-5)
 
 
-@pytest.mark.parametrize("strategy", ["adatt", "equal", "pcgrad", "mocograd", "gradnorm"])
+@pytest.mark.parametrize("strategy", ["adatt", "adatt+measure_stream", "equal", "pcgrad", "mocograd", "gradnorm"])
 def test_training_steps_never_wait_for_the_device(strategy):
     """The hot loop's promise: no device-to-host synchronisation per step (MGDA's host solver
     excepted). Warm-up steps first (Triton's autotuning times its configs)."""
+    strategy, _, stream = strategy.partition("+")
     trainer = _cuda_trainer(["training.use_amp=true", f"transfer.strategy={strategy}", "transfer.grad_interval=1",
-                             "transfer.adatt.warmup_epochs=0", "transfer.adatt.freeze_epoch=5"], 512, 64)
+                             "transfer.adatt.warmup_epochs=0", "transfer.adatt.freeze_epoch=5",
+                             f"transfer.measure_stream={'true' if stream else 'false'}"], 512, 64)
     system, cfg = trainer.system, trainer.cfg
     from ple_adatt.training import make_optimizer
 
@@ -352,3 +354,31 @@ def test_gram_matrices_of_task_gradients_ignore_tf32():
         g = torch.randn(16, p, device="cuda")
         ref = g.double() @ g.double().t()
         assert float(((gram_matrix(g).double() - ref).abs() / ref.abs().max()).max()) < 1e-6, p
+
+
+@pytest.mark.parametrize("graphed", [False, True], ids=["eager", "cuda_graph"])
+def test_the_measurement_on_a_second_stream_trains_like_one_stream(graphed):
+    """transfer.measure_stream on a real second stream, eagerly and inside whole-step CUDA graphs
+    (a forked stream must join the capture), in bf16 with the fused kernel: the affinity and
+    the weights as on one stream. Every step measures, so a race between the side stream's
+    reads and the optimizer's in-place update would move them."""
+    overrides = ["training.use_amp=true", "training.batch_size=128", "training.shared_expert_epochs=3",
+                 "transfer.adatt.warmup_epochs=1", "transfer.adatt.freeze_epoch=2", "transfer.grad_interval=1",
+                 "training.early_stopping_patience=10", f"training.cuda_graph={'true' if graphed else 'false'}"]
+    trainers = []
+    for stream in (False, True):
+        trainer = _cuda_trainer([*overrides, f"transfer.measure_stream={'true' if stream else 'false'}"], 1056, 128,
+                                seed=1)
+        trainer.run_phase1()
+        trainers.append(trainer)
+    one, two = trainers
+    assert one.measure_side is None and two.measure_side.stream is not None and not two.measure_side.pending
+    if graphed:  # forked once per capture: 3 epochs x the measuring step (the plain steps never measure)
+        assert two.step_graphs.captures == 3 and two.measure_side.launches >= 3
+    else:
+        assert two.measure_side.launches == 3 * 8 + 3  # every step: 8 full batches and a last of 32 rows
+    a1, a2 = (t.system.transfer.affinity_computer.affinity_matrix for t in trainers)
+    assert not torch.allclose(a2, torch.eye(5, device="cuda"), atol=1e-3)
+    torch.testing.assert_close(a2, a1, rtol=0, atol=1e-5)
+    for (k, p), q in zip(one.system.state_dict().items(), two.system.state_dict().values()):
+        torch.testing.assert_close(q.float(), p.float(), rtol=1e-5, atol=1e-6, msg=k)

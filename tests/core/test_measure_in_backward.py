@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from corehelpers import BATCH_SPECS, make_batch
+from corehelpers import BATCH_SPECS, fused_runs_here, make_batch
 
 from ple_adatt.config import load_train_config
 from ple_adatt.training import Trainer, build_system, make_optimizer
@@ -63,16 +63,6 @@ def test_affinity_from_the_training_backward_equals_the_separate_backward(epoch,
         assert float(a_fast[t].abs().max()) == 0 == float(a_fast[:, t].abs().max())
 
 
-def _fused_runs_here(method: str) -> None:
-    if method != "fused":
-        return
-    pytest.importorskip("triton", reason="triton is not installed (make setup installs it for the interpreter)")
-    from ple_adatt import kernels
-
-    if torch.cuda.is_available() or not kernels.interpreted():
-        pytest.skip("interpreter test (CPU only); tests/core/test_gpu.py runs the compiled kernel")
-
-
 def _steps(tr: Trainer, epoch: int, steps: int, rows: int, update: bool) -> list[torch.Tensor]:
     """``steps`` consecutive training steps on distinct batches; for the hook path, each
     task's c_t = (caught gradient) / (dL_t/dcgc_t) as measured at that step."""
@@ -111,7 +101,7 @@ def test_the_hook_path_keeps_the_loop_references_affinity_over_several_steps(met
     train (the same update: no transfer yet); in the dynamic phase c_t > 1 scales the hook's
     gradients, and the update is left out, because the hook's observation reaches the transfer
     weights one step later than the seed's, which would make the two runs' parameters differ."""
-    _fused_runs_here(method)
+    fused_runs_here(method)
     steps, rows = (3, 16) if method == "fused" else (4, 48)  # the interpreter takes ~1 s a call
     warmup, epoch = (1, 0) if phase == "warmup" else (0, 1)
     hook = _trainer(True, warmup, method, n=steps * rows)

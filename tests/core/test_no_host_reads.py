@@ -272,11 +272,13 @@ FIT = ["training.shared_expert_epochs=4", "training.cluster_finetune_epochs=1", 
        "training.batch_size=32", "training.log_every=1000"]
 
 
-@pytest.mark.parametrize("hook", [True, False], ids=["hook", "separate"])
-def test_the_training_loop_reads_nothing_back_between_its_log_lines(hook, monkeypatch):
+@pytest.mark.parametrize("hook,stream", [(True, False), (False, False), (True, True)],
+                         ids=["hook", "separate", "hook-stream"])
+def test_the_training_loop_reads_nothing_back_between_its_log_lines(hook, stream, monkeypatch):
     """Phase 1 through adaTT's warmup, dynamic and frozen epochs, then Phase 2: no host
     read inside the loop, once the run's first step has made the optimizer state."""
-    trainer = _trainer("adatt", (*FIT, f"transfer.measure_in_backward={str(hook).lower()}"), n=64)
+    trainer = _trainer("adatt", (*FIT, f"transfer.measure_in_backward={str(hook).lower()}",
+                                 f"transfer.measure_stream={str(stream).lower()}"), n=64)
     made, seen, guarded = _guard_fit_loops(trainer, monkeypatch)
     try:
         trainer.run_phase1()

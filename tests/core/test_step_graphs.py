@@ -45,6 +45,8 @@ def _state(trainer: Trainer) -> dict[str, torch.Tensor]:
 
 @pytest.mark.parametrize("strategy,extra", [
     ("adatt", []), ("adatt", ["transfer.measure_in_backward=false"]), ("equal", []), ("uncertainty", []),
+    # the measurement launched from the backward's hook (on CUDA: on a second stream)
+    ("adatt", ["transfer.measure_stream=true"]),
     # dropout draws from the generator inside the graph; two parameter groups in the fused AdamW
     ("adatt", ["model.tower_dropout=0.2", "training.expert_lr={expert_0: {lr: 0.01}}"]),
     # gradient surgery replaces the shared experts' gradient inside the graph; the random

@@ -1,0 +1,71 @@
+"""Work beside the training step on a second CUDA stream (``transfer.measure_stream``).
+
+adaTT's per-task gradient measurement feeds only the affinity EMA, which the *next* step's
+transfer weights read. Once the training backward has reached the CGC outputs, nothing else
+in the step waits for it: the rest of the backward (the CGC mixture, the experts, the
+embeddings), the clipping and the optimizer step do not read its result. On one stream it
+still runs in series with them. :class:`SideStream` forks it onto a second stream at that
+point and joins it back before anything reads the affinity again.
+
+The rules that keep this correct (and replayable inside a whole-step CUDA graph, where a
+forked stream must join the capturing stream before the capture ends):
+
+* **Fork** from the stream the work's inputs were made on: the side stream waits for it, so
+  it sees them finished.
+* **Inputs the main stream may free** are marked with ``record_stream``: the caching
+  allocator then does not hand their memory to the main stream's next allocation while the
+  side stream still reads it (inside a capture it defers their reuse until the capture ends).
+* **Inputs the main stream will overwrite** (the parameters, which the optimizer updates in
+  place) are copied on the main stream *before* the fork, by the caller.
+* **Join** (:meth:`join`) before anything reads what the side stream writes, and at the end
+  of every step: the main stream waits for the side stream on the device, the host never does.
+
+Off CUDA there is one stream: :meth:`launch` runs the work at once, in order, and :meth:`join`
+does nothing. The numbers are the same either way; only the overlap differs.
+
+Only torch is needed here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+
+import torch
+from torch import Tensor
+
+__all__ = ["SideStream"]
+
+
+class SideStream:
+    """One second stream for ``device`` (none off CUDA) and whether work on it is unjoined."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        # created up front: a stream made during a graph capture would be a capture-time call
+        self.stream = torch.cuda.Stream(device=device) if device.type == "cuda" else None
+        self.pending = False
+        self.launches = 0  # forks so far (for logs and tests)
+
+    def launch(self, work: Callable[[], None], inputs: Iterable[Tensor]) -> None:
+        """Run ``work`` on the side stream after what the current stream has queued so far.
+
+        ``inputs`` are the tensors ``work`` reads that the current stream may free meanwhile;
+        tensors it would *overwrite* must be copied by the caller before this call."""
+        self.launches += 1
+        if self.stream is None:
+            work()
+            return
+        main = torch.cuda.current_stream(self.device)
+        self.stream.wait_stream(main)
+        with torch.cuda.stream(self.stream):
+            for t in inputs:
+                if t.device.type == "cuda":
+                    t.record_stream(self.stream)
+            self.pending = True  # set before work(): a failure in it still leaves a join to make
+            work()
+
+    def join(self) -> None:
+        """Make the current stream wait (on the device) for everything launched so far."""
+        if self.pending and self.stream is not None:
+            torch.cuda.current_stream(self.device).wait_stream(self.stream)
+        self.pending = False

@@ -1,0 +1,111 @@
+"""transfer.measure_stream: adaTT's measurement started from the backward's hook on the CGC
+outputs (on CUDA on a second stream, beside the rest of the backward and the optimizer step).
+
+On the CPU there is one stream, so these tests check what makes the overlap safe and the
+numbers unchanged: the hook path trains exactly like the measurement read after the backward,
+the measurement reads the second layers' weights as of the forward (the optimizer updates them
+in place while a side stream would still read them), a second gradient through the CGC outputs
+is still refused, and the config names what it needs. tests/core/test_gpu.py runs the real
+two-stream version, eagerly and inside CUDA graphs.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from corehelpers import BATCH_SPECS, forward_with_distinct_heads, fused_runs_here, make_batch
+
+from ple_adatt.config import ConfigError, load_train_config
+from ple_adatt.errors import TrainingError
+from ple_adatt.side_stream import SideStream
+from ple_adatt.training import Trainer, build_system, make_optimizer
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _trainer(stream: bool, method: str = "einsum", n: int = 256) -> Trainer:
+    cfg = load_train_config(ROOT / "configs/train/cpu_small.yaml", [
+        f"transfer.measure_stream={'true' if stream else 'false'}", "transfer.grad_interval=1",
+        "transfer.adatt.warmup_epochs=0", "transfer.adatt.freeze_epoch=5", f"transfer.grad_method={method}"])
+    torch.manual_seed(0)
+    system = build_system(cfg, BATCH_SPECS, 5, [4, 4], 3)
+    system.model.tower_dropout.p = 0.0
+    with torch.no_grad():
+        system.model.head.weight.normal_(0.0, 0.5)  # distinct task gradients
+    train = make_batch(n)
+    train.y[32:64, 4] = float("nan")  # the second step has no retrieval label
+    return Trainer(system, train, make_batch(64, seed=1), cfg, torch.device("cpu"), log=lambda m: None)
+
+
+def _train(tr: Trainer, steps: int, rows: int) -> list[torch.Tensor]:
+    """``steps`` whole training steps in adaTT's dynamic phase; the affinity after each."""
+    opt, scaler = make_optimizer(tr.system, tr.cfg), tr.make_scaler()
+    seen = []
+    for i in range(steps):
+        tr.train_step(tr.train_data.subset(torch.arange(i * rows, (i + 1) * rows)), 1, False, opt, scaler)
+        tr.global_step += 1
+        seen.append(tr.system.transfer.affinity_computer.affinity_matrix.clone())
+    return seen
+
+
+@pytest.mark.parametrize("method", ["einsum", "fused"])
+def test_the_measurement_from_the_hook_trains_exactly_like_the_one_after_the_backward(method):
+    fused_runs_here(method)
+    steps, rows = (2, 16) if method == "fused" else (4, 32)  # the interpreter takes ~1 s a call
+    side, after = _trainer(True, method), _trainer(False, method)
+    assert side.measure_side is not None and after.measure_side is None
+    a_side, a_after = _train(side, steps, rows), _train(after, steps, rows)
+    assert side.measure_side.launches == steps and not side.measure_side.pending
+    for x, y in zip(a_side, a_after):
+        assert torch.equal(x, y)
+    assert not torch.allclose(a_side[-1], torch.eye(5), atol=1e-3)  # it measured
+    assert not torch.allclose(a_side[0], a_side[-1], atol=1e-4)  # and the EMA moved
+    for (k, p), q in zip(side.system.state_dict().items(), after.system.state_dict().values()):
+        assert torch.equal(p, q), k
+
+
+@pytest.mark.parametrize("method", ["einsum", "batched", "fused"])
+def test_the_measurement_reads_the_weights_it_was_given_not_the_updated_ones(method):
+    """What keeps a side stream race-free: the hook copies the second layers' weights before
+    the fork, and every path of the measurement reads that copy. Here the weights move after
+    the copy (as the optimizer step moves them) and the result must not."""
+    fused_runs_here(method)
+    system, out, lo = forward_with_distinct_heads(64)
+    model = system.model
+    d_cgc = model._cgc_grads(lo.weighted, lo.present, out)
+    w2 = model.shared_experts.stacked_w2()
+    before = model.task_gradients_from_cgc(d_cgc, out, method)
+    with torch.no_grad():
+        for e in model.shared_experts.experts.values():
+            e.w2.mul_(-2.0)
+    moved = model.task_gradients_from_cgc(d_cgc, out, method)
+    kept = model.task_gradients_from_cgc(d_cgc, out, method, w2)
+    assert not torch.allclose(moved, before)  # the weights matter to it...
+    assert torch.equal(kept, before)  # ...and the copy is what it read
+
+
+def test_a_second_gradient_through_the_cgc_outputs_is_refused_from_the_hook():
+    tr = _trainer(True)
+    opt, scaler = make_optimizer(tr.system, tr.cfg), tr.make_scaler()
+    step = tr.forward_losses(tr.train_data.subset(torch.arange(32)), 1, False)
+    tr.system.model._cgc_grads(step.losses.weighted, step.losses.present, step.pending[1])  # a caller's own
+    with pytest.raises(TrainingError, match="2 gradients reached the CGC outputs in one step"):
+        tr.backward(step, scaler)
+    opt.zero_grad(set_to_none=True)
+
+
+def test_measure_stream_needs_the_measurement_in_the_backward():
+    with pytest.raises(ConfigError, match=r"transfer.measure_stream.*needs `transfer.measure_in_backward: true`"):
+        load_train_config(ROOT / "configs/train/cpu_small.yaml",
+                          ["transfer.measure_stream=true", "transfer.measure_in_backward=false"])
+
+
+def test_off_cuda_the_side_stream_runs_the_work_at_once_in_order():
+    side = SideStream(torch.device("cpu"))
+    order: list[str] = []
+    side.launch(lambda: order.append("work"), [torch.zeros(1)])
+    order.append("after")
+    side.join()
+    assert order == ["work", "after"] and side.launches == 1 and not side.pending
