@@ -44,14 +44,14 @@ if [[ " $parts " == *" tests "* ]]; then
   } 2>&1 | tee "$out/session.txt"
 fi
 if [[ " $parts " == *" eager "* ]]; then
-  "${bench[@]}" --only abcde --grads --profile "$out/prof" 2>&1 | grep -v -i warn | tee "$out/bench_eager.txt"
+  "${bench[@]}" --only abcdej --grads --profile "$out/prof" 2>&1 | grep -v -i warn | tee "$out/bench_eager.txt"
   # the plain and measuring steps with the CGC mixture in PyTorch, against the fused kernels above
   "${bench[@]}" --only bd --no-fused-mixture 2>&1 | grep -v -i warn | tail -4 | tee -a "$out/bench_eager.txt"
 fi
 if [[ " $parts " == *" graphs "* ]]; then
   # (f), (g), (h), (i): (b) with the experts' biases in their layers, with the towers' bias+ReLU in
   # PyTorch, with the experts' ReLU masks by a threshold pass, with the heads as a GEMM: the A/Bs
-  for extra in "--only abcdfghi --cuda-graph" "--only abcd --cuda-graph --compile default" "--only bcd --compile reduce-overhead"; do
+  for extra in "--only abcdfghij --cuda-graph" "--only abcd --cuda-graph --compile default" "--only bcd --compile reduce-overhead"; do
     # shellcheck disable=SC2086  # $extra holds several arguments
     "${bench[@]}" $extra 2>&1 | grep -v -i warn | grep -E "^\(|^ratios|^CGC|: off, "
   done | tee "$out/bench_graphs.txt"

@@ -21,6 +21,8 @@ Prints samples/s, step time and peak memory of
       a Triton GEMM's epilogue;
   (i) with ``--only ...i``: (b) with the heads as a GEMM after the towers (``fused_head = False``),
       where the GPU's layers otherwise sum them in the towers' kernel;
+  (j) with ``--only ...j``: (d) with the measurement on a second CUDA stream
+      (``transfer.measure_stream``), beside the rest of the backward and the optimizer step;
 ``--cuda-graph`` replays each whole project step as a CUDA graph (training.cuda_graph),
 ``--compile [MODE]`` compiles the trunk, heads and losses (training.compile),
 ``--no-fused-mixture`` mixes the CGC experts in PyTorch, not in the Triton kernels
@@ -130,7 +132,7 @@ def make_data(s: dict, n: int, device: torch.device) -> TensorData:
     return TensorData(x_num, x_cat, y, cluster).to(device)
 
 
-def project_config(s: dict, interval: int, amp: bool, in_backward: bool = True) -> TrainConfig:
+def project_config(s: dict, interval: int, amp: bool, in_backward: bool = True, stream: bool = False) -> TrainConfig:
     names = [f"t{i}" for i in range(s["tasks"])]
     groups = {f"g{k}": TaskGroup(tuple(names[k::4]), 0.7) for k in range(4)}
     return TrainConfig(
@@ -139,6 +141,7 @@ def project_config(s: dict, interval: int, amp: bool, in_backward: bool = True) 
                           expert_dim=s["expert_dim"], task_experts_per_task=s["task_experts"],
                           task_hidden=s["task_hidden"], tower_hidden=s["tower_hidden"], logit_transfer_edges=()),
         transfer=TransferConfig(strategy="adatt", grad_interval=interval, measure_in_backward=in_backward,
+                                measure_stream=stream,
                                 adatt=AdaTTConfig(warmup_epochs=0, freeze_epoch=100), task_groups=groups),
         training=TrainingConfig(batch_size=s["batch"], use_amp=amp, compile=COMPILE is not None,
                                 compile_mode=COMPILE or "default", cuda_graph=CUDA_GRAPH,
@@ -187,8 +190,9 @@ class Prepared:
 
 def prepare_project(s: dict, data: TensorData, device: torch.device, adatt: bool, interval: int, amp: bool,
                     warmup: int, in_backward: bool = True, mixture_biases: bool = True,
-                    fused_tower: bool = True, fused_relu_dgrad: bool = True, fused_head: bool = True) -> Prepared:
-    cfg = project_config(s, interval, amp, in_backward)
+                    fused_tower: bool = True, fused_relu_dgrad: bool = True, fused_head: bool = True,
+                    stream: bool = False) -> Prepared:
+    cfg = project_config(s, interval, amp, in_backward, stream)
     specs = [TaskSpec(f"t{i}", f"y{i}", "binary") for i in range(s["tasks"])]
     torch.manual_seed(0)
     system = build_system(cfg, specs, s["numeric"], [s["card"]] * s["cats"], 8)
@@ -443,7 +447,8 @@ def main() -> None:
                                                       "f: (b) with the experts' biases in their layers; "
                                                       "g: (b) with the towers' bias and ReLU in PyTorch; "
                                                       "h: (b) with the experts' ReLU masks by a pass; "
-                                                      "i: (b) with the heads as a GEMM after the towers)")
+                                                      "i: (b) with the heads as a GEMM after the towers; "
+                                                      "j: (d) with the measurement on a second stream)")
     ap.add_argument("--profile", type=Path, default=None, help="write per-kernel time tables of each run here")
     ap.add_argument("--compile", nargs="?", const="default", default=None, metavar="MODE",
                     help="training.compile: torch.compile trunk, heads, losses (MODE: default, reduce-overhead "
@@ -513,10 +518,12 @@ def main() -> None:
               lambda: prepare_project(s, data, device, False, 10, amp, args.warmup, fused_relu_dgrad=False)),
         "i": ("(i) adaTT off, heads as a GEMM after the towers",
               lambda: prepare_project(s, data, device, False, 10, amp, args.warmup, fused_head=False)),
+        "j": ("(j) interval 1, measurement on a second stream",
+              lambda: prepare_project(s, data, device, True, 1, amp, args.warmup, stream=True)),
     }
     unknown = sorted(set(args.only) - set(runs))
     if unknown:
-        ap.error(f"--only: unknown run(s) {unknown}; valid: a, b, c, d, e, f, g, h, i")
+        ap.error(f"--only: unknown run(s) {unknown}; valid: {', '.join(runs)}")
     order = sorted(set(args.only))
     if COMPILE in ("reduce-overhead", "max-autotune") and args.rounds > 1:
         # torch.compile's CUDA graph trees share one memory pool across the compiled models, and
@@ -530,7 +537,8 @@ def main() -> None:
                            ("d", "b", "(d) step / (b) step {}x"), ("c", "b", "(c) step / (b) step {}x"),
                            ("e", "b", "(e) step / (b) step {}x"), ("f", "b", "(f) step / (b) step {}x"),
                            ("g", "b", "(g) step / (b) step {}x"), ("h", "b", "(h) step / (b) step {}x"),
-                           ("i", "b", "(i) step / (b) step {}x")]:
+                           ("i", "b", "(i) step / (b) step {}x"), ("j", "b", "(j) step / (b) step {}x"),
+                           ("j", "d", "(j) step / (d) step {}x")]:
         if num in times and den in times:
             paired = [n / d for n, d in zip(times[num], times[den], strict=True)]  # the same round: same load
             spread = f" [{min(paired):.2f}-{max(paired):.2f}]" if len(paired) > 1 else ""

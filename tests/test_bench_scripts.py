@@ -22,14 +22,15 @@ def _run(*args: str) -> str:
 
 def test_train_throughput_prints_every_run_and_the_ratios():
     out = _run("bench/train_throughput.py", "--steps", "2", "--warmup", "1", "--rounds", "2", "--threads", "1",
-               "--only", "abcdefghi", "--grads")
+               "--only", "abcdefghij", "--grads")
     assert "threads 1," in out and "2 steps x 2 rounds" in out
-    order = re.findall(r"^  round [12]/2 \(([a-i])\) [\d.]+ ms/step$", out, re.M)
-    assert order == list("abcdefghi") * 2  # interleaved: every run once per round, under the same load
+    order = re.findall(r"^  round [12]/2 \(([a-j])\) [\d.]+ ms/step$", out, re.M)
+    assert order == list("abcdefghij") * 2  # interleaved: every run once per round, under the same load
     for label in ("(a) naive reference", "(b) project model, adaTT off", "(c) project model, adaTT interval 10",
                   "(d) project model, adaTT interval 1", "(e) interval 1, separate backward",
                   "(f) adaTT off, expert biases in their layers", "(g) adaTT off, towers' bias and ReLU in PyTorch",
-                  "(h) adaTT off, experts' ReLU masks by a pass", "(i) adaTT off, heads as a GEMM after the towers"):
+                  "(h) adaTT off, experts' ReLU masks by a pass", "(i) adaTT off, heads as a GEMM after the towers",
+                  "(j) interval 1, measurement on a second stream"):
         line = next(ln for ln in out.splitlines() if ln.startswith(label))
         assert float(re.search(r"([\d.]+) ms/step", line).group(1)) > 0
     # a ratio per round (the same machine load), their median and range
@@ -37,7 +38,8 @@ def test_train_throughput_prints_every_run_and_the_ratios():
                      r"\[[\d.]+-[\d.]+\]", out)
     # the A/Bs of the experts' biases, the towers' kernel, the masked input gradient, the heads
     assert re.search(r"\(f\) step / \(b\) step [\d.]+x.*\(g\) step / \(b\) step [\d.]+x.*"
-                     r"\(h\) step / \(b\) step [\d.]+x.*\(i\) step / \(b\) step [\d.]+x", out)
+                     r"\(h\) step / \(b\) step [\d.]+x.*\(i\) step / \(b\) step [\d.]+x.*"
+                     r"\(j\) step / \(b\) step [\d.]+x.*\(j\) step / \(d\) step [\d.]+x", out)
     # the Gram matrix by slice width: each width's time and its error against float64
     gram = re.search(r"Gram matrix of 16 x (\d+) float32 task gradients, by slice width \(ours \d+\): (.*)", out)
     assert gram and int(gram.group(1)) > 1000
@@ -65,6 +67,15 @@ def test_roofline_counts_the_steps_kernels_flops_and_bytes():
     assert "estimate on h100" in out
     assert out.count("fused_task_grads (Triton + gW2 GEMM, modelled)") == 1  # (d) costs the GPU kernels, (b) none
     assert out.count("expert_output_grads (Triton, modelled)") == 1
+    # transfer.measure_stream's bound: the measurement forked after the ops before it, beside the rest
+    split = re.search(r"per-task measurement ([\d.]+) ms, forked after ([\d.]+) ms beside ([\d.]+) ms of the rest "
+                      r"\(transfer.measure_stream\): at best ([\d.]+) ms", out)
+    assert split, out
+    measure, before, after, best = map(float, split.groups())
+    serial = float(re.findall(r"estimate on h100: ([\d.]+) ms of device work", out)[1])
+    assert measure > 0 and before > 0 and after > 0
+    assert before + measure + after == pytest.approx(serial, abs=0.005)  # the (d) step, split in three
+    assert before + max(measure, after) <= best + 0.002 and best <= serial + 0.005
     einsum = _run("bench/roofline.py", "--shape", "small", "--only", "d", "--einsum-grads", "--top", "100")
     assert "fused_task_grads" not in einsum
 
