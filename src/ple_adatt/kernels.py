@@ -49,7 +49,7 @@ import os
 import torch
 from torch import Tensor
 
-__all__ = ["available", "preferred", "check_once", "checked", "failed", "shared_task_grads", "shared_task_grads_or_none",
+__all__ = ["available", "preferred", "batch_kind", "check_once", "checked", "failed", "shared_task_grads", "shared_task_grads_or_none",
            "tuned_config", "KernelGuard", "GUARD", "LAYOUTS", "VARIANTS"]
 
 LAYOUTS = ("hrows", "brows")  # hidden block as rows / batch tile as rows
@@ -85,9 +85,21 @@ class KernelGuard:
         self.what, self.fallback = what, fallback
         self.failures: list[str] = []  # why it was switched off; the first is reported
         self.checked = False  # the first-use comparison has run
+        self.kinds: set[bool] = set()  # the batch kinds it ran on (:func:`batch_kind`)
 
     def failed(self) -> bool:
         return bool(self.failures)
+
+    def needs_check(self, kind: bool | None = None) -> bool:
+        """Whether a call on a batch of ``kind`` must be checked first: nothing checked yet, or
+        only batches of the other kind (an epoch's last, shorter batch runs a variant that
+        Triton compiled apart). A guard marked checked with no kind recorded trusts every kind."""
+        return not self.checked or (kind is not None and bool(self.kinds) and kind not in self.kinds)
+
+    def mark_checked(self, kind: bool | None = None) -> None:
+        self.checked = True
+        if kind is not None:
+            self.kinds.add(kind)
 
     def switch_off(self, why: str) -> None:
         if not self.failures:
@@ -108,8 +120,14 @@ def require_runnable(what: str, device: torch.device) -> None:
         raise RuntimeError(f"{what} runs on CUDA (or on the CPU under TRITON_INTERPRET=1), not on {device.type}")
 
 
+def batch_kind(rows: int) -> bool:
+    """Triton compiles a kernel apart for a row count that 16 divides and one it does not: the
+    kind of a batch, for the first-use checks (each kind is checked on its first batch)."""
+    return rows % 16 == 0
+
+
 def matches_reference(guard: KernelGuard, fused, reference, args: tuple, tol: float = 2e-2,
-                      differentiable: bool = True) -> bool | None:
+                      differentiable: bool = True, kind: bool | None = None) -> bool | None:
     """The first-use check of a fused op: ``fused(*args)`` against ``reference(*args)``, and for
     an autograd-aware op (``differentiable``) the gradients of every tensor argument too
     (detached copies; ``None`` arguments pass through), each relative to the reference's largest
@@ -138,7 +156,7 @@ def matches_reference(guard: KernelGuard, fused, reference, args: tuple, tol: fl
     if min(stats[:n]) < 1:
         return None
     # only now: a check that ran out of memory (the trainer skips that batch) runs again next time
-    guard.checked = True
+    guard.mark_checked(kind)
     worst_value = max(stats[n:], key=lambda v: math.inf if math.isnan(v) else v)
     if math.isnan(worst_value) or worst_value > tol:
         guard.switch_off(f"its result differs from the PyTorch form by {worst_value:.3g} of the largest value")
@@ -201,8 +219,10 @@ def checked_call(guard: KernelGuard, fused, reference, args: tuple, wanted: bool
         _check_batch_dims(args, batch_dims)
     if not wanted or torch.compiler.is_compiling() or not available():
         return reference(*args)
+    kind = None if batch_dims is None else next(
+        (batch_kind(a.shape[d]) for a, d in zip(args, batch_dims) if a is not None and d is not None), None)
     try:
-        if not guard.checked:
+        if guard.needs_check(kind):
             if differentiable and (not torch.is_grad_enabled() or torch.is_inference_mode_enabled()):
                 return reference(*args)  # the check needs autograd: until it has run
             check, checked, whole = fused, args, []
@@ -213,7 +233,7 @@ def checked_call(guard: KernelGuard, fused, reference, args: tuple, wanted: bool
                         whole.append(fused(*args))  # the batch's result, returned once it passes
                         return first_rows((whole[0],), (out_batch_dim,))[0]
             if not matches_reference(guard, check, check_reference or reference, checked,
-                                     differentiable=differentiable):
+                                     differentiable=differentiable, kind=kind):
                 return reference(*args)  # a mismatch (now off), or nothing comparable yet
             if whole:
                 return whole[0]
@@ -362,8 +382,9 @@ def shared_task_grads_or_none(*args: Tensor, **kwargs: Tensor) -> Tensor | None:
         return None
 
 
-def check_once(fast: Tensor, reference: Tensor, tol: float = 1e-3) -> Tensor | None:
-    """The first kernel result of a process is compared with the einsum path's: the cosine
+def check_once(fast: Tensor, reference: Tensor, tol: float = 1e-3, rows: int | None = None) -> Tensor | None:
+    """The first kernel result of a process (and the first on a batch of ``rows``' other kind,
+    :func:`batch_kind`) is compared with the einsum path's: the cosine
     matrices must agree within ``tol``, the affinity target of issue 8 (bf16 products measured
     about 1e-5 from the loop at the seed's shape, so a miss is a fault). On a mismatch the kernel is switched
     off for the process (one warning) and None is returned, so a Triton or driver that
@@ -372,16 +393,17 @@ def check_once(fast: Tensor, reference: Tensor, tol: float = 1e-3) -> Tensor | N
         n = torch.nn.functional.normalize(g.float(), dim=1)
         return n @ n.t()
 
-    diff = float((cos(fast) - cos(reference)).abs().max())  # one host read, once per process
-    GUARD.checked = True
+    diff = float((cos(fast) - cos(reference)).abs().max())  # one host read, once per batch kind
+    GUARD.mark_checked(None if rows is None else batch_kind(rows))
     if diff <= tol:
         return fast
     GUARD.switch_off(f"it disagrees with the einsum path (max cosine difference {diff:.3g})")
     return None
 
 
-def checked() -> bool:
-    return GUARD.checked
+def checked(rows: int | None = None) -> bool:
+    """Whether the kernel's result on a batch of ``rows`` needs no first-use check."""
+    return not GUARD.needs_check(None if rows is None else batch_kind(rows))
 
 
 def _pow2(n: int) -> int:

@@ -583,8 +583,9 @@ class PLEClusterModel(nn.Module):
                 if method == "fused":
                     return kernels.shared_task_grads(x, pre, w2, d_cgc, output.gates, hid=hid)
                 grads = kernels.shared_task_grads_or_none(x, pre, w2, d_cgc, output.gates, hid=hid)
-                if grads is not None and not kernels.checked():
-                    grads = kernels.check_once(grads, self._einsum_reference(d_cgc, output, w2))
+                rows = d_cgc.shape[1]
+                if grads is not None and not kernels.checked(rows):
+                    grads = kernels.check_once(grads, self._einsum_reference(d_cgc, output, w2), rows=rows)
                 if grads is not None:
                     return grads
             return self._einsum_task_gradients(d_cgc, output, w2)

@@ -58,6 +58,7 @@ def reset_guard(monkeypatch, guard, checked: bool = False) -> None:
     that a test compares the kernel with the reference itself."""
     monkeypatch.setattr(guard, "failures", [])
     monkeypatch.setattr(guard, "checked", checked)
+    monkeypatch.setattr(guard, "kinds", set())
 
 
 def fresh_guard(monkeypatch, module, available=None) -> None:

@@ -136,3 +136,55 @@ def test_batch_dimensions_that_do_not_fit_the_arguments_are_the_callers_error_no
         kernels.checked_call(towers.GUARD, towers.fused_tower_layer, towers.reference_tower_layer,
                              tuple(_tower_args()), True, lambda: True, batch_dims=(1, None))
     assert not towers.failed()
+
+
+def test_a_guard_checks_each_batch_kind_once():
+    guard = kernels.KernelGuard("op", "the reference")
+    assert guard.needs_check() and guard.needs_check(True)
+    guard.mark_checked(kernels.batch_kind(16384))
+    assert not guard.needs_check(True) and not guard.needs_check(None)
+    assert guard.needs_check(kernels.batch_kind(4999))  # an epoch's last batch: the other variant
+    guard.mark_checked(False)
+    assert not guard.needs_check(False)
+    trusting = kernels.KernelGuard("op", "the reference")
+    trusting.checked = True  # marked checked by hand (tests): every kind is trusted
+    assert not trusting.needs_check(True) and not trusting.needs_check(False)
+
+
+def test_an_epochs_last_batch_of_the_other_kind_is_checked_and_a_variant_wrong_there_switches_off():
+    """The fused op below is right when 16 divides the rows and wrong otherwise, as a
+    miscompiled variant would be: the full batches pass their check, the last batch's check
+    catches it, and that batch already gets the reference's result."""
+    guard = kernels.KernelGuard("op", "the reference")
+    ref_calls: list[int] = []  # the rows of each reference call: checks and fallbacks
+
+    def reference(x):
+        ref_calls.append(x.shape[0])
+        return x * 2
+
+    def fused(x):
+        return x * 2 if x.shape[0] % 16 == 0 else x * 2 + 1
+
+    def call(rows):
+        x = torch.linspace(0, 1, rows)
+        return kernels.checked_call(guard, fused, reference, (x,), True, lambda: not guard.failed(), differentiable=False,
+                                    batch_dims=(0,), out_batch_dim=0), x
+
+    for rows in (64, 64, 48):  # full batches: one check, on the first
+        out, x = call(rows)
+        assert torch.equal(out, x * 2)
+    assert ref_calls == [64] and guard.kinds == {True}
+    out, x = call(37)  # the last batch: its own check, which the variant fails
+    assert guard.failed() and "differs from the PyTorch form" in guard.reason()
+    assert ref_calls == [64, 37, 37] and torch.equal(out, x * 2)  # the check, then the reference's result
+    out, x = call(64)
+    assert torch.equal(out, x * 2) and ref_calls == [64, 37, 37, 64]  # off: the reference from now on
+
+
+def test_the_per_task_kernels_check_is_per_batch_kind(monkeypatch):
+    reset_guard(monkeypatch, kernels.GUARD)
+    g = torch.randn(4, 50)
+    assert not kernels.checked(64)
+    assert kernels.check_once(g, g, rows=64) is g
+    assert kernels.checked(64) and kernels.checked(32) and not kernels.checked(63)
+    assert kernels.check_once(g, g, rows=63) is g and kernels.checked(63)
