@@ -376,6 +376,8 @@ def shared_task_grads_or_none(*args: Tensor, **kwargs: Tensor) -> Tensor | None:
     ``grad_method: fused`` calls :func:`shared_task_grads` and lets the error through."""
     try:
         return shared_task_grads(*args, **kwargs)
+    except torch.cuda.OutOfMemoryError:
+        raise  # the batch's problem (the einsum path would need more): the kernel stays on
     except Exception as exc:  # noqa: BLE001 - any Triton/driver failure means: use einsum
         first = str(exc).splitlines()[0] if str(exc) else ""
         GUARD.switch_off(f"{type(exc).__name__}: {first}; set transfer.grad_method: fused to see the whole error")

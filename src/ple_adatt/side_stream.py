@@ -12,9 +12,10 @@ forked stream must join the capturing stream before the capture ends):
 
 * **Fork** from the stream the work's inputs were made on: the side stream waits for it, so
   it sees them finished.
-* **Inputs the main stream may free** are marked with ``record_stream``: the caching
-  allocator then does not hand their memory to the main stream's next allocation while the
-  side stream still reads it (inside a capture it defers their reuse until the capture ends).
+* **Inputs the main stream may free** are held here until the join: the caching allocator
+  cannot hand their memory to the main stream's next allocation while the side stream still
+  reads it, and once they are dropped the main stream has already waited for the side
+  stream. (PyTorch's docs prefer this to ``record_stream``, whose reuse depends on timing.)
 * **Inputs the main stream will overwrite** (the parameters, which the optimizer updates in
   place) are copied on the main stream *before* the fork, by the caller.
 * **Join** (:meth:`join`) before anything reads what the side stream writes, and at the end
@@ -45,23 +46,23 @@ class SideStream:
         self.stream = torch.cuda.Stream(device=device) if device.type == "cuda" else None
         self.pending = False
         self.launches = 0  # forks so far (for logs and tests)
+        self._held: list[Tensor] = []  # the unjoined work's inputs, alive until the join
 
     def launch(self, work: Callable[[], None], inputs: Iterable[Tensor]) -> None:
         """Run ``work`` on the side stream after what the current stream has queued so far.
 
-        ``inputs`` are the tensors ``work`` reads that the current stream may free meanwhile;
-        tensors it would *overwrite* must be copied by the caller before this call."""
+        ``inputs`` are the tensors ``work`` reads that the current stream may free meanwhile
+        (held until :meth:`join`); tensors it would *overwrite* must be copied by the caller
+        before this call."""
         self.launches += 1
         if self.stream is None:
             work()
             return
         main = torch.cuda.current_stream(self.device)
         self.stream.wait_stream(main)
+        self._held.extend(inputs)
+        self.pending = True  # set before work(): a failure in it still leaves a join to make
         with torch.cuda.stream(self.stream):
-            for t in inputs:
-                if t.device.type == "cuda":
-                    t.record_stream(self.stream)
-            self.pending = True  # set before work(): a failure in it still leaves a join to make
             work()
 
     def join(self) -> None:
@@ -69,3 +70,4 @@ class SideStream:
         if self.pending and self.stream is not None:
             torch.cuda.current_stream(self.device).wait_stream(self.stream)
         self.pending = False
+        self._held.clear()  # freed after the wait: the main stream reuses them after the side stream's reads

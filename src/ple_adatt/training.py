@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
@@ -347,8 +348,8 @@ class Trainer:
         """Whether this step measures per-task gradients: every ``grad_interval`` steps, every
         step for the gradient methods."""
         tr = self.system.transfer
-        return tr is not None and (getattr(tr, "needs_gradients_every_step", False)
-                                   or self.global_step % self.cfg.transfer.grad_interval == 0)
+        return tr is not None and getattr(tr, "observing", True) and (
+            getattr(tr, "needs_gradients_every_step", False) or self.global_step % self.cfg.transfer.grad_interval == 0)
 
     def forward_losses(self, b: TensorData, epoch: int, use_cluster_heads: bool,
                        measure: bool | None = None) -> StepLosses:
@@ -395,16 +396,23 @@ class Trainer:
         """transfer.measure_stream: the hook on the CGC outputs starts the measurement itself,
         on the side stream, while the backward goes on through the mixture and the experts."""
 
+        # a weak reference: the hook lives on cgc_out's autograd node, which the output holds;
+        # a strong one would make a cycle through C++ that the garbage collector cannot see
+        out_ref = weakref.ref(out)
+
         def hook(d_cgc: Tensor) -> None:
             caught.append(d_cgc)
             if len(caught) > 1:
                 raise TrainingError(_SECOND_GRADIENT.format(len(caught)))
+            output = out_ref()
+            if output is None:  # nothing left to measure from (a caller dropped the step's output)
+                return
             # the optimizer step updates the experts' weights in place while the side stream
             # reads them: it reads a copy taken here, on the main stream, in order
             w2 = self.system.model.shared_experts.stacked_w2()
-            x, pre, hid = out.shared_cache
-            self.measure_side.launch(lambda: self._observe(d_cgc, out, w2),
-                                     (d_cgc, out.gates, x, pre, hid, w2))
+            x, pre, hid = output.shared_cache
+            self.measure_side.launch(lambda: self._observe(d_cgc, output, w2),
+                                     (d_cgc, output.gates, x, pre, hid, w2))
 
         return hook
 
@@ -462,10 +470,13 @@ class Trainer:
                    scaler: torch.amp.GradScaler, measure: bool | None = None) -> StepOut:
         """One whole sync-free update on one batch: forward, backward, optimizer step. What a
         CUDA graph captures (:class:`StepGraphs`); also the bench's step."""
-        step = self.forward_losses(b, epoch, use_cluster_heads, measure)
-        finite = torch.isfinite(step.total)
-        self.backward(step, scaler, 1, finite)
-        self.optimizer_step(opt, scaler)
+        try:
+            step = self.forward_losses(b, epoch, use_cluster_heads, measure)
+            finite = torch.isfinite(step.total)
+            self.backward(step, scaler, 1, finite)
+            self.optimizer_step(opt, scaler)
+        finally:  # an error after the fork: a capture must still join its side stream
+            self._join_measurement()
         return _step_out(step, finite)
 
     def _eager_step(self, idx: Tensor, i: int, last: bool, phase: str, epoch: int, use_cluster_heads: bool,
@@ -483,11 +494,14 @@ class Trainer:
                 return None
             self.backward(step, scaler, accum, finite)
         except torch.cuda.OutOfMemoryError:  # CUDA OOM skips the batch
-            self._join_measurement()
+            self._join_measurement()  # before the gradients go: a side stream may still run
             opt.zero_grad(set_to_none=True)
             torch.cuda.empty_cache()
             self._event("cuda_oom_skipped", phase, epoch, batch=i)
             return None
+        except BaseException:
+            self._join_measurement()
+            raise
         # clip -> step
         if (i + 1) % accum == 0 or last:
             self.optimizer_step(opt, scaler)

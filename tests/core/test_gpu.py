@@ -356,29 +356,76 @@ def test_gram_matrices_of_task_gradients_ignore_tf32():
         assert float(((gram_matrix(g).double() - ref).abs() / ref.abs().max()).max()) < 1e-6, p
 
 
+# a GPU sleep before the side stream's work: about 60 ms at an H100's clock, far longer than the
+# rest of a step of this small model, so the work reads after the optimizer step has updated the
+# weights in place and the main stream has freed and reused memory: a missing copy or a freed
+# input then changes the numbers instead of racing unseen
+SIDE_SLEEP_CYCLES = 100_000_000
+
+
+def _slow_side(trainer: Trainer, pass_copy: bool = True) -> list[bool]:
+    """Delay ``trainer``'s side-stream measurement; returns, per launch, whether it was captured.
+    ``pass_copy=False`` drops the weights' copy (the negative control: the race it prevents)."""
+    real, captured = trainer._observe, []
+
+    def observe(d_cgc, out, w2=None):
+        captured.append(torch.cuda.is_current_stream_capturing())
+        torch.cuda._sleep(SIDE_SLEEP_CYCLES)
+        real(d_cgc, out, w2 if pass_copy else None)
+
+    trainer._observe = observe
+    return captured
+
+
+STREAM_RUN = ["training.use_amp=true", "training.batch_size=128", "training.shared_expert_epochs=3",
+              "transfer.adatt.warmup_epochs=1", "transfer.adatt.freeze_epoch=2", "transfer.grad_interval=1",
+              "training.early_stopping_patience=10"]
+
+
+def _stream_run(graphed: bool, stream: bool, pass_copy: bool = True) -> tuple[Trainer, list[bool]]:
+    trainer = _cuda_trainer([*STREAM_RUN, f"training.cuda_graph={'true' if graphed else 'false'}",
+                             f"transfer.measure_stream={'true' if stream else 'false'}"], 1056, 128, seed=1)
+    captured = _slow_side(trainer, pass_copy) if stream else []
+    trainer.run_phase1()
+    return trainer, captured
+
+
 @pytest.mark.parametrize("graphed", [False, True], ids=["eager", "cuda_graph"])
 def test_the_measurement_on_a_second_stream_trains_like_one_stream(graphed):
     """transfer.measure_stream on a real second stream, eagerly and inside whole-step CUDA graphs
-    (a forked stream must join the capture), in bf16 with the fused kernel: the affinity and
-    the weights as on one stream. Every step measures, so a race between the side stream's
-    reads and the optimizer's in-place update would move them."""
-    overrides = ["training.use_amp=true", "training.batch_size=128", "training.shared_expert_epochs=3",
-                 "transfer.adatt.warmup_epochs=1", "transfer.adatt.freeze_epoch=2", "transfer.grad_interval=1",
-                 "training.early_stopping_patience=10", f"training.cuda_graph={'true' if graphed else 'false'}"]
-    trainers = []
-    for stream in (False, True):
-        trainer = _cuda_trainer([*overrides, f"transfer.measure_stream={'true' if stream else 'false'}"], 1056, 128,
-                                seed=1)
-        trainer.run_phase1()
-        trainers.append(trainer)
-    one, two = trainers
+    (a forked stream must join the capture), in bf16 with the fused kernel, its work delayed past
+    the rest of the step: the affinity and the weights as on one stream."""
+    (one, _), (two, captured) = _stream_run(graphed, False), _stream_run(graphed, True)
     assert one.measure_side is None and two.measure_side.stream is not None and not two.measure_side.pending
-    if graphed:  # forked once per capture: 3 epochs x the measuring step (the plain steps never measure)
-        assert two.step_graphs.captures == 3 and two.measure_side.launches >= 3
-    else:
-        assert two.measure_side.launches == 3 * 8 + 3  # every step: 8 full batches and a last of 32 rows
-    a1, a2 = (t.system.transfer.affinity_computer.affinity_matrix for t in trainers)
+    if graphed:  # epoch 1: 3 warm-ups, the capture, the last batch (32 rows, eager); then 1 + 1 + 1
+        assert two.step_graphs.captures == 3 and len(captured) == 11 and sum(captured) == 3
+    else:  # every step: 8 full batches and a last one of 32 rows, 3 epochs
+        assert len(captured) == 27 and not any(captured)
+    a1, a2 = (t.system.transfer.affinity_computer.affinity_matrix for t in (one, two))
     assert not torch.allclose(a2, torch.eye(5, device="cuda"), atol=1e-3)
     torch.testing.assert_close(a2, a1, rtol=0, atol=1e-5)
     for (k, p), q in zip(one.system.state_dict().items(), two.system.state_dict().values()):
         torch.testing.assert_close(q.float(), p.float(), rtol=1e-5, atol=1e-6, msg=k)
+
+
+def test_the_delayed_side_stream_exposes_the_race_that_the_weights_copy_prevents():
+    """The negative control of the test above: without the hook's copy, the delayed measurement
+    reads the weights after the optimizer has updated them, and the affinity moves."""
+    (one, _), (raced, _) = _stream_run(False, False), _stream_run(False, True, pass_copy=False)
+    a1, a2 = (t.system.transfer.affinity_computer.affinity_matrix for t in (one, raced))
+    assert float((a2 - a1).abs().max()) > 1e-5
+
+
+def test_an_error_in_the_side_streams_work_still_joins_it():
+    from ple_adatt.training import make_optimizer
+
+    trainer = _cuda_trainer([*STREAM_RUN, "transfer.measure_stream=true"], 256, 64)
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("the measurement broke")
+
+    trainer._observe = broken
+    opt, scaler = make_optimizer(trainer.system, trainer.cfg, fused=True), trainer.make_scaler()
+    with pytest.raises(RuntimeError, match="the measurement broke"):
+        trainer.train_step(trainer.train_data.subset(torch.arange(128, device="cuda")), 1, False, opt, scaler)
+    assert trainer.measure_side.launches == 1 and not trainer.measure_side.pending

@@ -247,6 +247,12 @@ class AdaptiveTaskTransfer(nn.Module):
 
     affinity_only = True  # gradients feed only the affinity (see transfer/base.py)
 
+    @property
+    def observing(self) -> bool:
+        """Whether a measurement would change anything: not once the weights are frozen (the
+        trainer then measures nothing: the affinity stays as it was at the freeze)."""
+        return not self._frozen
+
     def observe(self, task_gradients: Tensor) -> None:
         """Per-task gradients read after the training backward (``transfer.measure_in_backward``):
         the affinity update that :meth:`transfer_losses` would have made, one step later."""

@@ -14,6 +14,8 @@ The strategy interface (see ``ple_adatt.transfer``) has one required method,
   measurement (``observe``), whose cosines do not change when a task's gradient is scaled.
   The trainer may then read them from the training backward itself
   (``transfer.measure_in_backward``) instead of a separate backward through the heads.
+* ``observing`` (attribute or property, default True): False where a measurement would change
+  nothing (adaTT's frozen phase); the trainer then takes no per-task gradients.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ class MeasuredStrategy(nn.Module):
     gradient_source = "params"  # or "representation"
     transfers_loss = False  # no loss is borrowed between tasks (the trainer's transfer_share is 0)
     affinity_only = True  # the gradient methods (PCGrad, MoCoGrad, MGDA, GradNorm) set False
+    observing = True  # the affinity is measured in every phase
 
     def __init__(self, task_names: list[str], ema_decay: float = 0.9):
         super().__init__()
