@@ -80,7 +80,7 @@ def test_the_measurement_reads_the_weights_it_was_given_not_the_updated_ones(met
     the fork, and every path of the measurement reads that copy. Here the weights move after
     the copy (as the optimizer step moves them) and the result must not."""
     fused_runs_here(method)
-    system, out, lo = forward_with_distinct_heads(64)
+    system, out, lo = forward_with_distinct_heads(32)
     model = system.model
     d_cgc = model._cgc_grads(lo.weighted, lo.present, out)
     w2 = model.shared_experts.stacked_w2()
