@@ -81,3 +81,22 @@ def fused_runs_here(method: str) -> None:
 
     if torch.cuda.is_available() or not kernels.interpreted():
         pytest.skip("interpreter test (CPU only); tests/core/test_gpu.py runs the compiled kernel")
+
+
+def distinct_task_trainer(overrides: list[str], train: TensorData):
+    """A CPU Trainer of the cpu_small system on BATCH_SPECS that measures every step, adaTT
+    frozen only at epoch 5, without dropout and with wide random heads (so the tasks'
+    gradients differ), on ``train`` (validation: make_batch(64, seed=1))."""
+    from pathlib import Path
+
+    from ple_adatt.config import load_train_config
+    from ple_adatt.training import Trainer, build_system
+
+    cfg = load_train_config(Path(__file__).resolve().parents[2] / "configs/train/cpu_small.yaml",
+                            ["transfer.grad_interval=1", "transfer.adatt.freeze_epoch=5", *overrides])
+    torch.manual_seed(0)
+    system = build_system(cfg, BATCH_SPECS, 5, [4, 4], 3)
+    system.model.tower_dropout.p = 0.0
+    with torch.no_grad():
+        system.model.head.weight.normal_(0.0, 0.5)  # distinct task gradients
+    return Trainer(system, train, make_batch(64, seed=1), cfg, torch.device("cpu"), log=lambda m: None)

@@ -12,10 +12,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from corehelpers import BATCH_SPECS, fused_runs_here, make_batch
+from corehelpers import BATCH_SPECS, distinct_task_trainer, fused_runs_here, make_batch
 
-from ple_adatt.config import load_train_config
-from ple_adatt.training import Trainer, build_system, make_optimizer
+from ple_adatt.training import Trainer, make_optimizer
 from ple_adatt.transfer.adatt import TaskAffinityComputer
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -24,18 +23,11 @@ SPECS = BATCH_SPECS
 
 def _trainer(in_backward: bool, warmup: int, method: str = "einsum", absent: tuple[int, ...] = (),
              n: int = 256) -> Trainer:
-    cfg = load_train_config(ROOT / "configs/train/cpu_small.yaml", [
-        f"transfer.measure_in_backward={'true' if in_backward else 'false'}", "transfer.grad_interval=1",
-        f"transfer.adatt.warmup_epochs={warmup}", "transfer.adatt.freeze_epoch=5", f"transfer.grad_method={method}"])
-    torch.manual_seed(0)
-    system = build_system(cfg, SPECS, 5, [4, 4], 3)
-    system.model.tower_dropout.p = 0.0
-    with torch.no_grad():
-        system.model.head.weight.normal_(0.0, 0.5)  # distinct task gradients
     train = make_batch(n)
     for t in absent:
         train.y[:, t] = float("nan")
-    return Trainer(system, train, make_batch(64, seed=1), cfg, torch.device("cpu"), log=lambda m: None)
+    return distinct_task_trainer([f"transfer.measure_in_backward={'true' if in_backward else 'false'}",
+                                  f"transfer.adatt.warmup_epochs={warmup}", f"transfer.grad_method={method}"], train)
 
 
 def _one_step(tr: Trainer, epoch: int) -> torch.Tensor:

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 from corehelpers import (
-    BATCH_SPECS,
+    distinct_task_trainer,
     forward_with_distinct_heads,
     fused_runs_here,
     make_batch,
@@ -28,23 +28,16 @@ from corehelpers import (
 from ple_adatt.config import ConfigError, load_train_config
 from ple_adatt.errors import TrainingError
 from ple_adatt.side_stream import SideStream
-from ple_adatt.training import Trainer, build_system, make_optimizer
+from ple_adatt.training import Trainer, make_optimizer
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
 def _trainer(stream: bool, method: str = "einsum", n: int = 256) -> Trainer:
-    cfg = load_train_config(ROOT / "configs/train/cpu_small.yaml", [
-        f"transfer.measure_stream={'true' if stream else 'false'}", "transfer.grad_interval=1",
-        "transfer.adatt.warmup_epochs=0", "transfer.adatt.freeze_epoch=5", f"transfer.grad_method={method}"])
-    torch.manual_seed(0)
-    system = build_system(cfg, BATCH_SPECS, 5, [4, 4], 3)
-    system.model.tower_dropout.p = 0.0
-    with torch.no_grad():
-        system.model.head.weight.normal_(0.0, 0.5)  # distinct task gradients
     train = make_batch(n)
     train.y[32:64, 4] = float("nan")  # the second step has no retrieval label
-    return Trainer(system, train, make_batch(64, seed=1), cfg, torch.device("cpu"), log=lambda m: None)
+    return distinct_task_trainer([f"transfer.measure_stream={'true' if stream else 'false'}",
+                                  "transfer.adatt.warmup_epochs=0", f"transfer.grad_method={method}"], train)
 
 
 def _train(tr: Trainer, steps: int, rows: int) -> list[torch.Tensor]:
