@@ -100,3 +100,28 @@ def distinct_task_trainer(overrides: list[str], train: TensorData):
     with torch.no_grad():
         system.model.head.weight.normal_(0.0, 0.5)  # distinct task gradients
     return Trainer(system, train, make_batch(64, seed=1), cfg, torch.device("cpu"), log=lambda m: None)
+
+
+class DeferredSideStream:
+    """A stand-in for :class:`ple_adatt.side_stream.SideStream` on the CPU that runs the work as
+    late as a second CUDA stream ever could: at the join. The work then reads its inputs after
+    the rest of the backward and the optimizer step, so an input that the step overwrites in
+    place and that the hook did not copy gives another result, in order and every time (on a
+    GPU that race shows only when the side stream happens to run late)."""
+
+    stream = None
+
+    def __init__(self) -> None:
+        self.pending = False
+        self.launches = 0
+        self.queue: list = []
+
+    def launch(self, work, inputs) -> None:
+        self.launches += 1
+        self.queue.append(work)
+        self.pending = True
+
+    def join(self) -> None:
+        while self.queue:
+            self.queue.pop(0)()
+        self.pending = False

@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 from corehelpers import (
+    DeferredSideStream,
     distinct_task_trainer,
     forward_with_distinct_heads,
     fused_runs_here,
@@ -65,6 +66,35 @@ def test_the_measurement_from_the_hook_trains_exactly_like_the_one_after_the_bac
     assert not torch.allclose(a_side[0], a_side[-1], atol=1e-4)  # and the EMA moved
     for (k, p), q in zip(side.system.state_dict().items(), after.system.state_dict().values()):
         assert torch.equal(p, q), k
+
+
+@pytest.mark.parametrize("method", ["einsum", "fused"])
+def test_the_measurement_run_as_late_as_a_side_stream_could_trains_exactly_the_same(method):
+    """The side stream's worst case, replayed on the CPU: the work runs at the join, after the
+    rest of the backward and the optimizer step. The affinity and the weights are those of the
+    measurement after the backward: nothing it reads was overwritten in between."""
+    fused_runs_here(method)
+    steps, rows = (2, 16) if method == "fused" else (4, 32)
+    late, after = _trainer(True, method), _trainer(False, method)
+    late.measure_side = DeferredSideStream()
+    a_late, a_after = _train(late, steps, rows), _train(after, steps, rows)
+    assert late.measure_side.launches == steps and not late.measure_side.queue
+    for x, y in zip(a_late, a_after):
+        assert torch.equal(x, y)
+    for (k, p), q in zip(late.system.state_dict().items(), after.system.state_dict().values()):
+        assert torch.equal(p, q), k
+
+
+def test_run_late_without_the_weights_copy_the_measurement_reads_the_updated_weights():
+    """The negative control: the same late work without the hook's copy of the second layers'
+    weights reads them after the optimizer step, and the affinity moves."""
+    late, after = _trainer(True), _trainer(False)
+    late.measure_side = DeferredSideStream()
+    real = late._observe
+    late._observe = lambda d_cgc, out, w2=None: real(d_cgc, out, None)  # no copy: the live weights
+    a_late, a_after = _train(late, 3, 32), _train(after, 3, 32)
+    gap = float((a_late[-1] - a_after[-1]).abs().max())
+    assert gap > 1e-6, gap
 
 
 @pytest.mark.parametrize("method", ["einsum", "batched", "fused"])

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch._dynamo
-from corehelpers import BATCH_SPECS, make_batch
+from corehelpers import BATCH_SPECS, DeferredSideStream, make_batch
 from graph_emulator import EmulatedCudaGraphs
 
 from ple_adatt.config import ConfigError, load_train_config
@@ -60,7 +60,10 @@ def test_emulated_graph_replays_train_exactly_like_eager_steps(strategy, extra):
     backend = EmulatedCudaGraphs()
     torch.manual_seed(1)
     graphed = _trainer(strategy, backend, extra)
+    if graphed.measure_side is not None:  # the eager run measures in the hook; this one at the join
+        graphed.measure_side = DeferredSideStream()
     graphed.run_phase1()
+    assert graphed.measure_side is None or graphed.measure_side.launches > 0
     # both kinds of step (measuring, plain) captured in each of the 4 epochs; the gradient
     # methods measure every step
     kinds = 1 if getattr(graphed.system.transfer, "needs_gradients_every_step", False) else 2
