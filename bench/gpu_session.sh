@@ -51,7 +51,7 @@ fi
 if [[ " $parts " == *" graphs "* ]]; then
   # (f), (g), (h), (i): (b) with the experts' biases in their layers, with the towers' bias+ReLU in
   # PyTorch, with the experts' ReLU masks by a threshold pass, with the heads as a GEMM: the A/Bs
-  for extra in "--only abcdfghij --cuda-graph" "--only abcd --cuda-graph --compile default" "--only bcd --compile reduce-overhead"; do
+  for extra in "--only abcdfghijk --cuda-graph" "--only abcd --cuda-graph --compile default" "--only bcd --compile reduce-overhead"; do
     # shellcheck disable=SC2086  # $extra holds several arguments
     "${bench[@]}" $extra 2>&1 | grep -v -i warn | grep -E "^\(|^ratios|^CGC|: off, "
   done | tee "$out/bench_graphs.txt"

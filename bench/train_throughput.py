@@ -23,6 +23,8 @@ Prints samples/s, step time and peak memory of
       where the GPU's layers otherwise sum them in the towers' kernel;
   (j) with ``--only ...j``: (d) with the measurement on a second CUDA stream
       (``transfer.measure_stream``), beside the rest of the backward and the optimizer step;
+  (k) with ``--only ...k``: (j) with the side stream at the training stream's priority (0),
+      where it otherwise runs at a higher one (``side_stream.PRIORITY``);
 ``--cuda-graph`` replays each whole project step as a CUDA graph (training.cuda_graph),
 ``--compile [MODE]`` compiles the trunk, heads and losses (training.compile),
 ``--no-fused-mixture`` mixes the CGC experts in PyTorch, not in the Triton kernels
@@ -59,6 +61,7 @@ from ple_adatt.config import (  # noqa: E402
     TransferConfig,
 )
 from ple_adatt.data.dataset import TensorData  # noqa: E402
+from ple_adatt.side_stream import SideStream  # noqa: E402
 from ple_adatt.step_graphs import StepGraphs  # noqa: E402
 from ple_adatt.training import Trainer, build_system, make_optimizer  # noqa: E402
 
@@ -191,7 +194,7 @@ class Prepared:
 def prepare_project(s: dict, data: TensorData, device: torch.device, adatt: bool, interval: int, amp: bool,
                     warmup: int, in_backward: bool = True, mixture_biases: bool = True,
                     fused_tower: bool = True, fused_relu_dgrad: bool = True, fused_head: bool = True,
-                    stream: bool = False) -> Prepared:
+                    stream: bool = False, side_priority: int | None = None) -> Prepared:
     cfg = project_config(s, interval, amp, in_backward, stream)
     specs = [TaskSpec(f"t{i}", f"y{i}", "binary") for i in range(s["tasks"])]
     torch.manual_seed(0)
@@ -202,6 +205,8 @@ def prepare_project(s: dict, data: TensorData, device: torch.device, adatt: bool
     if not adatt:
         system.transfer = None
     trainer = Trainer(system, data, data.subset(torch.arange(8, device=device)), cfg, device, log=lambda m: None)
+    if stream and side_priority is not None:  # the side stream at another CUDA priority (run (k))
+        trainer.measure_side = SideStream(device, priority=side_priority)
     graphed = trainer.graph_backend is not None
     # what Trainer._fit uses
     opt = make_optimizer(system, cfg, fused=trainer.sync_free, capturable=graphed)
@@ -448,7 +453,8 @@ def main() -> None:
                                                       "g: (b) with the towers' bias and ReLU in PyTorch; "
                                                       "h: (b) with the experts' ReLU masks by a pass; "
                                                       "i: (b) with the heads as a GEMM after the towers; "
-                                                      "j: (d) with the measurement on a second stream)")
+                                                      "j: (d) with the measurement on a second stream; "
+                                                      "k: (j) with the side stream at normal priority)")
     ap.add_argument("--profile", type=Path, default=None, help="write per-kernel time tables of each run here")
     ap.add_argument("--compile", nargs="?", const="default", default=None, metavar="MODE",
                     help="training.compile: torch.compile trunk, heads, losses (MODE: default, reduce-overhead "
@@ -520,6 +526,8 @@ def main() -> None:
               lambda: prepare_project(s, data, device, False, 10, amp, args.warmup, fused_head=False)),
         "j": ("(j) interval 1, measurement on a second stream",
               lambda: prepare_project(s, data, device, True, 1, amp, args.warmup, stream=True)),
+        "k": ("(k) as (j), side stream at normal priority",
+              lambda: prepare_project(s, data, device, True, 1, amp, args.warmup, stream=True, side_priority=0)),
     }
     unknown = sorted(set(args.only) - set(runs))
     if unknown:
@@ -538,7 +546,7 @@ def main() -> None:
                            ("e", "b", "(e) step / (b) step {}x"), ("f", "b", "(f) step / (b) step {}x"),
                            ("g", "b", "(g) step / (b) step {}x"), ("h", "b", "(h) step / (b) step {}x"),
                            ("i", "b", "(i) step / (b) step {}x"), ("j", "b", "(j) step / (b) step {}x"),
-                           ("j", "d", "(j) step / (d) step {}x")]:
+                           ("j", "d", "(j) step / (d) step {}x"), ("k", "j", "(k) step / (j) step {}x")]:
         if num in times and den in times:
             paired = [n / d for n, d in zip(times[num], times[den], strict=True)]  # the same round: same load
             spread = f" [{min(paired):.2f}-{max(paired):.2f}]" if len(paired) > 1 else ""

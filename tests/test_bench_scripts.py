@@ -22,15 +22,15 @@ def _run(*args: str) -> str:
 
 def test_train_throughput_prints_every_run_and_the_ratios():
     out = _run("bench/train_throughput.py", "--steps", "2", "--warmup", "1", "--rounds", "2", "--threads", "1",
-               "--only", "abcdefghij", "--grads")
+               "--only", "abcdefghijk", "--grads")
     assert "threads 1," in out and "2 steps x 2 rounds" in out
-    order = re.findall(r"^  round [12]/2 \(([a-j])\) [\d.]+ ms/step$", out, re.M)
-    assert order == list("abcdefghij") * 2  # interleaved: every run once per round, under the same load
+    order = re.findall(r"^  round [12]/2 \(([a-k])\) [\d.]+ ms/step$", out, re.M)
+    assert order == list("abcdefghijk") * 2  # interleaved: every run once per round, under the same load
     for label in ("(a) naive reference", "(b) project model, adaTT off", "(c) project model, adaTT interval 10",
                   "(d) project model, adaTT interval 1", "(e) interval 1, separate backward",
                   "(f) adaTT off, expert biases in their layers", "(g) adaTT off, towers' bias and ReLU in PyTorch",
                   "(h) adaTT off, experts' ReLU masks by a pass", "(i) adaTT off, heads as a GEMM after the towers",
-                  "(j) interval 1, measurement on a second stream"):
+                  "(j) interval 1, measurement on a second stream", "(k) as (j), side stream at normal priority"):
         line = next(ln for ln in out.splitlines() if ln.startswith(label))
         assert float(re.search(r"([\d.]+) ms/step", line).group(1)) > 0
     # a ratio per round (the same machine load), their median and range
@@ -39,7 +39,7 @@ def test_train_throughput_prints_every_run_and_the_ratios():
     # the A/Bs of the experts' biases, the towers' kernel, the masked input gradient, the heads
     assert re.search(r"\(f\) step / \(b\) step [\d.]+x.*\(g\) step / \(b\) step [\d.]+x.*"
                      r"\(h\) step / \(b\) step [\d.]+x.*\(i\) step / \(b\) step [\d.]+x.*"
-                     r"\(j\) step / \(b\) step [\d.]+x.*\(j\) step / \(d\) step [\d.]+x", out)
+                     r"\(j\) step / \(b\) step [\d.]+x.*\(j\) step / \(d\) step [\d.]+x.*\(k\) step / \(j\) step [\d.]+x", out)
     # the Gram matrix by slice width: each width's time and its error against float64
     gram = re.search(r"Gram matrix of 16 x (\d+) float32 task gradients, by slice width \(ours \d+\): (.*)", out)
     assert gram and int(gram.group(1)) > 1000

@@ -397,6 +397,8 @@ def test_the_measurement_on_a_second_stream_trains_like_one_stream(graphed):
     the rest of the step: the affinity and the weights as on one stream."""
     (one, _), (two, captured) = _stream_run(graphed, False), _stream_run(graphed, True)
     assert one.measure_side is None and two.measure_side.stream is not None and not two.measure_side.pending
+    # the longer branch first: the side stream above the training's (lower is higher)
+    assert two.measure_side.stream.priority < torch.cuda.default_stream().priority
     if graphed:  # epoch 1: 3 warm-ups, the capture, the last batch (32 rows, eager); then 1 + 1 + 1
         assert two.step_graphs.captures == 3 and len(captured) == 11 and sum(captured) == 3
     else:  # every step: 8 full batches and a last one of 32 rows, 3 epochs
