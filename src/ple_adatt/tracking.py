@@ -47,6 +47,7 @@ import json
 import math
 import os
 import re
+import sys
 import time
 import uuid
 from collections.abc import Iterator
@@ -787,15 +788,27 @@ def stage_run(stage: str, args: argparse.Namespace | None = None, **context: Any
     except BaseException as e:
         # Ctrl-C, or SIGTERM (a stopped pod, `timeout`; the CLI raises it as ple_adatt.cli.Terminated)
         status = "KILLED" if isinstance(e, KeyboardInterrupt) or type(e).__name__ == "Terminated" else "FAILED"
-        with contextlib.suppress(Exception):
+        try:
             client.set_tag(run_id, "error", f"{type(e).__name__}: {e}"[:TAG_VALUE_MAX])
             client.set_terminated(run_id, status)
             client.set_tag(parent_id, "failed_stage" if status == "FAILED" else "interrupted_stage", stage)
             client.set_terminated(parent_id, status)
+        except Exception as mark_error:  # noqa: BLE001 - the stage's own error is the one raised
+            print(unmarked_runs_line(target.uri, [run_id, parent_id], status, mark_error), file=sys.stderr)
         raise
     _wrap(target, f"finishing the {stage} run", client.set_terminated, run_id, "FINISHED")
     if ends_parent(stage):
         _wrap(target, "finishing the pipeline run", client.set_terminated, parent_id, "FINISHED")
+
+
+def unmarked_runs_line(uri: str, run_ids: list[str], status: str, why: BaseException) -> str:
+    """One line for runs that a failed stage could not mark ``status`` (the server stopped
+    answering): which runs stay RUNNING, and the call that marks them once it answers again."""
+    calls = "; ".join(f"c.set_terminated({r!r}, {status!r})" for r in run_ids)
+    first = str(why).splitlines()[0] if str(why) else type(why).__name__
+    return (f"MLflow: could not mark runs {', '.join(run_ids)} {status} at {uri} ({first[:200]}); they stay RUNNING. "
+            f"Once the server answers: python -c \"from mlflow import MlflowClient; c = MlflowClient({uri!r}); "
+            f"{calls}\"")
 
 
 def ends_parent(stage: str) -> bool:

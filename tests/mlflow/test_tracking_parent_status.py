@@ -6,6 +6,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -110,10 +113,11 @@ def test_a_cluster_step_names_the_pipeline_parameter_as_the_uri_source(monkeypat
     assert resolve_target(TrackingConfig()).origin == "make run's default store ./mlflow.db"
 
 
-def test_an_outage_mid_stage_names_where_the_uri_came_from(mlflow_server, monkeypatch) -> None:
+def test_an_outage_mid_stage_names_where_the_uri_came_from(mlflow_server, monkeypatch, capsys) -> None:
     """The server stops answering after the stage started: the error line names the URI's origin
     as the start-up check does. The stage's run stays RUNNING (nothing can tell the server;
-    docs/mlflow.md lists this as a known limit)."""
+    docs/mlflow.md lists this as a known limit), and a line on stderr names the runs left
+    RUNNING and the call that marks them, which works once the server answers."""
     from mlhelpers import Proxy
 
     from ple_adatt.config import TrainConfig
@@ -135,5 +139,15 @@ def test_an_outage_mid_stage_names_where_the_uri_came_from(mlflow_server, monkey
     assert msg.startswith(f"MLflow at {proxy.uri} (from make stage ... MLFLOW_TRACKING_URI=): logging metrics "
                           "failed: "), msg
     assert "\n" not in msg
-    run = MlflowClient(mlflow_server.uri).get_run(tracker.run_id)
+    client = MlflowClient(mlflow_server.uri)
+    run = client.get_run(tracker.run_id)
     assert run.info.status == "RUNNING" and run.data.metrics["lr"] == 0.1
+    parent_id = run.data.tags["mlflow.parentRunId"]
+    line = next(ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("MLflow: could not mark runs"))
+    assert f"runs {tracker.run_id}, {parent_id} FAILED at {proxy.uri}" in line and "they stay RUNNING" in line
+    # the printed call, run once the server answers (here: the server behind the stopped proxy)
+    code = re.search(r'python -c "(.*)"$', line).group(1).replace(proxy.uri, mlflow_server.uri)
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120,
+                   env={**os.environ, "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0"})
+    assert client.get_run(tracker.run_id).info.status == "FAILED"
+    assert client.get_run(parent_id).info.status == "FAILED"
