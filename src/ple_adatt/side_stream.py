@@ -24,10 +24,11 @@ forked stream must join the capturing stream before the capture ends):
 **Priority.** The side stream runs at a higher priority than the training's stream: its work
 (about 2.3 ms at the seed's shape on an H100) is the longer of the two branches after the fork
 (the rest of the step: about 1.8 ms), and a scheduler that prefers the longer branch finishes
-both sooner; the rest of the step's kernels fill the SMs it leaves. PyTorch instantiates CUDA
+both sooner; the rest of the step's kernels fill the SMs it leaves (reasoned, not yet measured:
+bench run (k) is the A/B). PyTorch instantiates CUDA
 graphs with ``cudaGraphInstantiateFlagUseNodePriority``, so captured kernels keep the priority
-of the stream they were captured on. :data:`PRIORITY` (bench run (k) sets 0, the training
-stream's own, for the A/B).
+of the stream they were captured on. :data:`PRIORITY` is the switch (run (k) sets 0, the
+training stream's own).
 
 Off CUDA there is one stream: :meth:`launch` runs the work at once, in order, and :meth:`join`
 does nothing. The numbers are the same either way; only the overlap differs.
