@@ -464,7 +464,6 @@ class Trainer:
         scaler.step(opt)
         scaler.update()
         opt.zero_grad(set_to_none=True)
-        self._join_measurement()  # the end of a step: a captured graph must join its side stream
 
     def train_step(self, b: TensorData, epoch: int, use_cluster_heads: bool, opt: torch.optim.Optimizer,
                    scaler: torch.amp.GradScaler, measure: bool | None = None) -> StepOut:
@@ -475,7 +474,7 @@ class Trainer:
             finite = torch.isfinite(step.total)
             self.backward(step, scaler, 1, finite)
             self.optimizer_step(opt, scaler)
-        finally:  # an error after the fork: a capture must still join its side stream
+        finally:  # the end of a step, on errors too: a captured graph must join its side stream
             self._join_measurement()
         return _step_out(step, finite)
 
@@ -483,6 +482,13 @@ class Trainer:
                     opt: torch.optim.Optimizer, scaler: torch.amp.GradScaler) -> StepOut | None:
         """One micro-batch without graphs: gradient accumulation, and on the CPU a host check
         that skips a non-finite batch; None when the batch was skipped."""
+        try:
+            return self._eager_micro_batch(idx, i, last, phase, epoch, use_cluster_heads, opt, scaler)
+        finally:  # the end of a micro-batch, skipped or failed too: no side stream left running
+            self._join_measurement()
+
+    def _eager_micro_batch(self, idx: Tensor, i: int, last: bool, phase: str, epoch: int, use_cluster_heads: bool,
+                           opt: torch.optim.Optimizer, scaler: torch.amp.GradScaler) -> StepOut | None:
         accum = self.cfg.training.gradient_accumulation_steps
         try:
             # forward (+ per-task gradients and task transfer)
@@ -494,14 +500,10 @@ class Trainer:
                 return None
             self.backward(step, scaler, accum, finite)
         except torch.cuda.OutOfMemoryError:  # CUDA OOM skips the batch
-            self._join_measurement()  # before the gradients go: a side stream may still run
             opt.zero_grad(set_to_none=True)
             torch.cuda.empty_cache()
             self._event("cuda_oom_skipped", phase, epoch, batch=i)
             return None
-        except BaseException:
-            self._join_measurement()
-            raise
         # clip -> step
         if (i + 1) % accum == 0 or last:
             self.optimizer_step(opt, scaler)
