@@ -239,6 +239,10 @@ class MGDAConfig:
     parameters (``params``) or on the shared experts' outputs (``representation``, MGDA-UB)."""
 
     on: Literal["params", "representation"] = "params"
+    # the min-norm solver: device (one Triton program, no host read, so CUDA graphs can capture
+    # MGDA's steps), host (exact, float64, reads the Gram matrix back every step), auto (device on
+    # CUDA with triton, host elsewhere)
+    solver: Literal["auto", "device", "host"] = "auto"
 
 
 @dataclass(frozen=True)
@@ -290,7 +294,7 @@ class TrainingConfig:
     compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = "default"
     # capture each whole training step (forward, backward, optimizer) as a CUDA graph and
     # replay it: no per-kernel launch cost. CUDA only (elsewhere the step runs eagerly);
-    # every strategy but mgda (whose solver runs on the host)
+    # every strategy (mgda with its device solver, transfer.mgda.solver auto or device)
     cuda_graph: bool = False
     # the CGC mixture as fused Triton kernels on CUDA (ple_adatt.mixture): each input read
     # once, each result written once, the experts' second-layer biases added there; and the
@@ -682,7 +686,7 @@ def _check_transfer(cfg: TransferConfig, weighting: str, src: str) -> None:
         )
 
 
-GRAPH_STRATEGIES = ("adatt", "equal", "uncertainty", "pcgrad", "mocograd", "gradnorm")
+GRAPH_STRATEGIES = ("adatt", "equal", "uncertainty", "pcgrad", "mocograd", "gradnorm", "mgda")
 
 
 def _check_cuda_graph(cfg: TrainConfig, src: str) -> None:
@@ -698,8 +702,12 @@ def _check_cuda_graph(cfg: TrainConfig, src: str) -> None:
                           "or max-autotune-no-cudagraphs")
     if cfg.transfer.strategy not in GRAPH_STRATEGIES:
         raise ConfigError(f"{src}: key `training.cuda_graph` supports `transfer.strategy` {list(GRAPH_STRATEGIES)}, "
-                          f"not {cfg.transfer.strategy!r} (its min-norm solver runs on the host every step); "
-                          "set `training.cuda_graph: false` (--set training.cuda_graph=false) to train it eagerly")
+                          f"not {cfg.transfer.strategy!r}; set `training.cuda_graph: false` "
+                          "(--set training.cuda_graph=false) to train it eagerly")
+    if cfg.transfer.strategy == "mgda" and cfg.transfer.mgda.solver == "host":
+        raise ConfigError(f"{src}: key `training.cuda_graph` cannot replay `transfer.mgda.solver: host`, which "
+                          "reads the Gram matrix back every step; use solver auto or device (on the GPU), or "
+                          "set `training.cuda_graph: false` (--set training.cuda_graph=false)")
     if cfg.transfer.grad_method == "loop":
         raise ConfigError(f"{src}: key `training.cuda_graph` cannot replay `transfer.grad_method: loop` (the seed's "
                           "per-task autograd loop reads on the host which tasks are present); use batched, fused "

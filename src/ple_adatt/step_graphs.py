@@ -113,6 +113,21 @@ class StepGraphs:
         self._ever_captured: set[bool] = set()
         self._key: tuple[int, bool] | None = None
         self.captures = 0  # graphs captured so far (for logs and tests)
+        self._said_eager = False
+
+    def capturable(self) -> bool:
+        """Whether the strategy's steps can be captured now: not where a step must read on the
+        host (MGDA once its device solver is switched off). Those steps then run eagerly; the
+        trainer asks before every full batch, and the first refusal is logged."""
+        transfer = self.trainer.system.transfer
+        can = getattr(transfer, "capturable", None)
+        if can is None or can(self.trainer.device):
+            return True
+        if not self._said_eager:
+            self._said_eager = True
+            why = getattr(transfer, "host_reason", lambda: None)() or "its steps read on the host"
+            self.trainer.log(f"  note: training.cuda_graph: {transfer.name}'s steps run eagerly ({why})")
+        return False
 
     def step(self, idx: Tensor, epoch: int, use_cluster_heads: bool, measure: bool) -> StepOut:
         if idx.shape[0] != self.batch_size:

@@ -280,6 +280,8 @@ class Trainer:
                 torch.cuda.set_device(device)
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
+        if hasattr(system.transfer, "on_device"):  # MGDA's solver: device where it cannot run is an error now
+            system.transfer.on_device(device)
         # transfer.measure_stream: the per-task measurement beside the rest of the step (side_stream.py)
         self.measure_side = SideStream(device) if cfg.transfer.measure_stream else None
         # whole-step CUDA graphs (step_graphs.py); tests may put a stand-in backend here
@@ -537,7 +539,7 @@ class Trainer:
             opt.zero_grad(set_to_none=True)
             batches = self._batches(len(self.train_data), t.batch_size)
             for i, idx in enumerate(batches):
-                if graphs is not None and len(idx) == t.batch_size:
+                if graphs is not None and len(idx) == t.batch_size and graphs.capturable():
                     so = graphs.step(idx, epoch, use_cluster_heads, self.measure_now())
                 else:
                     so = self._eager_step(idx, i, i + 1 == len(batches), phase, epoch, use_cluster_heads,
@@ -572,9 +574,10 @@ class Trainer:
                            batch_size=max(t.batch_size, EVAL_BATCH_MIN))
             events: list[str] = []
             if system.transfer is not None:
-                for ev in system.transfer.on_epoch_end(epoch):
-                    self._event(ev, phase, epoch)
-                    events.append(ev)
+                for ev in system.transfer.on_epoch_end(epoch):  # a name, or (name, details)
+                    name, extra = (ev, {}) if isinstance(ev, str) else ev
+                    self._event(name, phase, epoch, **extra)
+                    events.append(name)
                 self._sync_cgc_freeze(phase, epoch)
             denom = n_present.clamp_min(1)
             raw_mean = (sum_raw / denom).cpu()

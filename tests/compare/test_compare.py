@@ -290,10 +290,10 @@ def test_compare_checks_every_strategys_config_before_training_any(tmp_path, cap
     out = tmp_path / "cmp"
     rc = main(["compare", "--no-tracking", "--data", str(data), "--data-config", str(ROOT / "configs/data/synthetic.yaml"),
                "--config", str(TINY), "--tasks", "ctr,cvr", "--strategies", "adatt,mgda", "--no-single-task",
-               "--out", str(out), "--set", "training.cuda_graph=true"])
+               "--out", str(out), "--set", "training.cuda_graph=true", "--set", "transfer.mgda.solver=host"])
     captured = capsys.readouterr()
     assert rc == 2
-    assert "key `training.cuda_graph` supports `transfer.strategy`" in captured.err and "not 'mgda'" in captured.err
+    assert "key `training.cuda_graph` cannot replay `transfer.mgda.solver: host`" in captured.err
     assert "--set training.cuda_graph=false" in captured.err  # the way out, for production.yaml's graphs
     assert "[config of strategy 'mgda'; compare checks every run's config first, nothing was trained]" in captured.err
     assert "=== compare 1/" not in captured.out  # adatt did not train first

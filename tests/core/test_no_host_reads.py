@@ -168,7 +168,10 @@ ADATT = [(f"adatt-{'hook' if hook else 'separate'}-{method}-{phase}",
           "adatt", (f"transfer.measure_in_backward={str(hook).lower()}", f"transfer.grad_method={method}"), phase)
          for hook in (True, False) for method, phases in (("batched", ("warmup", "dynamic", "frozen")),
                                                           ("einsum", ("dynamic",))) for phase in phases]
-OTHERS = [(s, s, (), "dynamic") for s in ("equal", "uncertainty", "pcgrad", "mocograd", "gradnorm")]
+OTHERS = [(s, s, (), "dynamic") for s in ("equal", "uncertainty", "pcgrad", "mocograd", "gradnorm")] + [
+    # MGDA's device solver (the interpreter here; the default on CUDA), on both gradient sources
+    (f"mgda-device-{on}", "mgda", ("transfer.mgda.solver=device", f"transfer.mgda.on={on}"), "dynamic")
+    for on in ("params", "representation")]
 EPOCH = {"warmup": 0, "dynamic": 1, "frozen": 3}
 
 
@@ -212,8 +215,9 @@ def test_a_training_step_reads_nothing_back(strategy, overrides, phase):
 
 
 def test_mgda_host_solver_is_caught():
-    """The documented exception, and proof that the guard watches the whole step."""
-    trainer = _trainer("mgda")
+    """The host solver reads the Gram matrix back (and so cannot be graphed): proof that the
+    guard watches the whole step."""
+    trainer = _trainer("mgda", ("transfer.mgda.solver=host",))
     opt, scaler = make_optimizer(trainer.system, trainer.cfg, fused=True), trainer.make_scaler()
     trainer.train_step(trainer.train_data.subset(torch.arange(64)), 1, False, opt, scaler)
     with pytest.raises(HostRead), no_host_reads():

@@ -52,6 +52,9 @@ def _state(trainer: Trainer) -> dict[str, torch.Tensor]:
     # gradient surgery replaces the shared experts' gradient inside the graph; the random
     # orders come from a draw counter on the device
     ("pcgrad", []), ("mocograd", []), ("gradnorm", []),
+    # MGDA's min-norm weights solved on the device (one Triton program; two epochs: the
+    # interpreter here takes about 0.1 s a solve)
+    ("mgda", ["transfer.mgda.solver=device", "training.shared_expert_epochs=2"]),
 ])
 def test_emulated_graph_replays_train_exactly_like_eager_steps(strategy, extra):
     torch.manual_seed(1)
@@ -64,10 +67,11 @@ def test_emulated_graph_replays_train_exactly_like_eager_steps(strategy, extra):
         graphed.measure_side = DeferredSideStream()
     graphed.run_phase1()
     assert graphed.measure_side is None or graphed.measure_side.launches > 0
-    # both kinds of step (measuring, plain) captured in each of the 4 epochs; the gradient
-    # methods measure every step
+    # both kinds of step (measuring, plain) captured in each epoch (4 but for MGDA); the
+    # gradient methods measure every step
     kinds = 1 if getattr(graphed.system.transfer, "needs_gradients_every_step", False) else 2
-    assert len(backend.captured) == graphed.step_graphs.captures == 4 * kinds
+    epochs = graphed.cfg.training.shared_expert_epochs
+    assert len(backend.captured) == graphed.step_graphs.captures == epochs * kinds
     assert [r.transfer_phase for r in graphed.history] == [r.transfer_phase for r in eager.history]
     for re, rg in zip(eager.history, graphed.history):
         assert rg.task_losses == pytest.approx(re.task_losses, rel=1e-5, abs=1e-6)
@@ -157,12 +161,12 @@ def test_cuda_graph_on_a_cpu_device_runs_eagerly_and_says_so():
 
 @pytest.mark.parametrize("override,message", [
     ("training.gradient_accumulation_steps=2", "gradient_accumulation_steps: 1"),
-    ("transfer.strategy=mgda", "not 'mgda'"),
+    ("transfer.strategy=mgda,transfer.mgda.solver=host", "mgda.solver: host"),
     ("transfer.grad_method=loop", "grad_method: loop"),
 ])
 def test_cuda_graph_configs_that_cannot_replay_are_rejected(override, message):
     with pytest.raises(ConfigError, match=message) as e:
-        load_train_config(CFG, ["training.cuda_graph=true", override])
+        load_train_config(CFG, ["training.cuda_graph=true", *override.split(",")])
     assert "training.cuda_graph" in str(e.value) and "cpu_small.yaml" in str(e.value)
 
 

@@ -6,7 +6,7 @@ and back-propagated:
 
     transfer_losses(losses (T,), present (T,) bool, task_gradients (T, P) | None, epoch)
         -> (losses (T,), transfer weights (T, T) | None)
-    on_epoch_end(epoch) -> list of event names
+    on_epoch_end(epoch) -> list of event names, or (name, details dict) pairs
     phase(epoch) -> str
 
 Gradient methods add two optional members (see :mod:`.base`):
@@ -70,7 +70,7 @@ def _gradnorm(task_names: list[str], cfg: TransferConfig) -> GradNorm:
 
 
 def _mgda(task_names: list[str], cfg: TransferConfig) -> MGDA:
-    return MGDA(task_names, on=cfg.mgda.on, ema_decay=cfg.adatt.ema_decay)
+    return MGDA(task_names, on=cfg.mgda.on, ema_decay=cfg.adatt.ema_decay, solver=cfg.mgda.solver)
 
 
 def _uncertainty(task_names: list[str], cfg: TransferConfig) -> UncertaintyWeighting:

@@ -16,6 +16,15 @@ shared representation (the shared experts' outputs) instead of the shared parame
 an upper bound that is cheaper to form in the paper; the update is still ``sum a_i g_i``.
 The shared update is scaled by the number n of present tasks, so that equal weights
 ``a_i = 1/n`` give the plain sum.
+
+``solver``: ``host`` is :func:`min_norm_weights`, which reads the Gram matrix back every step
+(on CUDA a synchronisation per step, and no whole-step CUDA graph); ``device`` is the same
+active-set method as one Triton program (:mod:`ple_adatt.transfer.min_norm`), no host read,
+so MGDA steps can be captured; ``auto`` (the default) takes the device solver on CUDA with
+triton and the host solver elsewhere. The device solver's first result in a process is checked
+against the host solver's (the objectives must agree); a mismatch or a kernel failure switches it
+off for the process, with one warning, and the host solver takes over (and whole-step graphs
+with it: the trainer then runs MGDA's steps eagerly).
 """
 
 from __future__ import annotations
@@ -23,9 +32,17 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ..kernels import require_runnable
+from . import min_norm
 from .base import MeasuredStrategy
+from .linalg import gram_matrix
 
-__all__ = ["MGDA", "min_norm_weights"]
+__all__ = ["MGDA", "SOLVERS", "min_norm_weights"]
+
+SOLVERS = ("auto", "device", "host")
+#: the device solver's first-use check: its objective may exceed the host solver's by this much
+#: of the Gram matrix's largest diagonal entry (float32 Gram against float64: about 1e-8 seen)
+CHECK_TOL = 1e-6
 
 
 def _kkt_solve(M: Tensor, free: Tensor) -> tuple[Tensor, float]:
@@ -95,22 +112,88 @@ class MGDA(MeasuredStrategy):
     """MGDA / MGDA-UB, Sener & Koltun NeurIPS 2018 (seed ``003_...``): min-norm common direction.
 
     Buffer ``last_weights`` (T,): the ``a`` of the latest step (absent tasks 0), for logs.
+    Non-persistent buffers of the device solver: ``solver_info`` (2,) its last iterations and
+    convergence flag, ``capped_steps`` () the steps whose solve the iteration cap stopped.
     """
 
     name = "mgda"
     needs_gradients_every_step = True
     affinity_only = False  # the gradients steer the update itself
 
-    def __init__(self, task_names: list[str], *, on: str = "params", ema_decay: float = 0.9):
+    def __init__(self, task_names: list[str], *, on: str = "params", ema_decay: float = 0.9,
+                 solver: str = "auto"):
         super().__init__(task_names, ema_decay)
         if on not in ("params", "representation"):
             raise ValueError(f"unknown mgda.on {on!r}; valid: params, representation")
+        if solver not in SOLVERS:
+            raise ValueError(f"unknown mgda.solver {solver!r}; valid: {', '.join(SOLVERS)}")
+        if solver == "device" and self.n_tasks > min_norm.MAX_TASKS:
+            raise ValueError(f"mgda.solver device takes at most {min_norm.MAX_TASKS} tasks, got {self.n_tasks}; "
+                             "use solver host")
         self.on = on
         self.gradient_source = on
+        self.solver = solver
         self.register_buffer("last_weights", torch.zeros(self.n_tasks))
+        self.register_buffer("solver_info", torch.zeros(2, dtype=torch.int32), persistent=False)
+        self.register_buffer("capped_steps", torch.zeros((), dtype=torch.int32), persistent=False)
+
+    def on_device(self, device: torch.device) -> bool:
+        """Whether the weights are solved on ``device`` without a host read (the device solver)."""
+        if self.solver == "host" or self.n_tasks > min_norm.MAX_TASKS:
+            return False
+        if self.solver == "auto" and device.type != "cuda":
+            return False
+        if self.solver == "device":
+            require_runnable("transfer.mgda.solver: device", device)
+        return min_norm.solver_runs_on(device)
+
+    def capturable(self, device: torch.device) -> bool:
+        """Whether a step can be captured in a CUDA graph: no host read in it."""
+        try:
+            return self.on_device(device)
+        except RuntimeError:
+            return False
+
+    def host_reason(self) -> str:
+        """Why the weights are solved on the host, for the trainer's log."""
+        if self.solver == "host":
+            return "transfer.mgda.solver: host"
+        off = min_norm.GUARD.reason()
+        return f"the device min-norm solver is off: {off.splitlines()[0]}" if off else "the device solver cannot run here"
 
     def weights(self, grads: Tensor, present: Tensor) -> Tensor:
         """Min-norm weights over the present tasks' rows of ``grads`` (T, P) -> (T,)."""
+        if self.on_device(grads.device):
+            a = self._device_weights(grads, present)
+            if a is not None:
+                return a
+        return self._host_weights(grads, present)
+
+    def _device_weights(self, grads: Tensor, present: Tensor) -> Tensor | None:
+        guard = min_norm.GUARD
+        try:
+            a = min_norm.min_norm_weights_device(gram_matrix(grads.float()), present, info=self.solver_info)
+        except torch.cuda.OutOfMemoryError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - a Triton or driver failure: the host solver takes over
+            guard.switch_off(f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
+            return None
+        self.capped_steps.add_(1 - self.solver_info[1])
+        if guard.needs_check():
+            ref = self._host_weights(grads, present)
+            g = grads.double()
+            gram = g @ g.T
+            excess = float((a.double() @ gram @ a.double() - ref.double() @ gram @ ref.double())
+                           / gram.diagonal().max().clamp_min(1e-300))  # the one host read
+            off_simplex = bool(present.any()) and not abs(float(a.sum()) - 1) <= 1e-5
+            guard.mark_checked()
+            if not excess <= CHECK_TOL or off_simplex:
+                guard.switch_off(f"its objective exceeds the host solver's by {excess:.3g} of the largest "
+                                 f"diagonal entry" + (f", and its weights sum to {float(a.sum()):.6g}" if off_simplex else ""))
+                return ref
+        return a
+
+    def _host_weights(self, grads: Tensor, present: Tensor) -> Tensor:
         idx = torch.nonzero(present, as_tuple=False).flatten()
         a = torch.zeros(grads.shape[0], dtype=torch.float32, device=grads.device)
         if len(idx) == 0:
@@ -125,5 +208,13 @@ class MGDA(MeasuredStrategy):
             raise ValueError("mgda with on=representation needs the gradients on the shared representation")
         a = self.weights(src, present)
         self.last_weights.copy_(a)
-        n = int(present.sum())
+        n = present.sum().to(task_grads.dtype)  # a device value: no host read
         return n * (a.to(task_grads.dtype) @ task_grads)
+
+    def on_epoch_end(self, epoch: int) -> list[str | tuple[str, dict]]:
+        """``mgda_solver_capped`` with the number of steps whose device solve the iteration cap
+        stopped (their weights feasible, possibly short of the minimum); the host solver
+        (``transfer.mgda.solver: host``) has no such case."""
+        capped = int(self.capped_steps)  # one host read per epoch
+        self.capped_steps.zero_()
+        return [("mgda_solver_capped", {"steps": capped})] if capped else []
