@@ -8,10 +8,12 @@
 # where one device call is limited to 10 minutes, run the three parts as three calls.
 #   tests   session.txt: device, versions, the GPU tests' summaries: the CUDA-graph tests first,
 #           then the rest of test_gpu.py, then test_compile.py; gpu_tests*.log: whole outputs
-#   eager   bench_eager.txt: runs a-e with the per-task gradient check, then b and d with the
+#   eager   bench_eager.txt: runs a-e, j (the measurement on a second stream) and m (MGDA) with
+#           the per-task gradient check, then b and d with the
 #           CGC mixture in PyTorch (--no-fused-mixture); prof/profile_*.txt: kernel-time
 #           tables of the eager runs
-#   graphs  bench_graphs.txt: runs a-d and the A/Bs f-i with whole-step CUDA graphs (production.yaml's steps),
+#   graphs  bench_graphs.txt: runs a-d, the A/Bs f-i, the second stream j-k and MGDA m with
+#           whole-step CUDA graphs (production.yaml's steps),
 #           then over torch.compile default, then b-d with torch.compile reduce-overhead; (a),
 #           the naive reference, always runs eagerly, so each line's (c)/(a) is in-run
 # Each command has its own time limit, so a hang in one still leaves the others' output.
@@ -44,14 +46,14 @@ if [[ " $parts " == *" tests "* ]]; then
   } 2>&1 | tee "$out/session.txt"
 fi
 if [[ " $parts " == *" eager "* ]]; then
-  "${bench[@]}" --only abcdej --grads --profile "$out/prof" 2>&1 | grep -v -i warn | tee "$out/bench_eager.txt"
+  "${bench[@]}" --only abcdejm --grads --profile "$out/prof" 2>&1 | grep -v -i warn | tee "$out/bench_eager.txt"
   # the plain and measuring steps with the CGC mixture in PyTorch, against the fused kernels above
   "${bench[@]}" --only bd --no-fused-mixture 2>&1 | grep -v -i warn | tail -4 | tee -a "$out/bench_eager.txt"
 fi
 if [[ " $parts " == *" graphs "* ]]; then
   # (f), (g), (h), (i): (b) with the experts' biases in their layers, with the towers' bias+ReLU in
   # PyTorch, with the experts' ReLU masks by a threshold pass, with the heads as a GEMM: the A/Bs
-  for extra in "--only abcdfghijk --cuda-graph" "--only abcd --cuda-graph --compile default" "--only bcd --compile reduce-overhead"; do
+  for extra in "--only abcdfghijkm --cuda-graph" "--only abcd --cuda-graph --compile default" "--only bcd --compile reduce-overhead"; do
     # shellcheck disable=SC2086  # $extra holds several arguments
     "${bench[@]}" $extra 2>&1 | grep -v -i warn | grep -E "^\(|^ratios|^CGC|: off, "
   done | tee "$out/bench_graphs.txt"

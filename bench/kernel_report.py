@@ -16,7 +16,9 @@ the autotuner's list should not need to find that out on the device.
 The CGC mixture's three kernels (``ple_adatt.mixture``: forward, backward over the shared
 experts, backward over the task experts) and the per-task gradients' ds kernel
 (``kernels.expert_output_grads``) are elementwise, with no matrix instructions; they are listed
-with their registers and spills, and ``--check`` fails on a spill there too.
+with their registers and spills, and ``--check`` fails on a spill there too. So is MGDA's
+device min-norm solver (``ple_adatt.transfer.min_norm``, one program holding a float64 tile of
+16, 32 or 64 tasks), at the warps it launches with.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
 from ple_adatt import kernels, mixture, relu_dgrad, towers  # noqa: E402
+from ple_adatt.transfer import min_norm  # noqa: E402
 
 # the seed's shape: shared experts 100 -> 1024 -> 128
 IN, D = 100, 128
@@ -143,6 +146,25 @@ def compile_elementwise(arch: int) -> dict[str, dict]:
     return found
 
 
+def compile_min_norm(arch: int) -> dict[int, dict]:
+    """MGDA's device min-norm solver for each tile side it launches with, for sm_<arch>."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    jit = min_norm._kernel()
+    kinds = {"m_ptr": "*fp32", "present_ptr": "*i8", "out_ptr": "*fp32", "info_ptr": "*i32", "tol": "fp32",
+             "ridge": "fp32"}
+    found = {}
+    for bt in (16, 32, 64):
+        sig = {a: "constexpr" if a == "BT" else kinds.get(a, "i32") for a in jit.arg_names}
+        src = ASTSource(fn=jit, signature=sig, constexprs={(jit.arg_names.index("BT"),): bt})
+        ck = triton.compile(src, target=GPUTarget("cuda", arch, 32),
+                            options={"num_warps": min_norm.num_warps(bt), "num_stages": 1})
+        found[bt] = _resources(ck)
+    return found
+
+
 # the experts' masked input gradient at the seed's task experts (32 groups of 100 -> 256 -> 128):
 # grad (G, B, 128) contiguous, the weight (G, 256, 128), the hidden layer (B, G*256) seen as (G, B, 256)
 _G, _HT = _TASKS * _ET, 256
@@ -227,6 +249,18 @@ def main() -> None:
     except Exception as exc:  # noqa: BLE001 - report it, and fail --check
         print(f"elementwise kernels do not compile: {str(exc).splitlines()[0][:100]}")
         bad.append("elementwise kernels")
+    print("\nMGDA's device min-norm solver (ple_adatt.transfer.min_norm): one program, a float64 tile of "
+          "tasks x tasks")
+    print(f"{'tile':>4} {'warps':>5} {'regs':>5} {'stack':>6} {'STL':>4} {'LDL':>4}")
+    try:
+        for bt, r in compile_min_norm(args.arch).items():
+            print(f"{bt:>4} {min_norm.num_warps(bt):>5} {r['regs']:>5} {r['stack']:>6} {r['spill_st']:>4} "
+                  f"{r['spill_ld']:>4}", flush=True)
+            if r["spill_st"] or r["spill_ld"]:
+                bad.append(f"min_norm tile {bt}")
+    except Exception as exc:  # noqa: BLE001 - report it, and fail --check
+        print(f"the min-norm solver does not compile: {str(exc).splitlines()[0][:100]}")
+        bad.append("min_norm solver")
     print(f"\nThe experts' masked input gradient (ple_adatt.relu_dgrad), the seed's task experts "
           f"({_G} x {_B} x {D} -> {_HT}), bf16")
     print(f"{'BM':>4} {'BN':>4} {'BK':>4} {'warps':>5} {'stages':>6} {'regs':>5} {'stack':>6} {'STL':>4} {'LDL':>4} "

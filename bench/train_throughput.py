@@ -25,6 +25,8 @@ Prints samples/s, step time and peak memory of
       (``transfer.measure_stream``), beside the rest of the backward and the optimizer step;
   (k) with ``--only ...k``: (j) with the side stream at the training stream's priority (0),
       where it otherwise runs at a higher one (``side_stream.PRIORITY``);
+  (m) with ``--only ...m``: MGDA instead of adaTT, per-task gradients and min-norm weights every
+      step (on CUDA solved on the device, ``transfer.mgda.solver: auto``, so graphs capture it);
 ``--cuda-graph`` replays each whole project step as a CUDA graph (training.cuda_graph),
 ``--compile [MODE]`` compiles the trunk, heads and losses (training.compile),
 ``--no-fused-mixture`` mixes the CGC experts in PyTorch, not in the Triton kernels
@@ -135,7 +137,8 @@ def make_data(s: dict, n: int, device: torch.device) -> TensorData:
     return TensorData(x_num, x_cat, y, cluster).to(device)
 
 
-def project_config(s: dict, interval: int, amp: bool, in_backward: bool = True, stream: bool = False) -> TrainConfig:
+def project_config(s: dict, interval: int, amp: bool, in_backward: bool = True, stream: bool = False,
+                   strategy: str = "adatt") -> TrainConfig:
     names = [f"t{i}" for i in range(s["tasks"])]
     groups = {f"g{k}": TaskGroup(tuple(names[k::4]), 0.7) for k in range(4)}
     return TrainConfig(
@@ -143,7 +146,7 @@ def project_config(s: dict, interval: int, amp: bool, in_backward: bool = True, 
         model=ModelConfig(embedding_dim=s["emb"], num_shared_experts=s["experts"], shared_hidden=s["shared_hidden"],
                           expert_dim=s["expert_dim"], task_experts_per_task=s["task_experts"],
                           task_hidden=s["task_hidden"], tower_hidden=s["tower_hidden"], logit_transfer_edges=()),
-        transfer=TransferConfig(strategy="adatt", grad_interval=interval, measure_in_backward=in_backward,
+        transfer=TransferConfig(strategy=strategy, grad_interval=interval, measure_in_backward=in_backward,
                                 measure_stream=stream,
                                 adatt=AdaTTConfig(warmup_epochs=0, freeze_epoch=100), task_groups=groups),
         training=TrainingConfig(batch_size=s["batch"], use_amp=amp, compile=COMPILE is not None,
@@ -194,8 +197,8 @@ class Prepared:
 def prepare_project(s: dict, data: TensorData, device: torch.device, adatt: bool, interval: int, amp: bool,
                     warmup: int, in_backward: bool = True, mixture_biases: bool = True,
                     fused_tower: bool = True, fused_relu_dgrad: bool = True, fused_head: bool = True,
-                    stream: bool = False, side_priority: int | None = None) -> Prepared:
-    cfg = project_config(s, interval, amp, in_backward, stream)
+                    stream: bool = False, side_priority: int | None = None, strategy: str = "adatt") -> Prepared:
+    cfg = project_config(s, interval, amp, in_backward, stream, strategy)
     specs = [TaskSpec(f"t{i}", f"y{i}", "binary") for i in range(s["tasks"])]
     torch.manual_seed(0)
     system = build_system(cfg, specs, s["numeric"], [s["card"]] * s["cats"], 8)
@@ -454,7 +457,8 @@ def main() -> None:
                                                       "h: (b) with the experts' ReLU masks by a pass; "
                                                       "i: (b) with the heads as a GEMM after the towers; "
                                                       "j: (d) with the measurement on a second stream; "
-                                                      "k: (j) with the side stream at normal priority)")
+                                                      "k: (j) with the side stream at normal priority; "
+                                                      "m: MGDA every step)")
     ap.add_argument("--profile", type=Path, default=None, help="write per-kernel time tables of each run here")
     ap.add_argument("--compile", nargs="?", const="default", default=None, metavar="MODE",
                     help="training.compile: torch.compile trunk, heads, losses (MODE: default, reduce-overhead "
@@ -528,6 +532,8 @@ def main() -> None:
               lambda: prepare_project(s, data, device, True, 1, amp, args.warmup, stream=True)),
         "k": ("(k) as (j), side stream at normal priority",
               lambda: prepare_project(s, data, device, True, 1, amp, args.warmup, stream=True, side_priority=0)),
+        "m": ("(m) MGDA every step",
+              lambda: prepare_project(s, data, device, True, 1, amp, args.warmup, strategy="mgda")),
     }
     unknown = sorted(set(args.only) - set(runs))
     if unknown:
@@ -546,7 +552,8 @@ def main() -> None:
                            ("e", "b", "(e) step / (b) step {}x"), ("f", "b", "(f) step / (b) step {}x"),
                            ("g", "b", "(g) step / (b) step {}x"), ("h", "b", "(h) step / (b) step {}x"),
                            ("i", "b", "(i) step / (b) step {}x"), ("j", "b", "(j) step / (b) step {}x"),
-                           ("j", "d", "(j) step / (d) step {}x"), ("k", "j", "(k) step / (j) step {}x")]:
+                           ("j", "d", "(j) step / (d) step {}x"), ("k", "j", "(k) step / (j) step {}x"),
+                           ("m", "d", "(m) step / (d) step {}x")]:
         if num in times and den in times:
             paired = [n / d for n, d in zip(times[num], times[den], strict=True)]  # the same round: same load
             spread = f" [{min(paired):.2f}-{max(paired):.2f}]" if len(paired) > 1 else ""

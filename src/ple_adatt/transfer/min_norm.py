@@ -36,7 +36,7 @@ from torch import Tensor
 
 from ..kernels import KernelGuard, _triton, require_runnable
 
-__all__ = ["MAX_TASKS", "GUARD", "min_norm_weights_device", "solver_runs_on"]
+__all__ = ["MAX_TASKS", "GUARD", "min_norm_weights_device", "num_warps", "solver_runs_on", "tile"]
 
 MAX_TASKS = 64
 RIDGE = 1e-12  # of the largest diagonal entry: keeps M_FF + r I positive definite
@@ -155,5 +155,18 @@ def min_norm_weights_device(gram: Tensor, present: Tensor, *, info: Tensor | Non
 @torch.library.custom_op("ple_adatt::min_norm_solve", mutates_args=("out", "info"))
 def _solve(gram: Tensor, present: Tensor, out: Tensor, info: Tensor, max_iter: int) -> None:
     T = gram.shape[0]
-    _kernel()[(1,)](gram, present, out, info, T, gram.stride(0), gram.stride(1), max_iter, TOL, RIDGE,
-                    BT=max(2, 1 << (T - 1).bit_length()))
+    BT = tile(T)
+    _kernel()[(1,)](gram, present, out, info, T, gram.stride(0), gram.stride(1), max_iter, TOL, RIDGE, BT=BT,
+                    num_warps=num_warps(BT))
+
+
+def tile(T: int) -> int:
+    """The square register tile's side for T tasks: the next power of two."""
+    return max(2, 1 << (T - 1).bit_length())
+
+
+def num_warps(bt: int) -> int:
+    """Warps for a ``bt`` x ``bt`` float64 tile: those that compile for sm_90 without spilling
+    (``bench/kernel_report.py``): up to 16 one warp (its reductions stay in shuffles), 32 four,
+    64 eight (four spill there)."""
+    return 1 if bt <= 16 else 4 if bt <= 32 else 8
