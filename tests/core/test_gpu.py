@@ -433,3 +433,26 @@ def test_an_error_in_the_side_streams_work_still_joins_it():
     with pytest.raises(RuntimeError, match="the measurement broke"):
         trainer.train_step(trainer.train_data.subset(torch.arange(128, device="cuda")), 1, False, opt, scaler)
     assert trainer.measure_side.launches == 1 and not trainer.measure_side.pending
+
+
+@pytest.mark.parametrize("T", [5, 16, 40])
+def test_mgda_device_solver_compiled_reaches_the_host_solvers_minimum(T):
+    """The compiled min-norm solver (a 16-, 16- and 64-wide tile) against the float64 host
+    solver, on gradients with a shared component (a large face) and a duplicated task."""
+    from ple_adatt.transfer.mgda import min_norm_weights
+    from ple_adatt.transfer.min_norm import min_norm_weights_device
+
+    gen = torch.Generator().manual_seed(T)
+    g = torch.randn(T, 64, generator=gen, dtype=torch.float64)
+    g = g + 2 * g[:1]
+    g[1] = g[2]
+    M = g @ g.T
+    present = torch.ones(T, dtype=torch.bool)
+    present[-1] = False
+    info = torch.zeros(2, dtype=torch.int32, device="cuda")
+    a = min_norm_weights_device(M.float().cuda(), present.cuda(), info=info).cpu().double()
+    ref = torch.zeros(T, dtype=torch.float64)
+    ref[:-1] = min_norm_weights(M[:-1, :-1])
+    assert info[1].item() == 1 and a[-1] == 0 and float(a.min()) >= 0
+    assert float(a.sum()) == pytest.approx(1.0, abs=1e-6)
+    assert float(a @ M @ a) <= float(ref @ M @ ref) + 1e-7 * float(M.diagonal().max())
