@@ -5,6 +5,8 @@
   ``tests/pipelines``, which test tracking and registration against stores they choose.
 * Whatever does track without choosing a store goes to a per-session temporary sqlite store,
   never to ``./mlflow.db`` in the checkout.
+* Runs a failed stage could not mark are recorded under a per-session temporary directory
+  (``PLE_ADATT_STATE_DIR``), never in the user's ``~/.local/state``.
 """
 
 from __future__ import annotations
@@ -34,8 +36,14 @@ def session_tracking_uri(tmp_path_factory) -> str:
     return f"sqlite:///{tmp_path_factory.mktemp('mlflow-default') / 'mlflow.db'}"
 
 
+@pytest.fixture(scope="session")
+def session_state_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("ple-adatt-state")
+
+
 @pytest.fixture(autouse=True)
-def _tracking_defaults(request, monkeypatch, session_tracking_uri):
+def _tracking_defaults(request, monkeypatch, session_tracking_uri, session_state_dir):
+    monkeypatch.setenv("PLE_ADATT_STATE_DIR", str(session_state_dir))
     test_dir = Path(str(request.fspath)).parent.name
     if test_dir not in TRACKING_DIRS:
         monkeypatch.setenv("PLE_ADATT_NO_TRACKING", "1")

@@ -56,6 +56,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from . import unmarked_runs
 from .config import TrackingConfig, TrainConfig
 from .errors import StageError
 
@@ -358,6 +359,7 @@ def connect(target: TrackingTarget) -> tuple[Any, str]:
     if target.is_server:
         _probe(target)
     client = make_client(target)
+    unmarked_runs.mark_recorded(client, target.uri)  # runs an earlier stage's outage left RUNNING
     exp = _wrap(target, f"reading experiment {target.experiment!r}", client.get_experiment_by_name,
                 target.experiment)
     if exp is None:
@@ -794,21 +796,30 @@ def stage_run(stage: str, args: argparse.Namespace | None = None, **context: Any
             client.set_tag(parent_id, "failed_stage" if status == "FAILED" else "interrupted_stage", stage)
             client.set_terminated(parent_id, status)
         except Exception as mark_error:  # noqa: BLE001 - the stage's own error is the one raised
-            print(unmarked_runs_line(target.uri, [run_id, parent_id], status, mark_error), file=sys.stderr)
+            ids = [run_id, parent_id]
+            kept = unmarked_runs.record(target.uri, ids, status, _first_line(mark_error))
+            print(unmarked_runs_line(target.uri, ids, status, mark_error, kept), file=sys.stderr)
         raise
     _wrap(target, f"finishing the {stage} run", client.set_terminated, run_id, "FINISHED")
     if ends_parent(stage):
         _wrap(target, "finishing the pipeline run", client.set_terminated, parent_id, "FINISHED")
 
 
-def unmarked_runs_line(uri: str, run_ids: list[str], status: str, why: BaseException) -> str:
+def _first_line(e: BaseException) -> str:
+    return (str(e).splitlines()[0] if str(e) else type(e).__name__)[:200]
+
+
+def unmarked_runs_line(uri: str, run_ids: list[str], status: str, why: BaseException,
+                       recorded: Path | None = None) -> str:
     """One line for runs that a failed stage could not mark ``status`` (the server stopped
-    answering): which runs stay RUNNING, and the call that marks them once it answers again."""
+    answering): which runs stay RUNNING, where they are recorded for the next stage that reaches
+    ``uri`` to mark (:mod:`ple_adatt.unmarked_runs`), and the call that marks them by hand."""
     calls = "; ".join(f"c.set_terminated({r!r}, {status!r})" for r in run_ids)
-    first = str(why).splitlines()[0] if str(why) else type(why).__name__
-    return (f"MLflow: could not mark runs {', '.join(run_ids)} {status} at {uri} ({first[:200]}); they stay RUNNING. "
-            f"Once the server answers: python -c \"from mlflow import MlflowClient; c = MlflowClient({uri!r}); "
-            f"{calls}\"")
+    later = (f"recorded in {recorded}: the next stage that reaches {uri} marks them. "
+             if recorded is not None else "")
+    return (f"MLflow: could not mark runs {', '.join(run_ids)} {status} at {uri} ({_first_line(why)}); they stay "
+            f"RUNNING for now; {later}By hand, once the server answers: python -c \"from mlflow import MlflowClient; "
+            f"c = MlflowClient({uri!r}); {calls}\"")
 
 
 def ends_parent(stage: str) -> bool:

@@ -225,13 +225,14 @@ class Proxy:
     """A TCP forwarder on 127.0.0.1 to a real tracking server: :meth:`stop` is an outage in the
     middle of a stage (the listening socket and every open connection close)."""
 
-    def __init__(self, upstream: str):
+    def __init__(self, upstream: str, port: int = 0):
+        """``port``: 0 for a free one; a stopped proxy's port to bring its URI back."""
         import threading
         from urllib.parse import urlparse
 
         up = urlparse(upstream)
         self._upstream = (up.hostname, up.port)
-        self._listener = socket.create_server(("127.0.0.1", 0))
+        self._listener = socket.create_server(("127.0.0.1", port))
         self.uri = f"http://127.0.0.1:{self._listener.getsockname()[1]}"
         self._conns: list[socket.socket] = []
         self._lock = threading.Lock()

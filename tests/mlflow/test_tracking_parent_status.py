@@ -113,11 +113,9 @@ def test_a_cluster_step_names_the_pipeline_parameter_as_the_uri_source(monkeypat
     assert resolve_target(TrackingConfig()).origin == "make run's default store ./mlflow.db"
 
 
-def test_an_outage_mid_stage_names_where_the_uri_came_from(mlflow_server, monkeypatch, capsys) -> None:
-    """The server stops answering after the stage started: the error line names the URI's origin
-    as the start-up check does. The stage's run stays RUNNING (nothing can tell the server;
-    docs/mlflow.md lists this as a known limit), and a line on stderr names the runs left
-    RUNNING and the call that marks them, which works once the server answers."""
+def _outage(mlflow_server, monkeypatch, pipeline_run: str):
+    """A train-phase1 stage whose server stops answering after its first metric: (the proxy it
+    went through, now stopped; its TrackingError; its tracker)."""
     from mlhelpers import Proxy
 
     from ple_adatt.config import TrainConfig
@@ -129,12 +127,22 @@ def test_an_outage_mid_stage_names_where_the_uri_came_from(mlflow_server, monkey
     cfg = TrainConfig(tracking=TrackingConfig(retries=0, retry_wait_s=0.0))
     try:
         with pytest.raises(TrackingError) as e, \
-                stage_run("train-phase1", _args("outage-1"), train_config=cfg) as tracker:
+                stage_run("train-phase1", _args(pipeline_run), train_config=cfg) as tracker:
             tracker.log_metrics({"lr": 0.1}, step=1)
             proxy.stop()
             tracker.log_metrics({"lr": 0.2}, step=2)
     finally:
         proxy.stop()
+    return proxy, e, tracker
+
+
+def test_an_outage_mid_stage_names_where_the_uri_came_from(mlflow_server, monkeypatch, capsys, tmp_path) -> None:
+    """The server stops answering after the stage started: the error line names the URI's origin
+    as the start-up check does. The stage's run stays RUNNING (nothing can tell the server), and
+    a line on stderr names the runs left RUNNING, where they are recorded for a later stage, and
+    the call that marks them by hand, which works once the server answers."""
+    monkeypatch.setenv("PLE_ADATT_STATE_DIR", str(tmp_path / "state"))
+    proxy, e, tracker = _outage(mlflow_server, monkeypatch, "outage-1")
     msg = str(e.value)
     assert msg.startswith(f"MLflow at {proxy.uri} (from make stage ... MLFLOW_TRACKING_URI=): logging metrics "
                           "failed: "), msg
@@ -145,9 +153,46 @@ def test_an_outage_mid_stage_names_where_the_uri_came_from(mlflow_server, monkey
     parent_id = run.data.tags["mlflow.parentRunId"]
     line = next(ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("MLflow: could not mark runs"))
     assert f"runs {tracker.run_id}, {parent_id} FAILED at {proxy.uri}" in line and "they stay RUNNING" in line
+    journal = tmp_path / "state" / "mlflow-unmarked-runs.jsonl"
+    assert f"recorded in {journal}: the next stage that reaches {proxy.uri} marks them" in line
+    (entry,) = [json.loads(x) for x in journal.read_text().splitlines()]
+    assert entry["uri"] == proxy.uri and entry["run_ids"] == [tracker.run_id, parent_id]
+    assert entry["status"] == "FAILED"
     # the printed call, run once the server answers (here: the server behind the stopped proxy)
     code = re.search(r'python -c "(.*)"$', line).group(1).replace(proxy.uri, mlflow_server.uri)
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120,
                    env={**os.environ, "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0"})
     assert client.get_run(tracker.run_id).info.status == "FAILED"
     assert client.get_run(parent_id).info.status == "FAILED"
+
+
+def test_the_next_stage_that_reaches_the_server_marks_the_runs_an_outage_left_running(
+        mlflow_server, monkeypatch, capsys, tmp_path) -> None:
+    """The server answers again at the same URI: the next stage to connect marks the failed
+    stage's run and its parent FAILED (they were recorded on disk as the stage failed), tags them,
+    and empties the record; that stage's own runs are untouched."""
+    from mlhelpers import Proxy
+
+    from ple_adatt.config import TrainConfig
+
+    monkeypatch.setenv("PLE_ADATT_STATE_DIR", str(tmp_path / "state"))
+    proxy, _, tracker = _outage(mlflow_server, monkeypatch, "outage-2")
+    client = MlflowClient(mlflow_server.uri)
+    parent_id = client.get_run(tracker.run_id).data.tags["mlflow.parentRunId"]
+    assert client.get_run(parent_id).info.status == "RUNNING"
+    capsys.readouterr()
+    back = Proxy(mlflow_server.uri, port=int(proxy.uri.rsplit(":", 1)[1]))  # the server answers again
+    try:
+        cfg = TrainConfig(tracking=TrackingConfig(retries=0, retry_wait_s=0.0))
+        with stage_run("validate", _args("after-outage-2"), train_config=cfg) as later:
+            assert later.run_id not in (tracker.run_id, parent_id)
+    finally:
+        back.stop()
+    for run_id in (tracker.run_id, parent_id):
+        run = client.get_run(run_id)
+        assert run.info.status == "FAILED", run_id
+        assert "could not reach the server" in run.data.tags["marked_later"]
+    assert client.get_run(later.run_id).info.status == "FINISHED"
+    err = capsys.readouterr().err
+    assert f"MLflow: marked runs {tracker.run_id}, {parent_id} FAILED at {proxy.uri}, which a stage that failed" in err
+    assert (tmp_path / "state" / "mlflow-unmarked-runs.jsonl").read_text() == ""
