@@ -87,7 +87,8 @@ def _kernel():
             mat = tl.where(free[:, None] & free[None, :], m, 0.0) + tl.where(
                 eye, tl.where(free, ridge, 1.0)[:, None], 0.0)
             rhs = tl.where(free, 1.0, 0.0).to(tl.float64)
-            for k in range(0, BT):  # Gauss-Jordan: no pivot exchange on an SPD matrix
+            for k in range(0, T):  # Gauss-Jordan (the padding rows are the identity already): no
+                # pivot exchange on an SPD matrix
                 row = tl.sum(tl.where(r[:, None] == k, mat, 0.0), axis=0)
                 col = tl.sum(tl.where(r[None, :] == k, mat, 0.0), axis=1)
                 pivot = tl.sum(tl.where(r == k, row, 0.0), axis=0)
