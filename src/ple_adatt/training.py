@@ -85,8 +85,16 @@ def resolve_device(name: str) -> torch.device:
 def resolve_training_device(cfg: TrainConfig) -> torch.device:
     """The device of ``cfg``, refusing what cannot run there before any data is loaded:
     ``transfer.grad_method: fused`` needs CUDA and triton (or the CPU under Triton's
-    interpreter, ``TRITON_INTERPRET=1``, for tests)."""
+    interpreter, ``TRITON_INTERPRET=1``, for tests); so does ``transfer.mgda.solver: device``."""
     device = resolve_device(cfg.device)
+    if cfg.transfer.strategy == "mgda" and cfg.transfer.mgda.solver == "device":
+        if device.type != "cuda" and not kernels.interpreted():
+            raise ConfigError(f"key `transfer.mgda.solver` is 'device', which solves on the GPU in a Triton kernel, "
+                              f"but this run's device is {device.type}; use solver: auto (the device on CUDA, the "
+                              "host elsewhere) or host")
+        if device.type == "cuda" and not kernels.available(device):
+            raise ConfigError("key `transfer.mgda.solver` is 'device', which needs triton, and triton is not "
+                              "installed here; pip install triton, or use solver: auto or host")
     if cfg.transfer.grad_method == "fused":
         if device.type != "cuda" and not kernels.interpreted():
             raise ConfigError(f"key `transfer.grad_method` is 'fused', which runs the Triton kernel on CUDA, but this "
@@ -280,8 +288,6 @@ class Trainer:
                 torch.cuda.set_device(device)
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
-        if hasattr(system.transfer, "on_device"):  # MGDA's solver: device where it cannot run is an error now
-            system.transfer.on_device(device)
         # transfer.measure_stream: the per-task measurement beside the rest of the step (side_stream.py)
         self.measure_side = SideStream(device) if cfg.transfer.measure_stream else None
         # whole-step CUDA graphs (step_graphs.py); tests may put a stand-in backend here

@@ -95,13 +95,17 @@ def test_out_may_hold_other_stages_outputs_the_run_reads(data, tmp_path, monkeyp
     assert "the --out checks passed" in capsys.readouterr().err
 
 
-def test_phase2_of_a_fused_phase1_runs_where_the_kernel_cannot(data, tmp_path, monkeypatch, capsys):
-    """Phase 2 sets the transfer aside, so a Phase 1 trained with grad_method: fused (on a GPU)
-    continues on a CPU; the kernel's device check is Phase 1's only."""
+@pytest.mark.parametrize("kernel", [("transfer.grad_method=fused",),
+                                    ("transfer.strategy=mgda", "transfer.mgda.solver=device")],
+                         ids=["fused-grads", "mgda-device-solver"])
+def test_phase2_of_a_phase1_with_kernels_runs_where_the_kernel_cannot(data, tmp_path, monkeypatch, capsys, kernel):
+    """Phase 2 sets the transfer aside, so a Phase 1 trained with grad_method: fused or MGDA's
+    device solver (on a GPU) continues on a CPU; the kernels' device checks are Phase 1's only."""
     p1 = tmp_path / "p1"
+    sets = [a for k in kernel for a in ("--set", k)]
     assert cli.main(["train-phase1", "--no-tracking", "--data", str(data), "--data-config",
                      str(ROOT / "configs/data/synthetic.yaml"), "--config", str(ROOT / "configs/train/cpu_small.yaml"),
-                     "--out", str(p1), "--set", "transfer.grad_method=fused", "--set", "max_rows=300",
+                     "--out", str(p1), *sets, "--set", "max_rows=300",
                      "--set", "model.shared_hidden=16", "--set", "model.expert_dim=8", *FAST]) == 0  # a small kernel: interpreted
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # now a machine that cannot run the kernel
     assert cli.main(["train-phase2", "--no-tracking", "--checkpoint", str(p1), "--data", str(data),
@@ -116,6 +120,18 @@ def test_grad_method_fused_without_cuda_is_a_config_error_before_the_data_loads(
     captured = capsys.readouterr()
     assert "key `transfer.grad_method` is 'fused', which runs the Triton kernel on CUDA, but this run's device is " \
            "cpu; use grad_method: batched" in captured.err
+    assert "Traceback" not in captured.err and "loading" not in captured.out  # one line, before any data
+    assert not out.exists()
+
+
+def test_mgda_device_solver_without_cuda_is_a_config_error_before_the_data_loads(data, tmp_path, monkeypatch, capsys):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # the tests' interpreter would let the kernel run
+    out = tmp_path / "run"
+    assert _train_with(data, out, ROOT / "configs/train/cpu_small.yaml", "--set", "transfer.strategy=mgda",
+                       "--set", "transfer.mgda.solver=device") == 2
+    captured = capsys.readouterr()
+    assert "key `transfer.mgda.solver` is 'device', which solves on the GPU in a Triton kernel, but this run's " \
+           "device is cpu; use solver: auto" in captured.err
     assert "Traceback" not in captured.err and "loading" not in captured.out  # one line, before any data
     assert not out.exists()
 
