@@ -16,7 +16,8 @@ the autotuner's list should not need to find that out on the device.
 The CGC mixture's three kernels (``ple_adatt.mixture``: forward, backward over the shared
 experts, backward over the task experts) and the per-task gradients' ds kernel
 (``kernels.expert_output_grads``) are elementwise, with no matrix instructions; they are listed
-with their registers and spills, and ``--check`` fails on a spill there too. So is MGDA's
+with their registers and spills, and ``--check`` fails on a spill there too; so is the
+``split_bits`` variant's mask-packing kernel (``kernels.relu_mask_bits``). So is MGDA's
 device min-norm solver (``ple_adatt.transfer.min_norm``, one program holding a float64 tile of
 16, 32 or 64 tasks), at the warps it launches with.
 """
@@ -24,12 +25,14 @@ device min-norm solver (``ple_adatt.transfer.min_norm``, one program holding a f
 from __future__ import annotations
 
 import argparse
+import multiprocessing
 import os
 import re
 import subprocess
 import sys
 import tempfile
 from collections import Counter
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 os.environ.pop("TRITON_INTERPRET", None)  # compile for the GPU, not the interpreter
@@ -66,14 +69,18 @@ def compile_one(variant: str, layout: str, bb: int, bh: int, warps: int, stages:
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    fn = kernels._kernel((layout,), variant == "fused").fn
+    bits = variant == "split_bits"
+    fn = kernels._kernel((layout,), variant == "fused", bits).fn
     consts = dict(BI=kernels._pow2(IN), BD=kernels._pow2(D), PREC="tf32", WITH_W2=variant == "fused",
                   ONES_COL=kernels._pow2(IN) > IN,
-                  BB=bb, BH=bh, HROWS=layout == "hrows")
-    consts.update({k: 1 for k in INT_ARGS if SEED_INTS[k] == 1})
+                  BB=bb, BH=bh, HROWS=layout == "hrows", MASK_BITS=bits)
+    # the packed mask (E, B / 32, H) int32: its strides in place of the hidden layer's
+    seed = {**SEED_INTS, **({"s_pe": _B // 32 * _H, "s_pb": _H} if bits else {})}
+    consts.update({k: 1 for k in INT_ARGS if seed[k] == 1})
     ints = [k for k in INT_ARGS if k not in consts]
-    sig = {**POINTERS, **{k: "i32" for k in ints}, **{k: "constexpr" for k in consts}}
-    aligned = [*POINTERS, *(k for k in ints if SEED_INTS[k] % 16 == 0)]
+    sig = {**POINTERS, **({"pre_ptr": "*i32"} if bits else {}), **{k: "i32" for k in ints},
+           **{k: "constexpr" for k in consts}}
+    aligned = [*POINTERS, *(k for k in ints if seed[k] % 16 == 0)]
     src = ASTSource(fn=fn, signature=sig, constexprs={(fn.arg_names.index(k),): v for k, v in consts.items()},
                     attrs={(fn.arg_names.index(k),): [["tt.divisibility", 16]] for k in aligned})
     ck = triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": warps, "num_stages": stages})
@@ -101,6 +108,7 @@ def _resources(ck) -> dict:
 # gates, sums, biases (parameters stay float32 under autocast)
 FP32_POINTERS = ("g_ptr", "dg_ptr", "sum_ptr", "sb_ptr", "tb_ptr", "sbp_ptr", "tbp_ptr", "b_ptr", "part_ptr",
                  "hw_ptr", "hb_ptr", "pb_ptr", "pw_ptr")
+INT32_POINTERS = ("words_ptr",)  # the packed ReLU mask's words
 # their integer arguments at the seed's shape (16 tasks; gates and their gradient (T, B, 6);
 # experts, task experts, outputs and their gradients contiguous; ds (E, B, T, D)), for the
 # JIT's specialisation
@@ -129,14 +137,17 @@ def compile_elementwise(arch: int) -> dict[str, dict]:
     # the towers' kernels with the heads summed in them, one output per task as at the seed's shape
     launches += [(jit, towers.BLOCK_ROWS, towers.NUM_WARPS, TOWER_INTS, dict(BH=kernels._pow2(TOWER_H), NO=1))
                  for jit in towers._head_kernels()]
+    # the ReLU mask's packing kernel (the split_bits variant): 32 rows of the hidden layer a word
+    launches.append((kernels._bits_kernel(), None, 4, dict(B=_B, H=_H, s_pe=_H, s_pb=_E * _H, s_oe=_B // 32 * _H,
+                                                            s_ow=_H), dict(BH=kernels.BITS_COLS)))
     found = {}
     for jit, rows, warps, ints, width in launches:
-        consts = dict(BB=rows, **width)
+        consts = dict(BB=rows, **width) if rows else dict(width)
         if "HAS_BIAS" in jit.arg_names:  # the GPU's layers leave the experts' biases to the mixture
             consts["HAS_BIAS"] = True
         consts.update({a: 1 for a in jit.arg_names if ints.get(a) == 1})
-        sig = {a: ("constexpr" if a in consts else "*fp32" if a in FP32_POINTERS else
-                   "*bf16" if a.endswith("_ptr") else "i32") for a in jit.arg_names}
+        sig = {a: ("constexpr" if a in consts else "*fp32" if a in FP32_POINTERS else "*i32" if a in INT32_POINTERS
+                   else "*bf16" if a.endswith("_ptr") else "i32") for a in jit.arg_names}
         aligned = [a for a in jit.arg_names
                    if a not in consts and (a.endswith("_ptr") or ints[a] % 16 == 0)]
         src = ASTSource(fn=jit, signature=sig, constexprs={(jit.arg_names.index(k),): v for k, v in consts.items()},
@@ -188,11 +199,12 @@ def compile_masked_dgrad(arch: int, bm: int, bn: int, bk: int, warps: int, stage
     return _resources(ck)
 
 
-def report_mma_config(name: str, bad: list[str], compile_fn, *args, kernel: str = "") -> None:
-    """Compile one tile config (``compile_fn(*args)``), print its row after ``name``, and add it
-    (``kernel`` and ``name``) to ``bad`` if it does not compile, spills, or has no warpgroup MMA."""
+def report_mma_config(name: str, bad: list[str], result, kernel: str = "") -> None:
+    """Print one tile config's row after ``name`` (``result()``: its compile, run in a worker),
+    and add it (``kernel`` and ``name``) to ``bad`` if it does not compile, spills, or has no
+    warpgroup MMA."""
     try:
-        r = compile_fn(*args)
+        r = result()
     except Exception as exc:  # noqa: BLE001 - report the config, go on with the others
         print(f"{name}  does not compile: {str(exc).splitlines()[0][:80]}", flush=True)
         bad.append(f"{kernel} {name}")
@@ -227,15 +239,20 @@ def main() -> None:
     else:
         tiles = kernels.TILES
     bad = []
+    # every MMA config compiled in parallel (ptxas and Triton's passes take a second or more each)
+    pool = ProcessPoolExecutor(max_workers=os.cpu_count() or 1, mp_context=multiprocessing.get_context("fork"))
+    mma = {(variant, layout, t): pool.submit(compile_one, variant, layout, *t, args.arch)
+           for variant in args.variants.split(",") for layout in kernels.LAYOUTS for t in tiles[variant, layout]}
+    dgrad = {t: pool.submit(compile_masked_dgrad, args.arch, *t) for t in relu_dgrad.TILES}
     print(f"sm_{args.arch}, shared experts {IN} -> H -> {D}, bf16 products; registers per thread (255 = the cap), "
           "stack bytes, spill stores/loads in the SASS, warpgroup MMAs (HGMMA) and older MMAs (HMMA)", flush=True)
-    print(f"{'variant':<7} {'layout':<6} {'BB':>4} {'BH':>4} {'warps':>5} {'stages':>6} {'regs':>5} {'stack':>6} "
+    print(f"{'variant':<10} {'layout':<6} {'BB':>4} {'BH':>4} {'warps':>5} {'stages':>6} {'regs':>5} {'stack':>6} "
           f"{'STL':>4} {'LDL':>4} {'HGMMA':>6} {'HMMA':>5} {'smem KB':>8}")
     for variant in args.variants.split(","):
         for layout in kernels.LAYOUTS:
             for bb, bh, warps, stages in tiles[variant, layout]:
-                report_mma_config(f"{variant:<7} {layout:<6} {bb:>4} {bh:>4} {warps:>5} {stages:>6}", bad,
-                                  compile_one, variant, layout, bb, bh, warps, stages, args.arch)
+                report_mma_config(f"{variant:<10} {layout:<6} {bb:>4} {bh:>4} {warps:>5} {stages:>6}", bad,
+                                  mma[variant, layout, (bb, bh, warps, stages)].result)
     print(f"\nElementwise kernels: the CGC mixture's (block {mixture.BLOCK_ROWS} x {kernels._pow2(D)}, "
           f"{mixture.NUM_WARPS} warps), the per-task gradients' ds kernel ({kernels.DS_ROWS} x "
           f"{kernels._pow2(D)}, 4 warps) and the towers' bias+ReLU, alone and with the heads "
@@ -266,8 +283,9 @@ def main() -> None:
     print(f"{'BM':>4} {'BN':>4} {'BK':>4} {'warps':>5} {'stages':>6} {'regs':>5} {'stack':>6} {'STL':>4} {'LDL':>4} "
           f"{'HGMMA':>6} {'HMMA':>5} {'smem KB':>8}")
     for bm, bn, bk, warps, stages in relu_dgrad.TILES:
-        report_mma_config(f"{bm:>4} {bn:>4} {bk:>4} {warps:>5} {stages:>6}", bad, compile_masked_dgrad, args.arch,
-                          bm, bn, bk, warps, stages, kernel="masked_dgrad")
+        report_mma_config(f"{bm:>4} {bn:>4} {bk:>4} {warps:>5} {stages:>6}", bad, dgrad[bm, bn, bk, warps, stages].result,
+                          kernel="masked_dgrad")
+    pool.shutdown()
     if args.check and bad:
         print(f"{len(bad)} config(s) spill, lack warpgroup MMAs or do not compile:")
         for name in bad:

@@ -85,12 +85,12 @@ def test_every_autotune_config_of_the_kernel_compiles_for_hopper_without_spills(
     no register spills (compiled here, ahead of time, with the ptxas triton ships)."""
     pytest.importorskip("triton", reason="triton is not installed (make setup installs it)")
     out = _run("bench/kernel_report.py", "--check")
-    rows = [ln for ln in out.splitlines() if ln.startswith(("fused ", "split "))]
+    rows = [ln for ln in out.splitlines() if ln.startswith(("fused ", "split ", "split_bits "))]
     from ple_adatt import kernels
 
     assert len(rows) == sum(len(v) for v in kernels.TILES.values())
-    elementwise = [ln.split()[0] for ln in out.splitlines() if ln.startswith(("mix_", "ds_kernel"))]
-    assert elementwise == ["mix_forward", "mix_backward_shared", "mix_backward_task", "ds_kernel"]
+    elementwise = [ln.split()[0] for ln in out.splitlines() if ln.startswith(("mix_", "ds_kernel", "bits_kernel"))]
+    assert elementwise == ["mix_forward", "mix_backward_shared", "mix_backward_task", "ds_kernel", "bits_kernel"]
 
 
 @pytest.mark.parametrize("script,args,message", [

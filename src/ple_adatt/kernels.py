@@ -31,8 +31,15 @@ Two variants split the work differently (:data:`VARIANTS`): ``fused`` does all o
 kernel; ``split`` leaves ``gW2`` (a third of the FLOPs) to one cuBLAS GEMM per expert over
 all tasks, ``hid^T @ [ds_1 .. ds_T]`` (each expert's slice of ``ds`` is its (B, T*d) operand),
 and keeps the kernel to the chained ``dh -> gW1`` pair, with half the accumulator registers
-per program. On CUDA the first call for a shape times both once and keeps the
-faster (:func:`tuned_config` says which).
+per program. ``split_bits`` is ``split`` with the ReLU mask read as bits: a small kernel packs
+``pre > 0`` into one int32 word per 32 batch rows (:func:`relu_mask_bits`, 8 MB at the seed's
+shape, against the 134 MB bf16 hidden layer that ``split`` reads for the mask); each program's
+tile then loads 16 times fewer bytes for it. The per-task kernel reads its tiles from L2 (the
+programs of one expert and hidden block share ``x`` and the mask, those of one task and expert
+share ``ds``): at the seed's shape that is 40-48 KB per tile step for 1-2 M multiply-adds, about
+4-8 TB/s at the H100's measured kernel time, near what its L2 delivers; the mask is a third of
+those bytes at BH = 128. On CUDA the first call for a shape times the variants once and keeps
+the fastest (:func:`tuned_config` says which).
 
 Triton is optional: :func:`available` says whether the kernel can run (CUDA tensors and an
 importable triton); the model falls back to the PyTorch form otherwise. On the CPU the
@@ -53,7 +60,7 @@ __all__ = ["available", "preferred", "batch_kind", "check_once", "checked", "fai
            "tuned_config", "KernelGuard", "GUARD", "LAYOUTS", "VARIANTS"]
 
 LAYOUTS = ("hrows", "brows")  # hidden block as rows / batch tile as rows
-VARIANTS = ("fused", "split")  # all in the kernel / gW2 as a cuBLAS GEMM
+VARIANTS = ("fused", "split", "split_bits")  # all in the kernel / gW2 as a cuBLAS GEMM / and the mask as bits
 DEFAULT_LAYOUTS = LAYOUTS  # what the autotuner chooses among (the bench times each on its own)
 DEFAULT_VARIANT: str | None = None  # None: the faster, timed once per shape (the bench forces each)
 # gb1 from a ones column of the padded x (where x has room below the tile width); False: the
@@ -71,6 +78,10 @@ TILES = {
                          (64, 64, 8, 3)],
     ("split", "brows"): [(64, 64, 8, 3), (128, 64, 8, 2), (64, 64, 8, 2)],
 }
+# the mask as bits: the same tiles (every BB a multiple of the 32 rows of a mask word)
+TILES["split_bits", "hrows"] = TILES["split", "hrows"]
+TILES["split_bits", "brows"] = TILES["split", "brows"]
+MASK_WORD = 32  # batch rows per word of the packed ReLU mask
 
 logger = logging.getLogger(__name__)
 
@@ -272,13 +283,13 @@ def available(device: torch.device) -> bool:
 
 
 @functools.cache
-def _kernel(layouts: tuple[str, ...], with_w2: bool = True):
+def _kernel(layouts: tuple[str, ...], with_w2: bool = True, bits: bool = False):
     triton, tl = _triton()
 
-    variant = "fused" if with_w2 else "split"
+    variant = "fused" if with_w2 else "split_bits" if bits else "split"
     tiles = {lay: TILES[variant, lay] for lay in layouts}
     if interpreted():  # one config (the first layout asked for): the interpreter cannot time them
-        tiles, layouts = {k: [(16, 16, 1, 1)] for k in tiles}, layouts[:1]
+        tiles, layouts = {k: [(MASK_WORD if bits else 16, 16, 1, 1)] for k in tiles}, layouts[:1]
     configs = [triton.Config({"BB": bb, "BH": bh, "HROWS": lay == "hrows"}, num_warps=w, num_stages=st)
                for lay in layouts for bb, bh, w, st in tiles[lay]]
 
@@ -288,7 +299,10 @@ def _kernel(layouts: tuple[str, ...], with_w2: bool = True):
                B, IN, H, D, P, PE,
                s_xb, s_pe, s_pb, s_de, s_db, s_dt,
                BI: tl.constexpr, BD: tl.constexpr, PREC: tl.constexpr, WITH_W2: tl.constexpr,
-               ONES_COL: tl.constexpr, BB: tl.constexpr, BH: tl.constexpr, HROWS: tl.constexpr):
+               ONES_COL: tl.constexpr, BB: tl.constexpr, BH: tl.constexpr, HROWS: tl.constexpr,
+               MASK_BITS: tl.constexpr = False):
+        # MASK_BITS: pre_ptr is the packed mask (E, ceil(B / 32), H) int32 (relu_mask_bits), bit j
+        # of word w for row 32 w + j, and s_pe, s_pb its strides; only without WITH_W2
         t = tl.program_id(0).to(tl.int64)
         hb = tl.program_id(1)
         e = tl.program_id(2).to(tl.int64)
@@ -322,10 +336,17 @@ def _kernel(layouts: tuple[str, ...], with_w2: bool = True):
             if HROWS:
                 # the hidden block as rows: the two register tiles (dh^T, hid^T) feed the next
                 # product directly as its left operand
-                pre_t = tl.load(pre_ptr + e * s_pe + offs_b[None, :] * s_pb + offs_h[:, None],
-                                mask=mh[:, None] & mb[None, :], other=0.0)  # (BH, BB)
                 dh_t = tl.dot(w2, tl.trans(ds), input_precision=PREC)  # (BH, BB)
-                dh_t = tl.where(pre_t > 0, dh_t, 0.0)
+                if MASK_BITS:
+                    offs_w = b0 // 32 + tl.arange(0, BB // 32)
+                    words = tl.load(pre_ptr + e * s_pe + offs_w[None, :] * s_pb + offs_h[:, None],
+                                    mask=mh[:, None] & (offs_w[None, :] < (B + 31) // 32), other=0)
+                    on = (words[:, :, None] >> tl.arange(0, 32)[None, None, :]) & 1  # (BH, BB/32, 32)
+                    dh_t = tl.where(tl.reshape(on, (BH, BB)) != 0, dh_t, 0.0)
+                else:
+                    pre_t = tl.load(pre_ptr + e * s_pe + offs_b[None, :] * s_pb + offs_h[:, None],
+                                    mask=mh[:, None] & mb[None, :], other=0.0)  # (BH, BB)
+                    dh_t = tl.where(pre_t > 0, dh_t, 0.0)
                 if not ONES_COL:
                     acc_b1 += tl.sum(dh_t, axis=1)
                 acc_w1 = tl.dot(dh_t.to(xt.dtype), xt, acc_w1, input_precision=PREC)
@@ -334,10 +355,17 @@ def _kernel(layouts: tuple[str, ...], with_w2: bool = True):
                     acc_w2 = tl.dot(hid_t, ds, acc_w2, input_precision=PREC)
             else:
                 # the batch tile as rows: the register tiles are the right operand
-                pre = tl.load(pre_ptr + e * s_pe + offs_b[:, None] * s_pb + offs_h[None, :],
-                              mask=mb[:, None] & mh[None, :], other=0.0)  # (BB, BH)
                 dh = tl.dot(ds, tl.trans(w2), input_precision=PREC)  # (BB, BH)
-                dh = tl.where(pre > 0, dh, 0.0)
+                if MASK_BITS:
+                    offs_w = b0 // 32 + tl.arange(0, BB // 32)
+                    words = tl.load(pre_ptr + e * s_pe + offs_w[:, None] * s_pb + offs_h[None, :],
+                                    mask=(offs_w[:, None] < (B + 31) // 32) & mh[None, :], other=0)
+                    on = (words[:, None, :] >> tl.arange(0, 32)[None, :, None]) & 1  # (BB/32, 32, BH)
+                    dh = tl.where(tl.reshape(on, (BB, BH)) != 0, dh, 0.0)
+                else:
+                    pre = tl.load(pre_ptr + e * s_pe + offs_b[:, None] * s_pb + offs_h[None, :],
+                                  mask=mb[:, None] & mh[None, :], other=0.0)  # (BB, BH)
+                    dh = tl.where(pre > 0, dh, 0.0)
                 if not ONES_COL:
                     acc_b1 += tl.sum(dh, axis=0)
                 acc_w1 = tl.dot(tl.trans(xt), dh.to(xt.dtype), acc_w1, input_precision=PREC)
@@ -417,7 +445,8 @@ def tuned_config() -> str | None:
     if _triton() is None or _kernel.cache_info().currsize == 0 or not _CHOSEN:
         return None
     variant = list(_CHOSEN.values())[-1]
-    best = getattr(_kernel(tuple(DEFAULT_LAYOUTS), variant == "fused"), "best_config", None)
+    best = getattr(_kernel(tuple(DEFAULT_LAYOUTS), variant == "fused", variant == "split_bits"), "best_config",
+                   None)
     if best is None:
         return variant
     kw = dict(best.kwargs)
@@ -471,8 +500,9 @@ def shared_task_grads(x: Tensor, pre: Tensor, w2: Tensor, d_cgc: Tensor, gates: 
     columns weight the shared experts. Matrix products run in ``pre``'s dtype
     (bf16 under autocast) with float32 accumulation; float32 inputs use exact float32 products.
     ``layouts`` limits the autotuner to some of :data:`LAYOUTS` (default :data:`DEFAULT_LAYOUTS`);
-    ``variant`` forces one of :data:`VARIANTS` (default: on CUDA the faster, timed on the first
-    call per shape; ``fused`` elsewhere). ``hid`` (E, B, h), relu(pre), saves ``split`` a pass.
+    ``variant`` forces one of :data:`VARIANTS` (default: on CUDA the fastest, timed on the first
+    call per shape; ``fused`` elsewhere). ``hid`` (E, B, h), relu(pre), saves the ``split``
+    variants a pass.
     """
     layouts = tuple(DEFAULT_LAYOUTS if layouts is None else layouts)
     unknown = set(layouts) - set(LAYOUTS)
@@ -520,12 +550,14 @@ def shared_task_grads(x: Tensor, pre: Tensor, w2: Tensor, d_cgc: Tensor, gates: 
         def grid(meta):
             return (T, -(-H // meta["BH"]), E)
 
-        _kernel(layouts, v == "fused")[grid](
-            x, pre, w2, ds, out, B, IN, H, D, E * PE, PE,
-            x.stride(0), pre.stride(0), pre.stride(1), ds.stride(0), ds.stride(1), ds.stride(2),
+        bits = v == "split_bits"
+        mask = relu_mask_bits(pre) if bits else pre
+        _kernel(layouts, v == "fused", bits)[grid](
+            x, mask, w2, ds, out, B, IN, H, D, E * PE, PE,
+            x.stride(0), mask.stride(0), mask.stride(1), ds.stride(0), ds.stride(1), ds.stride(2),
             BI=BI, BD=_pow2(D), PREC="ieee" if dtype == torch.float32 else "tf32", WITH_W2=v == "fused",
-            ONES_COL=ones_col)
-        if v == "split":
+            ONES_COL=ones_col, MASK_BITS=bits)
+        if v != "fused":
             _w2_grads_by_gemm(out.view(T, E, PE), pre.clamp_min(0) if hid is None else hid, ds, gb2, IN)
         return out
 
@@ -536,6 +568,43 @@ def shared_task_grads(x: Tensor, pre: Tensor, w2: Tensor, d_cgc: Tensor, gates: 
             variant = _time_variants(run) if pre.device.type == "cuda" else "fused"
             _CHOSEN[key] = variant
     return run(variant)
+
+
+#: hidden units per program of the mask-packing kernel
+BITS_COLS = 128
+
+
+@functools.cache
+def _bits_kernel():
+    triton, tl = _triton()
+
+    @triton.jit
+    def bits_kernel(pre_ptr, words_ptr, B, H, s_pe, s_pb, s_oe, s_ow, BH: tl.constexpr):
+        e = tl.program_id(0).to(tl.int64)
+        w = tl.program_id(1)
+        offs_h = tl.program_id(2) * BH + tl.arange(0, BH)
+        j = tl.arange(0, 32)
+        rows = w * 32 + j
+        tile = tl.load(pre_ptr + e * s_pe + rows[:, None] * s_pb + offs_h[None, :],
+                       mask=(rows[:, None] < B) & (offs_h[None, :] < H), other=0.0)  # (32, BH)
+        # distinct powers of two: their sum is their OR (bit 31 wraps to the sign, as it should)
+        word = tl.sum((tile > 0).to(tl.int32) << j[:, None], axis=0)
+        tl.store(words_ptr + e * s_oe + w * s_ow + offs_h, word, mask=offs_h < H)
+
+    return bits_kernel
+
+
+def relu_mask_bits(pre: Tensor) -> Tensor:
+    """``pre > 0`` packed along the batch, (E, B, H) -> (E, ceil(B / 32), H) int32: bit j of word
+    w is row 32 w + j (rows past B are 0). ``pre`` any strides with a unit last stride."""
+    E, B, H = pre.shape
+    if pre.stride(2) != 1:
+        pre = pre.contiguous()
+    n = -(-B // MASK_WORD)
+    out = torch.empty(E, n, H, dtype=torch.int32, device=pre.device)
+    _bits_kernel()[(E, n, -(-H // BITS_COLS))](pre, out, B, H, pre.stride(0), pre.stride(1), out.stride(0),
+                                               out.stride(1), BH=BITS_COLS)
+    return out
 
 
 #: rows per program of the ds kernel

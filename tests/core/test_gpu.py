@@ -48,7 +48,7 @@ def test_training_runs_on_cuda_with_amp_and_data_on_the_device():
     assert all(torch.isfinite(p).all() for p in system.parameters())
 
 
-@pytest.mark.parametrize("variant", ["fused", "split"])
+@pytest.mark.parametrize("variant", ["fused", "split", "split_bits"])
 @pytest.mark.parametrize("layout", ["hrows", "brows"])
 @pytest.mark.parametrize("amp", [False, True])
 def test_fused_kernel_matches_the_loop_on_cuda(amp, layout, variant, monkeypatch):

@@ -6,6 +6,7 @@ not installed (make setup installs it)."""
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import pytest
@@ -46,7 +47,7 @@ def test_fused_kernel_equals_the_closed_form_on_odd_shapes(interpreter, monkeypa
     ref = experts.per_task_grads((x_, pre, hid), d_s)
     w2 = torch.stack([e.w2 for e in experts.experts.values()]).detach()
     out = kernels.shared_task_grads(x, pre.detach(), w2, d_cgc, gates, layouts=(layout,), variant=variant,
-                                    hid=hid.detach() if variant == "split" else None)
+                                    hid=hid.detach() if variant != "fused" else None)
     assert out.shape == ref.shape == (T, sum(p.numel() for p in experts.parameters()))
     assert torch.isfinite(out).all()
     assert _rel(out, ref) < 1e-5
@@ -75,6 +76,24 @@ def test_fused_method_gives_the_loop_reference_affinity(interpreter, absent):
     torch.testing.assert_close(a_fused.affinity_matrix, a_loop.affinity_matrix, rtol=0, atol=1e-5)
     for t in absent:
         assert float(a_fused.affinity_matrix[t].abs().max()) == 0 == float(a_fused.affinity_matrix[:, t].abs().max())
+
+
+@pytest.mark.parametrize("B", [32, 70])
+def test_the_relu_mask_packs_32_batch_rows_a_word(interpreter, B):
+    """Bit j of word w is row 32 w + j of ``pre > 0`` (rows past the batch are 0; bit 31 makes a
+    word negative); a strided (E, B, H) view as the model's, and a hidden width past one program."""
+    torch.manual_seed(B)
+    E, H = 2, 150
+    pre = torch.randn(B, E, H).transpose(0, 1)  # (E, B, H) with a unit last stride
+    pre[0, 31, 3] = 1.0  # a set sign bit
+    pre[1, :, 7] = 0.0  # zero is not on
+    words = kernels.relu_mask_bits(pre)
+    assert words.shape == (E, -(-B // 32), H) and words.dtype == torch.int32
+    rows = torch.arange(words.shape[1] * 32)
+    unpacked = (words[:, rows // 32, :] >> (rows % 32)[None, :, None]) & 1  # (E, 32 n, H)
+    assert torch.equal(unpacked[:, :B].bool(), pre > 0)
+    assert not unpacked[:, B:].any()
+    assert int(words[0, 0, 3]) < 0 and not words[1, :, 7].any()
 
 
 @pytest.mark.parametrize("kwargs,message", [({"variant": "tiled"}, "unknown kernel variant 'tiled'"),
@@ -186,12 +205,14 @@ def test_variant_timing_with_stand_in_cuda_events_skips_a_variant_that_fails(mon
         calls.append(v)
         if v == "split":
             raise RuntimeError("PassManager::run failed")
+        if v == "split_bits":
+            time.sleep(0.005)  # the slower of the two that run
         return torch.zeros(1)
 
     with caplog.at_level("WARNING"):
         assert kernels._time_variants(run) == "fused"
     assert "variant split unavailable: PassManager::run failed" in caplog.text
-    assert calls.count("fused") == 4  # one untimed call, three timed
+    assert calls.count("fused") == calls.count("split_bits") == 4  # one untimed call, three timed
 
     def broken(v):
         raise RuntimeError(f"{v} broke")
