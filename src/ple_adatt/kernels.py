@@ -96,18 +96,18 @@ class KernelGuard:
         self.what, self.fallback = what, fallback
         self.failures: list[str] = []  # why it was switched off; the first is reported
         self.checked = False  # the first-use comparison has run
-        self.kinds: set[bool] = set()  # the batch kinds it ran on (:func:`batch_kind`)
+        self.kinds: set[bool | int] = set()  # the kinds it ran on (:func:`batch_kind`; a tile width)
 
     def failed(self) -> bool:
         return bool(self.failures)
 
-    def needs_check(self, kind: bool | None = None) -> bool:
+    def needs_check(self, kind: bool | int | None = None) -> bool:
         """Whether a call on a batch of ``kind`` must be checked first: nothing checked yet, or
         only batches of the other kind (an epoch's last, shorter batch runs a variant that
         Triton compiled apart). A guard marked checked with no kind recorded trusts every kind."""
         return not self.checked or (kind is not None and bool(self.kinds) and kind not in self.kinds)
 
-    def mark_checked(self, kind: bool | None = None) -> None:
+    def mark_checked(self, kind: bool | int | None = None) -> None:
         self.checked = True
         if kind is not None:
             self.kinds.add(kind)

@@ -182,14 +182,20 @@ class MGDA(MeasuredStrategy):
             guard.switch_off(f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
             return None
         self.capped_steps.add_(1 - self.solver_info[1])
-        if guard.needs_check():
-            ref = self._host_weights(grads, present)
+        kind = min_norm.tile(self.n_tasks)  # each tile width compiles apart: each is checked
+        if guard.needs_check(kind):
             g = grads.double()
             gram = g @ g.T
+            # host reads until the check has run: only a step with two present tasks, finite
+            # gradients and a nonzero one exercises the solver's loop; others wait for the next
+            if not (int(present.sum()) >= 2 and bool(torch.isfinite(gram).all())
+                    and float(gram.diagonal()[present].max()) > 0):
+                return a
+            ref = self._host_weights(grads, present)
             excess = float((a.double() @ gram @ a.double() - ref.double() @ gram @ ref.double())
-                           / gram.diagonal().max().clamp_min(1e-300))  # the one host read
-            off_simplex = bool(present.any()) and not abs(float(a.sum()) - 1) <= 1e-5
-            guard.mark_checked()
+                           / gram.diagonal().max())
+            off_simplex = not abs(float(a.sum()) - 1) <= 1e-5
+            guard.mark_checked(kind)
             if not excess <= CHECK_TOL or off_simplex:
                 guard.switch_off(f"its objective exceeds the host solver's by {excess:.3g} of the largest "
                                  f"diagonal entry" + (f", and its weights sum to {float(a.sum()):.6g}" if off_simplex else ""))

@@ -12,10 +12,11 @@ registers, so a step with MGDA needs no host read and can be captured:
 
 * start at the vertex with the smallest norm; the free set F holds the tasks whose weight may
   be positive;
-* solve the equality-constrained problem on F in closed form: ``y = (M_FF + r I)^-1 1``,
-  ``target = y / sum(y)`` (Gauss-Jordan on the symmetric positive definite ``M_FF + r I``,
-  whose pivots need no exchange; the ridge ``r``, 1e-12 of the largest diagonal entry, keeps
-  linearly dependent gradients solvable, as the host solver's pseudo-inverse does);
+* solve the equality-constrained problem on F in closed form: ``y = M_FF^-1 1``,
+  ``target = y / sum(y)``, by Gauss-Jordan without pivot exchange, which the ridge makes safe:
+  ``M`` gets ``r I``, 1e-7 of its largest diagonal entry, so that the float32 Gram matrix of
+  linearly dependent gradients (indefinite by about 1e-8) is positive definite; the host
+  solver's pseudo-inverse plays that part in float64;
 * step towards the target, or up to the first weight that reaches zero (it leaves F);
 * at the target, release the bound task with the most negative multiplier
   ``(M a)_i - a^T M a``; stop when none is negative (the KKT conditions hold).
@@ -39,7 +40,10 @@ from ..kernels import KernelGuard, _triton, require_runnable
 __all__ = ["MAX_TASKS", "GUARD", "min_norm_weights_device", "num_warps", "solver_runs_on", "tile"]
 
 MAX_TASKS = 64
-RIDGE = 1e-12  # of the largest diagonal entry: keeps M_FF + r I positive definite
+# of the largest diagonal entry, added to the present tasks' diagonal: keeps the float32 Gram
+# matrix of linearly dependent gradients (indefinite by about 1e-8 of its largest entry)
+# positive definite; it moves the objective by at most this much
+RIDGE = 1e-7
 TOL = 1e-10  # as the host solver's
 
 GUARD = KernelGuard("MGDA's device min-norm solver", "the host solver (no CUDA graph for MGDA)")
@@ -73,19 +77,19 @@ def _kernel():
         n = tl.sum(p.to(tl.int32), axis=0)
         scale = tl.max(tl.where(p, tl.abs(diag), 0.0), axis=0)
         m = m / tl.where(scale > 0, scale, 1.0)
+        # the ridge on the present tasks' diagonal: a float32 Gram matrix of dependent gradients
+        # is indefinite by about 1e-8 of its largest entry, and without it the loop cycled to the
+        # cap; the ridged matrix is positive definite, which the elimination below relies on
+        m = m + tl.where(eye & both, ridge, 0.0)
         diag = tl.sum(tl.where(eye, m, 0.0), axis=1)
         k0 = tl.argmin(tl.where(p, diag, 1e30), axis=0)
         a = tl.where(r == k0, 1.0, 0.0).to(tl.float64)
         free = r == k0
-        # a^T M a at 0 (to tol) is optimal: the origin is in the hull (without this stop such
-        # gradients cycle to the cap, the ridge's 1/r in y), or a task's gradient is zero
-        zero = tl.sum(a * tl.sum(m * a[None, :], axis=1), axis=0) <= tol
-        done = tl.where((scale > 0) & (n > 0) & ~zero, 0, 1)
+        done = tl.where((scale > 0) & (n > 0), 0, 1)
         it = 0
         while (done == 0) & (it < max_iter):
-            # (M_FF + r I) y = 1_F, the bound tasks' rows as the identity with 0 on the right
-            mat = tl.where(free[:, None] & free[None, :], m, 0.0) + tl.where(
-                eye, tl.where(free, ridge, 1.0)[:, None], 0.0)
+            # M_FF y = 1_F (M ridged), the bound tasks' rows as the identity with 0 on the right
+            mat = tl.where(free[:, None] & free[None, :], m, 0.0) + tl.where(eye & ~free[:, None], 1.0, 0.0)
             rhs = tl.where(free, 1.0, 0.0).to(tl.float64)
             for k in range(0, T):  # Gauss-Jordan (the padding rows are the identity already): no
                 # pivot exchange on an SPD matrix
@@ -114,8 +118,6 @@ def _kernel():
                     blocked = r == tl.argmin(ratio, axis=0)
                     a = tl.where(blocked, 0.0, a)
                     free = free & ~blocked
-            if tl.sum(a * tl.sum(m * a[None, :], axis=1), axis=0) <= tol:
-                done = 1
             it += 1
         a = tl.maximum(a, 0.0)
         a = a / tl.sum(a, axis=0)
