@@ -19,7 +19,7 @@ experts, backward over the task experts) and the per-task gradients' ds kernel
 with their registers and spills, and ``--check`` fails on a spill there too; so is the
 ``split_bits`` variant's mask-packing kernel (``kernels.relu_mask_bits``). So is MGDA's
 device min-norm solver (``ple_adatt.transfer.min_norm``, one program holding a float64 tile of
-16, 32 or 64 tasks), at the warps it launches with.
+2 to 64 tasks), at the warps it launches with.
 """
 
 from __future__ import annotations
@@ -167,7 +167,7 @@ def compile_min_norm(arch: int) -> dict[int, dict]:
     kinds = {"m_ptr": "*fp32", "present_ptr": "*i8", "out_ptr": "*fp32", "info_ptr": "*i32", "tol": "fp32",
              "ridge": "fp32"}
     found = {}
-    for bt in (16, 32, 64):
+    for bt in (2, 4, 8, 16, 32, 64):  # every tile width it launches with
         sig = {a: "constexpr" if a == "BT" else kinds.get(a, "i32") for a in jit.arg_names}
         src = ASTSource(fn=jit, signature=sig, constexprs={(jit.arg_names.index("BT"),): bt})
         ck = triton.compile(src, target=GPUTarget("cuda", arch, 32),
