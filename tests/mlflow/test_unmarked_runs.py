@@ -53,8 +53,8 @@ def test_recorded_runs_are_marked_once_and_only_where_still_running(state, store
     assert "connection refused" in client.get_run(running[0]).data.tags["marked_later"]
     assert client.get_run(finished).info.status == "FINISHED"  # its stage's status stands
     assert "marked_later" not in client.get_run(finished).data.tags
-    assert said[0].startswith(f"MLflow: marked runs {', '.join(running)} KILLED at {uri}, which a stage")
-    assert said[1] == f"MLflow: dropped line 4 of {state}: not a record of unmarked runs"
+    assert said[0] == f"MLflow: dropped line 4 of {state}: not a record of unmarked runs"
+    assert said[1].startswith(f"MLflow: marked runs {', '.join(running)} KILLED at {uri}, which a stage")
     # what is left: the other server's record only (the unknown run id is gone: nothing to mark)
     assert [json.loads(x)["uri"] for x in state.read_text().splitlines()] == ["http://127.0.0.1:1"]
     assert unmarked_runs.mark_recorded(client, uri, said.append) == []  # nothing twice
@@ -82,3 +82,39 @@ def test_without_a_writable_state_dir_the_line_still_says_how_to_mark_them(monke
     line = unmarked_runs_line("sqlite:///x.db", ["r1", "p1"], "FAILED", OSError("gone"), None)
     assert "recorded in" not in line and "they stay RUNNING for now" in line
     assert "c.set_terminated('r1', 'FAILED'); c.set_terminated('p1', 'FAILED')" in line
+
+
+def test_a_deleted_run_is_dropped_not_retried(state, store):
+    uri, client, exp = store
+    run_id = client.create_run(exp).info.run_id
+    client.delete_run(run_id)  # still RUNNING, but it cannot be tagged or marked
+    unmarked_runs.record(uri, [run_id], "FAILED", "timed out")
+    assert unmarked_runs.mark_recorded(client, uri, lambda m: None) == []
+    assert state.read_text() == ""
+
+
+def test_a_relative_sqlite_store_is_found_from_another_directory(state, monkeypatch, tmp_path):
+    """A stage that failed in one directory with sqlite:///rel.db; the next one, run from another
+    directory with an absolute URI of the same file, marks its run (and the relative name there,
+    another file, does not match)."""
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    monkeypatch.chdir(tmp_path / "a")
+    client = MlflowClient("sqlite:///rel.db")
+    run_id = client.create_run(client.create_experiment("e")).info.run_id
+    unmarked_runs.record("sqlite:///rel.db", [run_id], "FAILED", "gone")
+    monkeypatch.chdir(tmp_path / "b")
+    assert unmarked_runs.mark_recorded(MlflowClient("sqlite:///rel.db"), "sqlite:///rel.db", lambda m: None) == []
+    absolute = f"sqlite:///{tmp_path / 'a' / 'rel.db'}"
+    assert unmarked_runs.mark_recorded(MlflowClient(absolute), absolute, lambda m: None) == [run_id]
+    assert MlflowClient(absolute).get_run(run_id).info.status == "FAILED"
+
+
+def test_a_journal_of_bytes_that_are_not_text_is_dropped_with_a_note(state, store):
+    uri, client, _ = store
+    state.parent.mkdir(parents=True)
+    state.write_bytes(b"\xff\xfe not utf-8\n")
+    said: list[str] = []
+    assert unmarked_runs.mark_recorded(client, uri, said.append) == []
+    assert said == [f"MLflow: dropped line 1 of {state}: not a record of unmarked runs"]
+    assert state.read_text() == ""
