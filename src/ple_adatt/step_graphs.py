@@ -117,15 +117,17 @@ class StepGraphs:
 
     def capturable(self) -> bool:
         """Whether the strategy's steps can be captured now: not where a step must read on the
-        host (MGDA once its device solver is switched off). Those steps then run eagerly; the
-        trainer asks before every full batch, and the first refusal is logged."""
+        host (MGDA once its device solver is switched off, or until its first-use check has run).
+        Those steps then run eagerly; the trainer asks before every full batch, and the first
+        refusal with a reason is logged."""
         transfer = self.trainer.system.transfer
         can = getattr(transfer, "capturable", None)
         if can is None or can(self.trainer.device):
             return True
-        if not self._said_eager:
+        reason = getattr(transfer, "host_reason", None)
+        why = reason() if reason is not None else "its steps read on the host"
+        if why is not None and not self._said_eager:  # None: a pass, nothing to report
             self._said_eager = True
-            why = getattr(transfer, "host_reason", lambda: None)() or "its steps read on the host"
             self.trainer.log(f"  note: training.cuda_graph: {transfer.name}'s steps run eagerly ({why})")
         return False
 

@@ -222,3 +222,19 @@ def test_the_first_use_check_waits_for_a_step_that_exercises_the_solver():
         assert not min_norm.GUARD.checked
     torch.testing.assert_close(s.weights(g, torch.tensor([True, True, False])), torch.tensor([0.8, 0.2, 0.0]))
     assert min_norm.GUARD.checked and not min_norm.GUARD.failed() and min_norm.GUARD.kinds == {min_norm.tile(3)}
+
+
+def test_steps_are_not_captured_before_the_solvers_first_use_check():
+    """The check reads on the host: until it has run, MGDA's steps stay eager (a capture would
+    fail on the read), silently; once it has, they are captured."""
+    from ple_adatt.step_graphs import StepGraphs
+    from ple_adatt.training import make_optimizer
+
+    lines: list[str] = []
+    trainer = _trainer(["transfer.mgda.solver=device"], EmulatedCudaGraphs(), lines.append)
+    opt = make_optimizer(trainer.system, trainer.cfg, fused=True, capturable=True)
+    graphs = StepGraphs(trainer, opt, trainer.make_scaler(), 128, trainer.graph_backend)
+    assert not graphs.capturable() and lines == []
+    g = torch.tensor([[1.0, 0.0], [0.0, 2.0], [1.0, 1.0], [2.0, 2.0], [0.5, 1.0]])
+    trainer.system.transfer.weights(g, torch.ones(5, dtype=torch.bool))  # the check runs
+    assert graphs.capturable() and lines == []

@@ -151,14 +151,21 @@ class MGDA(MeasuredStrategy):
         return min_norm.solver_runs_on(device)
 
     def capturable(self, device: torch.device) -> bool:
-        """Whether a step can be captured in a CUDA graph: no host read in it."""
+        """Whether a step can be captured in a CUDA graph: no host read in it. Not before the
+        device solver's first-use check has run (it reads on the host): those steps run eagerly."""
         try:
-            return self.on_device(device)
+            return self.on_device(device) and not self._check_pending()
         except RuntimeError:
             return False
 
-    def host_reason(self) -> str:
-        """Why the weights are solved on the host, for the trainer's log."""
+    def _check_pending(self) -> bool:
+        return min_norm.GUARD.needs_check(min_norm.tile(self.n_tasks))
+
+    def host_reason(self) -> str | None:
+        """Why the weights are solved on the host, for the trainer's log; None while the device
+        solver only waits for its first-use check (nothing to report)."""
+        if self.solver != "host" and not min_norm.GUARD.failed() and self._check_pending():
+            return None
         if self.solver == "host":
             return "transfer.mgda.solver: host"
         off = min_norm.GUARD.reason()
