@@ -82,27 +82,29 @@ def resolve_device(name: str) -> torch.device:
     return dev
 
 
+def _require_triton(device: torch.device, what: str, elsewhere: str, key: str, without: str) -> None:
+    """A config error unless Triton kernels run on ``device``: CUDA with triton, or the CPU under
+    Triton's interpreter (``TRITON_INTERPRET=1``, for tests)."""
+    if device.type != "cuda" and not kernels.interpreted():
+        raise ConfigError(f"key {what}, but this run's device is {device.type}; {elsewhere}")
+    if device.type == "cuda" and not kernels.available(device):
+        raise ConfigError(f"key {key}, which needs triton, and triton is not installed here; pip install "
+                          f"triton, or {without}")
+
+
 def resolve_training_device(cfg: TrainConfig) -> torch.device:
     """The device of ``cfg``, refusing what cannot run there before any data is loaded:
     ``transfer.grad_method: fused`` needs CUDA and triton (or the CPU under Triton's
     interpreter, ``TRITON_INTERPRET=1``, for tests); so does ``transfer.mgda.solver: device``."""
     device = resolve_device(cfg.device)
     if cfg.transfer.strategy == "mgda" and cfg.transfer.mgda.solver == "device":
-        if device.type != "cuda" and not kernels.interpreted():
-            raise ConfigError(f"key `transfer.mgda.solver` is 'device', which solves on the GPU in a Triton kernel, "
-                              f"but this run's device is {device.type}; use solver: auto (the device on CUDA, the "
-                              "host elsewhere) or host")
-        if device.type == "cuda" and not kernels.available(device):
-            raise ConfigError("key `transfer.mgda.solver` is 'device', which needs triton, and triton is not "
-                              "installed here; pip install triton, or use solver: auto or host")
+        _require_triton(device, "`transfer.mgda.solver` is 'device', which solves on the GPU in a Triton kernel",
+                        "use solver: auto (the device on CUDA, the host elsewhere) or host",
+                        "`transfer.mgda.solver` is 'device'", "use solver: auto or host")
     if cfg.transfer.grad_method == "fused":
-        if device.type != "cuda" and not kernels.interpreted():
-            raise ConfigError(f"key `transfer.grad_method` is 'fused', which runs the Triton kernel on CUDA, but this "
-                              f"run's device is {device.type}; use grad_method: batched (the kernel on CUDA, einsums "
-                              f"elsewhere) or einsum")
-        if device.type == "cuda" and not kernels.available(device):
-            raise ConfigError("key `transfer.grad_method` is 'fused', which needs triton, and triton is not "
-                              "installed here; pip install triton, or use grad_method: batched")
+        _require_triton(device, "`transfer.grad_method` is 'fused', which runs the Triton kernel on CUDA",
+                        "use grad_method: batched (the kernel on CUDA, einsums elsewhere) or einsum",
+                        "`transfer.grad_method` is 'fused'", "use grad_method: batched")
     return device
 
 
